@@ -1,0 +1,17 @@
+"""moeify: turn the dense FFNs of a PyTorch model into sparsely gated Mixture-of-Experts layers.
+
+    import moeify
+    result = moeify.convert(model, moeify.MoEConfig(num_experts=8, top_k=2), example_inputs=(x,))
+    result.model, result.report
+    loss = task_loss + moeify.aux_loss(result.model)
+"""
+
+from moeify.config import MoEConfig
+from moeify.convert import ConversionResult, convert, moe_layers
+from moeify.errors import MoeifyError
+from moeify.losses import aux_loss, aux_losses
+from moeify.serialization import load, save
+
+__all__ = ["ConversionResult", "MoEConfig", "MoeifyError", "aux_loss", "aux_losses", "convert", "load",
+           "moe_layers", "save"]
+__version__ = "0.1.0"

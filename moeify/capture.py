@@ -1,0 +1,140 @@
+"""Graph capture: trace the largest parts of a model that torch.fx can trace.
+
+Whole Hugging Face models do not symbolic-trace (dynamic control flow, cache objects), but their
+blocks and MLPs do. `capture_units` tries the whole model first and, where tracing fails, descends
+into the children; every unit records how it was captured, and every failure why.
+
+`install_forward` puts a rewritten graph back on the *user's* module: the module keeps its class
+(a subclass with the generated forward is swapped in, so `isinstance`, methods and attributes such
+as `.generate()` or `.config` stay), its untouched parameters keep their names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from moeify.passes import ops
+
+
+class MoeifyTracer(fx.Tracer):
+    """fx tracer whose leaves are torch.nn modules, HF Conv1D, and parameter-free childless modules.
+
+    Making parameter-free helper modules (activations, rotary caches, ...) opaque keeps tracing
+    from failing inside them; they are still called as modules by the rewritten forward.
+    """
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if ops.is_conv1d(m):
+            return True
+        if super().is_leaf_module(m, module_qualified_name):
+            return True
+        no_state = not any(True for _ in m.parameters(recurse=True)) and not any(True for _ in m.buffers())
+        return no_state and not any(True for _ in m.children())
+
+
+def trace(module: nn.Module) -> fx.GraphModule:
+    tracer = MoeifyTracer()
+    graph = tracer.trace(module)
+    name = type(module).__name__
+    return fx.GraphModule(tracer.root, graph, name)
+
+
+@dataclass
+class CaptureUnit:
+    path: str  # qualified name of the traced module ("" for the whole model)
+    graph_module: fx.GraphModule
+    how: str  # e.g. "fx: whole model" or "fx: submodule transformer.h.0.mlp"
+
+
+@dataclass
+class Capture:
+    units: list[CaptureUnit] = field(default_factory=list)
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (module, reason)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:200]
+
+
+def _is_container(module: nn.Module) -> bool:
+    return isinstance(module, (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict))
+
+
+def capture_units(model: nn.Module) -> Capture:
+    """Trace top-down: a module that traces is one unit; one that does not is split into children."""
+    capture = Capture()
+
+    def visit(module: nn.Module, path: str) -> None:
+        if not _is_container(module):
+            try:
+                gm = trace(module)
+            except Exception as exc:  # noqa: BLE001 - any trace failure means: look inside
+                capture.failures.append((path or "<model>", _first_line(exc)))
+            else:
+                how = "fx: whole model" if not path else f"fx: submodule {path}"
+                capture.units.append(CaptureUnit(path, gm, how))
+                return
+        for name, child in module.named_children():
+            visit(child, f"{path}.{name}" if path else name)
+
+    visit(model, "")
+    return capture
+
+
+def install_forward(module: nn.Module, gm: fx.GraphModule) -> None:
+    """Make `module` run `gm`'s graph as its forward, keeping its class, attributes and parameters.
+
+    `gm` was traced from `module` and rewritten: what the graph calls that `module` lacks (the new
+    MoE layers, traced constants) is added to `module` first.
+    """
+    for node in gm.graph.nodes:
+        if node.op in ("call_module", "get_attr"):
+            _ensure_attr(module, gm, node.target)
+    python_code = gm.graph.python_code(root_module="self")
+    forward = fx.graph_module._forward_from_src(python_code.src, python_code.globals, None)
+    base = dense_class(module)
+    subclass = type(base.__name__, (base,), {
+        "forward": forward,
+        "_moeify_dense_class": base,
+        "__module__": base.__module__,
+        "__qualname__": base.__qualname__,
+    })
+    module.__class__ = subclass
+    # plain attributes, not submodules: the graph is for inspection and passes, not for state_dict
+    module.__dict__["_moeify_code"] = python_code.src
+    module.__dict__["_moeify_graph_module"] = gm
+
+
+def _ensure_attr(module: nn.Module, gm: fx.GraphModule, target: str) -> None:
+    """Copy onto `module` the first part of `target` it lacks, taken from `gm`."""
+    have, src = module, gm
+    for part in target.split("."):
+        if part in have._modules or part in have._parameters or part in have._buffers or part in have.__dict__:
+            have, src = getattr(have, part), getattr(src, part)
+            continue
+        value = getattr(src, part)
+        if isinstance(value, nn.Module):
+            have.add_module(part, value)
+        elif isinstance(value, nn.Parameter):
+            have.register_parameter(part, value)
+        elif isinstance(value, torch.Tensor):
+            have.register_buffer(part, value, persistent=False)
+        else:
+            setattr(have, part, value)
+        return
+
+
+def remove_modules(module: nn.Module, targets: list[str]) -> None:
+    for target in targets:
+        parent_name, _, leaf = target.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        parent._modules.pop(leaf, None)
+
+
+def dense_class(module: nn.Module) -> type:
+    return getattr(type(module), "_moeify_dense_class", type(module))

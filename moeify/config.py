@@ -1,0 +1,181 @@
+"""`MoEConfig`: what to convert and how, as one frozen, validated, JSON-serializable dataclass.
+
+Devices, process groups and callables never go in here (see STYLE.md habit 4): the config must
+round-trip through the JSON plan that `moeify.save` writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from moeify.errors import ConfigError
+
+CONFIG_VERSION = 1
+
+ROUTERS = ("topk", "switch", "noisy_topk", "expert_choice")
+INITS = ("copy", "copy_noise", "split")
+SPLIT_METHODS = ("random", "cluster")
+DROP_POLICIES = ("position", "gate")
+
+
+def _fail(field_name: str, value: Any, fix: str) -> None:
+    raise ConfigError(f"MoEConfig.{field_name}={value!r} is invalid: {fix}")
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """How to turn each selected dense FFN into a Mixture-of-Experts layer.
+
+    Selection: `targets` are regexes matched (``re.search``) against the FFN region's owner module
+    name (e.g. ``transformer.h.3.mlp``); `exclude` regexes win over `targets`. After that filter,
+    `layers` (indices into the remaining regions, in model order) and then `every_n` (keep regions
+    ``i`` with ``i % every_n == every_n - 1``, i.e. every other layer starting from the second, as in
+    Switch/GShard) narrow the set further.
+
+    Gates: with ``preserve_scale=True`` (the default) the forward gate values of a token's selected
+    experts are made to sum to exactly 1 by ``g' = g + stopgrad((1 - sum(g)) / k)``. For the `topk`
+    router with renormalisation this is already true; for `switch` (top-1, gate = router probability
+    p) the expert output is multiplied by ``1 + p - stopgrad(p)``: the forward value is the expert's
+    output, so a freshly upcycled model computes the dense function, and the router's gradient is
+    exactly Switch's ``dL/dp = <dL/dy, E(x)>``. Set ``preserve_scale=False`` for the papers' literal
+    gates (the report then states how far the outputs moved at init).
+    """
+
+    num_experts: int = 8
+    top_k: int = 2
+    router: str = "topk"
+    init: str = "copy"
+    seed: int = 0
+
+    # selection
+    targets: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    layers: tuple[int, ...] | None = None
+    every_n: int = 1
+
+    # upcycling init
+    init_noise: float = 0.01  # copy_noise: std of the added noise relative to each weight's std
+    split_method: str = "random"  # init="split": how hidden neurons are partitioned
+
+    # router
+    normalize_gates: bool = True  # topk: renormalise the selected softmax gates to sum 1
+    softmax_before_topk: bool = True  # topk: softmax over all experts, then top-k (Mixtral); else top-k then softmax
+    preserve_scale: bool = True
+    router_jitter: float = 0.0  # switch: multiplicative uniform noise (1 +- eps) on router inputs while training
+    router_init_scale: float = 1.0  # router weight ~ truncnormal(0, sqrt(scale / d_model)); Switch suggests 0.1
+    router_bias: bool = False
+    num_groups: int | None = None  # hierarchical MoE (Shazeer app. B): groups chosen by a primary gate
+    group_top_k: int = 1
+    num_shared_experts: int = 0
+    expert_choice_capacity: float = 1.0  # expert_choice: each expert takes capacity * T * k / E tokens
+
+    # auxiliary-loss coefficients
+    load_balance_coef: float = 0.01  # Switch: alpha * N * sum_i f_i P_i
+    z_loss_coef: float = 0.001  # ST-MoE router z-loss
+    importance_coef: float = 0.0  # Shazeer: w_importance * CV(Importance)^2
+    load_coef: float = 0.0  # Shazeer: w_load * CV(Load)^2 (noisy_topk only)
+
+    # capacity and dropout
+    capacity_factor: float | None = None  # None: dropless
+    eval_capacity_factor: float | None = None  # None: same as capacity_factor
+    drop_policy: str = "position"
+    expert_dropout: float | None = None  # None: keep the dense FFN's own dropout inside experts
+
+    version: int = field(default=CONFIG_VERSION)
+
+    def __post_init__(self) -> None:
+        # tuples may arrive as lists (from JSON or a CLI); normalise before validating
+        for name in ("targets", "exclude"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                value = (value,)
+            object.__setattr__(self, name, tuple(value))
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
+        self._validate()
+
+    def _validate(self) -> None:
+        if self.version != CONFIG_VERSION:
+            _fail("version", self.version, f"this moeify reads config version {CONFIG_VERSION}; re-create the config")
+        if not isinstance(self.num_experts, int) or self.num_experts < 2:
+            _fail("num_experts", self.num_experts, "use an integer >= 2 (one expert is the dense model)")
+        if not isinstance(self.top_k, int) or self.top_k < 1:
+            _fail("top_k", self.top_k, "use an integer >= 1")
+        if self.router not in ROUTERS:
+            _fail("router", self.router, f"choose one of {', '.join(ROUTERS)}")
+        if self.router == "switch" and self.top_k != 1:
+            _fail("top_k", self.top_k, "the switch router is top-1: set top_k=1 or use router='topk'")
+        if self.num_groups is None:
+            if self.top_k > self.num_experts:
+                _fail("top_k", self.top_k, f"top_k must be <= num_experts ({self.num_experts})")
+        else:
+            if not isinstance(self.num_groups, int) or self.num_groups < 2:
+                _fail("num_groups", self.num_groups, "use an integer >= 2, or None for a flat MoE")
+            if self.num_experts % self.num_groups:
+                _fail("num_groups", self.num_groups, f"it must divide num_experts ({self.num_experts})")
+            per_group = self.num_experts // self.num_groups
+            if not 1 <= self.group_top_k <= self.num_groups:
+                _fail("group_top_k", self.group_top_k, f"use 1..num_groups ({self.num_groups})")
+            if self.top_k > per_group:
+                _fail("top_k", self.top_k, f"with groups, top_k counts experts per group; use <= {per_group}")
+            if self.router not in ("topk", "noisy_topk"):
+                _fail("router", self.router, "hierarchical MoE (num_groups) works with router='topk' or 'noisy_topk'")
+        if self.init not in INITS:
+            _fail("init", self.init, f"choose one of {', '.join(INITS)}")
+        if self.split_method not in SPLIT_METHODS:
+            _fail("split_method", self.split_method, f"choose one of {', '.join(SPLIT_METHODS)}")
+        if self.drop_policy not in DROP_POLICIES:
+            _fail("drop_policy", self.drop_policy, f"choose one of {', '.join(DROP_POLICIES)}")
+        if not isinstance(self.every_n, int) or self.every_n < 1:
+            _fail("every_n", self.every_n, "use an integer >= 1 (1 converts every selected region)")
+        if self.layers is not None and any(i < 0 for i in self.layers):
+            _fail("layers", self.layers, "layer indices count from 0 over the matched FFN regions")
+        if self.num_shared_experts < 0:
+            _fail("num_shared_experts", self.num_shared_experts, "use an integer >= 0")
+        for name in ("init_noise", "router_jitter", "load_balance_coef", "z_loss_coef", "importance_coef", "load_coef"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                _fail(name, value, "use a finite number >= 0")
+        if not self.router_init_scale > 0:
+            _fail("router_init_scale", self.router_init_scale, "use a number > 0")
+        if not self.expert_choice_capacity > 0:
+            _fail("expert_choice_capacity", self.expert_choice_capacity, "use a number > 0")
+        for name in ("capacity_factor", "eval_capacity_factor"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and value > 0):
+                _fail(name, value, "use a number > 0, or None for dropless routing")
+        if self.expert_dropout is not None and not 0.0 <= self.expert_dropout < 1.0:
+            _fail("expert_dropout", self.expert_dropout, "use a probability in [0, 1), or None")
+        for name in ("targets", "exclude"):
+            for pattern in getattr(self, name):
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    _fail(name, pattern, f"not a valid regular expression ({exc})")
+
+    # serialization -------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["targets"] = list(self.targets)
+        data["exclude"] = list(self.exclude)
+        data["layers"] = None if self.layers is None else list(self.layers)
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MoEConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"MoEConfig has no field(s) {', '.join(unknown)}: remove them or upgrade moeify")
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> MoEConfig:
+        return dataclasses.replace(self, **changes)

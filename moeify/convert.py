@@ -1,0 +1,243 @@
+"""`moeify.convert`: dense model in, MoE model and a report out. The caller's model is not touched.
+
+Steps (check everything first, then mutate a copy):
+1. capture: trace the largest traceable parts of the model (`moeify.capture`);
+2. find: `FindFFNRegions` on each captured graph;
+3. plan: `plan_regions` applies the config's selection; nothing selected is a typed error;
+4. rewrite: per owner module (the innermost module whose forward holds a region), trace that
+   owner alone and run `RewriteToMoE -> InsertAuxLoss -> VerifyGraph`, then install the new
+   forward on the owner (same class, same parameter names for everything untouched);
+5. verify: on the example inputs, the converted model's outputs vs the dense model's.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from moeify import capture as capture_mod
+from moeify.config import MoEConfig
+from moeify.errors import CaptureError, NoFFNRegionError, VerificationError
+from moeify.moe.build import DenseFFN, build_moe_layer
+from moeify.moe.layer import MoELayer
+from moeify.passes import ops
+from moeify.passes.find_ffn_regions import FFNRegion, FindFFNRegions
+from moeify.passes.infra import PassManager, Skip
+from moeify.passes.insert_aux_loss import InsertAuxLoss
+from moeify.passes.plan_regions import plan_regions
+from moeify.passes.rewrite_to_moe import RewriteToMoE
+from moeify.passes.verify_graph import VerifyGraph
+from moeify.report import ConversionReport, RegionReport
+
+
+@dataclass
+class ConversionResult:
+    model: nn.Module
+    report: ConversionReport
+    config: MoEConfig
+    source: dict[str, Any] | None = None  # how to rebuild the dense model (recorded by `moeify.save`)
+    regions: list[str] = field(default_factory=list)  # keys of the converted regions, for re-application
+
+
+@dataclass
+class FoundRegion:
+    region: FFNRegion
+    unit: capture_mod.CaptureUnit
+
+    @property
+    def owner(self) -> str:
+        return _join(self.unit.path, self.region.owner)
+
+    @property
+    def key(self) -> tuple[str, ...]:
+        return tuple(sorted(_join(self.unit.path, name) for name in self.region.linears.values()))
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix and name else (prefix or name)
+
+
+def dense_ffn(region: FFNRegion, gm: fx.GraphModule) -> DenseFFN:
+    """Read a region's dense weights (Linear layout) from the graph's modules."""
+    lin = {role: ops.linear_params(gm.get_submodule(name)) for role, name in region.linears.items()}
+    if region.kind == "gated":
+        return DenseFFN(region.activation, lin["gate"].weight, lin["down"].weight, lin["gate"].bias,
+                        lin["down"].bias, lin["up"].weight, lin["up"].bias, region.dropout)
+    return DenseFFN(region.activation, lin["fc1"].weight, lin["fc2"].weight, lin["fc1"].bias, lin["fc2"].bias,
+                    dropout=region.dropout)
+
+
+def find_regions(model: nn.Module) -> tuple[list[FoundRegion], list[Skip], capture_mod.Capture]:
+    """Every FFN region of `model`, in model order, and every refused candidate."""
+    cap = capture_mod.capture_units(model)
+    found: list[FoundRegion] = []
+    skipped: list[Skip] = []
+    for unit in cap.units:
+        result = FindFFNRegions(prefix=unit.path)(unit.graph_module)
+        found += [FoundRegion(r, unit) for r in result.analysis]
+        skipped += result.skipped
+    return found, skipped, cap
+
+
+def _nearest(skipped: list[Skip], limit: int = 5) -> str:
+    if not skipped:
+        return "no Linear layers were found at all"
+    return "; ".join(str(s) for s in skipped[:limit]) + (f"; and {len(skipped) - limit} more" if len(skipped) > limit else "")
+
+
+def _region_builder(cfg: MoEConfig, generator: torch.Generator) -> Callable[[FFNRegion, fx.GraphModule], MoELayer]:
+    def build(region: FFNRegion, gm: fx.GraphModule) -> MoELayer:
+        return build_moe_layer(cfg, dense_ffn(region, gm), generator=generator)
+    return build
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def active_params(model: nn.Module) -> int:
+    """Parameters a token touches: everything outside the routed experts, plus top-k experts' worth."""
+    total = count_params(model)
+    for layer in moe_layers(model).values():
+        per_expert = sum(p.numel() for p in layer.experts.parameters()) // layer.experts.num_experts
+        total -= per_expert * (layer.experts.num_experts - getattr(layer.router, "top_k", 1))
+    return total
+
+
+def moe_layers(model: nn.Module) -> dict[str, MoELayer]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, MoELayer)}
+
+
+def function_preserving(cfg: MoEConfig) -> bool:
+    """Whether `cfg` promises that a freshly converted model computes the dense function."""
+    if cfg.init == "copy_noise" or cfg.router == "expert_choice":
+        return False
+    if cfg.init == "split" and cfg.top_k < cfg.num_experts:
+        return False
+    if cfg.capacity_factor is not None or cfg.eval_capacity_factor is not None:
+        return False
+    return cfg.preserve_scale or (cfg.router == "topk" and cfg.normalize_gates)
+
+
+def convert(model: nn.Module, config: MoEConfig | None = None, *, example_inputs: Sequence[Any] = (),
+            example_kwargs: dict[str, Any] | None = None, only: Sequence[Sequence[str]] | None = None,
+            verify: bool = True, atol: float = 1e-5) -> ConversionResult:
+    """Convert the FFN regions of `model` into MoE layers. `model` itself is left unchanged.
+
+    `only`: keys (sorted Linear names) of the regions to convert, as recorded in a saved plan;
+    overrides the config's selection. `verify`: compare outputs on the example inputs and raise
+    `VerificationError` when a function-preserving config does not preserve the function.
+    """
+    cfg = config or MoEConfig()
+    converted = copy.deepcopy(model)
+    found, skipped, cap = find_regions(converted)
+    if not found:
+        raise NoFFNRegionError(f"no FFN region found in {type(model).__name__}: nearest candidates: "
+                               f"{_nearest(skipped)}. moeify converts Linear -> act -> Linear and gated FFNs")
+    if only is not None:
+        wanted = {tuple(k) for k in only}
+        selected = [i for i, f in enumerate(found) if f.key in wanted]
+        missing = wanted - {found[i].key for i in selected}
+        if missing:
+            raise NoFFNRegionError(f"the plan names regions this model does not have: {sorted(missing)}; "
+                                   "build the same architecture the plan was made from")
+        plan_skips: list[Skip] = []
+    else:
+        selected, plan_skips = plan_regions([f.owner for f in found], cfg)
+    if not selected:
+        raise NoFFNRegionError(f"{len(found)} FFN region(s) found ({', '.join(f.owner or '<model>' for f in found)}) "
+                               f"but the config selected none: {_nearest(plan_skips)}")
+
+    report = ConversionReport(model_class=type(model).__name__, skipped=skipped + plan_skips,
+                              capture_failures=cap.failures, params_before=count_params(model),
+                              function_preserving=function_preserving(cfg))
+    generator = torch.Generator().manual_seed(cfg.seed)
+    by_owner: dict[str, list[FoundRegion]] = {}
+    for i in selected:
+        by_owner.setdefault(found[i].owner, []).append(found[i])
+    for owner, group in by_owner.items():
+        _rewrite_owner(converted, owner, group, cfg, generator, report)
+
+    report.params_after = count_params(converted)
+    report.active_params_per_token = active_params(converted)
+    result = ConversionResult(converted, report, cfg, regions=[list(found[i].key) for i in selected])
+    if verify and (example_inputs or example_kwargs):
+        check_outputs(model, converted, example_inputs, example_kwargs or {}, report, atol)
+    return result
+
+
+def _rewrite_owner(model: nn.Module, owner: str, group: list[FoundRegion], cfg: MoEConfig,
+                   generator: torch.Generator, report: ConversionReport) -> None:
+    owner_module = model.get_submodule(owner)
+    unit = group[0].unit
+    try:
+        gm = capture_mod.trace(owner_module)
+        how = unit.how if unit.path == owner else f"{unit.how}; rewritten on fx trace of {owner or '<model>'}"
+        prefix = owner
+    except Exception as exc:  # noqa: BLE001
+        raise CaptureError(f"{owner or '<model>'} holds FFN regions but does not trace on its own "
+                           f"({type(exc).__name__}: {exc}); exclude it with MoEConfig(exclude=...)") from exc
+    regions = FindFFNRegions(prefix=prefix)(gm).analysis
+    keys = {f.key for f in group}
+    chosen = [r for r in regions if tuple(sorted(_join(prefix, n) for n in r.linears.values())) in keys]
+    if len(chosen) != len(group):
+        raise CaptureError(f"{owner}: the region(s) found on the whole graph were not found again on the owner's own "
+                           "trace; its forward may depend on its caller")
+    rewrite = RewriteToMoE(chosen, _region_builder(cfg, generator))
+    gm, log = PassManager([rewrite, InsertAuxLoss(), VerifyGraph()])(gm, where=owner)
+    capture_mod.install_forward(owner_module, gm)
+    report.changes += [f"{owner or '<model>'}: {c}" for c in log.changes]
+    report.skipped += log.skipped
+    for region in chosen:
+        name = next(n for n, layer in rewrite.installed.items()
+                    if n.rpartition(".")[0] == region.owner or (not region.owner and "." not in n))
+        layer = rewrite.installed[name]
+        report.regions.append(RegionReport(
+            name=_join(owner, name), owner=owner, kind=region.kind, activation=region.activation,
+            d_model=region.d_model, d_ff=region.d_ff, linears=[_join(prefix, n) for n in region.linears.values()],
+            capture=how, num_experts=layer.num_experts, top_k=getattr(layer.router, "top_k", cfg.top_k),
+            router=cfg.router, notes=list(region.notes)))
+
+
+def flatten_outputs(out: Any) -> list[torch.Tensor]:
+    """Every tensor in a model output (tensor, tuple, list, dict, HF ModelOutput), in order."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for v in out.values() for t in flatten_outputs(v)]
+    if isinstance(out, (tuple, list)):
+        return [t for v in out for t in flatten_outputs(v)]
+    return []
+
+
+@torch.no_grad()
+def max_output_diff(a: nn.Module, b: nn.Module, args: Sequence[Any], kwargs: dict[str, Any]) -> float:
+    modes = (a.training, b.training)
+    a.eval(), b.eval()
+    try:
+        ya, yb = flatten_outputs(a(*args, **kwargs)), flatten_outputs(b(*args, **kwargs))
+    finally:
+        a.train(modes[0]), b.train(modes[1])
+    if len(ya) != len(yb):
+        raise VerificationError(f"the converted model returns {len(yb)} tensors, the dense model {len(ya)}")
+    diffs = [(x.float() - y.float()).abs().max().item() if x.numel() else 0.0 for x, y in zip(ya, yb)]
+    return max(diffs, default=0.0)
+
+
+def check_outputs(dense: nn.Module, converted: nn.Module, args: Sequence[Any], kwargs: dict[str, Any],
+                  report: ConversionReport, atol: float) -> None:
+    diff = max_output_diff(dense, converted, args, kwargs)
+    report.max_abs_diff = diff
+    if report.function_preserving and diff > atol:
+        raise VerificationError(f"the converted model's outputs differ from the dense model's by {diff:.3g} "
+                                f"(> {atol}) although the config is function preserving; please report this "
+                                "with the model, or pass verify=False to inspect it")
+    if not report.function_preserving:
+        report.notes.append(f"this config is not function preserving: outputs at init moved by max |diff| "
+                            f"{diff:.3g} on the example inputs")

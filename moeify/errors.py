@@ -1,0 +1,55 @@
+"""Typed errors. Every error moeify raises derives from :class:`MoeifyError`.
+
+Each message says what went wrong, where (module name, graph node or option), and how to fix it,
+on one line, so the CLI can print it as is.
+"""
+
+from __future__ import annotations
+
+
+class MoeifyError(Exception):
+    """Root of every error moeify raises on purpose."""
+
+
+class ConfigError(MoeifyError, ValueError):
+    """A configuration value is invalid."""
+
+
+class CaptureError(MoeifyError):
+    """The model (or a part of it) could not be captured as a graph."""
+
+
+class NoFFNRegionError(MoeifyError):
+    """No FFN region matched; the message names the nearest candidates and why they were refused."""
+
+
+class PassError(MoeifyError):
+    """A graph pass failed; the message names the pass and the passes that ran before it."""
+
+
+class PreconditionError(PassError):
+    """A pass was given a graph it cannot work on."""
+
+
+class PostconditionError(PassError):
+    """A pass produced a graph that breaks its own contract."""
+
+
+class VerificationError(MoeifyError):
+    """The converted model does not compute what the dense model computed."""
+
+
+class ModelSourceError(MoeifyError):
+    """A model file or factory could not be loaded (missing file, missing function, it raised)."""
+
+
+class SerializationError(MoeifyError):
+    """A saved conversion could not be written or read."""
+
+
+class ExportError(MoeifyError):
+    """An ONNX export was refused or failed its check."""
+
+
+class DistributedError(MoeifyError):
+    """Expert parallelism was set up wrongly (sizes, process groups)."""

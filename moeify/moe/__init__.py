@@ -1,0 +1,1 @@
+"""The MoE layer and its parts: routers, dispatch/combine, grouped experts, losses."""

@@ -1,0 +1,103 @@
+"""Build an `MoELayer` for one dense FFN region and initialise it from the dense weights (upcycling).
+
+    init="copy":       every expert = the dense FFN (function preserving with scale-preserving gates)
+    init="copy_noise": the same plus Gaussian noise of std `init_noise * std(weight)` per expert
+
+Routers and inits are looked up in small dispatch tables keyed by the config's names, so a new
+router or init is one function here plus its name in `MoEConfig`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from moeify.config import MoEConfig
+from moeify.errors import ConfigError
+from moeify.moe.experts import GroupedExperts
+from moeify.moe.layer import LOSS_COEF_FIELDS, MoELayer
+from moeify.moe.router import SwitchRouter, TopKRouter, init_router_weight
+
+
+@dataclass(frozen=True)
+class DenseFFN:
+    """The dense weights of one FFN region, in nn.Linear (out, in) layout."""
+
+    activation: str
+    w1: torch.Tensor  # (F, D): fc1, or the gate projection of a gated FFN
+    w2: torch.Tensor  # (D_out, F)
+    b1: torch.Tensor | None = None
+    b2: torch.Tensor | None = None
+    w3: torch.Tensor | None = None  # (F, D): the up projection of a gated FFN
+    b3: torch.Tensor | None = None
+    dropout: float = 0.0
+
+    @property
+    def gated(self) -> bool:
+        return self.w3 is not None
+
+    @property
+    def d_model(self) -> int:
+        return self.w1.shape[1]
+
+    @property
+    def d_ff(self) -> int:
+        return self.w1.shape[0]
+
+    @property
+    def d_out(self) -> int:
+        return self.w2.shape[0]
+
+
+def make_router(cfg: MoEConfig, d_model: int, generator: torch.Generator) -> nn.Module:
+    if cfg.router == "topk":
+        router = TopKRouter(d_model, cfg.num_experts, cfg.top_k, normalize=cfg.normalize_gates,
+                            softmax_before_topk=cfg.softmax_before_topk, preserve_scale=cfg.preserve_scale,
+                            bias=cfg.router_bias)
+    elif cfg.router == "switch":
+        router = SwitchRouter(d_model, cfg.num_experts, jitter=cfg.router_jitter,
+                              preserve_scale=cfg.preserve_scale, bias=cfg.router_bias)
+    else:
+        raise ConfigError(f"router {cfg.router!r} is not available in this build: use 'topk' or 'switch'")
+    init_router_weight(router.gate.weight, cfg.router_init_scale, generator)
+    if router.gate.bias is not None:
+        nn.init.zeros_(router.gate.bias)
+    return router
+
+
+def _copy_into(dst_E: torch.Tensor, src: torch.Tensor, noise: float, generator: torch.Generator) -> None:
+    with torch.no_grad():
+        dst_E.copy_(src.detach().to(dst_E.dtype).unsqueeze(0).expand_as(dst_E))
+        if noise > 0:
+            std = float(src.detach().float().std()) * noise if src.numel() > 1 else noise
+            dst_E.add_((torch.randn(dst_E.shape, generator=generator) * std).to(dst_E.dtype))
+
+
+def init_copy(experts: GroupedExperts, dense: DenseFFN, noise: float, generator: torch.Generator) -> None:
+    pairs = [(experts.w1_EFD, dense.w1), (experts.w2_EDF, dense.w2), (experts.w3_EFD, dense.w3),
+             (experts.b1_EF, dense.b1), (experts.b2_ED, dense.b2), (experts.b3_EF, dense.b3)]
+    for dst, src in pairs:
+        if dst is not None and src is not None:
+            _copy_into(dst, src, noise, generator)
+
+
+def build_moe_layer(cfg: MoEConfig, dense: DenseFFN, *, generator: torch.Generator | None = None) -> MoELayer:
+    """An upcycled MoE layer whose experts start from `dense`."""
+    if generator is None:
+        generator = torch.Generator().manual_seed(cfg.seed)
+    dtype, device = dense.w1.dtype, dense.w1.device
+    dropout = dense.dropout if cfg.expert_dropout is None else cfg.expert_dropout
+    experts = GroupedExperts(cfg.num_experts, dense.d_model, dense.d_ff, dense.activation, gated=dense.gated,
+                             bias=dense.b1 is not None, dropout=dropout, d_out=dense.d_out, dtype=dtype,
+                             device=device)
+    if cfg.init == "copy":
+        init_copy(experts, dense, 0.0, generator)
+    elif cfg.init == "copy_noise":
+        init_copy(experts, dense, cfg.init_noise, generator)
+    else:
+        raise ConfigError(f"init {cfg.init!r} is not available in this build: use 'copy' or 'copy_noise'")
+    router = make_router(cfg, dense.d_model, generator).to(device)
+    coefs = {name: getattr(cfg, field) for name, field in LOSS_COEF_FIELDS.items()}
+    return MoELayer(router, experts, coefs=coefs)

@@ -1,0 +1,107 @@
+"""`MoELayer`: router -> dispatch -> experts -> combine, with its auxiliary losses recorded.
+
+Shape legend: T tokens (all leading dims flattened), D model dim, E experts, N assignments.
+
+The graph pass `rewrite_to_moe` emits the same four steps as separate graph nodes that call this
+layer's children; `MoELayer.forward` is the eager equivalent used when the layer stands alone.
+Auxiliary losses are kept on the layer's `aux` child (never in module globals) and collected by
+`moeify.aux_loss(model)`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moeify.moe.dispatch import DispatchPlan, LocalCombine, LocalDispatch
+from moeify.moe.experts import GroupedExperts
+from moeify.moe.router import Routing
+
+
+def flatten_tokens(x: torch.Tensor, d_model: int) -> torch.Tensor:
+    """(..., D) -> (T, D): the MoE routes every position of every sequence independently."""
+    return x.reshape(-1, d_model)
+
+
+def unflatten_tokens(y_TD: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(T, O) -> x's leading shape + (O,)."""
+    return y_TD.reshape(*x.shape[:-1], y_TD.shape[-1])
+
+
+LOSS_COEF_FIELDS = {
+    "load_balance": "load_balance_coef",
+    "z_loss": "z_loss_coef",
+    "importance": "importance_coef",
+    "load": "load_coef",
+}
+
+
+class AuxLossRecorder(nn.Module):
+    """Keeps the weighted aux losses and router statistics of the layer's last forward."""
+
+    _is_impure = True  # a graph node calling it has no users: keep it through dead-code elimination
+
+    def __init__(self, num_experts: int, coefs: dict[str, float]) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.coefs = dict(coefs)
+        self.last_losses: dict[str, torch.Tensor] = {}
+        self.last_stats: dict[str, torch.Tensor] = {}
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.coefs.items())
+
+    def forward(self, routing: Routing, plan: DispatchPlan | None = None) -> None:
+        self.last_losses = {name: coef * routing.losses[name]
+                            for name, coef in self.coefs.items() if coef > 0 and name in routing.losses}
+        with torch.no_grad():
+            num_tokens = routing.logits_TE.shape[0]
+            counts_E = torch.bincount(routing.expert_N, minlength=self.num_experts)
+            p = routing.probs_TE.clamp_min(1e-12)
+            self.last_stats = {
+                "tokens_per_expert": counts_E,
+                "num_tokens": torch.tensor(num_tokens),
+                "dropped_fraction": routing.losses.get("dropped_fraction", torch.zeros(())).detach(),
+                "gate_entropy": -(p * p.log()).sum(-1).mean(),
+            }
+
+    def total(self) -> torch.Tensor | None:
+        if not self.last_losses:
+            return None
+        return sum(self.last_losses.values())
+
+
+class MoELayer(nn.Module):
+    """A sparsely gated mixture of FFN experts, a drop-in for one dense FFN region."""
+
+    def __init__(self, router: nn.Module, experts: GroupedExperts, *, coefs: dict[str, float],
+                 shared: GroupedExperts | None = None, shared_scale: float = 1.0,
+                 routed_scale: float = 1.0) -> None:
+        super().__init__()
+        self.d_model, self.num_experts = experts.d_model, experts.num_experts
+        self.router = router
+        self.dispatch = LocalDispatch(experts.num_experts)
+        self.experts = experts
+        self.combine = LocalCombine()
+        self.shared = shared
+        self.shared_scale, self.routed_scale = shared_scale, routed_scale
+        self.aux = AuxLossRecorder(experts.num_experts, coefs)
+
+    def extra_repr(self) -> str:
+        return f"d_model={self.d_model}, num_experts={self.num_experts}, top_k={getattr(self.router, 'top_k', None)}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_TD = flatten_tokens(x, self.d_model)
+        routing = self.router(x_TD)
+        x_ND, plan = self.dispatch(x_TD, routing)
+        y_ND = self.experts(x_ND, plan.counts_E)
+        y_TD = self.combine(y_ND, plan)
+        self.aux(routing, plan)
+        return unflatten_tokens(self.finish(y_TD, x_TD), x)
+
+    def finish(self, y_TD: torch.Tensor, x_TD: torch.Tensor) -> torch.Tensor:
+        """Add the shared experts' output (always on) to the routed output."""
+        if self.shared is None:
+            return y_TD
+        shared_TD = sum(self.shared.forward_dense(x_TD, e) for e in range(self.shared.num_experts))
+        return self.routed_scale * y_TD + self.shared_scale * shared_TD.to(y_TD.dtype)

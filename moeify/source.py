@@ -1,0 +1,102 @@
+"""Load a dense model from a `model.py[:NAME]` file or an importable `package.module:factory`.
+
+Convention for `model.py`: it defines `build_model()` (or the callable / module-level nn.Module named
+after the colon) and may define `example_inputs()` returning a tuple (or a (args, kwargs) pair).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from moeify.errors import ModelSourceError
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    kind: str  # "file" | "import"
+    target: str  # file path or "package.module"
+    name: str  # the factory / module attribute
+
+    @classmethod
+    def parse(cls, spec: str) -> ModelSource:
+        path_part, _, name = spec.partition(":") if not (len(spec) > 1 and spec[1] == ":") else (spec, "", "")
+        if path_part.endswith(".py") or "/" in path_part or Path(path_part).exists():
+            return cls("file", path_part, name or "build_model")
+        if not name:
+            raise ModelSourceError(f"{spec!r} is neither a .py file nor 'package.module:factory'; "
+                                   "pass model.py[:NAME] or package.module:factory")
+        return cls("import", path_part, name)
+
+    def to_dict(self) -> dict[str, str]:
+        return {"kind": self.kind, "target": self.target, "name": self.name}
+
+    def load_module(self):
+        if self.kind == "import":
+            try:
+                return importlib.import_module(self.target)
+            except Exception as exc:
+                raise ModelSourceError(f"cannot import {self.target}: {type(exc).__name__}: {exc}") from exc
+        path = Path(self.target)
+        if not path.is_file():
+            raise ModelSourceError(f"model file {self.target} does not exist: pass the path to a .py file "
+                                   "that defines build_model()")
+        digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
+        mod_name = f"_moeify_model_{path.stem}_{digest}"
+        spec = importlib.util.spec_from_file_location(mod_name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[mod_name] = module  # dataclasses and pickling-free introspection need it registered
+        try:
+            spec.loader.exec_module(module)
+        except Exception as exc:
+            sys.modules.pop(mod_name, None)
+            raise ModelSourceError(f"{self.target} raised while loading: {type(exc).__name__}: {exc}; fix the file "
+                                   "(run it with python to see the traceback)") from exc
+        return module
+
+    def build(self) -> tuple[nn.Module, Any]:
+        """(model, module) where module is the loaded Python module (for example_inputs)."""
+        module = self.load_module()
+        obj = getattr(module, self.name, None)
+        where = f"{self.target}:{self.name}"
+        if obj is None:
+            have = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))[:8]
+            raise ModelSourceError(f"{self.target} defines no {self.name!r}: define build_model() returning the "
+                                   f"dense nn.Module, or name one after a colon (callables found: {', '.join(have)})")
+        if isinstance(obj, nn.Module):
+            return obj, module
+        if not callable(obj):
+            raise ModelSourceError(f"{where} is neither an nn.Module nor a callable returning one")
+        try:
+            model = obj()
+        except Exception as exc:
+            raise ModelSourceError(f"{where}() raised: {type(exc).__name__}: {exc}") from exc
+        if not isinstance(model, nn.Module):
+            raise ModelSourceError(f"{where}() returned {type(model).__name__}, not an nn.Module")
+        return model, module
+
+
+def example_inputs_of(module: Any, where: str) -> tuple[tuple, dict]:
+    """(args, kwargs) from the module's example_inputs(), or an error saying it is missing."""
+    fn = getattr(module, "example_inputs", None)
+    if fn is None:
+        raise ModelSourceError(f"{where} defines no example_inputs(): define example_inputs() returning a tuple of "
+                               "inputs for the model's forward (needed to verify the conversion), or pass --no-verify")
+    try:
+        value = fn()
+    except Exception as exc:
+        raise ModelSourceError(f"{where}: example_inputs() raised {type(exc).__name__}: {exc}") from exc
+    if isinstance(value, dict):
+        return (), value
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], dict) and isinstance(value[0], (tuple, list)):
+        return tuple(value[0]), value[1]
+    if not isinstance(value, (tuple, list)):
+        value = (value,)
+    return tuple(value), {}

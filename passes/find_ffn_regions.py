@@ -1,0 +1,202 @@
+"""Find the dense FFN regions of a traced graph (an analysis pass: the graph is not changed).
+
+    Linear(x) -> act -> [Dropout] -> Linear                       => FFNRegion(kind="mlp")
+    act(Linear_gate(x)) * Linear_up(x) -> [Dropout] -> Linear     => FFNRegion(kind="gated")
+
+`Linear` is nn.Linear or Hugging Face `Conv1D`; `act` is ReLU, GELU (exact or tanh), SiLU, as a
+module, a function or a method, or any parameter-free module that computes one of them. Each rule
+has a `match` that returns the region, or a `Skip` saying why a near-match was refused and how to
+make it eligible. Every Linear-like node not claimed by a region is reported as refused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch.fx as fx
+
+from moeify.passes import ops
+from moeify.passes.infra import GraphPass, PassResult, Skip
+
+
+@dataclass(eq=False)
+class FFNRegion:
+    kind: str  # "mlp" | "gated" (other rules add their own kinds)
+    owner: str  # module (relative to the traced root) whose forward holds every node of the region
+    input: fx.Node
+    output: fx.Node
+    nodes: list[fx.Node]  # the nodes the rewrite replaces, in graph order
+    linears: dict[str, str]  # role -> qualified module name: fc1/fc2, or gate/up/down
+    activation: str | None
+    d_model: int
+    d_ff: int
+    d_out: int
+    bias: bool
+    dropout: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def key(self) -> tuple[str, ...]:
+        """Identity of the region across traces: its Linear modules' names."""
+        return tuple(sorted(self.linears.values()))
+
+    def describe(self) -> str:
+        act = f", act={self.activation}" if self.activation else ""
+        return f"{self.kind}{act}, d_model={self.d_model}, d_ff={self.d_ff}"
+
+
+def common_owner(nodes: list[fx.Node]) -> str:
+    owners = [ops.owner_of(n) or "" for n in nodes]
+    parts = [o.split(".") if o else [] for o in owners]
+    prefix: list[str] = []
+    for items in zip(*parts):
+        if all(p == items[0] for p in items):
+            prefix.append(items[0])
+        else:
+            break
+    return ".".join(prefix)
+
+
+def _only_input(node: fx.Node) -> fx.Node | None:
+    if len(node.args) == 1 and not node.kwargs and isinstance(node.args[0], fx.Node):
+        return node.args[0]
+    return None
+
+
+def _skip_dropout(node: fx.Node, gm: fx.GraphModule) -> tuple[fx.Node | None, float, list[fx.Node]]:
+    """Step over an optional dropout after `node`: (next node, dropout p, dropout nodes)."""
+    nxt = ops.single_user(node)
+    if nxt is None:
+        return None, 0.0, []
+    p = ops.dropout_p(nxt, gm)
+    if p is None:
+        return nxt, 0.0, []
+    return ops.single_user(nxt), p, [nxt]
+
+
+def _users(node: fx.Node) -> str:
+    return ", ".join(u.name for u in node.users) or "nothing"
+
+
+class MLPRule:
+    """Linear -> act -> [Dropout] -> Linear."""
+
+    kind = "mlp"
+
+    def match(self, fc1: fx.Node, gm: fx.GraphModule) -> FFNRegion | Skip | None:
+        p1 = ops.linear_of(fc1, gm)
+        if p1 is None:
+            return None
+        where = str(fc1.target)
+        x = _only_input(fc1)
+        if x is None:
+            return Skip(where, "called with extra arguments", "call the Linear with one tensor")
+        act_node = ops.single_user(fc1)
+        if act_node is None:
+            return Skip(where, f"its output is used by {len(fc1.users)} nodes ({_users(fc1)}), not by one activation",
+                        "an FFN's hidden state must feed only its activation")
+        act, what = ops.activation_of(act_node, gm)
+        if act is None:
+            return Skip(where, f"feeds {what}, not a supported activation",
+                        f"FFN regions are Linear -> {'/'.join(ops.SUPPORTED_ACTIVATIONS)} -> Linear")
+        fc2, p, drop_nodes = _skip_dropout(act_node, gm)
+        p2 = None if fc2 is None else ops.linear_of(fc2, gm)
+        if p2 is None:
+            return Skip(where, f"{act} output feeds {'several nodes' if fc2 is None else fc2.name}, not a second Linear",
+                        "the activation must feed the FFN's output Linear")
+        if p2.in_features != p1.out_features:
+            return Skip(where, f"{fc2.target}.in_features={p2.in_features} != {fc1.target}.out_features="
+                               f"{p1.out_features}", "the two Linears must share the hidden size")
+        if (p1.bias is None) != (p2.bias is None):
+            return Skip(where, "one Linear has a bias and the other not", "use bias on both or neither")
+        nodes = [fc1, act_node, *drop_nodes, fc2]
+        return FFNRegion(self.kind, common_owner(nodes), x, fc2, nodes,
+                         {"fc1": str(fc1.target), "fc2": str(fc2.target)}, act,
+                         p1.in_features, p1.out_features, p2.out_features, p1.bias is not None, p)
+
+
+class GatedRule:
+    """act(Linear_gate(x)) * Linear_up(x) -> [Dropout] -> Linear_down   (SwiGLU, GeGLU)."""
+
+    kind = "gated"
+
+    def match(self, mul: fx.Node, gm: fx.GraphModule) -> FFNRegion | Skip | None:
+        if not ops.is_mul(mul) or len(mul.args) != 2 or not all(isinstance(a, fx.Node) for a in mul.args):
+            return None
+        for act_node, up in (mul.args, mul.args[::-1]):
+            act, _ = ops.activation_of(act_node, gm)
+            gate = act_node.args[0] if act and act_node.args and isinstance(act_node.args[0], fx.Node) else None
+            pg, pu = (ops.linear_of(gate, gm) if gate is not None else None), ops.linear_of(up, gm)
+            if act and pg is not None and pu is not None:
+                break
+        else:
+            return None
+        where = str(gate.target)
+        x = _only_input(gate)
+        if x is None or _only_input(up) is not x:
+            return Skip(where, f"gate {gate.target} and up {up.target} do not read the same input",
+                        "a gated FFN applies both projections to the same tensor")
+        for node in (gate, act_node, up):
+            if len(node.users) != 1:
+                return Skip(where, f"{node.name} is used outside the gated FFN ({_users(node)})",
+                            "the gated FFN's intermediates must not leak out")
+        down, p, drop_nodes = _skip_dropout(mul, gm)
+        pd = None if down is None else ops.linear_of(down, gm)
+        if pd is None:
+            return Skip(where, "the gated product does not feed a single output Linear",
+                        "gated FFNs are act(gate(x)) * up(x) -> down")
+        if not (pg.out_features == pu.out_features == pd.in_features) or pg.in_features != pu.in_features:
+            return Skip(where, "gate/up/down shapes do not line up", "gate and up map D->F, down maps F->D")
+        if len({pg.bias is None, pu.bias is None, pd.bias is None}) != 1:
+            return Skip(where, "only some of gate/up/down have a bias", "use bias on all three or none")
+        nodes = sorted({gate, up, act_node, mul, *drop_nodes, down}, key=_position(gm))
+        return FFNRegion(self.kind, common_owner(nodes), x, down, nodes,
+                         {"gate": str(gate.target), "up": str(up.target), "down": str(down.target)}, act,
+                         pg.in_features, pg.out_features, pd.out_features, pg.bias is not None, p)
+
+
+def _position(gm: fx.GraphModule):
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    return order.__getitem__
+
+
+DEFAULT_RULES = (GatedRule(), MLPRule())
+
+
+class FindFFNRegions(GraphPass):
+    """Analysis pass: `result.analysis` is the list of regions in graph order."""
+
+    def __init__(self, rules=DEFAULT_RULES, prefix: str = "") -> None:
+        self.rules = tuple(rules)
+        self.prefix = prefix  # qualified name of the traced root, for messages
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        regions: list[FFNRegion] = []
+        refusals: dict[fx.Node, Skip] = {}
+        claimed: set[fx.Node] = set()
+        for rule in self.rules:
+            for node in gm.graph.nodes:
+                if node in claimed:
+                    continue
+                found = rule.match(node, gm)
+                if isinstance(found, FFNRegion):
+                    if claimed.intersection(found.nodes):
+                        continue
+                    regions.append(found)
+                    claimed.update(found.nodes)
+                elif isinstance(found, Skip):
+                    refusals.setdefault(node, found)
+        skipped = []
+        for node, skip in refusals.items():
+            if node not in claimed:
+                where = f"{self.prefix}.{skip.where}" if self.prefix else skip.where
+                skipped.append(Skip(where, skip.reason, skip.fix))
+        for node in gm.graph.nodes:  # Linear-like nodes no rule looked at
+            if node not in claimed and node not in refusals and ops.linear_of(node, gm) is not None:
+                if not any(node in r.nodes for r in regions):
+                    where = f"{self.prefix}.{node.target}" if self.prefix else str(node.target)
+                    skipped.append(Skip(where, f"Linear not followed by an activation (feeds {_users(node)})",
+                                        "only Linear -> act -> Linear and gated FFNs are converted"))
+        regions.sort(key=lambda r: _position(gm)(r.output))
+        return PassResult(gm, modified=False, skipped=skipped, analysis=regions,
+                          changes=[f"found {len(regions)} FFN region(s)"])

@@ -1,0 +1,142 @@
+"""What a graph node *is*, for the matchers: a Linear-like call, an activation, a dropout.
+
+Linear-like modules are read through one adapter (`linear_params`) so every pattern sees weights in
+nn.Linear's (out_features, in_features) layout: nn.Linear as is, Hugging Face `Conv1D` transposed.
+Activations are recognised by type or function, and an unknown activation module is probed
+numerically against the supported ones, since model zoos carry many equivalent GELU classes.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+SUPPORTED_ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
+
+_ACT_FUNCTIONS = {
+    F.relu: "relu", torch.relu: "relu", F.silu: "silu", F.gelu: "gelu",
+}
+_ACT_METHODS = {"relu": "relu"}
+_ACT_MODULES = {nn.ReLU: "relu", nn.SiLU: "silu"}
+_REFERENCE = {
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "silu": F.silu,
+}
+
+
+@dataclass(frozen=True)
+class LinearParams:
+    weight: torch.Tensor  # (out, in), a view of the module's parameter
+    bias: torch.Tensor | None
+    in_features: int
+    out_features: int
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """Hugging Face's transposed linear (GPT-2): weight (in, out), attribute `nf` = out."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+
+def linear_params(module: nn.Module) -> LinearParams | None:
+    if isinstance(module, nn.Linear):
+        return LinearParams(module.weight, module.bias, module.in_features, module.out_features)
+    if is_conv1d(module):
+        w = module.weight.T
+        return LinearParams(w, module.bias, w.shape[1], w.shape[0])
+    return None
+
+
+def call_module(node: fx.Node, gm: fx.GraphModule) -> nn.Module | None:
+    if node.op != "call_module":
+        return None
+    try:
+        return gm.get_submodule(node.target)
+    except AttributeError:
+        return None
+
+
+def linear_of(node: fx.Node, gm: fx.GraphModule) -> LinearParams | None:
+    module = call_module(node, gm)
+    return None if module is None else linear_params(module)
+
+
+def _probe_activation(module: nn.Module) -> str | None:
+    x = torch.linspace(-6, 6, 241, dtype=torch.float64)
+    try:
+        with torch.no_grad():
+            y = module.double()(x) if not list(module.parameters()) else None
+    except Exception:  # noqa: BLE001 - any failure means "not a plain activation"
+        return None
+    if y is None or not isinstance(y, torch.Tensor) or y.shape != x.shape:
+        return None
+    for name, fn in _REFERENCE.items():
+        if torch.allclose(y, fn(x), atol=1e-10, rtol=0):
+            return name
+    return None
+
+
+def activation_of(node: fx.Node, gm: fx.GraphModule) -> tuple[str | None, str]:
+    """(supported activation name, "") or (None, description of what the node is)."""
+    if node.op == "call_function":
+        name = _ACT_FUNCTIONS.get(node.target)
+        if name == "gelu" and node.kwargs.get("approximate", "none") == "tanh":
+            name = "gelu_tanh"
+        if name is not None and len(node.args) == 1 and set(node.kwargs) <= {"approximate", "inplace"}:
+            return name, ""
+        return None, f"function {getattr(node.target, '__name__', node.target)}"
+    if node.op == "call_method":
+        name = _ACT_METHODS.get(node.target)
+        return (name, "") if name else (None, f"method .{node.target}()")
+    module = call_module(node, gm)
+    if module is None:
+        return None, f"{node.op} {node.target}"
+    for cls, name in _ACT_MODULES.items():
+        if type(module) is cls:
+            return name, ""
+    if type(module) is nn.GELU:
+        return ("gelu_tanh" if module.approximate == "tanh" else "gelu"), ""
+    if list(module.parameters(recurse=True)) or linear_params(module) is not None:
+        return None, f"module {node.target} ({type(module).__name__})"
+    probed = _probe_activation(module)
+    if probed:
+        return probed, ""
+    return None, f"activation {type(module).__name__} (not one of {', '.join(SUPPORTED_ACTIVATIONS)})"
+
+
+def dropout_p(node: fx.Node, gm: fx.GraphModule) -> float | None:
+    """The dropout probability if the node is a dropout, else None."""
+    module = call_module(node, gm)
+    if isinstance(module, nn.Dropout):
+        return float(module.p)
+    if node.op == "call_function" and node.target is F.dropout:
+        p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
+        return float(p) if isinstance(p, (int, float)) else None
+    return None
+
+
+def is_mul(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in (operator.mul, torch.mul)) or (
+        node.op == "call_method" and node.target == "mul")
+
+
+def single_user(node: fx.Node) -> fx.Node | None:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def owner_of(node: fx.Node) -> str | None:
+    """Qualified name of the module whose forward issued this node, relative to the traced root."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return "" if node.op != "call_module" else node.target.rpartition(".")[0]
+    paths = [path for path, _ in stack.values()]
+    if node.op == "call_module" and paths and paths[-1] == node.target:
+        paths = paths[:-1]  # a leaf module's own entry: its caller is the owner
+    return paths[-1] if paths else ""
