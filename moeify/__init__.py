@@ -11,7 +11,8 @@ from moeify.convert import ConversionResult, convert, moe_layers
 from moeify.errors import MoeifyError
 from moeify.losses import aux_loss, aux_losses
 from moeify.serialization import load, save
+from moeify.stats import format_stats, router_stats
 
 __all__ = ["ConversionResult", "MoEConfig", "MoeifyError", "aux_loss", "aux_losses", "convert", "load",
-           "moe_layers", "save"]
+           "format_stats", "moe_layers", "router_stats", "save"]
 __version__ = "0.1.0"

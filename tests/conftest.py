@@ -1,0 +1,26 @@
+"""Shared test helpers: load an example module by name (examples/ is not a package)."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_example(name: str):
+    path = ROOT / "examples" / f"{name}.py"
+    mod_name = f"_example_{name}"
+    if mod_name in sys.modules:
+        return sys.modules[mod_name]
+    spec = importlib.util.spec_from_file_location(mod_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[mod_name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def example():
+    return load_example
