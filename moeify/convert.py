@@ -5,7 +5,7 @@ Steps (check everything first, then mutate a copy):
 2. find: `FindFFNRegions` on each captured graph;
 3. plan: `plan_regions` applies the config's selection; nothing selected is a typed error;
 4. rewrite: per owner module (the innermost module whose forward holds a region), trace that
-   owner alone and run `RewriteToMoE -> InsertAuxLoss -> VerifyGraph`, then install the new
+   owner alone and run `RewriteToMoE -> InsertAuxLoss -> AnnotateSharding -> VerifyGraph`, then install the new
    forward on the owner (same class, same parameter names for everything untouched);
 5. verify: on the example inputs, the converted model's outputs vs the dense model's.
 """
@@ -27,6 +27,7 @@ from moeify.errors import CaptureError, NoFFNRegionError, VerificationError
 from moeify.moe.build import DenseFFN, build_moe_layer
 from moeify.moe.layer import MoELayer
 from moeify.passes import ops
+from moeify.passes.annotate_sharding import AnnotateSharding, layer_sharding
 from moeify.passes.find_ffn_regions import FFNRegion, FindFFNRegions
 from moeify.passes.infra import PassManager, Skip
 from moeify.passes.insert_aux_loss import InsertAuxLoss
@@ -190,8 +191,9 @@ def _rewrite_owner(model: nn.Module, owner: str, group: list[FoundRegion], cfg: 
         raise CaptureError(f"{owner}: the region(s) found on the whole graph were not found again on the owner's own "
                            "trace; its forward may depend on its caller")
     rewrite = RewriteToMoE(chosen, _region_builder(cfg, generator))
-    gm, log = PassManager([rewrite, InsertAuxLoss(), VerifyGraph()])(gm, where=owner)
+    gm, log = PassManager([rewrite, InsertAuxLoss(), AnnotateSharding(), VerifyGraph()])(gm, where=owner)
     capture_mod.install_forward(owner_module, gm)
+    capture_mod.remove_modules(owner_module, [n for r in chosen for n in r.linears.values()])
     report.changes += [f"{owner or '<model>'}: {c}" for c in log.changes]
     report.skipped += log.skipped
     for region in chosen:
@@ -202,7 +204,7 @@ def _rewrite_owner(model: nn.Module, owner: str, group: list[FoundRegion], cfg: 
             name=_join(owner, name), owner=owner, kind=region.kind, activation=region.activation,
             d_model=region.d_model, d_ff=region.d_ff, linears=[_join(prefix, n) for n in region.linears.values()],
             capture=how, num_experts=layer.num_experts, top_k=getattr(layer.router, "top_k", cfg.top_k),
-            router=cfg.router, notes=list(region.notes)))
+            router=cfg.router, notes=list(region.notes), sharding=layer_sharding(gm, name)))
 
 
 def flatten_outputs(out: Any) -> list[torch.Tensor]:

@@ -1,0 +1,157 @@
+"""The `moeify` command line.
+
+    moeify inspect model.py[:NAME]                       FFN regions found and candidates refused
+    moeify convert model.py[:NAME] -o out/ [options]     convert, verify, save, print a summary
+
+Every `MoEConfig` field is an option (`--num-experts 8 --top-k 2 --router switch ...`), generated
+from the dataclass so the CLI never lags behind the config. Errors print one line and exit 2; the
+traceback only with `--debug`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from moeify.config import MoEConfig
+from moeify.errors import ConfigError, MoeifyError
+
+_SCALAR = {"int": int, "float": float, "str": str}
+
+
+def _option_for(f: dataclasses.Field):
+    """A click option for one MoEConfig field; None for fields the CLI does not expose."""
+    if f.name == "version":
+        return None
+    flag = "--" + f.name.replace("_", "-")
+    kind = str(f.type).replace(" ", "")
+    help_text = f"MoEConfig.{f.name} (default {f.default!r})"
+    if kind == "bool":
+        return click.option(f"{flag}/--no-{f.name.replace('_', '-')}", f.name, default=None, help=help_text)
+    if kind.startswith("tuple["):
+        inner = _SCALAR[kind[len("tuple["):].split(",")[0]]
+        return click.option(flag, f.name, type=inner, multiple=True, help=help_text + "; repeat for several")
+    base = kind.split("|")[0]
+    if base in _SCALAR:
+        return click.option(flag, f.name, type=_SCALAR[base], default=None, help=help_text)
+    raise TypeError(f"MoEConfig.{f.name} has a type the CLI cannot express: {f.type}")
+
+
+def config_options(fn):
+    for f in reversed(dataclasses.fields(MoEConfig)):
+        option = _option_for(f)
+        if option is not None:
+            fn = option(fn)
+    return click.option("--config", "config_file", type=click.Path(dir_okay=False),
+                        help="JSON file with MoEConfig fields; options given on the command line override it")(fn)
+
+
+def build_config(config_file: str | None, options: dict[str, Any]) -> MoEConfig:
+    data: dict[str, Any] = {}
+    if config_file:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"config file {config_file} does not exist: pass a JSON file of MoEConfig fields")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"config file {config_file} is not valid JSON ({exc})") from exc
+    for f in dataclasses.fields(MoEConfig):
+        value = options.get(f.name)
+        if value is None or (isinstance(value, tuple) and not value):
+            continue
+        data[f.name] = value
+    return MoEConfig.from_dict(data)
+
+
+def handle_errors(fn):
+    """Print a MoeifyError as one line and exit 2; `--debug` re-raises with the traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        ctx = click.get_current_context()
+        try:
+            return fn(*args, **kwargs)
+        except MoeifyError as exc:
+            if ctx.find_root().params.get("debug"):
+                raise
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(2)
+
+    return wrapper
+
+
+def load_model(spec: str):
+    """(dense model, python module, ModelSource) for a model.py[:NAME] or package.module:factory spec."""
+    from moeify.source import ModelSource
+
+    source = ModelSource.parse(spec)
+    model, module = source.build()
+    return model, module, source
+
+
+@click.group()
+@click.option("--debug", is_flag=True, help="show tracebacks")
+@click.version_option(package_name="moeify")
+def main(debug: bool) -> None:
+    """moeify: convert dense PyTorch FFNs into sparsely gated Mixture-of-Experts layers."""
+
+
+@main.command()
+@click.argument("model_spec")
+@handle_errors
+def inspect(model_spec: str) -> None:
+    """List the FFN regions of MODEL_SPEC (model.py[:NAME]) and the candidates refused, without converting."""
+    from moeify.convert import find_regions
+
+    model, _, _ = load_model(model_spec)
+    found, skipped, cap = find_regions(model)
+    click.echo(f"{type(model).__name__}: {len(found)} FFN region(s)")
+    rows = [("owner", "kind", "activation", "d_model", "d_ff", "linears", "captured by")]
+    rows += [(f.owner or "<model>", f.region.kind, str(f.region.activation), str(f.region.d_model),
+              str(f.region.d_ff), ", ".join(f.key), f.unit.how) for f in found]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    if skipped:
+        click.echo(f"refused ({len(skipped)}):")
+        for s in skipped:
+            click.echo(f"  - {s}")
+    for module, why in cap.failures:
+        click.echo(f"not traceable as a whole: {module}: {why}")
+
+
+@main.command()
+@click.argument("model_spec")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="output directory")
+@click.option("--force", is_flag=True, help="replace an existing output directory")
+@click.option("--verify/--no-verify", default=True,
+              help="check outputs at init against the dense model on example_inputs() (default on)")
+@config_options
+@handle_errors
+def convert(model_spec: str, output: str, force: bool, verify: bool, config_file: str | None, **options) -> None:
+    """Convert MODEL_SPEC (model.py[:NAME]) into an MoE model, verify it, and save it to OUTPUT."""
+    import moeify
+    from moeify.errors import SerializationError
+    from moeify.source import example_inputs_of
+
+    cfg = build_config(config_file, options)
+    if Path(output).exists() and not force:
+        raise SerializationError(f"{output} already exists: choose another output or pass --force")
+    model, module, source = load_model(model_spec)
+    args, kwargs = example_inputs_of(module, model_spec) if verify else ((), {})
+    result = moeify.convert(model, cfg, example_inputs=args, example_kwargs=kwargs, verify=verify)
+    result.source = source.to_dict()
+    moeify.save(result, output, force=force)
+    click.echo(str(result.report))
+    click.echo(f"saved to {output}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
