@@ -41,7 +41,9 @@ class LinearParams:
 
 def is_conv1d(module: nn.Module) -> bool:
     """Hugging Face's transposed linear (GPT-2): weight (in, out), attribute `nf` = out."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+    # read `_parameters` directly: during fx tracing `module.weight` would record a stray get_attr node
+    return (type(module).__name__ == "Conv1D" and "nf" in vars(module)
+            and module._parameters.get("weight") is not None)
 
 
 def linear_params(module: nn.Module) -> LinearParams | None:
