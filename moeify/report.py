@@ -26,6 +26,27 @@ class RegionReport:
     sharding: dict[str, Any] = field(default_factory=dict)
 
 
+def describe_sharding(sharding: dict[str, Any]) -> str:
+    """`RegionReport.sharding` ({role: annotation}) in one line."""
+    parts = []
+    experts = sharding.get("experts", {})
+    if experts.get("placement") == "shard":
+        dims = sorted({(p["dim"], p["mesh_dim"]) for p in experts["params"].values()})
+        where = ", ".join(f"dim {d} over '{m}'" for d, m in dims)
+        parts.append(f"experts {'/'.join(experts['params'])} sharded on {where}")
+    exchanges = [role for role, a in sharding.items() if a.get("collective")]
+    if exchanges:
+        meshes = sorted({sharding[r]["mesh_dim"] for r in exchanges})
+        colls = sorted({sharding[r]["collective"] for r in exchanges})
+        parts.append(f"{'/'.join(colls)} at {' and '.join(exchanges)} over {', '.join(repr(m) for m in meshes)}")
+    replicated = [role for role, a in sharding.items() if a.get("placement") == "replicate" and a.get("params")]
+    if replicated:
+        parts.append(f"{' and '.join(replicated)} replicated")
+    if sharding.get("aux", {}).get("reduction"):
+        parts.append(f"aux losses over the {sharding['aux']['reduction'].replace('_', ' ')}")
+    return "; ".join(parts)
+
+
 @dataclass
 class ConversionReport:
     model_class: str
@@ -63,6 +84,14 @@ class ConversionReport:
         lines.insert(1, "  ".join("-" * w for w in widths))
         return "\n".join(lines)
 
+    def sharding_lines(self) -> list[str]:
+        """One line per distinct expert-parallel layout (from the AnnotateSharding pass), naming its layers."""
+        by_layout: dict[str, list[str]] = {}
+        for r in self.regions:
+            if r.sharding:
+                by_layout.setdefault(describe_sharding(r.sharding), []).append(r.name)
+        return [f"{', '.join(names)}: {layout}" for layout, names in by_layout.items()]
+
     def __str__(self) -> str:
         out = [f"moeify: {len(self.regions)} FFN region(s) of {self.model_class} converted", self.table(), ""]
         out.append(f"parameters: {self.params_before:,} dense -> {self.params_after:,} MoE "
@@ -71,6 +100,10 @@ class ConversionReport:
         if self.max_abs_diff is not None:
             promise = "function preserving" if self.function_preserving else "not function preserving by design"
             out.append(f"outputs at init vs dense: max |diff| = {self.max_abs_diff:.3g} ({promise})")
+        sharding = self.sharding_lines()
+        if sharding:
+            out.append("expert-parallel sharding:")
+            out += [f"  - {line}" for line in sharding]
         for note in self.notes:
             out.append(f"note: {note}")
         if self.skipped:
