@@ -1,0 +1,427 @@
+"""Out-of-core upcycling: a dense safetensors checkpoint in, a moeify checkpoint out, one layer in memory.
+
+    dense.safetensors (pread) + dense model built on meta  ->  out/plan.json + out/model.safetensors
+
+The module structure comes from running `moeify.convert` on the dense model built on the meta
+device (no weights are allocated): it gives the converted state dict's names, shapes and dtypes,
+the plan and the report. `model.safetensors` is then written in one pass: the header is computed
+from those shapes first, then every tensor is appended in header order. Untouched tensors are copied
+byte for byte from the dense file (kernel-side copies, nothing held in Python); each MoE layer is
+built from its region's dense weights alone, written, and dropped before the next one, so peak
+memory is about one layer whatever the model's size.
+
+Bit-identical to `moeify.convert` + `moeify.save`: the layers are built by the same
+`build_moe_layer` with one generator seeded with `cfg.seed`, consumed per region in the same (model)
+order. For `init="copy"` on plain nn.Linear regions a fast path skips building the experts: an
+expert tensor is then the dense tensor's bytes repeated E times, copied file to file; only the
+router (which consumes the generator) is built.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import shutil
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from moeify.config import MoEConfig
+from moeify.convert import ConversionResult, convert, dense_ffn, find_regions, function_preserving, moe_layers
+from moeify.errors import SerializationError
+from moeify.moe.build import build_moe_layer, make_router
+from moeify.serialization import PLAN_FORMAT, PLAN_VERSION, write_atomically
+from moeify.source import ModelSource
+
+DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
+DTYPE_OF = {v: k for k, v in DTYPES.items()}
+# parameters a layer built by `build_moe_layer` for init="copy" can hold; anything else -> generic path
+FAST_EXPERT_KEYS = ("w1_EFD", "w2_EDF", "w3_EFD", "b1_EF", "b2_ED", "b3_EF")
+FAST_ROUTER_KEYS = ("router.gate.weight", "router.gate.bias")
+COPY_CHUNK = 64 << 20
+
+
+def _nbytes(dtype: torch.dtype, shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n * torch.empty((), dtype=dtype).element_size()
+
+
+class SafetensorsReader:
+    """Reads single tensors (or raw byte ranges) of a safetensors file without loading the rest.
+
+    `live_bytes` / `peak_live_bytes` count the bytes of tensors handed out and still referenced:
+    a bound on what conversion holds from the dense checkpoint at any moment.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise SerializationError(f"dense checkpoint {self.path} does not exist: pass a .safetensors file")
+        self._file = open(self.path, "rb")  # noqa: SIM115 - closed by close() / context manager
+        try:
+            head = self._file.read(8)
+            size = int.from_bytes(head, "little") if len(head) == 8 else -1
+            header = json.loads(self._file.read(size)) if 0 < size < (100 << 20) else None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            header = None
+        if not isinstance(header, dict):
+            self._file.close()
+            raise SerializationError(f"{self.path} is not a safetensors file (bad header); pass a .safetensors file")
+        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        self.entries: dict[str, dict[str, Any]] = header
+        self.data_start = 8 + size
+        self.live_bytes = 0
+        self.peak_live_bytes = 0
+
+    def __enter__(self) -> SafetensorsReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return DTYPE_OF[self.entries[name]["dtype"]]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.entries[name]["shape"])
+
+    def span(self, name: str) -> tuple[int, int]:
+        """Absolute (start, end) byte offsets of a tensor's data in the file."""
+        begin, end = self.entries[name]["data_offsets"]
+        return self.data_start + begin, self.data_start + end
+
+    def _released(self, n: int) -> None:
+        self.live_bytes -= n
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        start, end = self.span(name)
+        dtype, shape = self.dtype(name), self.shape(name)
+        if end == start:
+            return torch.empty(shape, dtype=dtype)
+        buf = bytearray(end - start)
+        self._file.seek(start)
+        self._file.readinto(buf)
+        tensor = torch.frombuffer(buf, dtype=dtype).reshape(shape)
+        self.live_bytes += len(buf)
+        self.peak_live_bytes = max(self.peak_live_bytes, self.live_bytes)
+        weakref.finalize(tensor, self._released, len(buf))
+        return tensor
+
+    def fileno(self) -> int:
+        return self._file.fileno()
+
+
+class StreamingWriter:
+    """Writes a safetensors file whose header is fixed up front: tensors are appended in header order."""
+
+    def __init__(self, path: str | os.PathLike, entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                 metadata: dict[str, str] | None = None) -> None:
+        header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+        offset = 0
+        self.order: list[tuple[str, int]] = []
+        for name, dtype, shape in entries:
+            n = _nbytes(dtype, shape)
+            header[name] = {"dtype": DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+            self.order.append((name, n))
+            offset += n
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the format pads the header so tensor data is 8-byte aligned
+        self.total_bytes = 8 + len(raw) + offset
+        self._file = open(path, "wb")  # noqa: SIM115 - closed by close()
+        self._file.write(len(raw).to_bytes(8, "little") + raw)
+        self._next = 0
+
+    def _expect(self, name: str) -> int:
+        if self._next >= len(self.order) or self.order[self._next][0] != name:
+            want = self.order[self._next][0] if self._next < len(self.order) else "<end>"
+            raise SerializationError(f"streaming writer: got {name!r} but the header's next tensor is {want!r}")
+        n = self.order[self._next][1]
+        self._next += 1
+        return n
+
+    def write_tensor(self, name: str, tensor: torch.Tensor) -> None:
+        n = self._expect(name)
+        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+        if data.numel() != n:
+            raise SerializationError(f"streaming writer: {name!r} has {data.numel()} bytes, the header says {n}")
+        if n:
+            self._file.write(memoryview(data.numpy()))
+
+    def copy_range(self, name: str, reader: SafetensorsReader, src: str, repeat: int = 1) -> None:
+        """Append `src`'s bytes from `reader` `repeat` times as tensor `name` (file to file, in the kernel)."""
+        n = self._expect(name)
+        start, end = reader.span(src)
+        if (end - start) * repeat != n:
+            raise SerializationError(f"streaming writer: {src!r} x{repeat} does not fill {name!r}")
+        self._file.flush()
+        out_fd, in_fd = self._file.fileno(), reader.fileno()
+        for _ in range(repeat):
+            pos = start
+            while pos < end:
+                done = os.copy_file_range(in_fd, out_fd, min(COPY_CHUNK, end - pos), pos)
+                if done <= 0:
+                    raise SerializationError(f"copying {src!r} from {reader.path} stopped early: disk full?")
+                pos += done
+        # copy_file_range moved the fd's offset; keep Python's buffered file object in step
+        self._file.seek(os.lseek(out_fd, 0, os.SEEK_CUR))
+
+    def close(self) -> None:
+        try:
+            if self._next != len(self.order):
+                raise SerializationError(f"streaming writer closed after {self._next} of {len(self.order)} tensors")
+        finally:
+            self._file.close()
+
+
+@dataclass
+class _Unit:
+    """One step of the write: a dense tensor copied through, or one whole MoE layer."""
+
+    kind: str  # "dense" | "moe"
+    name: str  # state-dict key (dense) or MoE layer name (moe)
+    keys: list[str]  # state-dict keys written by this unit, in file order
+    fast: bool = False
+
+
+class _Modules:
+    """The `get_submodule` of a graph module, over materialised copies of a region's Linears."""
+
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
+        self.modules = modules
+
+    def get_submodule(self, name: str) -> nn.Module:
+        return self.modules[name]
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix and name else (prefix or name)
+
+
+def _meta_model(model: nn.Module | Callable[[], nn.Module]) -> nn.Module:
+    if isinstance(model, nn.Module):
+        return model
+    with torch.device("meta"):
+        return model()
+
+
+def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, list[str]]]:
+    """Shared (tied) tensors stored once, as `safetensors.torch.save_model` does: the sorted-first name is kept.
+
+    Meta tensors have no storage to compare, so sharing is read from object identity (tied parameters
+    are the same object). Returns (kept state, metadata removed->kept, aliases kept->all names).
+    """
+    groups: dict[int, list[str]] = {}
+    for name, t in state.items():
+        groups.setdefault(id(t), []).append(name)
+    kept: dict[str, torch.Tensor] = {}
+    metadata: dict[str, str] = {}
+    aliases: dict[str, list[str]] = {}
+    keep_of = {}
+    for names in groups.values():
+        keep = sorted(names)[0]
+        aliases[keep] = sorted(names)
+        for n in names:
+            keep_of[n] = keep
+            if n != keep:
+                metadata[n] = keep
+    for name, t in state.items():
+        if keep_of[name] == name:
+            kept[name] = t
+    return kept, metadata, aliases
+
+
+def _plan(result: ConversionResult) -> dict[str, Any]:
+    # mirrors moeify.serialization.save (tests compare both plan.json files)
+    plan: dict[str, Any] = {
+        "format": PLAN_FORMAT, "version": PLAN_VERSION, "config": result.config.to_dict(),
+        "regions": result.regions, "report": result.report.to_dict(), "source": None,
+        "model_class": result.report.model_class,
+    }
+    if result.source is not None:
+        plan["source"] = dict(result.source)
+    return plan
+
+
+def convert_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, config: MoEConfig | None = None,
+                       *, model: nn.Module | Callable[[], nn.Module], source: ModelSource | None = None,
+                       force: bool = False, fast: bool = True,
+                       reader_factory: Callable[[Path], SafetensorsReader] = SafetensorsReader) -> ConversionResult:
+    """Upcycle the dense `checkpoint` into `out_dir` (plan.json + model.safetensors) layer by layer.
+
+    `model`: the dense model built on the meta device, or a factory called under
+    `torch.device("meta")` (no weights are allocated); it must match the checkpoint's names,
+    shapes and dtypes. `source`: how `moeify.load` rebuilds the dense model (recorded in the plan;
+    a model file is copied next to it). `fast=False` builds every layer with `build_moe_layer`
+    even where raw copies would do (the tests compare both). Returns the `ConversionResult` whose
+    `.model` lives on the meta device.
+    """
+    cfg = config or MoEConfig()
+    dense = _meta_model(model)
+    # copy_noise needs real weights (noise std): the structure is the same as with plain copy
+    struct_cfg = dataclasses.replace(cfg, init="copy") if cfg.init == "copy_noise" else cfg
+    result = convert(dense, struct_cfg, verify=False)
+    result.config = cfg
+    result.report.function_preserving = function_preserving(cfg)
+    if source is not None:
+        result.source = source.to_dict()
+    found, _, _ = find_regions(dense)
+    region_of = {f.key: f for f in found}
+    layers = moe_layers(result.model)
+
+    def fill(tmp: Path) -> None:
+        with reader_factory(Path(checkpoint)) as reader:
+            _write(reader, tmp / "model.safetensors", result, dense, region_of, layers, cfg, fast)
+        plan = _plan(result)
+        if source is not None and source.kind == "file":
+            shutil.copyfile(source.target, tmp / "model_source.py")
+            plan["source"]["copied_to"] = "model_source.py"
+        (tmp / "plan.json").write_text(json.dumps(plan, indent=2, sort_keys=True))
+
+    write_atomically(out_dir, fill, force=force)
+    return result
+
+
+def _write(reader: SafetensorsReader, path: Path, result: ConversionResult, dense: nn.Module,
+           region_of: dict, layers: dict[str, nn.Module], cfg: MoEConfig, fast: bool) -> None:
+    state, metadata, aliases = _dedupe(result.model.state_dict(keep_vars=True))
+    regions = result.report.regions  # in build order: the order the generator is consumed in
+    build_order = [r.name for r in regions]
+    for name in build_order:
+        if name not in layers:
+            raise SerializationError(f"out-of-core conversion: layer {name} of the report is not in the model")
+
+    def layer_of(key: str) -> str | None:
+        for name in layers:
+            if key.startswith(name + "."):
+                return name
+        return None
+
+    # slots in state-dict order; MoE slots are then filled in build order (same positions)
+    units: list[_Unit] = []
+    seen: set[str] = set()
+    for key in state:
+        owner = layer_of(key)
+        if owner is None:
+            units.append(_Unit("dense", key, [key]))
+        elif owner not in seen:
+            seen.add(owner)
+            units.append(_Unit("moe", owner, []))
+    moe_iter = iter(build_order)
+    for unit in units:
+        if unit.kind == "moe":
+            unit.name = next(moe_iter)
+            local = [k[len(unit.name) + 1:] for k in state if k.startswith(unit.name + ".")]
+            region = region_of[tuple(sorted(next(r.linears for r in regions if r.name == unit.name)))]
+            unit.fast = fast and _fast_ok(cfg, local, region, dense)
+            if unit.fast:  # file order = the order the values are produced in
+                local = [f"experts.{k}" for k in FAST_EXPERT_KEYS if f"experts.{k}" in local] + \
+                        [k for k in FAST_ROUTER_KEYS if k in local]
+            unit.keys = [f"{unit.name}.{k}" for k in local]
+
+    entries = []
+    for unit in units:
+        for key in unit.keys:
+            t = state[key]
+            if unit.kind == "dense":
+                src = _source_name(reader, key, aliases)
+                if reader.dtype(src) != t.dtype or reader.shape(src) != tuple(t.shape):
+                    raise SerializationError(
+                        f"{reader.path}: {src} is {reader.dtype(src)} {list(reader.shape(src))} but the model built on "
+                        f"meta has {t.dtype} {list(t.shape)}: build the model with the checkpoint's sizes and dtype")
+            entries.append((key, t.dtype, tuple(t.shape)))
+
+    writer = StreamingWriter(path, entries, metadata or None)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    try:
+        for unit in units:
+            if unit.kind == "dense":
+                writer.copy_range(unit.name, reader, _source_name(reader, unit.name, aliases))
+                continue
+            spec = next(r for r in regions if r.name == unit.name)
+            found = region_of[tuple(sorted(spec.linears))]
+            if unit.fast:
+                _write_fast(writer, reader, unit, found, cfg, generator)
+            else:
+                _write_built(writer, reader, unit, found, dense, cfg, generator)
+    finally:
+        writer.close()
+
+
+def _source_name(reader: SafetensorsReader, key: str, aliases: dict[str, list[str]]) -> str:
+    for name in aliases.get(key, [key]):
+        if name in reader.entries:
+            return name
+    raise SerializationError(f"{reader.path} has no tensor {key!r}: pass the dense model's checkpoint "
+                             "(saved from the same architecture, e.g. with safetensors.torch.save_model)")
+
+
+def _linear_names(found) -> dict[str, str]:
+    return {role: _join(found.unit.path, name) for role, name in found.region.linears.items()}
+
+
+def _fast_ok(cfg: MoEConfig, local: list[str], found, dense: nn.Module) -> bool:
+    allowed = {f"experts.{k}" for k in FAST_EXPERT_KEYS} | set(FAST_ROUTER_KEYS)
+    if cfg.init != "copy" or not set(local) <= allowed:
+        return False
+    mods = [dense.get_submodule(n) for n in _linear_names(found).values()]
+    return all(type(m) is nn.Linear for m in mods) and len({m.weight.dtype for m in mods}) == 1
+
+
+def _write_fast(writer: StreamingWriter, reader: SafetensorsReader, unit: _Unit, found, cfg: MoEConfig,
+                generator: torch.Generator) -> None:
+    names = _linear_names(found)
+    gated = found.region.kind == "gated"
+    src = {"w1_EFD": (names["gate"] if gated else names["fc1"], "weight"),
+           "w2_EDF": (names["down"] if gated else names["fc2"], "weight"),
+           "w3_EFD": (names.get("up"), "weight"),
+           "b1_EF": (names["gate"] if gated else names["fc1"], "bias"),
+           "b2_ED": (names["down"] if gated else names["fc2"], "bias"),
+           "b3_EF": (names.get("up"), "bias")}
+    router = None
+    for key in unit.keys:
+        local = key[len(unit.name) + 1:]
+        if local.startswith("experts."):
+            linear, what = src[local.removeprefix("experts.")]
+            writer.copy_range(key, reader, f"{linear}.{what}", repeat=cfg.num_experts)
+        else:
+            if router is None:  # built after the experts, as build_moe_layer does (copy draws nothing)
+                d_model = reader.shape(f"{src['w1_EFD'][0]}.weight")[1]
+                router = make_router(cfg, d_model, generator)
+            writer.write_tensor(key, router.get_parameter(local.removeprefix("router.")))
+    if router is None:
+        raise SerializationError(f"{unit.name}: no router parameters to write; the fast path expects a router")
+
+
+def _write_built(writer: StreamingWriter, reader: SafetensorsReader, unit: _Unit, found, dense: nn.Module,
+                 cfg: MoEConfig, generator: torch.Generator) -> None:
+    modules = {}
+    for role, name in found.region.linears.items():
+        full = _join(found.unit.path, name)
+        sub = copy.deepcopy(dense.get_submodule(full))
+        values = {k: reader.get_tensor(f"{full}.{k}") for k, _ in sub.named_parameters(recurse=False)}
+        sub.load_state_dict(values, assign=True, strict=False)
+        modules[name] = sub
+    layer = build_moe_layer(cfg, dense_ffn(found.region, _Modules(modules)), generator=generator)
+    del modules
+    state = layer.state_dict()
+    for key in unit.keys:
+        writer.write_tensor(key, state[key[len(unit.name) + 1:]])
