@@ -58,13 +58,19 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+def grouped_mm_aligned(x_ND: torch.Tensor, w_EOI: torch.Tensor) -> bool:
+    """grouped_mm needs every row stride to be a multiple of 16 bytes (e.g. dims divisible by 4 in fp32)."""
+    size = x_ND.element_size()
+    return (x_ND.shape[-1] * size) % 16 == 0 and (w_EOI.shape[-2] * size) % 16 == 0
+
+
 def grouped_linear(x_ND: torch.Tensor, w_EOI: torch.Tensor, counts_E: torch.Tensor, offs_E: torch.Tensor | None,
                    backend: str) -> torch.Tensor:
     """Row group e of `x_ND` times `w_EOI[e].T`. Returns (N, O)."""
     dtype = _compute_dtype(x_ND)
     x_ND = x_ND.to(dtype)
     w_EOI = w_EOI.to(dtype)
-    if backend == "grouped_mm":
+    if backend == "grouped_mm" and grouped_mm_aligned(x_ND, w_EOI):
         return _ContiguousGrad.apply(F.grouped_mm(x_ND, w_EOI.transpose(-2, -1), offs=offs_E))
     # loop backend: one matmul per expert over its slice; used where grouped_mm is unavailable
     chunks = torch.split(x_ND, counts_E.tolist())
