@@ -2,6 +2,7 @@
 
     init="copy":       every expert = the dense FFN (function preserving with scale-preserving gates)
     init="copy_noise": the same plus Gaussian noise of std `init_noise * std(weight)` per expert
+    init="split":      the dense hidden neurons partitioned among the experts (moeify.moe.init_split)
 
 Routers and inits are looked up in small dispatch tables keyed by the config's names, so a new
 router or init is one function here plus its name in `MoEConfig`.
@@ -17,6 +18,7 @@ from torch import nn
 from moeify.config import MoEConfig
 from moeify.errors import ConfigError
 from moeify.moe.experts import GroupedExperts
+from moeify.moe.init_split import init_split, split_d_ff, uniform_router
 from moeify.moe.layer import LOSS_COEF_FIELDS, MoELayer
 from moeify.moe.router import SwitchRouter, TopKRouter, init_router_weight
 
@@ -89,15 +91,20 @@ def build_moe_layer(cfg: MoEConfig, dense: DenseFFN, *, generator: torch.Generat
         generator = torch.Generator().manual_seed(cfg.seed)
     dtype, device = dense.w1.dtype, dense.w1.device
     dropout = dense.dropout if cfg.expert_dropout is None else cfg.expert_dropout
-    experts = GroupedExperts(cfg.num_experts, dense.d_model, dense.d_ff, dense.activation, gated=dense.gated,
+    d_ff = split_d_ff(dense.d_ff, cfg.num_experts) if cfg.init == "split" else dense.d_ff
+    experts = GroupedExperts(cfg.num_experts, dense.d_model, d_ff, dense.activation, gated=dense.gated,
                              bias=dense.b1 is not None, dropout=dropout, d_out=dense.d_out, dtype=dtype,
                              device=device)
     if cfg.init == "copy":
         init_copy(experts, dense, 0.0, generator)
     elif cfg.init == "copy_noise":
         init_copy(experts, dense, cfg.init_noise, generator)
+    elif cfg.init == "split":
+        init_split(experts, dense, cfg, generator)
     else:
         raise ConfigError(f"init {cfg.init!r} is not available in this build: use 'copy' or 'copy_noise'")
     router = make_router(cfg, dense.d_model, generator).to(device)
+    if cfg.init == "split":
+        uniform_router(router, cfg)
     coefs = {name: getattr(cfg, field) for name, field in LOSS_COEF_FIELDS.items()}
     return MoELayer(router, experts, coefs=coefs)
