@@ -145,6 +145,13 @@ class MoEConfig:
             _fail("router_init_scale", self.router_init_scale, "use a number > 0")
         if not self.expert_choice_capacity > 0:
             _fail("expert_choice_capacity", self.expert_choice_capacity, "use a number > 0")
+        if self.router == "expert_choice" and (self.capacity_factor, self.eval_capacity_factor) != (None, None):
+            _fail("capacity_factor", self.capacity_factor,
+                  "expert_choice sets each expert's capacity itself: use expert_choice_capacity and leave "
+                  "capacity_factor/eval_capacity_factor None")
+        if self.load_coef > 0 and self.router != "noisy_topk":
+            _fail("load_coef", self.load_coef, "the smooth load loss needs router='noisy_topk' (its noise); "
+                  "use load_balance_coef for other routers")
         for name in ("capacity_factor", "eval_capacity_factor"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and value > 0):

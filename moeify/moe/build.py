@@ -17,10 +17,11 @@ from torch import nn
 
 from moeify.config import MoEConfig
 from moeify.errors import ConfigError
+from moeify.moe.capacity import CapacityLimit
 from moeify.moe.experts import GroupedExperts
 from moeify.moe.init_split import init_split, split_d_ff, uniform_router
 from moeify.moe.layer import LOSS_COEF_FIELDS, MoELayer
-from moeify.moe.router import SwitchRouter, TopKRouter, init_router_weight
+from moeify.moe.router import ExpertChoiceRouter, HierarchicalRouter, NoisyTopKRouter, SwitchRouter, TopKRouter
 
 
 @dataclass(frozen=True)
@@ -54,18 +55,29 @@ class DenseFFN:
 
 
 def make_router(cfg: MoEConfig, d_model: int, generator: torch.Generator) -> nn.Module:
-    if cfg.router == "topk":
+    """The router `cfg` names, initialised (Switch §2.4 scale), with its capacity limit if any."""
+    common = {"preserve_scale": cfg.preserve_scale, "bias": cfg.router_bias}
+    if cfg.num_groups is not None:
+        router = HierarchicalRouter(d_model, cfg.num_experts, cfg.num_groups, cfg.group_top_k, cfg.top_k,
+                                    noisy=cfg.router == "noisy_topk", softmax_before_topk=cfg.softmax_before_topk,
+                                    normalize=cfg.normalize_gates, **common)
+    elif cfg.router == "topk":
         router = TopKRouter(d_model, cfg.num_experts, cfg.top_k, normalize=cfg.normalize_gates,
-                            softmax_before_topk=cfg.softmax_before_topk, preserve_scale=cfg.preserve_scale,
-                            bias=cfg.router_bias)
+                            softmax_before_topk=cfg.softmax_before_topk, **common)
     elif cfg.router == "switch":
-        router = SwitchRouter(d_model, cfg.num_experts, jitter=cfg.router_jitter,
-                              preserve_scale=cfg.preserve_scale, bias=cfg.router_bias)
+        router = SwitchRouter(d_model, cfg.num_experts, jitter=cfg.router_jitter, **common)
+    elif cfg.router == "noisy_topk":
+        router = NoisyTopKRouter(d_model, cfg.num_experts, cfg.top_k, **common)
+    elif cfg.router == "expert_choice":
+        router = ExpertChoiceRouter(d_model, cfg.num_experts, cfg.top_k, capacity=cfg.expert_choice_capacity,
+                                    **common)
     else:
-        raise ConfigError(f"router {cfg.router!r} is not available in this build: use 'topk' or 'switch'")
-    init_router_weight(router.gate.weight, cfg.router_init_scale, generator)
-    if router.gate.bias is not None:
-        nn.init.zeros_(router.gate.bias)
+        raise ConfigError(f"router {cfg.router!r} is not available in this build: use one of "
+                          "topk, switch, noisy_topk, expert_choice")
+    router.init_weights(cfg.router_init_scale, generator)
+    if cfg.capacity_factor is not None or cfg.eval_capacity_factor is not None:
+        router.capacity = CapacityLimit(cfg.num_experts, router.top_k, cfg.capacity_factor,
+                                        cfg.eval_capacity_factor, cfg.drop_policy)
     return router
 
 
@@ -83,6 +95,17 @@ def init_copy(experts: GroupedExperts, dense: DenseFFN, noise: float, generator:
     for dst, src in pairs:
         if dst is not None and src is not None:
             _copy_into(dst, src, noise, generator)
+
+
+def make_shared_experts(cfg: MoEConfig, dense: DenseFFN, dropout: float) -> GroupedExperts | None:
+    """`cfg.num_shared_experts` always-on experts, each an exact copy of the dense FFN (upcycled)."""
+    if cfg.num_shared_experts == 0:
+        return None
+    shared = GroupedExperts(cfg.num_shared_experts, dense.d_model, dense.d_ff, dense.activation, gated=dense.gated,
+                            bias=dense.b1 is not None, dropout=dropout, d_out=dense.d_out, dtype=dense.w1.dtype,
+                            device=dense.w1.device)
+    init_copy(shared, dense, 0.0, None)
+    return shared
 
 
 def build_moe_layer(cfg: MoEConfig, dense: DenseFFN, *, generator: torch.Generator | None = None) -> MoELayer:
@@ -107,4 +130,8 @@ def build_moe_layer(cfg: MoEConfig, dense: DenseFFN, *, generator: torch.Generat
     if cfg.init == "split":
         uniform_router(router, cfg)
     coefs = {name: getattr(cfg, field) for name, field in LOSS_COEF_FIELDS.items()}
-    return MoELayer(router, experts, coefs=coefs)
+    shared = make_shared_experts(cfg, dense, dropout)
+    # S shared copies and the routed mixture (gates summing to 1) each weigh 1/(S+1): the layer
+    # still computes the dense FFN at init, and every path gets gradient from the start
+    scale = 1.0 / (cfg.num_shared_experts + 1)
+    return MoELayer(router, experts, coefs=coefs, shared=shared, shared_scale=scale, routed_scale=scale)

@@ -27,7 +27,57 @@ def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
 
 def cv_squared(x_E: torch.Tensor) -> torch.Tensor:
     """Squared coefficient of variation, Var/Mean^2 (Shazeer 2017, eq. 6), with the population variance."""
-    x_E = x_E.float()
+    if x_E.dtype != torch.float64:  # float64 stays float64 so gradcheck can run on it
+        x_E = x_E.float()
     if x_E.numel() <= 1:
         return x_E.new_zeros(())
     return x_E.var(unbiased=False) / (x_E.mean().square() + 1e-10)
+
+
+def importance(gates_TE: torch.Tensor) -> torch.Tensor:
+    """Shazeer §4: Importance(X) = sum over the batch of each expert's gate value G(x)_i. Returns (E,)."""
+    return gates_TE.sum(dim=0)
+
+
+def importance_loss(gates_TE: torch.Tensor) -> torch.Tensor:
+    """Shazeer eq. (6) without its coefficient: CV(Importance(X))^2."""
+    return cv_squared(importance(gates_TE))
+
+
+def kth_excluding(h_TE: torch.Tensor, k: int) -> torch.Tensor:
+    """Shazeer appendix A: kth_excluding(H(x), k, i) for every i, the k-th highest component of H(x)
+    once component i is left out. Returns (T, E).
+
+    Leaving out a component that is itself among the top k moves the k-th place to the (k+1)-th
+    value; leaving out any other component leaves the k-th value in place.
+    """
+    num_experts = h_TE.shape[-1]
+    if k >= num_experts:
+        # with k = E every expert is always kept: no competitor, the threshold is -inf (P = 1)
+        return torch.full_like(h_TE, float("-inf"))
+    top_TK1, _ = h_TE.topk(k + 1, dim=-1)
+    kth_T1, next_T1 = top_TK1[:, k - 1:k], top_TK1[:, k:k + 1]
+    in_top_TE = h_TE >= kth_T1
+    return torch.where(in_top_TE, next_T1, kth_T1)
+
+
+def normal_cdf(z: torch.Tensor) -> torch.Tensor:
+    """Phi, the standard normal CDF."""
+    return 0.5 * (1.0 + torch.erf(z * 0.7071067811865476))
+
+
+def smooth_load(clean_TE: torch.Tensor, noisy_TE: torch.Tensor, noise_std_TE: torch.Tensor, k: int) -> torch.Tensor:
+    """Shazeer appendix A, eqs. (8)-(9): Load(X)_i = sum_x P(x, i) with
+
+        P(x, i) = Phi( ((x W_g)_i - kth_excluding(H(x), k, i)) / Softplus((x W_noise)_i) )
+
+    the probability that expert i stays in the top k when only its own noise is redrawn.
+    `clean_TE` = x W_g, `noisy_TE` = H(x), `noise_std_TE` = Softplus(x W_noise). Returns (E,).
+    """
+    threshold_TE = kth_excluding(noisy_TE, k)
+    return normal_cdf((clean_TE - threshold_TE) / noise_std_TE).sum(dim=0)
+
+
+def load_loss(clean_TE: torch.Tensor, noisy_TE: torch.Tensor, noise_std_TE: torch.Tensor, k: int) -> torch.Tensor:
+    """Shazeer eq. (11) without its coefficient: CV(Load(X))^2."""
+    return cv_squared(smooth_load(clean_TE, noisy_TE, noise_std_TE, k))

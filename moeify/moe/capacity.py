@@ -1,0 +1,93 @@
+"""Expert capacity (Switch Transformers §2.2): each expert processes at most C assignments.
+
+Shape legend: T tokens, E experts, N assignments (before dropping), M kept assignments.
+
+    C = ceil(T * k * capacity_factor / E)          (k: assignments per token, the router's top_k)
+    Routing(N assignments) -> Routing(M <= N assignments, at most C per expert)
+
+Dropped assignments are removed from the `Routing`, so the MoE layer contributes zero for them and
+the token passes through unchanged on the model's residual path. Gates of the kept assignments are
+not renormalised (GShard/Switch). Which assignments an over-full expert keeps is the drop policy:
+
+    "position": the earliest tokens (flattened batch order, then the token's own assignment order)
+    "gate":     the highest router probability probs_TE[t, e] (batch-prioritised routing, V-MoE)
+
+Training and evaluation use separate factors (`capacity_factor`, `eval_capacity_factor`; Switch
+evaluates with a larger one); a factor of None means dropless. The fraction of assignments dropped
+is recorded as `routing.losses["dropped_fraction"]` (a detached statistic, not a loss), where
+`AuxLossRecorder` and `moeify.router_stats` pick it up.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from moeify.config import DROP_POLICIES
+from moeify.errors import ConfigError
+from moeify.moe.router import Routing
+
+
+def expert_capacity(num_tokens: int, top_k: int, factor: float, num_experts: int) -> int:
+    """ceil(T * k * factor / E); rounded first so that e.g. 1.2 * 10 / 4 is 3, not 4."""
+    return math.ceil(round(num_tokens * top_k * factor / num_experts, 9))
+
+
+def keep_within_capacity(routing: Routing, num_experts: int, capacity: int, policy: str) -> torch.Tensor:
+    """Boolean mask over the N assignments: True where the assignment fits in its expert's capacity."""
+    N = routing.expert_N.shape[0]
+    if policy == "position":
+        # token-major order; assignment index breaks ties inside a token
+        first = torch.argsort(routing.token_N, stable=True)
+    elif policy == "gate":
+        priority_N = routing.probs_TE.detach()[routing.token_N, routing.expert_N]
+        first = torch.argsort(priority_N, descending=True, stable=True)
+    else:
+        raise ConfigError(f"drop_policy={policy!r} is unknown: choose one of {', '.join(DROP_POLICIES)}")
+    # stable sort by expert keeps the priority order inside each expert's group
+    order_N = first[torch.argsort(routing.expert_N[first], stable=True)]
+    counts_E = torch.bincount(routing.expert_N, minlength=num_experts)
+    starts_E = torch.cumsum(counts_E, 0) - counts_E
+    sorted_expert_N = routing.expert_N[order_N]
+    rank_N = torch.arange(N, device=order_N.device) - starts_E[sorted_expert_N]
+    keep_N = torch.zeros(N, dtype=torch.bool, device=order_N.device)
+    keep_N[order_N] = rank_N < capacity
+    return keep_N
+
+
+class CapacityLimit(nn.Module):
+    """Drops the assignments over capacity from a `Routing` (training or eval factor by mode)."""
+
+    def __init__(self, num_experts: int, top_k: int, capacity_factor: float | None,
+                 eval_capacity_factor: float | None = None, policy: str = "position") -> None:
+        super().__init__()
+        if policy not in DROP_POLICIES:
+            raise ConfigError(f"drop_policy={policy!r} is unknown: choose one of {', '.join(DROP_POLICIES)}")
+        self.num_experts, self.top_k, self.policy = num_experts, top_k, policy
+        self.capacity_factor = capacity_factor
+        self.eval_capacity_factor = capacity_factor if eval_capacity_factor is None else eval_capacity_factor
+
+    def extra_repr(self) -> str:
+        return (f"capacity_factor={self.capacity_factor}, eval_capacity_factor={self.eval_capacity_factor}, "
+                f"policy={self.policy}")
+
+    def factor(self) -> float | None:
+        return self.capacity_factor if self.training else self.eval_capacity_factor
+
+    def capacity(self, num_tokens: int) -> int | None:
+        factor = self.factor()
+        return None if factor is None else expert_capacity(num_tokens, self.top_k, factor, self.num_experts)
+
+    def forward(self, routing: Routing) -> Routing:
+        capacity = self.capacity(routing.logits_TE.shape[0])
+        found = dict(routing.losses)
+        if capacity is None:
+            found.setdefault("dropped_fraction", routing.logits_TE.new_zeros(()))
+            return routing._replace(losses=found)
+        keep_N = keep_within_capacity(routing, self.num_experts, capacity, self.policy)
+        N = max(int(keep_N.numel()), 1)
+        found["dropped_fraction"] = (1.0 - keep_N.sum().to(routing.logits_TE.dtype) / N).detach()
+        return routing._replace(token_N=routing.token_N[keep_N], expert_N=routing.expert_N[keep_N],
+                                weight_N=routing.weight_N[keep_N], losses=found)
