@@ -414,7 +414,7 @@ def _write_fast(writer: StreamingWriter, reader: SafetensorsReader, unit: _Unit,
 def _write_built(writer: StreamingWriter, reader: SafetensorsReader, unit: _Unit, found, dense: nn.Module,
                  cfg: MoEConfig, generator: torch.Generator) -> None:
     modules = {}
-    for role, name in found.region.linears.items():
+    for name in found.region.linears.values():
         full = _join(found.unit.path, name)
         sub = copy.deepcopy(dense.get_submodule(full))
         values = {k: reader.get_tensor(f"{full}.{k}") for k, _ in sub.named_parameters(recurse=False)}

@@ -1,0 +1,120 @@
+"""Out-of-core conversion (`moeify.ooc`) against the in-memory path (`moeify.convert` + `moeify.save`)."""
+
+import json
+import re
+import weakref
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file, save_model
+
+import moeify
+from moeify.errors import SerializationError
+from moeify.ooc import SafetensorsReader, convert_checkpoint
+from tests.conftest import load_example
+
+SLOW = pytest.mark.slow
+CASES = [
+    # (example, config, fast); one default case per path and model family, the rest marked slow
+    ("llama", dict(num_experts=4, top_k=2), True),
+    pytest.param("llama", dict(num_experts=4, top_k=2), False, marks=SLOW),
+    pytest.param("llama", dict(num_experts=3, top_k=1, init="copy_noise", seed=7), True, marks=SLOW),
+    pytest.param("gpt", dict(num_experts=4, top_k=2), True, marks=SLOW),
+    ("gpt", dict(num_experts=4, top_k=2, init="copy_noise"), False),
+    pytest.param("mlp", dict(num_experts=2, top_k=1, router="switch", router_bias=True), True, marks=SLOW),
+    ("mlp", dict(num_experts=2, top_k=1, router="switch", router_bias=True), False),
+]
+
+
+def _dense_checkpoint(tmp_path, name, **kwargs):
+    model = load_example(name).build_model(**kwargs)
+    path = tmp_path / "dense.safetensors"
+    save_model(model, str(path))
+    return model, path
+
+
+@pytest.mark.parametrize("name,cfg,fast", CASES)
+def test_ooc_equals_in_memory(tmp_path, name, cfg, fast):
+    cfg = moeify.MoEConfig(**cfg)
+    ex = load_example(name)
+    dense, ckpt = _dense_checkpoint(tmp_path, name)
+    mem = moeify.convert(dense, cfg, verify=False)
+    moeify.save(mem, tmp_path / "mem")
+    convert_checkpoint(ckpt, tmp_path / "ooc", cfg, model=ex.build_model, fast=fast)
+
+    want, got = load_file(tmp_path / "mem" / "model.safetensors"), load_file(tmp_path / "ooc" / "model.safetensors")
+    assert sorted(got) == sorted(want)
+    for key in want:
+        assert got[key].dtype == want[key].dtype, key
+        assert torch.equal(got[key], want[key]), key  # bit for bit
+    assert json.loads((tmp_path / "ooc" / "plan.json").read_text()) == \
+        json.loads((tmp_path / "mem" / "plan.json").read_text())
+
+    loaded = moeify.load(tmp_path / "ooc", model=ex.build_model()).model.eval()
+    (x,) = ex.example_inputs()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), mem.model.eval()(x))
+
+
+class LayerCountingReader(SafetensorsReader):
+    """Records how many distinct transformer layers have tensors alive at once."""
+
+    def __init__(self, path):
+        super().__init__(path)
+        self.live: dict[str, int] = {}
+        self.peak_layers = 0
+        self.read_layers: set[str] = set()
+
+    def _drop(self, layer):
+        self.live[layer] -= 1
+        if not self.live[layer]:
+            del self.live[layer]
+
+    def get_tensor(self, name):
+        tensor = super().get_tensor(name)
+        layer = re.match(r"layers\.\d+", name).group(0)
+        self.read_layers.add(layer)
+        self.live[layer] = self.live.get(layer, 0) + 1
+        self.peak_layers = max(self.peak_layers, len(self.live))
+        weakref.finalize(tensor, self._drop, layer)
+        return tensor
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_ooc_holds_at_most_one_layer(tmp_path, fast):
+    sizes = dict(n_layers=6, d_model=32, d_ff=96)
+    dense, ckpt = _dense_checkpoint(tmp_path, "llama", **sizes)
+    readers = []
+
+    def factory(path):
+        readers.append(LayerCountingReader(path))
+        return readers[0]
+
+    ex = load_example("llama")
+    convert_checkpoint(ckpt, tmp_path / "out", moeify.MoEConfig(num_experts=4), model=lambda: ex.build_model(**sizes),
+                       fast=fast, reader_factory=factory)
+    reader = readers[0]
+    one_ffn = sum(p.numel() * p.element_size() for p in dense.layers[0].mlp.parameters())
+    if fast:  # experts are copied file to file: no dense weight is ever materialised
+        assert reader.peak_live_bytes == 0 and not reader.read_layers
+    else:
+        assert reader.read_layers == {f"layers.{i}" for i in range(6)}
+        assert reader.peak_layers == 1
+        assert reader.peak_live_bytes <= one_ffn
+    assert moeify.load(tmp_path / "out", model=ex.build_model(**sizes)).model is not None
+
+
+def test_ooc_rejects_mismatched_checkpoint(tmp_path):
+    ex = load_example("llama")
+    _, ckpt = _dense_checkpoint(tmp_path, "llama")
+    with pytest.raises(SerializationError, match="dtype"):
+        convert_checkpoint(ckpt, tmp_path / "a", moeify.MoEConfig(), model=lambda: ex.build_model().to(torch.bfloat16))
+    state = load_file(ckpt)
+    del state["norm.weight"]
+    save_file(state, tmp_path / "partial.safetensors")
+    with pytest.raises(SerializationError, match="no tensor 'norm.weight'"):
+        convert_checkpoint(tmp_path / "partial.safetensors", tmp_path / "b", moeify.MoEConfig(), model=ex.build_model)
+    (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(SerializationError, match="not a safetensors file"):
+        convert_checkpoint(tmp_path / "junk.safetensors", tmp_path / "c", moeify.MoEConfig(), model=ex.build_model)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # nothing half-written
