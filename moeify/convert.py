@@ -26,6 +26,7 @@ from moeify.config import MoEConfig
 from moeify.errors import CaptureError, NoFFNRegionError, VerificationError
 from moeify.moe.build import DenseFFN, build_moe_layer
 from moeify.moe.layer import MoELayer
+from moeify.moe.projection import build_projection_layer
 from moeify.passes import ops
 from moeify.passes.annotate_sharding import AnnotateSharding, layer_sharding
 from moeify.passes.find_ffn_regions import FFNRegion, FindFFNRegions
@@ -94,6 +95,9 @@ def _nearest(skipped: list[Skip], limit: int = 5) -> str:
 
 def _region_builder(cfg: MoEConfig, generator: torch.Generator) -> Callable[[FFNRegion, fx.GraphModule], MoELayer]:
     def build(region: FFNRegion, gm: fx.GraphModule) -> MoELayer:
+        if region.kind == "projection":  # a single Linear: an MoE of projections, no hidden layer
+            lin = ops.linear_params(gm.get_submodule(region.linears["proj"]))
+            return build_projection_layer(cfg, lin.weight, lin.bias, generator=generator)
         return build_moe_layer(cfg, dense_ffn(region, gm), generator=generator)
     return build
 

@@ -2,6 +2,8 @@
 
     Linear(x) -> act -> [Dropout] -> Linear                       => FFNRegion(kind="mlp")
     act(Linear_gate(x)) * Linear_up(x) -> [Dropout] -> Linear     => FFNRegion(kind="gated")
+    LSTM -> Linear -> LSTM                                        => FFNRegion(kind="projection")
+                                                                     (find_lstm_projection)
 
 `Linear` is nn.Linear or Hugging Face `Conv1D`; `act` is ReLU, GELU (exact or tanh), SiLU, as a
 module, a function or a method, or any parameter-free module that computes one of them. Each rule
@@ -163,11 +165,18 @@ def _position(gm: fx.GraphModule):
 DEFAULT_RULES = (GatedRule(), MLPRule())
 
 
+def default_rules() -> tuple:
+    """The rules FindFFNRegions runs by default: the FFN rules above plus the LSTM projection rule."""
+    from moeify.passes.find_lstm_projection import LSTMProjectionRule  # local: that module imports this one
+
+    return (*DEFAULT_RULES, LSTMProjectionRule())
+
+
 class FindFFNRegions(GraphPass):
     """Analysis pass: `result.analysis` is the list of regions in graph order."""
 
-    def __init__(self, rules=DEFAULT_RULES, prefix: str = "") -> None:
-        self.rules = tuple(rules)
+    def __init__(self, rules=None, prefix: str = "") -> None:
+        self.rules = default_rules() if rules is None else tuple(rules)
         self.prefix = prefix  # qualified name of the traced root, for messages
 
     def call(self, gm: fx.GraphModule) -> PassResult:
