@@ -1,0 +1,108 @@
+"""moeify.convert on the core examples x routers: function preservation, gradients, aux loss, training."""
+
+import copy
+
+import pytest
+import torch
+
+import moeify
+from moeify.errors import NoFFNRegionError, VerificationError
+from tests.conftest import load_example
+
+EXAMPLES = ["mlp", "gpt", "llama"]
+ROUTERS = [dict(router="topk", top_k=2), dict(router="switch", top_k=1)]
+
+
+def loss_of(out):
+    return out.float().pow(2).mean()
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+@pytest.mark.parametrize("router", ROUTERS, ids=lambda r: r["router"])
+def test_function_preserving_gradients_and_aux(name, router):
+    ex = load_example(name)
+    dense = ex.build_model()
+    (x,) = ex.example_inputs()
+    before = copy.deepcopy(dense.state_dict())
+    result = moeify.convert(dense, moeify.MoEConfig(num_experts=4, **router), example_inputs=(x,))
+    model = result.model
+    # the caller's model is untouched
+    assert all(torch.equal(before[k], v) for k, v in dense.state_dict().items())
+    assert isinstance(model, type(dense))  # same class (owners get a subclass with the rewritten forward)
+    # equal outputs at init, checked independently of the report
+    model.eval(), dense.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), dense(x), atol=1e-5, rtol=1e-5)
+    assert result.report.max_abs_diff <= 1e-5 and len(result.report.regions) == 2
+    # one backward: router and every selected expert get gradients; aux loss positive and finite
+    model.train()
+    out = model(x)
+    aux = moeify.aux_loss(model)
+    assert torch.isfinite(aux) and aux.item() > 0
+    (loss_of(out) + aux).backward()
+    for name_, layer in moeify.moe_layers(model).items():
+        assert layer.router.gate.weight.grad.abs().sum() > 0, name_
+        used = layer.aux.last_stats["tokens_per_expert"] > 0
+        grad_E = layer.experts.w1_EFD.grad.flatten(1).abs().sum(1)
+        assert (grad_E[used] > 0).all(), name_
+        assert (grad_E[~used] == 0).all(), name_
+
+
+def test_no_ffn_region_names_nearest_candidates():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 4))
+    with pytest.raises(NoFFNRegionError) as info:
+        moeify.convert(model, moeify.MoEConfig(num_experts=2, top_k=1))
+    assert "0: feeds" in str(info.value) and "Tanh" in str(info.value)
+
+
+def test_selection_that_matches_nothing_is_an_error():
+    dense = load_example("gpt").build_model()
+    with pytest.raises(NoFFNRegionError, match="selected none"):
+        moeify.convert(dense, moeify.MoEConfig(num_experts=2, top_k=1, targets=("nothing-here",)))
+
+
+def test_verification_catches_a_broken_conversion(monkeypatch):
+    from moeify.passes import rewrite_to_moe
+
+    ex = load_example("mlp")
+    monkeypatch.setattr(rewrite_to_moe, "unflatten_tokens", lambda y, x: 2 * y.reshape(*x.shape[:-1], y.shape[-1]))
+    with pytest.raises(VerificationError, match="differ"):
+        moeify.convert(ex.build_model(), moeify.MoEConfig(num_experts=2, top_k=1), example_inputs=ex.example_inputs())
+
+
+def test_copy_noise_is_reported_not_function_preserving():
+    ex = load_example("mlp")
+    result = moeify.convert(ex.build_model(), moeify.MoEConfig(num_experts=4, top_k=2, init="copy_noise", init_noise=0.05),
+                            example_inputs=ex.example_inputs())
+    assert result.report.function_preserving is False and result.report.max_abs_diff > 0
+    assert any("not function preserving" in n for n in result.report.notes)
+
+
+def test_report_counts_parameters():
+    ex = load_example("gpt")
+    dense = ex.build_model()
+    r = moeify.convert(dense, moeify.MoEConfig(num_experts=4, top_k=2)).report
+    d, f = 64, 256
+    ffn = 2 * d * f + f + d
+    assert r.params_before == sum(p.numel() for p in dense.parameters())
+    assert r.params_after == r.params_before + 2 * (3 * ffn + 4 * d)  # +3 expert copies and a router per layer
+    assert r.active_params_per_token == r.params_before + 2 * (ffn + 4 * d)  # top-2: one extra expert per layer
+
+
+def test_training_loss_falls():
+    ex = load_example("gpt")
+    torch.manual_seed(0)
+    model = moeify.convert(ex.build_model(vocab_size=32, d_model=32, n_layers=2, n_heads=2),
+                           moeify.MoEConfig(num_experts=4, top_k=2, seed=0)).model
+    g = torch.Generator().manual_seed(0)
+    pattern = torch.randint(0, 32, (8,), generator=g)
+    data = pattern.repeat(4, 6)  # periodic sequences: learnable
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(40):
+        loss = ex.lm_loss(model(data), data)
+        opt.zero_grad()
+        (loss + moeify.aux_loss(model)).backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.3 * losses[0], losses[::8]
