@@ -1,0 +1,73 @@
+"""Open an onnxruntime session on the GPU when there is one, else on the CPU, and say which.
+
+    session = moeify.inference.open_session("model.onnx")
+    print(session.describe())          # e.g. "onnxruntime 1.31.1 on CUDAExecutionProvider"
+    logits, = session.run({"idx": ids.numpy()})
+
+onnxruntime-gpu silently falls back to the CPU when CUDA cannot be loaded; `open_session` reads back
+the providers the session really got, so `provider` is the truth, and `fallback_reason` says why
+the preferred provider was not used.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from moeify.errors import ExportError
+
+DEFAULT_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+@dataclass
+class Session:
+    session: Any  # onnxruntime.InferenceSession
+    provider: str  # the execution provider the session actually runs on
+    fallback_reason: str | None = None
+
+    @property
+    def input_names(self) -> list[str]:
+        return [i.name for i in self.session.get_inputs()]
+
+    def run(self, feeds: dict[str, Any], output_names: Sequence[str] | None = None) -> list[Any]:
+        return self.session.run(None if output_names is None else list(output_names), feeds)
+
+    def describe(self) -> str:
+        import onnxruntime as ort
+
+        text = f"onnxruntime {ort.__version__} on {self.provider}"
+        return text + (f" ({self.fallback_reason})" if self.fallback_reason else "")
+
+
+def open_session(model: str | os.PathLike | bytes, *, providers: Sequence[str] = DEFAULT_PROVIDERS,
+                 threads: int | None = None, quiet: bool = True) -> Session:
+    """An InferenceSession on the first of `providers` that works (CUDA first by default)."""
+    import onnxruntime as ort
+
+    if not isinstance(model, bytes) and not os.path.isfile(model):
+        raise ExportError(f"ONNX model {model} does not exist: export one with `moeify export`")
+    available = set(ort.get_available_providers())
+    wanted = [p for p in providers if p in available]
+    if not wanted:
+        raise ExportError(f"none of the execution providers {list(providers)} is available in this onnxruntime "
+                          f"(it has {sorted(available)}): install onnxruntime-gpu for CUDA, or ask for the CPU")
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    if quiet:
+        options.log_severity_level = 3  # the CUDA-provider load failure is reported via fallback_reason
+    source = model if isinstance(model, bytes) else os.fspath(model)
+    session = ort.InferenceSession(source, options, providers=wanted)
+    got = session.get_providers()[0]
+    reason = None
+    if providers and got != providers[0]:
+        if providers[0] not in available:
+            reason = f"{providers[0]} is not in this onnxruntime build"
+        else:
+            reason = f"{providers[0]} could not be loaded (no GPU or CUDA/cuDNN libraries missing)"
+    return Session(session, got, reason)
+
+
+__all__ = ["DEFAULT_PROVIDERS", "Session", "open_session"]

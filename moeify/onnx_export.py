@@ -1,0 +1,587 @@
+"""Export an MoE model to ONNX for onnxruntime, with each MoE layer lowered one of two ways.
+
+Shape legend: T tokens, D model dim, O expert output dim (usually D), F FFN hidden dim, E experts,
+K experts per token.
+
+    fused:     router -> dispatch -> experts -> combine  =>  MatMul(router) -> com.microsoft.MoE
+    portable:  router -> dispatch -> experts -> combine  =>  MatMul -> Softmax -> TopK ->
+               for each expert e: NonZero(idx == e) -> Gather rows -> expert FFN -> ScatterND(add)
+
+The lowering happens inside `torch.onnx.export(dynamo=True)`: while the exporter traces, each
+`MoELayer`'s four children are swapped for export stand-ins (`_lowered_layers`) and put back
+afterwards, so the training path is never touched. The converted owners' graphs call
+`<layer>.router / .dispatch / .experts / .combine / .aux` by attribute (see
+passes/rewrite_to_moe.py), so the stand-ins see exactly the calls the real modules see:
+
+    router(x_TD)           -> logits_TE               (the op takes LOGITS: it applies softmax + top-k)
+    dispatch(x_TD, logits) -> (x_TD, plan)            (no permutation; plan.counts_E carries the logits)
+    experts(x_TD, logits)  -> y_TO                    (the whole routed MoE: the custom op or portable code)
+    combine(y_TO, plan)    -> y_TO;  aux(...) -> None (aux losses are a training concern)
+
+Fused mode emits the torch custom op `moeify::topk_moe`, whose onnxscript translation is one
+`com.microsoft.MoE` node (fc1 (E, F, D) and fc2 (E, D, F) are moeify's own w1_EFD / w2_EDF layout).
+Portable mode uses standard ONNX operators only and computes, per expert, only the rows of the
+tokens routed to it (a static loop over E experts with data-dependent row counts; no weights are
+copied). Shared experts stay outside the op as plain MatMuls (`MoELayer.finish`).
+
+What the op can express, mapped from moeify's routers (each mapping is tested against numpy):
+
+    TopKRouter softmax->topk, normalize=True          k, normalize_routing_weights=1
+    TopKRouter topk->softmax                          k, normalize_routing_weights=1 (same gates: p_i / sum_topk p)
+    TopKRouter normalize=False, preserve_scale=False  k, normalize_routing_weights=0
+    TopKRouter normalize=False, preserve_scale=True   k=1: normalize=1 (gate 1); k>1: g + (1 - sum g)/k -> portable only
+    SwitchRouter preserve_scale=True                  k=1, normalize=1 (forward gate exactly 1)
+    SwitchRouter preserve_scale=False                 k=1, normalize=0 (gate = p); jitter is training-only
+    anything else (capacity, expert choice, groups)   refused in both modes with ExportError
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import tempfile
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moeify.errors import ExportError
+from moeify.moe.experts import GroupedExperts, activation_fn
+from moeify.moe.layer import MoELayer
+from moeify.moe.router import SwitchRouter, TopKRouter
+
+MODES = ("fused", "portable")
+MSFT_DOMAIN = "com.microsoft"
+OPSET = 18
+CHECK_SHAPE_DELTA = (1, 3)  # the check's second input: batch + 1, sequence + 3
+
+
+# routing semantics ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Gating:
+    """What a router computes at inference, in the op's terms."""
+
+    k: int
+    renormalize: bool  # chosen gates divided by their sum (the op's normalize_routing_weights=1)
+    fill: bool = False  # preserve_scale with raw gates, k > 1: g + (1 - sum g) / k (no op attribute for it)
+    description: str = ""
+
+    def gates(self, logits_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate_TK, idx_TK) exactly as the router's forward values."""
+        probs_TE = logits_TE.softmax(dim=-1)
+        gate_TK, idx_TK = probs_TE.topk(self.k, dim=-1)
+        if self.renormalize:
+            gate_TK = gate_TK / gate_TK.sum(dim=-1, keepdim=True)
+        elif self.fill:
+            gate_TK = gate_TK + (1.0 - gate_TK.sum(dim=-1, keepdim=True)) / self.k
+        return gate_TK, idx_TK
+
+
+def router_gating(name: str, router: nn.Module) -> Gating:
+    """The inference-time gating of `router`, or ExportError for routers ONNX export cannot express."""
+    # exact types: a subclass (capacity-limited, hierarchical, ...) may route differently
+    if type(router) is TopKRouter:
+        k = router.top_k
+        if not router.softmax_before_topk:
+            # softmax over the k kept logits = p_i / sum_topk p_j, and top-k of logits = top-k of p
+            return Gating(k, True, description="topk->softmax (= renormalised top-k probabilities)")
+        if router.normalize:
+            return Gating(k, True, description="softmax->topk, renormalised")
+        if router.preserve_scale:
+            if k == 1:
+                return Gating(1, True, description="top-1 with preserve_scale (forward gate 1)")
+            return Gating(k, False, fill=True, description="softmax->topk, raw gates + preserve_scale fill")
+        return Gating(k, False, description="softmax->topk, raw probabilities")
+    if type(router) is SwitchRouter:
+        if router.preserve_scale:
+            return Gating(1, True, description="switch with preserve_scale (forward gate 1)")
+        return Gating(1, False, description="switch, gate = router probability")
+    if getattr(router, "capacity_factor", None) is not None or "capacity" in type(router).__name__.lower():
+        what = "capacity dropping (capacity_factor)"
+    elif getattr(router, "num_groups", None) is not None:
+        what = "hierarchical routing (num_groups)"
+    elif "expert" in type(router).__name__.lower() and "choice" in type(router).__name__.lower():
+        what = "expert-choice routing"
+    else:
+        what = f"router {type(router).__name__}"
+    raise ExportError(f"{name}: {what} cannot be exported to ONNX by moeify (the exported graph would route "
+                      "differently): convert with router='topk' or 'switch' and capacity_factor=None, num_groups=None")
+
+
+# the fused custom op ------------------------------------------------------------------------------
+def _expert_rows(x_RD: torch.Tensor, e: int, w1_EFD, b1_EF, w2_EOF, b2_EO, w3_EFD, b3_EF,
+                 activation: str) -> torch.Tensor:
+    h_RF = F.linear(x_RD, w1_EFD[e], None if b1_EF is None else b1_EF[e])
+    h_RF = activation_fn(activation)(h_RF)
+    if w3_EFD is not None:
+        h_RF = h_RF * F.linear(x_RD, w3_EFD[e], None if b3_EF is None else b3_EF[e])
+    return F.linear(h_RF, w2_EOF[e], None if b2_EO is None else b2_EO[e])
+
+
+def routed_moe(x_TD: torch.Tensor, gate_TK: torch.Tensor, idx_TK: torch.Tensor, weights: Sequence[Any],
+               activation: str) -> torch.Tensor:
+    """sum_k gate * expert_idx(x), running each expert only on the rows routed to it.
+
+    A static loop over experts; row counts are data dependent (NonZero in ONNX). A token picks an
+    expert at most once, so index_add over `tok_R` is a scatter-add without collisions.
+    """
+    w1_EFD, _, w2_EOF = weights[:3]
+    out_TO = x_TD.new_zeros(x_TD.shape[0], w2_EOF.shape[1])
+    for e in range(w1_EFD.shape[0]):
+        tok_R, slot_R = torch.nonzero(idx_TK == e, as_tuple=True)
+        y_RO = _expert_rows(x_TD.index_select(0, tok_R), e, *weights, activation)
+        out_TO = out_TO.index_add(0, tok_R, y_RO * gate_TK[tok_R, slot_R].unsqueeze(-1))
+    return out_TO
+
+
+@torch.library.custom_op("moeify::topk_moe", mutates_args=())
+def topk_moe(x_TD: torch.Tensor, logits_TE: torch.Tensor, w1_EFD: torch.Tensor, b1_EF: torch.Tensor | None,
+             w2_EDF: torch.Tensor, b2_ED: torch.Tensor | None, w3_EFD: torch.Tensor | None,
+             b3_EF: torch.Tensor | None, k: int, activation: str, normalize: bool) -> torch.Tensor:
+    """com.microsoft.MoE's semantics in torch: softmax(logits) -> top-k (-> renormalise) -> experts."""
+    gate_TK, idx_TK = Gating(k, normalize).gates(logits_TE)
+    return routed_moe(x_TD, gate_TK, idx_TK, (w1_EFD, b1_EF, w2_EDF, b2_ED, w3_EFD, b3_EF), activation)
+
+
+@topk_moe.register_fake
+def _topk_moe_fake(x_TD, logits_TE, w1_EFD, b1_EF, w2_EDF, b2_ED, w3_EFD, b3_EF, k, activation, normalize):
+    return x_TD.new_empty(x_TD.shape[0], w2_EDF.shape[1])
+
+
+def ort_activation(activation: str, gated: bool, allow_approximate_gelu: bool) -> tuple[dict | None, str]:
+    """com.microsoft.MoE activation attributes for such experts, or (None, why the op cannot express them)."""
+    if gated:
+        if activation != "silu":
+            return None, f"gated experts with activation {activation!r}: the op's only gated activation is SwiGLU"
+        # alpha/beta must be explicit (the kernel's defaults are not 1, 0); fc3 is NOT_IMPLEMENTED on
+        # CPU, so gate and up rows are interleaved into fc1 (swiglu_fusion=1)
+        return {"activation_type": "swiglu", "swiglu_fusion": 1, "activation_alpha": 1.0,
+                "activation_beta": 0.0}, ""
+    if activation == "gelu":
+        if not allow_approximate_gelu:
+            return None, ("exact (erf) GELU experts: the op's 'gelu' is the tanh approximation (~5e-4 off); pass "
+                          "allow_approximate_gelu=True to accept it")
+        return {"activation_type": "gelu"}, ""
+    if activation == "gelu_tanh":
+        return {"activation_type": "gelu"}, ""
+    if activation in ("relu", "silu"):
+        return {"activation_type": activation}, ""
+    return None, f"activation {activation!r}"
+
+
+def _moe_schema():
+    """OpSchema mirroring onnxruntime's com.microsoft.MoE (opset 1, docs/ContribOperators.md).
+
+    onnx.defs has no schema for com.microsoft ops, and the exporter needs one to bind inputs and
+    attributes of the onnxscript op.
+    """
+    from onnx.defs import OpSchema
+
+    opt, req, A = OpSchema.FormalParameterOption.Optional, OpSchema.FormalParameterOption.Single, OpSchema.AttrType
+    inputs = [("input", req), ("router_probs", req), ("fc1_experts_weights", req), ("fc1_experts_bias", opt),
+              ("fc2_experts_weights", req), ("fc2_experts_bias", opt), ("fc3_experts_weights", opt),
+              ("fc3_experts_bias", opt)]
+    attrs = [("activation_alpha", A.FLOAT), ("activation_beta", A.FLOAT), ("activation_type", A.STRING),
+             ("k", A.INT), ("normalize_routing_weights", A.INT), ("swiglu_fusion", A.INT),
+             ("swiglu_limit", A.FLOAT), ("use_sparse_mixer", A.INT)]
+    return OpSchema(
+        "MoE", MSFT_DOMAIN, 1,
+        inputs=[OpSchema.FormalParameter(n, "T", param_option=o) for n, o in inputs],
+        outputs=[OpSchema.FormalParameter("output", "T")],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "float types")],
+        attributes=[OpSchema.Attribute(n, t, "", required=False) for n, t in attrs],
+    )
+
+
+def fused_translation_table(allow_approximate_gelu: bool) -> dict:
+    """custom_translation_table for torch.onnx.export: moeify::topk_moe -> one com.microsoft.MoE node."""
+    import onnxscript
+    from onnxscript import opset18 as op
+
+    moe_op = onnxscript.values.Op(onnxscript.values.Opset(MSFT_DOMAIN, 1), "MoE", _moe_schema())
+
+    def interleave_rows(a, b, is_bias: bool):
+        # SwiGLU fusion reads fc1 rows 2i (gate, activated) and 2i+1 (up, linear)
+        ab = op.Concat(op.Unsqueeze(a, [2]), op.Unsqueeze(b, [2]), axis=2)  # (E, F, 2[, D])
+        if is_bias:
+            return op.Reshape(ab, op.Constant(value_ints=[0, -1]))
+        shape = op.Concat(op.Shape(a, start=0, end=1), op.Constant(value_ints=[-1]), op.Shape(a, start=2, end=3),
+                          axis=0)
+        return op.Reshape(ab, shape)
+
+    def topk_moe_to_ort(x_TD, logits_TE, w1_EFD, b1_EF, w2_EDF, b2_ED, w3_EFD, b3_EF, k, activation, normalize):
+        # validated before export; asked again so the op can never get a guessed activation
+        attrs = ort_activation(activation, w3_EFD is not None, allow_approximate_gelu)[0]
+        if attrs is None:
+            raise ExportError(f"internal: activation {activation!r} reached the MoE translation unvalidated")
+        if w3_EFD is not None:
+            fc1 = interleave_rows(w1_EFD, w3_EFD, is_bias=False)
+            if b1_EF is not None or b3_EF is not None:
+                some = b1_EF if b1_EF is not None else b3_EF
+                zero = op.Mul(some, op.Constant(value_float=0.0))
+                fc1_b = interleave_rows(b1_EF if b1_EF is not None else zero, b3_EF if b3_EF is not None else zero,
+                                        is_bias=True)
+            else:
+                fc1_b = None
+        else:
+            fc1, fc1_b = w1_EFD, b1_EF
+        return moe_op(x_TD, logits_TE, fc1, fc1_b, w2_EDF, b2_ED, k=int(k),
+                      normalize_routing_weights=int(bool(normalize)), **attrs)
+
+    return {torch.ops.moeify.topk_moe.default: topk_moe_to_ort}
+
+
+# export stand-ins ---------------------------------------------------------------------------------
+class _LoweredPlan(NamedTuple):
+    counts_E: torch.Tensor  # the owner's graph passes plan.counts_E to experts: here it is logits_TE
+
+
+class _RouterLogits(nn.Module):
+    def __init__(self, router: nn.Module) -> None:
+        super().__init__()
+        self.gate = router.gate  # same Linear: parameter names stay <layer>.router.gate.*
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        return self.gate(x_TD.float())
+
+
+class _Passthrough(nn.Module):
+    def forward(self, x_TD: torch.Tensor, logits_TE: torch.Tensor):
+        return x_TD, _LoweredPlan(logits_TE)
+
+
+class _CombineIdentity(nn.Module):
+    def forward(self, y_TO: torch.Tensor, plan: _LoweredPlan) -> torch.Tensor:
+        return y_TO
+
+
+class _NoAux(nn.Module):
+    def forward(self, *args: Any) -> None:
+        return None
+
+
+class _LoweredExperts(nn.Module):
+    """The whole routed MoE of one layer, fused (custom op) or portable (standard ops)."""
+
+    def __init__(self, experts: GroupedExperts, gating: Gating, fused: bool, activation: str) -> None:
+        super().__init__()
+        for pname, param in experts.named_parameters(recurse=False):
+            self.register_parameter(pname, param)  # same Parameters, same names: <layer>.experts.w1_EFD
+        self.w3_EFD = experts.w3_EFD
+        self.b1_EF, self.b2_ED, self.b3_EF = experts.b1_EF, experts.b2_ED, experts.b3_EF
+        self.gating, self.fused, self.activation = gating, fused, activation
+
+    def forward(self, x_TD: torch.Tensor, logits_TE: torch.Tensor) -> torch.Tensor:
+        weights = (self.w1_EFD, self.b1_EF, self.w2_EDF, self.b2_ED, self.w3_EFD, self.b3_EF)
+        if self.fused:
+            return torch.ops.moeify.topk_moe(x_TD, logits_TE, *weights, self.gating.k, self.activation,
+                                             self.gating.renormalize)
+        gate_TK, idx_TK = self.gating.gates(logits_TE)
+        return routed_moe(x_TD, gate_TK, idx_TK, weights, self.activation)
+
+
+# report -------------------------------------------------------------------------------------------
+@dataclass
+class LayerExport:
+    name: str
+    lowering: str  # "com.microsoft.MoE" or "portable"
+    gating: str
+    activation: str
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ExportReport:
+    path: str
+    mode: str
+    layers: list[LayerExport] = field(default_factory=list)
+    node_counts: dict[str, int] = field(default_factory=dict)  # op type (domain-qualified if not ONNX) -> count
+    checks: list[tuple[str, float]] = field(default_factory=list)  # (input shapes, max |ORT - PyTorch|)
+    atol: float = 1e-4
+    dynamic_axes: dict[str, dict[int, str]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def num_moe_nodes(self) -> int:
+        return self.node_counts.get(f"{MSFT_DOMAIN}.MoE", 0)
+
+    def format(self) -> str:
+        lines = [f"ONNX export ({self.mode}) -> {self.path}: {sum(self.node_counts.values())} nodes, "
+                 f"{self.num_moe_nodes} com.microsoft.MoE"]
+        lines += [f"  {la.name}: {la.lowering} [{la.gating}; {la.activation}]"
+                  + (f" ({'; '.join(la.notes)})" if la.notes else "") for la in self.layers]
+        lines += [f"  check {shape}: max |ORT - PyTorch| = {diff:.3g} (atol {self.atol:g})"
+                  for shape, diff in self.checks]
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    __str__ = format
+
+
+# planning -----------------------------------------------------------------------------------------
+def _plan_layers(model: nn.Module, mode: str, fallback: str | None,
+                 allow_approximate_gelu: bool) -> list[tuple[str, MoELayer, _LoweredExperts, LayerExport]]:
+    """Decide every layer's lowering before touching anything; raise ExportError on the first refusal."""
+    plans = []
+    for name, layer in model.named_modules():
+        if not isinstance(layer, MoELayer):
+            continue
+        experts = layer.experts
+        if not isinstance(experts, GroupedExperts):
+            raise ExportError(f"{name}: experts of type {type(experts).__name__} cannot be exported; "
+                              "only GroupedExperts are supported")
+        if experts.w1_EFD.dtype != torch.float32 or layer.router.gate.weight.dtype != torch.float32:
+            raise ExportError(f"{name}: experts are {experts.w1_EFD.dtype}; ONNX export supports float32 only: "
+                              "call model.float() first")
+        gating = router_gating(name, layer.router)
+        activation, notes = experts.activation, []
+        lowering = "portable"
+        if mode == "fused":
+            attrs, why = ort_activation(experts.activation, experts.gated, allow_approximate_gelu)
+            if attrs is not None and gating.fill:
+                attrs, why = None, (f"raw top-{gating.k} gates with preserve_scale (g + (1 - sum g)/k) have no "
+                                    "normalize_routing_weights value")
+            if attrs is not None and experts.d_out != experts.d_model:
+                attrs, why = None, f"expert output dim {experts.d_out} != input dim {experts.d_model}"
+            if attrs is None:
+                if fallback != "portable":
+                    raise ExportError(f"{name}: com.microsoft.MoE cannot express {why}; use mode='portable', or "
+                                      "fallback='portable' to lower such layers exactly with standard ONNX ops")
+                notes.append(f"fallback to portable: com.microsoft.MoE cannot express {why}")
+            else:
+                lowering = "com.microsoft.MoE"
+                if experts.activation == "gelu":
+                    activation = "gelu_tanh"
+                    notes.append("exact GELU exported as the op's tanh approximation (allow_approximate_gelu=True)")
+                notes.append(", ".join(f"{k}={v}" for k, v in attrs.items()))
+        stand_in = _LoweredExperts(experts, gating, lowering != "portable", activation)
+        plans.append((name, layer, stand_in, LayerExport(name, lowering, gating.description, experts.activation
+                                                         + (" gated" if experts.gated else ""), notes)))
+    if not plans:
+        raise ExportError(f"{type(model).__name__} has no MoE layer: convert it with moeify.convert first "
+                          "(plain torch.onnx.export handles dense models)")
+    return plans
+
+
+@contextmanager
+def _lowered_layers(plans):
+    """Swap each planned layer's children for export stand-ins; always put the originals back."""
+    saved = []
+    try:
+        for _, layer, stand_in, _ in plans:
+            saved.append((layer, dict(layer._modules)))
+            layer._modules.update(router=_RouterLogits(layer.router), dispatch=_Passthrough(), experts=stand_in,
+                                  combine=_CombineIdentity(), aux=_NoAux())
+        yield
+    finally:
+        for layer, modules in saved:
+            layer._modules.clear()
+            layer._modules.update(modules)
+
+
+@contextmanager
+def _reference_activation(plans):
+    """While checking an approximate-GELU export, the PyTorch reference uses the same tanh GELU."""
+    changed = [(layer.experts, layer.experts.activation) for _, layer, stand_in, _ in plans
+               if stand_in.activation != layer.experts.activation]
+    try:
+        for experts, _ in changed:
+            experts.activation = "gelu_tanh"
+        yield
+    finally:
+        for experts, activation in changed:
+            experts.activation = activation
+
+
+@contextmanager
+def _eval_mode(model: nn.Module):
+    flags = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in flags.items():
+            m.train(training)
+
+
+# inputs -------------------------------------------------------------------------------------------
+def _dynamic_dims(t: torch.Tensor) -> dict[int, str]:
+    """Dim 0 is the batch; dim 1 is the sequence for token ids (integer, rank >= 2) or (B, S, ...) floats."""
+    dims = {0: "batch"} if t.dim() >= 1 else {}
+    if t.dim() >= 2 and (not t.is_floating_point() or t.dim() >= 3):
+        dims[1] = "seq"
+    return dims
+
+
+def _bind(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+    try:
+        return dict(inspect.signature(model.forward).bind(*args, **kwargs).arguments)
+    except TypeError as exc:
+        raise ExportError(f"the example inputs do not fit {type(model).__name__}.forward ({exc}): pass "
+                          "example_inputs (a tuple) and example_kwargs matching its signature") from None
+
+
+def _resized(value: Any, dims: dict[int, str], generator: torch.Generator) -> Any:
+    """A new input like `value` with its batch and sequence dims grown by CHECK_SHAPE_DELTA."""
+    if not isinstance(value, torch.Tensor) or not dims:
+        return value
+    shape = list(value.shape)
+    for dim, kind in dims.items():
+        shape[dim] += CHECK_SHAPE_DELTA[0] if kind == "batch" else CHECK_SHAPE_DELTA[1]
+    if value.is_floating_point():
+        return (torch.randn(shape, generator=generator) * value.float().std().clamp_min(1e-3)).to(value.dtype)
+    if value.dtype == torch.bool or bool((value == 1).all()):
+        return torch.ones(shape, dtype=value.dtype)  # masks: keep every position visible
+    high = int(value.max()) + 1 if value.numel() else 1
+    return torch.randint(0, max(high, 1), shape, generator=generator, dtype=value.dtype)
+
+
+def _flat_tensors(values: Any) -> list[torch.Tensor]:
+    from moeify.convert import flatten_outputs
+
+    return flatten_outputs(values)
+
+
+def _shape_text(bound: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={tuple(v.shape)}" for k, v in bound.items() if isinstance(v, torch.Tensor))
+
+
+# export -------------------------------------------------------------------------------------------
+def _count_nodes(model_proto) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in model_proto.graph.node:
+        key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def _run_check(model_proto, model: nn.Module, bound_list: list[dict[str, Any]], plans, report: ExportReport) -> None:
+    from moeify.inference import open_session
+
+    session = open_session(model_proto.SerializeToString(), providers=("CPUExecutionProvider",)).session
+    names = [i.name for i in session.get_inputs()]
+    for bound in bound_list:
+        tensors = [v for v in bound.values() if isinstance(v, torch.Tensor)]
+        if len(tensors) != len(names):
+            raise ExportError(f"the exported model has {len(names)} inputs but the example has {len(tensors)} "
+                              "tensors: pass every tensor input explicitly")
+        feeds = {n: t.detach().cpu().numpy() for n, t in zip(names, tensors)}
+        got = session.run(None, feeds)
+        with torch.no_grad(), _eval_mode(model), _reference_activation(plans):
+            want = _flat_tensors(model(**bound))
+        if len(got) != len(want):
+            raise ExportError(f"the ONNX model returns {len(got)} outputs, PyTorch {len(want)}")
+        diff = max((float(abs(torch.from_numpy(g).double() - w.detach().double().cpu()).max()) if w.numel() else 0.0
+                    for g, w in zip(got, want)), default=0.0)
+        shape = _shape_text(bound)
+        report.checks.append((shape, diff))
+        if not diff <= report.atol:
+            raise ExportError(f"onnxruntime's outputs differ from PyTorch's by {diff:.3g} (> atol {report.atol:g}) "
+                              f"at {shape} in {report.mode} mode; nothing was written. Try the other mode, or "
+                              "report it with the model")
+
+
+def export_onnx(model: nn.Module, example_inputs: Sequence[Any] = (), path: str | os.PathLike = "model.onnx", *,
+                mode: str = "fused", dynamic: bool = True, check: bool = True,
+                example_kwargs: dict[str, Any] | None = None, allow_approximate_gelu: bool = False,
+                fallback: str | None = None, atol: float = 1e-4) -> ExportReport:
+    """Export an MoE model (from `moeify.convert`/`moeify.load`, or a `ConversionResult`) to ONNX at `path`.
+
+    mode="fused": every MoE layer becomes one com.microsoft.MoE node (onnxruntime CPU and CUDA);
+    layers the op cannot express exactly raise ExportError, or with fallback="portable" are
+    lowered the portable way (the report says which). mode="portable": standard ONNX operators
+    only. `dynamic`: batch (dim 0) and sequence (dim 1 of token ids / (B, S, D) inputs) axes are
+    dynamic. `check`: run onnxruntime on the example inputs and on inputs with batch + 1 and
+    sequence + 3, compare with PyTorch, and raise ExportError beyond `atol` (nothing written).
+    The model is never changed: its MoE layers are lowered only while the exporter traces.
+    """
+    if mode not in MODES:
+        raise ExportError(f"export mode {mode!r} is unknown: use one of {', '.join(MODES)}")
+    if fallback not in (None, "portable"):
+        raise ExportError(f"fallback={fallback!r} is unknown: use None (refuse) or 'portable'")
+    if hasattr(model, "model") and hasattr(model, "config") and not isinstance(model, nn.Module):
+        model = model.model  # a ConversionResult
+    example_inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    kwargs = dict(example_kwargs or {})
+    path = Path(path)
+    if not path.parent.exists():
+        raise ExportError(f"cannot write {path}: directory {path.parent} does not exist")
+
+    plans = _plan_layers(model, mode, fallback, allow_approximate_gelu)
+    bound = _bind(model, example_inputs, kwargs)
+    report = ExportReport(str(path), mode, [p[3] for p in plans], atol=atol)
+    dynamic_shapes = None
+    if dynamic:
+        dims = {name: _dynamic_dims(v) if isinstance(v, torch.Tensor) else None for name, v in bound.items()}
+        shared = {"batch": torch.export.Dim("batch", min=1), "seq": torch.export.Dim("seq", min=1)}
+        dynamic_shapes = {name: ({d: shared[kind] for d, kind in spec.items()} if spec is not None else None)
+                          for name, spec in dims.items()}
+        report.dynamic_axes = {name: spec for name, spec in dims.items() if spec}
+
+    table = fused_translation_table(allow_approximate_gelu) if any(p[2].fused for p in plans) else None
+    try:
+        with torch.no_grad(), _eval_mode(model), _lowered_layers(plans):
+            program = torch.onnx.export(model, (), kwargs=bound, dynamo=True, dynamic_shapes=dynamic_shapes,
+                                        custom_translation_table=table, opset_version=OPSET, optimize=True,
+                                        external_data=False, verbose=False)
+    except ExportError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the exporter raises many types; one line says which
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise ExportError(f"torch.onnx.export failed on {type(model).__name__} in {mode} mode "
+                          f"({type(exc).__name__}: {first}); try mode='portable' or dynamic=False") from exc
+    model_proto = program.model_proto
+    if table is not None and not any(o.domain == MSFT_DOMAIN for o in model_proto.opset_import):
+        import onnx
+
+        model_proto.opset_import.append(onnx.helper.make_opsetid(MSFT_DOMAIN, 1))
+    report.node_counts = _count_nodes(model_proto)
+    _validate_graph(model_proto, plans, report)
+
+    if check:
+        inputs = [bound]
+        if dynamic_shapes:
+            gen = torch.Generator().manual_seed(0)
+            inputs.append({n: _resized(v, dims.get(n) or {}, gen) for n, v in bound.items()})
+        else:
+            report.notes.append("dynamic=False: checked at the example shape only")
+        _run_check(model_proto, model, inputs, plans, report)
+    _write_atomic(model_proto, path)
+    return report
+
+
+def _validate_graph(model_proto, plans, report: ExportReport) -> None:
+    import onnx
+
+    try:
+        onnx.checker.check_model(model_proto)
+    except onnx.checker.ValidationError as exc:
+        raise ExportError(f"the exported graph fails onnx.checker ({str(exc).splitlines()[0]}); nothing was written") \
+            from exc
+    want = sum(p[2].fused for p in plans)
+    if report.num_moe_nodes != want:
+        raise ExportError(f"expected {want} com.microsoft.MoE node(s), the graph has {report.num_moe_nodes}")
+    if report.mode == "portable" and any(k.startswith(f"{MSFT_DOMAIN}.") for k in report.node_counts):
+        raise ExportError("the portable graph contains com.microsoft operators; please report this")
+
+
+def _write_atomic(model_proto, path: Path) -> None:
+    import onnx
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        onnx.save(model_proto, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+__all__ = ["ExportReport", "Gating", "LayerExport", "MODES", "export_onnx", "router_gating", "topk_moe"]
