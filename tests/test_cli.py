@@ -1,0 +1,96 @@
+"""The CLI through click's test runner: the happy path and every bad input (exit code, one-line message, nothing written)."""
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from moeify.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+GPT = str(ROOT / "examples" / "gpt.py")
+
+
+def run(*args):
+    return CliRunner().invoke(main, list(args))
+
+
+def test_inspect_lists_regions_and_refusals():
+    r = run("inspect", GPT)
+    assert r.exit_code == 0, r.output
+    assert "2 FFN region(s)" in r.output and "blocks.1.mlp" in r.output and "refused" in r.output
+
+
+def test_convert_writes_plan_and_weights(tmp_path):
+    out = tmp_path / "out"
+    r = run("convert", GPT, "-o", str(out), "--num-experts", "4", "--top-k", "1", "--router", "switch")
+    assert r.exit_code == 0, r.output
+    assert "blocks.0.mlp.moe" in r.output and "function preserving" in r.output
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["config"]["router"] == "switch" and plan["config"]["num_experts"] == 4
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "model_source.py", "plan.json"]
+
+
+def write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+NO_FFN = "import torch\ndef build_model():\n    return torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh())\n" \
+         "def example_inputs():\n    return (torch.randn(2, 4),)\n"
+RAISES = "raise RuntimeError('boom at import')\n"
+NO_BUILD = "import torch\nmodel_factory = 3\n"
+NO_EXAMPLES = "import torch\ndef build_model():\n    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), " \
+              "torch.nn.Linear(8, 4))\n"
+
+
+@pytest.mark.parametrize("source, extra, needle", [
+    (None, [], "does not exist"),
+    (RAISES, [], "raised while loading: RuntimeError: boom at import"),
+    (NO_BUILD, [], "defines no 'build_model'"),
+    (NO_FFN, [], "no FFN region found"),
+    (NO_EXAMPLES, [], "defines no example_inputs()"),
+    (NO_EXAMPLES, ["--num-experts", "1"], "MoEConfig.num_experts=1 is invalid"),
+    (NO_EXAMPLES, ["--no-verify", "--router", "nope"], "MoEConfig.router='nope' is invalid"),
+    (NO_EXAMPLES, ["--no-verify", "--config", "missing.json"], "config file missing.json does not exist"),
+])
+def test_bad_input_is_one_line_nonzero_and_writes_nothing(tmp_path, source, extra, needle):
+    model = write(tmp_path, "model.py", source) if source is not None else str(tmp_path / "absent.py")
+    out = tmp_path / "out"
+    r = run("convert", model, "-o", str(out), *extra)
+    assert r.exit_code == 2, r.output
+    assert needle in r.output
+    assert r.output.strip().count("\n") == 0 and r.output.startswith("error: ")
+    assert not out.exists()
+    assert not any(p.name.startswith(".out.") for p in tmp_path.iterdir())  # no temp dirs left
+
+
+def test_existing_output_needs_force(tmp_path):
+    model = write(tmp_path, "model.py", NO_EXAMPLES)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    r = run("convert", model, "-o", str(out), "--no-verify")
+    assert r.exit_code == 2 and "--force" in r.output
+    assert (out / "keep.txt").read_text() == "mine"
+    r = run("convert", model, "-o", str(out), "--no-verify", "--force", "--num-experts", "2", "--top-k", "1")
+    assert r.exit_code == 0, r.output
+    assert not (out / "keep.txt").exists() and (out / "plan.json").exists()
+
+
+def test_debug_shows_traceback(tmp_path):
+    r = CliRunner().invoke(main, ["--debug", "convert", str(tmp_path / "absent.py"), "-o", str(tmp_path / "o")])
+    assert r.exit_code != 0 and r.exception is not None
+
+
+def test_every_config_field_is_an_option():
+    import dataclasses
+
+    from moeify.config import MoEConfig
+
+    help_text = run("convert", "--help").output
+    for f in dataclasses.fields(MoEConfig):
+        if f.name != "version":
+            assert "--" + f.name.replace("_", "-") in help_text
