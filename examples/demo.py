@@ -54,7 +54,6 @@ def main(argv=None) -> int:
     x = torch.randint(0, 64, (2, 32), generator=torch.Generator().manual_seed(1))
     cfg = moeify.MoEConfig(num_experts=8, top_k=2, router="topk", init="copy", seed=0)
     result = moeify.convert(dense, cfg, example_inputs=(x,))
-    result.source = {"kind": "file", "target": str(HERE / "gpt.py"), "name": "build_model"}
     print(result.report)
     print()
     print("rewritten forward of blocks.0.mlp:")
@@ -81,7 +80,7 @@ def main(argv=None) -> int:
     print("expert token share per layer (last batch):")
     print(moeify.format_stats(moeify.router_stats(model)))
 
-    # the config above has no source: record the example file so `moeify.load(out)` can rebuild it
+    # record where the dense model comes from, so `moeify.load(out)` alone can rebuild it
     result.source = {"kind": "file", "target": str(HERE / "gpt.py"), "name": "build_model"}
     moeify.save(result, args.out, force=True)
     model.eval()
