@@ -11,6 +11,7 @@ as `.generate()` or `.config` stay), its untouched parameters keep their names.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -48,6 +49,7 @@ class CaptureUnit:
     path: str  # qualified name of the traced module ("" for the whole model)
     graph_module: fx.GraphModule
     how: str  # e.g. "fx: whole model" or "fx: submodule transformer.h.0.mlp"
+    method: str | None = None  # set when a method other than forward was traced (see `capture_methods`)
 
 
 @dataclass
@@ -84,6 +86,60 @@ def capture_units(model: nn.Module) -> Capture:
 
     visit(model, "")
     return capture
+
+
+def _calls_children(module: nn.Module, fn) -> bool:
+    """Whether `fn`'s code names at least two of `module`'s children (it wires siblings together)."""
+    return len(set(module._modules) & set(fn.__code__.co_names)) >= 2
+
+
+def _tensor_only_signature(fn) -> bool:
+    params = list(inspect.signature(fn).parameters.values())[1:]
+    return bool(params) and all(p.kind is p.POSITIONAL_OR_KEYWORD and p.default is p.empty for p in params)
+
+
+def helper_methods(module: nn.Module) -> list[str]:
+    """Methods of `module`'s own classes, besides forward, that call two or more of its children.
+
+    Such a method (BERT's `BertLayer.feed_forward_chunk`) shows how the children's outputs flow
+    into each other when the forward itself does not trace. Only methods whose parameters are all
+    required positionals are candidates: tracing calls them with proxies and nothing else.
+    """
+    names = []
+    for cls in type(module).__mro__:
+        if cls.__module__.startswith("torch.nn") or cls is object:
+            break
+        for name, fn in vars(cls).items():
+            if (name != "forward" and not name.startswith("__") and inspect.isfunction(fn) and name not in names
+                    and _calls_children(module, fn) and _tensor_only_signature(fn)):
+                names.append(name)
+    return names
+
+
+def trace_method(module: nn.Module, method: str) -> fx.GraphModule:
+    """fx-trace `module.<method>` as if it were the forward; child modules keep their names."""
+    base = type(module)
+    view = base.__new__(type(base.__name__, (base,), {"forward": getattr(base, method)}))
+    state = dict(module.__dict__)  # shallow: the view shares parameters and children, never mutates them
+    for key in ("_modules", "_parameters", "_buffers"):
+        state[key] = dict(state[key])
+    view.__dict__.update(state)
+    return trace(view)
+
+
+def capture_methods(model: nn.Module, capture: Capture) -> None:
+    """Add a unit for each helper method of every module whose forward did not trace."""
+    for path, _ in list(capture.failures):
+        module = model if path == "<model>" else model.get_submodule(path)
+        for method in helper_methods(module):
+            where = f"{path}.{method}()"
+            try:
+                gm = trace_method(module, method)
+            except Exception as exc:  # noqa: BLE001 - a method that does not trace is only a failed candidate
+                capture.failures.append((where, _first_line(exc)))
+                continue
+            capture.units.append(CaptureUnit("" if path == "<model>" else path, gm,
+                                             f"fx: method {where}", method))
 
 
 def install_forward(module: nn.Module, gm: fx.GraphModule) -> None:

@@ -30,6 +30,7 @@ from moeify.moe.projection import build_projection_layer
 from moeify.passes import ops
 from moeify.passes.annotate_sharding import AnnotateSharding, layer_sharding
 from moeify.passes.find_ffn_regions import FFNRegion, FindFFNRegions
+from moeify.passes.find_split_ffn import FindSplitFFN, SplitFFNRegion
 from moeify.passes.infra import PassManager, Skip
 from moeify.passes.insert_aux_loss import InsertAuxLoss
 from moeify.passes.plan_regions import plan_regions
@@ -78,12 +79,22 @@ def dense_ffn(region: FFNRegion, gm: fx.GraphModule) -> DenseFFN:
 def find_regions(model: nn.Module) -> tuple[list[FoundRegion], list[Skip], capture_mod.Capture]:
     """Every FFN region of `model`, in model order, and every refused candidate."""
     cap = capture_mod.capture_units(model)
+    capture_mod.capture_methods(model, cap)  # helper methods of untraceable modules: split FFNs (BERT)
     found: list[FoundRegion] = []
     skipped: list[Skip] = []
     for unit in cap.units:
-        result = FindFFNRegions(prefix=unit.path)(unit.graph_module)
+        if unit.method is not None:
+            parent = model.get_submodule(unit.path) if unit.path else model
+            result = FindSplitFFN(parent, unit.method, capture_mod.trace, prefix=unit.path)(unit.graph_module)
+        else:
+            result = FindFFNRegions(prefix=unit.path)(unit.graph_module)
         found += [FoundRegion(r, unit) for r in result.analysis]
         skipped += result.skipped
+    # a split FFN's halves were refused one by one on the siblings' own traces: drop those refusals
+    claimed = {_join(f.unit.path, name) for f in found for name in f.region.linears.values()}
+    skipped = [s for s in skipped if s.where not in claimed]
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    found.sort(key=lambda f: order.get(f.owner, len(order)))  # method units come last from capture
     return found, skipped, cap
 
 
@@ -167,7 +178,10 @@ def convert(model: nn.Module, config: MoEConfig | None = None, *, example_inputs
     for i in selected:
         by_owner.setdefault(found[i].owner, []).append(found[i])
     for owner, group in by_owner.items():
-        _rewrite_owner(converted, owner, group, cfg, generator, report)
+        if isinstance(group[0].region, SplitFFNRegion):
+            _rewrite_split(converted, group[0], cfg, generator, report)
+        else:
+            _rewrite_owner(converted, owner, group, cfg, generator, report)
 
     report.params_after = count_params(converted)
     report.active_params_per_token = active_params(converted)
@@ -209,6 +223,47 @@ def _rewrite_owner(model: nn.Module, owner: str, group: list[FoundRegion], cfg: 
             d_model=region.d_model, d_ff=region.d_ff, linears=[_join(prefix, n) for n in region.linears.values()],
             capture=how, num_experts=layer.num_experts, top_k=getattr(layer.router, "top_k", cfg.top_k),
             router=cfg.router, notes=list(region.notes), sharding=layer_sharding(gm, name)))
+
+
+def _rewrite_split(model: nn.Module, found: FoundRegion, cfg: MoEConfig, generator: torch.Generator,
+                   report: ConversionReport) -> None:
+    """Rewrite a split FFN on its two halves' own traces: the head becomes identity, the tail's
+    output Linear becomes the MoE (its dropout, residual add and LayerNorm stay)."""
+    split: SplitFFNRegion = found.region
+    parent = found.unit.path
+    head, tail = _join(parent, split.head), _join(parent, split.tail)
+    layer = build_moe_layer(cfg, dense_ffn(split.ffn, found.unit.graph_module), generator=generator)
+
+    head_gm = split.head_gm
+    output = next(n for n in head_gm.graph.nodes if n.op == "output")
+    output.args = (next(n for n in head_gm.graph.nodes if n.op == "placeholder"),)
+    for node in reversed(split.head_nodes):
+        head_gm.graph.erase_node(node)
+    head_gm.graph.lint()
+    head_gm.recompile()
+
+    fc2 = split.tail_linear
+    tail_region = FFNRegion(split.kind, "", fc2.args[0], fc2, [fc2], {"fc2": str(fc2.target)}, split.activation,
+                            split.d_model, split.d_ff, split.d_out, split.bias, split.dropout)
+    rewrite = RewriteToMoE([tail_region], lambda region, gm: layer)
+    tail_gm, log = PassManager([rewrite, InsertAuxLoss(), VerifyGraph()])(split.tail_gm, where=tail)
+
+    head_module, tail_module = model.get_submodule(head), model.get_submodule(tail)
+    capture_mod.install_forward(head_module, head_gm)
+    capture_mod.install_forward(tail_module, tail_gm)
+    capture_mod.remove_modules(head_module, [split.ffn.linears["fc1"].rpartition(".")[2]])
+    capture_mod.remove_modules(tail_module, [str(fc2.target)])
+    name = next(iter(rewrite.installed))
+    report.changes += [f"{head}: forward rewritten to identity ({split.ffn.linears['fc1']} and its activation moved "
+                       f"into {_join(tail, name)})"]
+    report.changes += [f"{tail}: {c}" for c in log.changes]
+    report.skipped += log.skipped
+    how = f"{found.unit.how}; split: {split.head} -> identity, MoE in {split.tail}"
+    report.regions.append(RegionReport(
+        name=_join(tail, name), owner=tail, kind=split.kind, activation=split.activation, d_model=split.d_model,
+        d_ff=split.d_ff, linears=[_join(parent, n) for n in split.linears.values()], capture=how,
+        num_experts=layer.num_experts, top_k=getattr(layer.router, "top_k", cfg.top_k), router=cfg.router,
+        notes=list(split.notes)))
 
 
 def flatten_outputs(out: Any) -> list[torch.Tensor]:

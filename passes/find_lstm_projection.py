@@ -70,7 +70,8 @@ class LSTMProjectionRule:
             drops.append(user)
             user = ops.single_user(user)
         where = str(node.target)
-        if user is None or lstm_of(user, gm) is None or not user.args or user.args[0] is not (drops[-1] if drops else node):
+        feeds = drops[-1] if drops else node
+        if user is None or lstm_of(user, gm) is None or not user.args or user.args[0] is not feeds:
             return Skip(where, "reads an LSTM output but does not feed another LSTM's input",
                         "only the projection between stacked LSTM layers becomes an MoE of projections")
         nodes = [node]
