@@ -1,0 +1,431 @@
+"""Expert parallelism on torch.distributed: experts split across ranks, tokens exchanged by all-to-all.
+
+Shape legend: T tokens on this rank, D model dim, E experts (global), W ranks in the expert-parallel
+("ep") group, L = E / W experts held by this rank, N assignments made by this rank's router, M rows
+received by this rank's experts (from every rank).
+
+    dispatch: x_TD -> sort by expert -> x_ND -> all_to_all(counts_WL), then all_to_all(rows) -> x_MD
+              (rows regrouped by local expert; plan.counts_E = counts of the L local experts)
+    combine:  y_MD -> all_to_all back -> y_ND -> weighted index_add -> y_TD
+
+Layout (Shazeer 2017 §3.1, Switch §5): the router and every dense parameter are replicated and
+data-parallel (each rank has its own tokens; gradients averaged over all ranks); the experts of
+each MoE layer are sharded on dim E over the "ep" mesh dimension, as the `AnnotateSharding` pass
+records in the graph (`node.meta["moeify_sharding"]`); `expert_parallel` reads those annotations.
+
+Loss convention: each rank's loss is the mean over its own batch, the global objective is the mean
+over ranks (what `sync_gradients` produces). Auxiliary losses are computed on each rank's local
+batch (like GShard's per-group loss); a run on W ranks equals one process that accumulates the
+gradients of the same W micro-batches, each loss divided by W.
+
+Checkpoints gather to (and load from) the single-process `moeify.save` format, so a model trained
+on 2 ranks loads on 1 and vice versa. Works on gloo (CPU) and NCCL (GPU): tensors stay on the
+device of the model's inputs; nothing here is device specific.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from moeify.errors import DistributedError
+from moeify.moe.dispatch import DispatchPlan, LocalCombine, LocalDispatch, group_by_expert
+from moeify.moe.layer import MoELayer
+from moeify.moe.router import Routing
+from moeify.passes.annotate_sharding import EP, META_KEY
+
+
+@dataclass
+class TrafficMeter:
+    """Bytes this rank passed to all_to_all (payload it sends, its own chunk included) and the off-rank part."""
+
+    forward_bytes: int = 0
+    backward_bytes: int = 0
+    forward_remote_bytes: int = 0  # rows sent to other ranks only
+    count_bytes: int = 0  # the counts exchange that precedes each dispatch
+    calls: int = 0
+
+    def reset(self) -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, 0)
+
+
+def _exchange(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group, meter: TrafficMeter,
+              rank: int, backward: bool) -> torch.Tensor:
+    x = x.contiguous()
+    out = x.new_empty((sum(out_splits), *x.shape[1:]))
+    dist.all_to_all_single(out, x, out_splits, in_splits, group=group)
+    row_bytes = math.prod(x.shape[1:]) * x.element_size()
+    if backward:
+        meter.backward_bytes += x.shape[0] * row_bytes
+    else:
+        meter.forward_bytes += x.shape[0] * row_bytes
+        meter.forward_remote_bytes += (x.shape[0] - in_splits[rank]) * row_bytes
+        meter.calls += 1
+    return out
+
+
+class _AllToAll(torch.autograd.Function):
+    """all_to_all_single with uneven splits whose backward sends the gradients back the same way.
+
+    Our own Function rather than torch.distributed.nn.functional.all_to_all_single (deprecated in
+    torch 2.13 and warning on every call) so the backward traffic can be metered too.
+    """
+
+    @staticmethod
+    def forward(ctx, x, out_splits, in_splits, group, meter, rank):  # noqa: D102
+        ctx.splits, ctx.group, ctx.meter, ctx.rank = (out_splits, in_splits), group, meter, rank
+        return _exchange(x, out_splits, in_splits, group, meter, rank, backward=False)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        out_splits, in_splits = ctx.splits
+        dx = _exchange(grad, in_splits, out_splits, ctx.group, ctx.meter, ctx.rank, backward=True)
+        return dx, None, None, None, None, None
+
+
+class AllToAllDispatch(nn.Module):
+    """`LocalDispatch`'s interface over an expert-parallel group: rows go to the rank holding their expert."""
+
+    def __init__(self, num_experts: int, group, meter: TrafficMeter | None = None) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.group = group
+        self.ep_size, self.ep_rank = dist.get_world_size(group), dist.get_rank(group)
+        self.num_local = num_experts // self.ep_size
+        self.meter = meter if meter is not None else TrafficMeter()
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, ep_size={self.ep_size}, local experts={self.num_local}"
+
+    def forward(self, x_TD: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, DispatchPlan]:
+        W, L = self.ep_size, self.num_local
+        order_N, counts_E = group_by_expert(routing, self.num_experts)
+        token_N = routing.token_N[order_N]
+        x_ND = x_TD[token_N]
+        # experts are laid out rank-major (rank r holds r*L .. r*L+L-1), so expert-sorted rows are
+        # already in destination-rank order: counts_E viewed (W, L) are the send counts
+        send_WL = counts_E.view(W, L).contiguous()
+        recv_WL = torch.empty_like(send_WL)
+        dist.all_to_all_single(recv_WL, send_WL, group=self.group)
+        self.meter.count_bytes += send_WL.numel() * send_WL.element_size()
+        in_splits, out_splits = send_WL.sum(1).tolist(), recv_WL.sum(1).tolist()
+        x_MD = _AllToAll.apply(x_ND, out_splits, in_splits, self.group, self.meter, self.ep_rank)
+        # received rows are grouped by source rank, then local expert: regroup them by local expert
+        local_M = torch.repeat_interleave(torch.arange(L, device=recv_WL.device).repeat(W), recv_WL.reshape(-1),
+                                          output_size=x_MD.shape[0])
+        regroup_M = torch.sort(local_M, stable=True).indices
+        plan = DispatchPlan(token_N, routing.weight_N[order_N], recv_WL.sum(0), x_TD.shape[0],
+                            extra=(in_splits, out_splits, regroup_M))
+        return x_MD[regroup_M], plan
+
+
+class AllToAllCombine(nn.Module):
+    """`LocalCombine`'s interface: send expert outputs back to their tokens' ranks, then weight and sum."""
+
+    def __init__(self, group, meter: TrafficMeter | None = None) -> None:
+        super().__init__()
+        self.group = group
+        self.ep_rank = dist.get_rank(group)
+        self.meter = meter if meter is not None else TrafficMeter()
+
+    def forward(self, y_MD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        in_splits, out_splits, regroup_M = plan.extra
+        # undo the regrouping: row i of y_MD belongs to received row regroup_M[i]
+        y_recv_MD = torch.zeros_like(y_MD).index_copy(0, regroup_M, y_MD)
+        y_ND = _AllToAll.apply(y_recv_MD, in_splits, out_splits, self.group, self.meter, self.ep_rank)
+        weighted_ND = y_ND * plan.weight_N.to(y_ND.dtype).unsqueeze(-1)
+        out_TD = y_ND.new_zeros(plan.num_tokens, y_ND.shape[-1])
+        return out_TD.index_add(0, plan.token_N, weighted_ND)
+
+
+@dataclass(frozen=True)
+class ParallelGroups:
+    """Process groups of an expert-parallel run (kept out of any config: groups are not serializable)."""
+
+    ep: Any  # ranks that split the experts between them and exchange tokens
+    dense: Any  # ranks over which dense gradients are averaged (all ranks of the mesh)
+    expert_dp: Any = None  # ranks holding the same experts (data parallel for experts); None when alone
+    ep_size: int = 1
+    ep_rank: int = 0
+    dense_size: int = 1
+    expert_dp_size: int = 1
+
+
+def parallel_groups(mesh_or_group=None, *, ep_dim: str = EP, dp_dim: str = "dp") -> ParallelGroups:
+    """Groups from a `DeviceMesh` with an `ep_dim` (and optionally a `dp_dim`) or a process group.
+
+    A process group (or None: the default group) is used for both expert and data parallelism.
+    A 2-D mesh (dp, ep): experts are split over `ep` and replicated over `dp`; dense parameters
+    are averaged over every rank of the mesh.
+    """
+    if not dist.is_available() or not dist.is_initialized():
+        raise DistributedError("torch.distributed is not initialised: call moeify.distributed.init_from_env() "
+                               "(or dist.init_process_group) under torchrun first")
+    from torch.distributed.device_mesh import DeviceMesh
+
+    if mesh_or_group is None or not isinstance(mesh_or_group, DeviceMesh):
+        group = mesh_or_group if mesh_or_group is not None else dist.group.WORLD
+        size = dist.get_world_size(group)
+        return ParallelGroups(group, group, None, size, dist.get_rank(group), size, 1)
+    mesh = mesh_or_group
+    names = tuple(mesh.mesh_dim_names or ())
+    if ep_dim not in names:
+        raise DistributedError(f"the DeviceMesh has dims {names} but no expert-parallel dim {ep_dim!r}: build it "
+                               f"with init_device_mesh(..., mesh_dim_names=('{dp_dim}', '{ep_dim}')) or pass ep_dim=")
+    extra = [n for n in names if n not in (ep_dim, dp_dim)]
+    if extra:
+        raise DistributedError(f"DeviceMesh dims {extra} are not supported by moeify expert parallelism: use "
+                               f"only ({dp_dim!r}, {ep_dim!r})")
+    ep = mesh.get_group(ep_dim)
+    expert_dp = mesh.get_group(dp_dim) if dp_dim in names else None
+    if expert_dp is None:
+        dense = ep
+    elif mesh.size() == dist.get_world_size():
+        dense = dist.group.WORLD
+    else:  # collective call: every rank of the world runs parallel_groups with the same mesh
+        dense = dist.new_group(sorted(mesh.mesh.flatten().tolist()))
+    return ParallelGroups(ep, dense, expert_dp, dist.get_world_size(ep), dist.get_rank(ep),
+                          dist.get_world_size(dense), 1 if expert_dp is None else dist.get_world_size(expert_dp))
+
+
+@dataclass
+class ExpertShard:
+    """The slice of one MoE layer's experts held by this rank."""
+
+    layer: str
+    num_experts: int  # global E
+    first: int  # first global expert index held here
+    count: int  # L
+    params: dict[str, int] = field(default_factory=dict)  # qualified parameter name -> sharded dim
+
+
+def sharding_annotations(model: nn.Module) -> dict[str, dict[str, dict]]:
+    """{qualified MoE layer name: {role: annotation}} read from the rewritten graphs of `model`."""
+    found: dict[str, dict[str, dict]] = {}
+    for path, module in model.named_modules():
+        gm = module.__dict__.get("_moeify_graph_module")
+        if gm is None:
+            continue
+        for node in gm.graph.nodes:
+            info = node.meta.get("moeify")
+            if info and META_KEY in node.meta:
+                name = f"{path}.{info['layer']}" if path else info["layer"]
+                found.setdefault(name, {})[info["role"]] = node.meta[META_KEY]
+    return found
+
+
+def _check_layer(name: str, layer: MoELayer, notes: dict[str, dict], ep_size: int) -> None:
+    experts = notes.get("experts", {})
+    if experts.get("placement") != "shard" or experts.get("mesh_dim") != EP:
+        raise DistributedError(f"{name}: its experts are annotated {experts or 'not at all'}, not sharded over "
+                               f"'{EP}'; re-convert with this moeify version")
+    for role in ("dispatch", "combine"):
+        if notes.get(role, {}).get("collective") != "all_to_all":
+            raise DistributedError(f"{name}: its {role} is not annotated as an all_to_all; re-convert with this "
+                                   "moeify version")
+    E = layer.experts.num_experts
+    if isinstance(layer.dispatch, AllToAllDispatch):
+        raise DistributedError(f"{name} is already expert-parallel: call expert_parallel once per model")
+    if not isinstance(layer.dispatch, LocalDispatch) or not isinstance(layer.combine, LocalCombine):
+        raise DistributedError(f"{name}: dispatch {type(layer.dispatch).__name__} / combine "
+                               f"{type(layer.combine).__name__} cannot be swapped for all-to-all versions")
+    if E % ep_size:
+        raise DistributedError(f"{name} has {E} experts, not divisible by the expert-parallel size {ep_size}: "
+                               "choose num_experts a multiple of the 'ep' mesh size")
+
+
+class ExpertParallel:
+    """A converted model laid out for expert parallelism on this rank. Build it with `expert_parallel`."""
+
+    def __init__(self, model: nn.Module, groups: ParallelGroups, shards: dict[str, ExpertShard],
+                 meter: TrafficMeter) -> None:
+        self.model, self.groups, self.shards, self.meter = model, groups, shards, meter
+
+    def expert_parameter_names(self) -> list[str]:
+        """Qualified names of the sharded expert parameters, in the same order on every rank."""
+        return [f"{s.layer}.experts.{p}" for s in self.shards.values() for p in s.params]
+
+    def _split_params(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        expert_names = set(self.expert_parameter_names())
+        dense, experts = [], []
+        for name, p in self.model.named_parameters():  # shared (tied) parameters come once
+            (experts if name in expert_names else dense).append(p)
+        return dense, experts
+
+    @torch.no_grad()
+    def sync_gradients(self) -> None:
+        """Average dense gradients over all ranks; expert gradients over their replicas, scaled by 1/ep_size.
+
+        Call after backward, before the optimizer step. An expert's local gradient already sums
+        the contributions of every rank's tokens (they came back through the all-to-all), so
+        dividing by ep_size turns that sum into the mean over ranks that dense gradients get.
+        Parameters without a gradient (unused ones) are skipped on every rank alike.
+        """
+        dense, experts = self._split_params()
+        g = self.groups
+        _all_reduce_mean([p.grad for p in dense if p.grad is not None], g.dense, g.dense_size)
+        expert_grads = [p.grad for p in experts if p.grad is not None]
+        if g.expert_dp is not None and g.expert_dp_size > 1:
+            _all_reduce_mean(expert_grads, g.expert_dp, g.expert_dp_size)
+        for grad in expert_grads:
+            grad.div_(g.ep_size)
+
+    @torch.no_grad()
+    def gather_state_dict(self) -> dict[str, torch.Tensor]:
+        """The single-process state dict (every expert), on every rank. A collective: call on all ranks."""
+        state = dict(self.model.state_dict())
+        for shard in self.shards.values():
+            for pname in shard.params:
+                key = f"{shard.layer}.experts.{pname}"
+                part = state[key].contiguous()
+                parts = [torch.empty_like(part) for _ in range(self.groups.ep_size)]
+                dist.all_gather(parts, part, group=self.groups.ep)
+                state[key] = torch.cat(parts, dim=0)
+        return state
+
+    def gather_model(self) -> nn.Module:
+        """A single-process copy of the model (all experts, local dispatch). A collective: call on all ranks."""
+        state = self.gather_state_dict()
+        full = _copy_model(self.model)
+        for name, shard in self.shards.items():
+            layer = full.get_submodule(name)
+            for pname in shard.params:
+                old = layer.experts.get_parameter(pname)
+                layer.experts.register_parameter(pname, nn.Parameter(state[f"{name}.experts.{pname}"].clone(),
+                                                                     requires_grad=old.requires_grad))
+            layer.experts.num_experts = shard.num_experts
+            layer.dispatch, layer.combine = LocalDispatch(shard.num_experts), LocalCombine()
+        full.load_state_dict(state)
+        return full
+
+    def save(self, result, out_dir, *, force: bool = False, rank: int = 0):
+        """Write `result` (its model = this one) in the single-process `moeify.save` format from `rank`.
+
+        A collective: every rank calls it; returns the path on `rank`, None elsewhere.
+        """
+        from moeify.serialization import save
+
+        full = self.gather_model()
+        out = None
+        if dist.get_rank() == rank:
+            out = save(dataclasses.replace(result, model=full), out_dir, force=force)
+        dist.barrier()
+        return out
+
+
+def _copy_model(model: nn.Module) -> nn.Module:
+    """deepcopy that shares process groups (they cannot be copied) and leaves out the last forward's
+    aux losses (non-leaf tensors, which deepcopy refuses)."""
+    layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+    memo: dict[int, Any] = {id(m.dispatch.group): m.dispatch.group for m in layers
+                            if isinstance(m.dispatch, AllToAllDispatch)}
+    kept = [(m.aux, m.aux.last_losses, m.aux.last_stats) for m in layers]
+    for aux, _, _ in kept:
+        aux.last_losses, aux.last_stats = {}, {}
+    try:
+        return copy.deepcopy(model, memo)
+    finally:
+        for aux, losses, stats in kept:
+            aux.last_losses, aux.last_stats = losses, stats
+
+
+def _all_reduce_mean(grads: list[torch.Tensor], group, size: int) -> None:
+    """One flat all-reduce per dtype (fewer, larger messages than one per parameter)."""
+    by_dtype: dict[tuple, list[torch.Tensor]] = {}
+    for grad in grads:
+        by_dtype.setdefault((grad.dtype, grad.device), []).append(grad)
+    for same in by_dtype.values():
+        flat = torch.cat([g.reshape(-1) for g in same])
+        dist.all_reduce(flat, group=group)
+        flat.div_(size)
+        for g, chunk in zip(same, flat.split([g.numel() for g in same]), strict=True):
+            g.copy_(chunk.view_as(g))
+
+
+def expert_parallel(model: nn.Module, mesh_or_group=None, *, ep_dim: str = EP, dp_dim: str = "dp",
+                    inplace: bool = False) -> ExpertParallel:
+    """Lay out a converted model for expert parallelism on this rank (a collective: call on every rank).
+
+    Each MoE layer keeps experts [r*L, (r+1)*L) of its E experts on expert-parallel rank r
+    (parameters sliced on the dim the sharding annotations name), and its dispatch/combine
+    children become all-to-all versions. The router and every other parameter stay replicated.
+    Every rank must pass the same model (same weights): use the same seed or load a checkpoint.
+    `model` is copied unless `inplace=True`.
+    """
+    groups = parallel_groups(mesh_or_group, ep_dim=ep_dim, dp_dim=dp_dim)
+    notes = sharding_annotations(model)
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, MoELayer)}
+    if not layers:
+        raise DistributedError(f"{type(model).__name__} has no MoE layer: convert it with moeify.convert first")
+    missing = sorted(set(layers) - set(notes))
+    if missing:
+        raise DistributedError(f"MoE layers {missing} carry no sharding annotations (converted by an older moeify "
+                               "or built by hand): convert the model with moeify.convert")
+    for name, layer in layers.items():  # check everything first, then mutate
+        _check_layer(name, layer, notes[name], groups.ep_size)
+    if not inplace:
+        model = _copy_model(model)
+        layers = {name: model.get_submodule(name) for name in layers}
+    meter = TrafficMeter()
+    shards: dict[str, ExpertShard] = {}
+    for name, layer in layers.items():
+        E = layer.experts.num_experts
+        L = E // groups.ep_size
+        first = groups.ep_rank * L
+        dims = {p: spec["dim"] for p, spec in notes[name]["experts"]["params"].items()}
+        for pname, dim in dims.items():
+            old = layer.experts.get_parameter(pname)
+            local = old.detach().narrow(dim, first, L).clone()
+            layer.experts.register_parameter(pname, nn.Parameter(local, requires_grad=old.requires_grad))
+        layer.experts.num_experts = L
+        layer.dispatch = AllToAllDispatch(E, groups.ep, meter)
+        layer.combine = AllToAllCombine(groups.ep, meter)
+        shards[name] = ExpertShard(name, E, first, L, dims)
+    return ExpertParallel(model, groups, shards, meter)
+
+
+def load(out_dir, mesh_or_group=None, *, model: nn.Module | None = None, **kwargs):
+    """`moeify.load` on every rank, then keep this rank's experts. Returns (ConversionResult, ExpertParallel).
+
+    Every rank reads the single-process checkpoint and slices its experts out of it (no scatter
+    traffic; each rank briefly holds all experts in host memory).
+    """
+    from moeify.serialization import load as load_full
+
+    result = load_full(out_dir, model=model)
+    ep = expert_parallel(result.model, mesh_or_group, inplace=True, **kwargs)
+    return result, ep
+
+
+def init_from_env(timeout_s: float = 300.0) -> torch.device:
+    """Initialise the default process group from torchrun's environment; NCCL with GPUs, gloo without.
+
+    The timeout bounds how long a rank waits in a collective for a peer that died or diverged.
+    Returns this rank's device.
+    """
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise DistributedError("RANK/WORLD_SIZE are not set: launch with torchrun --nproc_per_node=N script.py")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s),
+                                device_id=device if backend == "nccl" else None)
+    return device
+
+
+__all__ = ["AllToAllCombine", "AllToAllDispatch", "ExpertParallel", "ExpertShard", "ParallelGroups", "TrafficMeter",
+           "expert_parallel", "init_from_env", "load", "parallel_groups", "sharding_annotations"]

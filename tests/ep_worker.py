@@ -1,0 +1,179 @@
+"""Worker for tests/test_distributed.py: 2 processes (gloo on CPU) started by the test with `launch`.
+
+Processes are forked from the test process (torch already imported: starting them takes well
+under a second instead of ~10 s for torchrun on a 2-core machine); each sets up the default
+process group from the same environment variables torchrun sets.
+
+`run`: for each case, forward + backward + gradient sync on this rank's half of a fixed global
+batch, written to OUT_DIR/<case>_rank<r>.safetensors (outputs, losses, synced gradients gathered
+to full size); then a few SGD steps, saved as one single-process checkpoint OUT_DIR/ckpt_ep; then
+OUT_DIR/ckpt_1proc (written by the test) loaded onto 2 ranks and run on this rank's batch.
+`fail`: rank 1 raises in the middle of a step while rank 0 waits in a collective.
+The single-process reference lives in the test, not here.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import multiprocessing as mp
+import multiprocessing.connection as mp_connection
+import os
+import socket
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+
+import moeify
+from moeify import distributed as moe_dist
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = dict(num_experts=4, top_k=2, router_bias=True, init="copy_noise", init_noise=0.2)
+GLOBAL_BATCH, SEQ, WORLD = 4, 16, 2
+CASES = ("balanced", "rank1_empty")
+TRAIN_STEPS, LR, MOMENTUM = 3, 0.5, 0.9
+
+
+def gpt_example():
+    spec = importlib.util.spec_from_file_location("_ep_gpt", ROOT / "examples" / "gpt.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def converted(case: str):
+    """The converted GPT of `case` (same weights on every process: seeded build and conversion)."""
+    gpt = gpt_example()
+    result = moeify.convert(gpt.build_model(), moeify.MoEConfig(**CONFIG), verify=False)
+    if case == "rank1_empty":
+        # experts 2 and 3 (rank 1's half under 2-way EP) never win a top-2 slot
+        for layer in moeify.moe_layers(result.model).values():
+            with torch.no_grad():
+                layer.router.gate.bias[2:] = -30.0
+    return result, gpt
+
+
+def global_batch(step: int) -> torch.Tensor:
+    return torch.randint(0, 256, (GLOBAL_BATCH, SEQ), generator=torch.Generator().manual_seed(100 + step))
+
+
+def micro_batch(step: int, rank: int) -> torch.Tensor:
+    per = GLOBAL_BATCH // WORLD
+    return global_batch(step)[rank * per:(rank + 1) * per]
+
+
+def step_loss(model, gpt, idx):
+    logits = model(idx)
+    aux = moeify.aux_loss(model)
+    return logits, aux, gpt.lm_loss(logits, idx) + aux
+
+
+def run(out: Path) -> None:
+    moe_dist.init_from_env(timeout_s=60)
+    rank = dist.get_rank()
+    for case in CASES:
+        result, gpt = converted(case)
+        ep = moe_dist.expert_parallel(result.model, inplace=True)
+        rows = []  # rows this rank's experts computed, per layer (0 when they received no token)
+        for layer in moeify.moe_layers(ep.model).values():
+            layer.experts.register_forward_pre_hook(lambda m, args, rows=rows: rows.append(args[0].shape[0]))
+        logits, aux, loss = step_loss(ep.model, gpt, micro_batch(0, rank))
+        loss.backward()
+        ep.sync_gradients()
+        grads = {n: p.grad for n, p in ep.model.named_parameters() if p.grad is not None}
+        for name in ep.expert_parameter_names():  # gather expert gradients to full size for comparison
+            parts = [torch.empty_like(grads[name]) for _ in range(WORLD)]
+            dist.all_gather(parts, grads[name].contiguous())
+            grads[name] = torch.cat(parts)
+        tensors = {"logits": logits.detach(), "aux": aux.detach(), "loss": loss.detach(),
+                   "expert_rows": torch.tensor(rows), "fwd_bytes": torch.tensor(ep.meter.forward_bytes),
+                   "remote_bytes": torch.tensor(ep.meter.forward_remote_bytes)}
+        tensors.update({f"grad.{n}": g.contiguous() for n, g in grads.items()})
+        save_file(tensors, str(out / f"{case}_rank{rank}.safetensors"))
+
+    result, gpt = converted("balanced")
+    ep = moe_dist.expert_parallel(result.model, inplace=True)
+    opt = torch.optim.SGD(ep.model.parameters(), lr=LR, momentum=MOMENTUM)
+    for step in range(TRAIN_STEPS):
+        opt.zero_grad()
+        step_loss(ep.model, gpt, micro_batch(step, rank))[2].backward()
+        ep.sync_gradients()
+        opt.step()
+    ep.save(result, out / "ckpt_ep")
+
+    _, ep1 = moe_dist.load(out / "ckpt_1proc", model=gpt.build_model())
+    with torch.no_grad():
+        logits = ep1.model(micro_batch(TRAIN_STEPS, rank))
+    save_file({"logits": logits}, str(out / f"loaded_rank{rank}.safetensors"))
+    dist.destroy_process_group()
+
+
+def fail(out: Path) -> None:
+    moe_dist.init_from_env(timeout_s=30)
+    rank = dist.get_rank()
+    result, gpt = converted("balanced")
+    ep = moe_dist.expert_parallel(result.model, inplace=True)
+    logits, aux, loss = step_loss(ep.model, gpt, micro_batch(0, rank))
+    if rank == 1:
+        raise RuntimeError("injected failure on rank 1 during the step")
+    loss.backward()  # rank 0 blocks in the backward all-to-all, waiting for rank 1
+    ep.sync_gradients()
+    (out / "rank0_finished").write_text("rank 0 should not get here")
+
+
+def _entry(rank: int, port: int, scenario: str, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    try:
+        {"run": run, "fail": fail}[scenario](Path(out))
+    except BaseException:
+        # the parent reports the rank that failed first (like torchrun's "root cause")
+        Path(out, f"error_rank{rank}.txt").write_text(f"{time.time()!r}\n{traceback.format_exc()}")
+        os._exit(1)
+    os._exit(0)  # skip atexit handlers inherited from the forked test process
+
+
+class RankFailed(RuntimeError):
+    pass
+
+
+def launch(scenario: str, out: Path, timeout_s: float = 120.0, grace_s: float = 2.0) -> None:
+    """Run `scenario` on WORLD forked processes. Raises RankFailed with the first failing rank's traceback.
+
+    When one rank fails, the others get `grace_s` to fail on their own, then are killed: a dead
+    rank never leaves the run hanging.
+    """
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_entry, args=(r, port, scenario, str(out))) for r in range(WORLD)]
+    for proc in procs:
+        proc.start()
+    deadline = time.monotonic() + timeout_s
+    try:
+        while any(p.is_alive() for p in procs):
+            if any(p.exitcode not in (None, 0) for p in procs):
+                mp_connection.wait([p.sentinel for p in procs if p.is_alive()], timeout=grace_s)
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{scenario}: the {WORLD} processes did not finish within {timeout_s} s")
+            mp_connection.wait([p.sentinel for p in procs], timeout=0.2)
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.kill()
+            proc.join()
+    errors = sorted((float(text.split("\n", 1)[0]), r, text.split("\n", 1)[1])
+                    for r in range(WORLD) if (f := Path(out, f"error_rank{r}.txt")).exists()
+                    for text in [f.read_text()])
+    if errors:
+        _, rank, tb = errors[0]
+        raise RankFailed(f"rank {rank} failed first:\n{tb}")
+    bad = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode != 0]
+    if bad:
+        raise RankFailed(f"ranks exited abnormally (rank, exit code): {bad}")
