@@ -1,0 +1,175 @@
+"""Expert capacity (Switch §2.2): C = ceil(T * k * factor / E), overflow dropped by policy.
+
+References are independent: the capacity from exact fractions, the kept set from a greedy loop over
+tokens (policy "position") or a sort of the router probabilities computed here (policy "gate"),
+and the dense FFN computed from its weights with F.linear.
+"""
+
+import math
+from fractions import Fraction
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import moeify
+from moeify.moe.build import DenseFFN, build_moe_layer
+from moeify.moe.capacity import expert_capacity
+
+D, FF, E = 8, 16, 4
+
+
+def MoEConfig_(**kw):
+    """A config for the layer-level tests: E experts, a router bias to force choices with."""
+    return moeify.MoEConfig(num_experts=E, router_bias=True, **kw)
+
+
+def dense_ffn(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return DenseFFN("gelu", torch.randn(FF, D, generator=g) / 3, torch.randn(D, FF, generator=g) / 4,
+                    torch.randn(FF, generator=g), torch.randn(D, generator=g))
+
+
+def dense_out(dense, x):
+    return F.linear(F.gelu(F.linear(x, dense.w1, dense.b1)), dense.w2, dense.b2)
+
+
+def forced_layer(cfg, favourite, seed=0):
+    """An upcycled layer whose router prefers `favourite` experts (in order) for every token.
+
+    Small random router weights keep the probabilities distinct per token (for the "gate" policy)."""
+    dense = dense_ffn(seed)
+    layer = build_moe_layer(cfg, dense)
+    bias = torch.zeros(E)
+    for rank, e in enumerate(favourite):
+        bias[e] = 10.0 - 3.0 * rank
+    with torch.no_grad():
+        layer.router.gate.weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(seed + 1))
+        layer.router.gate.bias.copy_(bias)
+    return layer, dense
+
+
+def probs_here(layer, x):
+    gate = layer.router.gate
+    return torch.softmax(x.double() @ gate.weight.double().T + gate.bias.double(), dim=-1)
+
+
+def expert_rows(layer):
+    """Record the rows each expert processes on the next forwards."""
+    seen = []
+    layer.experts.register_forward_hook(lambda m, args, out: seen.append(args[1].clone()))
+    return seen
+
+
+@pytest.mark.parametrize("T, k, factor, E_", [(16, 1, 1.0, 4), (10, 1, 1.2, 4), (7, 2, 1.25, 3), (33, 2, 0.5, 8),
+                                               (1, 1, 1.0, 8), (100, 4, 2.0, 64)])
+def test_capacity_formula(T, k, factor, E_):
+    exact = Fraction(T * k) * Fraction(str(factor)) / E_
+    assert expert_capacity(T, k, factor, E_) == math.ceil(exact)
+
+
+@pytest.mark.parametrize("router, k, factor, policy", [
+    ("switch", 1, 1.0, "position"), ("switch", 1, 1.0, "gate"), ("topk", 2, 1.0, "position"),
+    ("topk", 2, 0.75, "gate"), ("topk", 1, 1.5, "position"),
+])
+def test_forced_expert_processes_exactly_capacity(router, k, factor, policy):
+    T = 16
+    cfg = MoEConfig_(router=router, top_k=k, capacity_factor=factor, drop_policy=policy)
+    layer, dense = forced_layer(cfg, favourite=[0, 1][:k])
+    x = torch.randn(T, D, generator=torch.Generator().manual_seed(3))
+    seen = expert_rows(layer)
+    with torch.no_grad():
+        y = layer.eval()(x)
+    C = math.ceil(Fraction(T * k) * Fraction(str(factor)) / E)
+    assert seen[0].tolist() == [C] * k + [0] * (E - k)  # exactly C rows on each favourite expert
+    if policy == "position":
+        kept = {0: set(range(C)), 1: set(range(C))}
+    else:
+        probs = probs_here(layer, x)
+        kept = {e: set(torch.argsort(probs[:, e], descending=True)[:C].tolist()) for e in range(k)}
+    want = torch.zeros(T, D)
+    ref = dense_out(dense, x)
+    gates = probs_here(layer, x)[:, :k]
+    gates = gates / gates.sum(-1, keepdim=True)  # the gates of a fully routed token sum to 1 (top-k renormalised)
+    for t in range(T):
+        for e in range(k):
+            if t in kept[e]:
+                want[t] += (gates[t, e].float() if k > 1 else 1.0) * ref[t]
+    torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
+    dropped = [t for t in range(T) if not any(t in kept[e] for e in range(k))]
+    assert dropped and (y[dropped] == 0).all()  # dropped tokens: the MoE contributes exactly zero
+    assert layer.aux.last_stats["dropped_fraction"].item() == pytest.approx(1 - C / T)
+
+
+@pytest.mark.parametrize("router, k", [("switch", 1), ("topk", 2), ("noisy_topk", 2), ("expert_choice", 2)])
+def test_none_drops_nothing(router, k):
+    layer, dense = forced_layer(MoEConfig_(router=router, top_k=k), favourite=[0])
+    x = torch.randn(16, D, generator=torch.Generator().manual_seed(4))
+    seen = expert_rows(layer)
+    with torch.no_grad():
+        y = layer.eval()(x)
+    assert layer.aux.last_stats["dropped_fraction"].item() == 0
+    if router != "expert_choice":  # expert choice decides its own number of rows per expert
+        assert int(seen[0].sum()) == 16 * k
+    torch.testing.assert_close(y, dense_out(dense, x), atol=1e-5, rtol=1e-5)
+
+
+def test_train_and_eval_factors():
+    T = 16
+    layer, _ = forced_layer(MoEConfig_(router="switch", top_k=1, capacity_factor=0.5, eval_capacity_factor=2.0),
+                            favourite=[0])
+    x = torch.randn(T, D)
+    seen = expert_rows(layer)
+    layer.train()(x)
+    layer.eval()(x)
+    assert int(seen[0][0]) == math.ceil(T * 0.5 / E) and int(seen[1][0]) == math.ceil(T * 2.0 / E)
+
+
+def greedy_position_reference(probs, k, C):
+    """Walk tokens in order, each token's choices best first; keep a choice while its expert has room."""
+    load = [0] * probs.shape[1]
+    kept = set()
+    for t in range(probs.shape[0]):
+        for e in sorted(range(probs.shape[1]), key=lambda j: -probs[t, j].item())[:k]:
+            if load[e] < C:
+                load[e] += 1
+                kept.add((t, e))
+    return kept
+
+
+@pytest.mark.parametrize("k, factor", [(1, 1.0), (2, 1.0), (2, 0.5), (3, 1.25)])
+def test_position_policy_matches_greedy_loop(k, factor):
+    T = 40
+    cfg = MoEConfig_(router="topk", top_k=k, capacity_factor=factor)
+    layer = build_moe_layer(cfg, dense_ffn())
+    with torch.no_grad():  # uneven random router: some experts overflow
+        layer.router.gate.weight.normal_(0, 1, generator=torch.Generator().manual_seed(5))
+        layer.router.gate.bias.copy_(torch.tensor([1.0, 0.5, 0.0, -1.0]))
+    x = torch.randn(T, D, generator=torch.Generator().manual_seed(6))
+    routing = layer.router(x)
+    got = set(zip(routing.token_N.tolist(), routing.expert_N.tolist(), strict=True))
+    assert got == greedy_position_reference(probs_here(layer, x), k, expert_capacity(T, k, factor, E))
+
+
+def test_dropped_tokens_pass_through_the_residual(example):
+    """In a converted model, a dropped token leaves its block unchanged (x + 0)."""
+    ex = example("mlp")
+    model = ex.build_model()
+    cfg = moeify.MoEConfig(num_experts=4, top_k=1, router="switch", router_bias=True, capacity_factor=1.0)
+    moe = moeify.convert(model, cfg, example_inputs=ex.example_inputs()).model.eval()
+    for layer in moeify.moe_layers(moe).values():
+        with torch.no_grad():
+            layer.router.gate.weight.zero_()
+            layer.router.gate.bias.copy_(torch.tensor([5.0, 0.0, 0.0, 0.0]))
+    io = []
+    moe.blocks[0].register_forward_hook(lambda m, args, out: io.append((args[0], out)))
+    x = torch.randn(32, 16)
+    with torch.no_grad():
+        moe(x)
+    block_in, block_out = io[0]
+    C = expert_capacity(32, 1, 1.0, 4)
+    torch.testing.assert_close(block_out[C:], block_in[C:], atol=0, rtol=0)
+    assert not torch.allclose(block_out[:C], block_in[:C])
+    stats = moeify.router_stats(moe)
+    assert [s.tokens_per_expert for s in stats] == [[C, 0, 0, 0]] * 2
+    assert all(s.dropped_fraction == pytest.approx(1 - C / 32) for s in stats)
