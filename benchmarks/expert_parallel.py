@@ -152,8 +152,10 @@ def main() -> None:
         "",
         "all_to_all bytes per step, summed over ranks (one MoE layer):",
         f"  analytic 2*T*k*d_model*4 per direction  {analytic:12,d}",
-        f"  measured forward (dispatch + combine)   {int(ep['fwd_bytes']):12,d}  ratio {ep['fwd_bytes'] / analytic:.3f}",
-        f"  measured backward (gradients back)      {int(ep['bwd_bytes']):12,d}  ratio {ep['bwd_bytes'] / analytic:.3f}",
+        f"  measured forward (dispatch + combine)   {int(ep['fwd_bytes']):12,d}  "
+        f"ratio {ep['fwd_bytes'] / analytic:.3f}",
+        f"  measured backward (gradients back)      {int(ep['bwd_bytes']):12,d}  "
+        f"ratio {ep['bwd_bytes'] / analytic:.3f}",
         f"  of the forward, sent to another rank    {int(ep['remote_fwd_bytes']):12,d}  "
         f"({ep['remote_fwd_bytes'] / ep['fwd_bytes']:.0%}; the rest is each rank's chunk to itself)",
         f"  counts exchange (int64 per expert)      {int(ep['count_bytes']):12,d}",

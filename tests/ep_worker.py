@@ -6,7 +6,8 @@ process group from the same environment variables torchrun sets.
 
 `run`: for each case, forward + backward + gradient sync on this rank's half of a fixed global
 batch, written to OUT_DIR/<case>_rank<r>.safetensors (outputs, losses, synced gradients gathered
-to full size); then a few SGD steps, saved as one single-process checkpoint OUT_DIR/ckpt_ep; then
+to full size).
+`train`: a few SGD steps, saved as one single-process checkpoint OUT_DIR/ckpt_ep; then
 OUT_DIR/ckpt_1proc (written by the test) loaded onto 2 ranks and run on this rank's batch.
 `fail`: rank 1 raises in the middle of a step while rank 0 waits in a collective.
 The single-process reference lives in the test, not here.
@@ -26,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
+from torch.distributed.device_mesh import init_device_mesh
 
 import moeify
 from moeify import distributed as moe_dist
@@ -93,9 +95,16 @@ def run(out: Path) -> None:
                    "remote_bytes": torch.tensor(ep.meter.forward_remote_bytes)}
         tensors.update({f"grad.{n}": g.contiguous() for n, g in grads.items()})
         save_file(tensors, str(out / f"{case}_rank{rank}.safetensors"))
+    dist.destroy_process_group()
 
+
+def train(out: Path) -> None:
+    moe_dist.init_from_env(timeout_s=60)
+    rank = dist.get_rank()
     result, gpt = converted("balanced")
-    ep = moe_dist.expert_parallel(result.model, inplace=True)
+    # a (dp, ep) = (1, 2) DeviceMesh here, the default process group elsewhere: both ways in
+    mesh = init_device_mesh("cpu", (1, WORLD), mesh_dim_names=("dp", "ep"))
+    ep = moe_dist.expert_parallel(result.model, mesh, inplace=True)
     opt = torch.optim.SGD(ep.model.parameters(), lr=LR, momentum=MOMENTUM)
     for step in range(TRAIN_STEPS):
         opt.zero_grad()
@@ -129,7 +138,7 @@ def _entry(rank: int, port: int, scenario: str, out: str) -> None:
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     try:
-        {"run": run, "fail": fail}[scenario](Path(out))
+        {"run": run, "train": train, "fail": fail}[scenario](Path(out))
     except BaseException:
         # the parent reports the rank that failed first (like torchrun's "root cause")
         Path(out, f"error_rank{rank}.txt").write_text(f"{time.time()!r}\n{traceback.format_exc()}")

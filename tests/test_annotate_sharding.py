@@ -36,7 +36,7 @@ CASES = [  # example model, config, expert tensors, router tensors, MoE layers (
 def _converted(example, name, overrides):
     ex = example(name)
     cfg = moeify.MoEConfig(num_experts=4, **{"top_k": 2, **overrides})
-    return moeify.convert(ex.build_model(), cfg, example_inputs=ex.example_inputs())
+    return moeify.convert(ex.build_model(), cfg, verify=False)
 
 
 @pytest.mark.parametrize("name, overrides, expert_params, router_params, owners", CASES)

@@ -30,6 +30,15 @@ _spec.loader.exec_module(worker)
 ATOL = 1e-5
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The reference runs single-threaded like each rank: tiny ops on 2 busy cores are far slower threaded."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def reference_step(case: str, step: int = 0):
     """One process, local dispatch: per rank's micro-batch, logits/aux/loss; gradients accumulated."""
     result, gpt = worker.converted(case)
@@ -62,10 +71,17 @@ def trained():
 
 
 @pytest.fixture(scope="module")
-def ep_run(tmp_path_factory, trained):
+def ep_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("ep")
-    moeify.save(trained[0], out / "ckpt_1proc")  # for the 1 -> 2 ranks direction
     worker.launch("run", out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ep_train(tmp_path_factory, trained):
+    out = tmp_path_factory.mktemp("ep_train")
+    moeify.save(trained[0], out / "ckpt_1proc")  # for the 1 -> 2 ranks direction
+    worker.launch("train", out)
     return out
 
 
@@ -104,23 +120,23 @@ def test_outputs_aux_and_gradients_match_one_process(ep_run, case):
         assert sum(sum(r) for r in rows) == 2 * t_local * k * layers
 
 
-def test_checkpoint_after_training_equals_one_process(ep_run, trained):
+def test_checkpoint_after_training_equals_one_process(ep_train, trained):
     ref = trained[0].model.state_dict()
-    got = load_file(str(ep_run / "ckpt_ep" / "model.safetensors"))
+    got = load_file(str(ep_train / "ckpt_ep" / "model.safetensors"))
     assert set(got) < set(ref) and len(got) == len(ref) - 1  # the tied embedding/head weight is stored once
     for name, tensor in got.items():
         torch.testing.assert_close(tensor, ref[name], atol=ATOL, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
     # and the 2-rank checkpoint loads on one process with moeify.load
     gpt = trained[1]
-    loaded = moeify.load(ep_run / "ckpt_ep", model=gpt.build_model()).model
+    loaded = moeify.load(ep_train / "ckpt_ep", model=gpt.build_model()).model
     idx = worker.micro_batch(worker.TRAIN_STEPS, 0)
     with torch.no_grad():
         torch.testing.assert_close(loaded(idx), trained[0].model(idx), atol=ATOL, rtol=0)
 
 
-def test_one_process_checkpoint_loads_on_two_ranks(ep_run, trained):
+def test_one_process_checkpoint_loads_on_two_ranks(ep_train, trained):
     for rank in range(worker.WORLD):
-        got = load_file(str(ep_run / f"loaded_rank{rank}.safetensors"))["logits"]
+        got = load_file(str(ep_train / f"loaded_rank{rank}.safetensors"))["logits"]
         with torch.no_grad():
             ref = trained[0].model(worker.micro_batch(worker.TRAIN_STEPS, rank))
         torch.testing.assert_close(got, ref, atol=ATOL, rtol=0)
@@ -143,3 +159,24 @@ def test_expert_parallel_refuses_without_process_group(example):
 
     with pytest.raises(DistributedError, match="not initialised"):
         expert_parallel(result.model)
+
+
+@pytest.mark.slow
+def test_torchrun_example_trains_and_its_checkpoint_loads_on_one_process(tmp_path, example):
+    """examples/train_expert_parallel.py under torchrun (2 ranks): loss falls; the checkpoint loads on 1 process."""
+    import os
+    import re
+    import subprocess
+
+    out = tmp_path / "gpt_ep"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(HERE.parent / "examples" / "train_expert_parallel.py"), "--steps", "30", "--out", str(out)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    losses = [float(x) for x in re.findall(r"lm loss (\d+\.\d+)", run.stdout)]
+    assert len(losses) >= 2 and losses[-1] < losses[0] - 1.0, run.stdout
+    loaded = moeify.load(out, model=example("gpt").build_model()).model
+    assert all(layer.experts.num_experts == 4 for layer in moeify.moe_layers(loaded).values())
+    idx = torch.arange(32).remainder(256).unsqueeze(0)
+    with torch.no_grad():
+        assert torch.isfinite(loaded(idx)).all()
