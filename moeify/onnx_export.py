@@ -32,7 +32,13 @@ What the op can express, mapped from moeify's routers (each mapping is tested ag
     TopKRouter normalize=False, preserve_scale=True   k=1: normalize=1 (gate 1); k>1: g + (1 - sum g)/k -> portable only
     SwitchRouter preserve_scale=True                  k=1, normalize=1 (forward gate exactly 1)
     SwitchRouter preserve_scale=False                 k=1, normalize=0 (gate = p); jitter is training-only
-    anything else (capacity, expert choice, groups)   refused in both modes with ExportError
+    NoisyTopKRouter                                   k, normalize=1 (inference: no noise, topk->softmax)
+    eval capacity, expert choice, hierarchical        refused in both modes with ExportError (batch-dependent routing)
+
+Experts: relu/silu/gelu_tanh map to the op's activation_type; gated SiLU (SwiGLU) to swiglu with
+interleaved fc1; exact-erf GELU, other gated activations, projection experts and d_out != d_model
+are refused in fused mode unless `fallback="portable"` (exact standard-op lowering for those layers)
+or, for exact GELU only, `allow_approximate_gelu=True` (the op's tanh GELU; the report says so).
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ from __future__ import annotations
 import inspect
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +59,8 @@ from torch import nn
 from moeify.errors import ExportError
 from moeify.moe.experts import GroupedExperts, activation_fn
 from moeify.moe.layer import MoELayer
-from moeify.moe.router import SwitchRouter, TopKRouter
+from moeify.moe.projection import ProjectionExperts
+from moeify.moe.router import ExpertChoiceRouter, HierarchicalRouter, NoisyTopKRouter, SwitchRouter, TopKRouter
 
 MODES = ("fused", "portable")
 MSFT_DOMAIN = "com.microsoft"
@@ -84,7 +91,12 @@ class Gating:
 
 def router_gating(name: str, router: nn.Module) -> Gating:
     """The inference-time gating of `router`, or ExportError for routers ONNX export cannot express."""
-    # exact types: a subclass (capacity-limited, hierarchical, ...) may route differently
+    capacity = getattr(router, "capacity", None)
+    if capacity is not None and getattr(capacity, "eval_capacity_factor", None) is not None:
+        raise ExportError(f"{name}: capacity dropping at inference (eval_capacity_factor="
+                          f"{capacity.eval_capacity_factor}) cannot be exported to ONNX by moeify: which tokens are "
+                          "dropped depends on the whole batch; convert with capacity_factor=None (dropless)")
+    # exact types: a subclass may route differently
     if type(router) is TopKRouter:
         k = router.top_k
         if not router.softmax_before_topk:
@@ -101,40 +113,46 @@ def router_gating(name: str, router: nn.Module) -> Gating:
         if router.preserve_scale:
             return Gating(1, True, description="switch with preserve_scale (forward gate 1)")
         return Gating(1, False, description="switch, gate = router probability")
-    if getattr(router, "capacity_factor", None) is not None or "capacity" in type(router).__name__.lower():
-        what = "capacity dropping (capacity_factor)"
-    elif getattr(router, "num_groups", None) is not None:
-        what = "hierarchical routing (num_groups)"
-    elif "expert" in type(router).__name__.lower() and "choice" in type(router).__name__.lower():
-        what = "expert-choice routing"
+    if type(router) is NoisyTopKRouter:
+        # no noise at inference: softmax(KeepTopK(clean logits)) = renormalised top-k probabilities
+        return Gating(router.top_k, True, description="noisy_topk at inference (clean gate, topk->softmax)")
+    if type(router) is ExpertChoiceRouter:
+        what, fix = "expert-choice routing", "router='topk'"
+    elif type(router) is HierarchicalRouter:
+        what, fix = "hierarchical routing (num_groups)", "num_groups=None"
     else:
-        what = f"router {type(router).__name__}"
-    raise ExportError(f"{name}: {what} cannot be exported to ONNX by moeify (the exported graph would route "
-                      "differently): convert with router='topk' or 'switch' and capacity_factor=None, num_groups=None")
+        what, fix = f"router {type(router).__name__}", "router='topk' or 'switch'"
+    raise ExportError(f"{name}: {what} cannot be exported to ONNX by moeify (each expert's token set depends on the "
+                      f"whole batch, which neither com.microsoft.MoE nor the portable lowering computes); convert "
+                      f"with {fix}")
 
 
 # the fused custom op ------------------------------------------------------------------------------
-def _expert_rows(x_RD: torch.Tensor, e: int, w1_EFD, b1_EF, w2_EOF, b2_EO, w3_EFD, b3_EF,
-                 activation: str) -> torch.Tensor:
-    h_RF = F.linear(x_RD, w1_EFD[e], None if b1_EF is None else b1_EF[e])
-    h_RF = activation_fn(activation)(h_RF)
-    if w3_EFD is not None:
-        h_RF = h_RF * F.linear(x_RD, w3_EFD[e], None if b3_EF is None else b3_EF[e])
-    return F.linear(h_RF, w2_EOF[e], None if b2_EO is None else b2_EO[e])
+def ffn_expert(weights: Sequence[Any], activation: str) -> Callable[[torch.Tensor, int], torch.Tensor]:
+    """Expert e of stacked FFN weights (w1_EFD, b1_EF, w2_EOF, b2_EO, w3_EFD, b3_EF) on some rows."""
+    w1_EFD, b1_EF, w2_EOF, b2_EO, w3_EFD, b3_EF = weights
+    act = activation_fn(activation)
+
+    def run(x_RD: torch.Tensor, e: int) -> torch.Tensor:
+        h_RF = act(F.linear(x_RD, w1_EFD[e], None if b1_EF is None else b1_EF[e]))
+        if w3_EFD is not None:
+            h_RF = h_RF * F.linear(x_RD, w3_EFD[e], None if b3_EF is None else b3_EF[e])
+        return F.linear(h_RF, w2_EOF[e], None if b2_EO is None else b2_EO[e])
+
+    return run
 
 
-def routed_moe(x_TD: torch.Tensor, gate_TK: torch.Tensor, idx_TK: torch.Tensor, weights: Sequence[Any],
-               activation: str) -> torch.Tensor:
+def routed_moe(x_TD: torch.Tensor, gate_TK: torch.Tensor, idx_TK: torch.Tensor, num_experts: int, d_out: int,
+               expert: Callable[[torch.Tensor, int], torch.Tensor]) -> torch.Tensor:
     """sum_k gate * expert_idx(x), running each expert only on the rows routed to it.
 
     A static loop over experts; row counts are data dependent (NonZero in ONNX). A token picks an
     expert at most once, so index_add over `tok_R` is a scatter-add without collisions.
     """
-    w1_EFD, _, w2_EOF = weights[:3]
-    out_TO = x_TD.new_zeros(x_TD.shape[0], w2_EOF.shape[1])
-    for e in range(w1_EFD.shape[0]):
+    out_TO = x_TD.new_zeros(x_TD.shape[0], d_out)
+    for e in range(num_experts):
         tok_R, slot_R = torch.nonzero(idx_TK == e, as_tuple=True)
-        y_RO = _expert_rows(x_TD.index_select(0, tok_R), e, *weights, activation)
+        y_RO = expert(x_TD.index_select(0, tok_R), e)
         out_TO = out_TO.index_add(0, tok_R, y_RO * gate_TK[tok_R, slot_R].unsqueeze(-1))
     return out_TO
 
@@ -145,7 +163,8 @@ def topk_moe(x_TD: torch.Tensor, logits_TE: torch.Tensor, w1_EFD: torch.Tensor, 
              b3_EF: torch.Tensor | None, k: int, activation: str, normalize: bool) -> torch.Tensor:
     """com.microsoft.MoE's semantics in torch: softmax(logits) -> top-k (-> renormalise) -> experts."""
     gate_TK, idx_TK = Gating(k, normalize).gates(logits_TE)
-    return routed_moe(x_TD, gate_TK, idx_TK, (w1_EFD, b1_EF, w2_EDF, b2_ED, w3_EFD, b3_EF), activation)
+    expert = ffn_expert((w1_EFD, b1_EF, w2_EDF, b2_ED, w3_EFD, b3_EF), activation)
+    return routed_moe(x_TD, gate_TK, idx_TK, w1_EFD.shape[0], w2_EDF.shape[1], expert)
 
 
 @topk_moe.register_fake
@@ -268,21 +287,30 @@ class _NoAux(nn.Module):
 class _LoweredExperts(nn.Module):
     """The whole routed MoE of one layer, fused (custom op) or portable (standard ops)."""
 
-    def __init__(self, experts: GroupedExperts, gating: Gating, fused: bool, activation: str) -> None:
+    def __init__(self, experts: nn.Module, gating: Gating, fused: bool, activation: str | None) -> None:
         super().__init__()
         for pname, param in experts.named_parameters(recurse=False):
             self.register_parameter(pname, param)  # same Parameters, same names: <layer>.experts.w1_EFD
-        self.w3_EFD = experts.w3_EFD
-        self.b1_EF, self.b2_ED, self.b3_EF = experts.b1_EF, experts.b2_ED, experts.b3_EF
+        self.projection = isinstance(experts, ProjectionExperts)
+        self.num_experts, self.d_out = experts.num_experts, experts.d_out
         self.gating, self.fused, self.activation = gating, fused, activation
 
+    def _ffn_weights(self) -> tuple:
+        return tuple(getattr(self, n, None) for n in ("w1_EFD", "b1_EF", "w2_EDF", "b2_ED", "w3_EFD", "b3_EF"))
+
     def forward(self, x_TD: torch.Tensor, logits_TE: torch.Tensor) -> torch.Tensor:
-        weights = (self.w1_EFD, self.b1_EF, self.w2_EDF, self.b2_ED, self.w3_EFD, self.b3_EF)
         if self.fused:
-            return torch.ops.moeify.topk_moe(x_TD, logits_TE, *weights, self.gating.k, self.activation,
+            return torch.ops.moeify.topk_moe(x_TD, logits_TE, *self._ffn_weights(), self.gating.k, self.activation,
                                              self.gating.renormalize)
         gate_TK, idx_TK = self.gating.gates(logits_TE)
-        return routed_moe(x_TD, gate_TK, idx_TK, weights, self.activation)
+        if self.projection:
+            w_EOD, b_EO = self.w_EOD, getattr(self, "b_EO", None)
+
+            def expert(x_RD, e):
+                return F.linear(x_RD, w_EOD[e], None if b_EO is None else b_EO[e])
+        else:
+            expert = ffn_expert(self._ffn_weights(), self.activation)
+        return routed_moe(x_TD, gate_TK, idx_TK, self.num_experts, self.d_out, expert)
 
 
 # report -------------------------------------------------------------------------------------------
@@ -332,17 +360,21 @@ def _plan_layers(model: nn.Module, mode: str, fallback: str | None,
         if not isinstance(layer, MoELayer):
             continue
         experts = layer.experts
-        if not isinstance(experts, GroupedExperts):
+        if not isinstance(experts, (GroupedExperts, ProjectionExperts)):
             raise ExportError(f"{name}: experts of type {type(experts).__name__} cannot be exported; "
-                              "only GroupedExperts are supported")
-        if experts.w1_EFD.dtype != torch.float32 or layer.router.gate.weight.dtype != torch.float32:
-            raise ExportError(f"{name}: experts are {experts.w1_EFD.dtype}; ONNX export supports float32 only: "
-                              "call model.float() first")
+                              "only GroupedExperts and ProjectionExperts are supported")
+        dtypes = {p.dtype for p in layer.parameters()}
+        if dtypes != {torch.float32}:
+            raise ExportError(f"{name}: parameters are {sorted(map(str, dtypes))}; ONNX export supports float32 "
+                              "only: call model.float() first")
         gating = router_gating(name, layer.router)
         activation, notes = experts.activation, []
         lowering = "portable"
         if mode == "fused":
-            attrs, why = ort_activation(experts.activation, experts.gated, allow_approximate_gelu)
+            if isinstance(experts, ProjectionExperts):
+                attrs, why = None, "projection experts (one Linear, no hidden layer)"
+            else:
+                attrs, why = ort_activation(experts.activation, experts.gated, allow_approximate_gelu)
             if attrs is not None and gating.fill:
                 attrs, why = None, (f"raw top-{gating.k} gates with preserve_scale (g + (1 - sum g)/k) have no "
                                     "normalize_routing_weights value")
@@ -360,8 +392,8 @@ def _plan_layers(model: nn.Module, mode: str, fallback: str | None,
                     notes.append("exact GELU exported as the op's tanh approximation (allow_approximate_gelu=True)")
                 notes.append(", ".join(f"{k}={v}" for k, v in attrs.items()))
         stand_in = _LoweredExperts(experts, gating, lowering != "portable", activation)
-        plans.append((name, layer, stand_in, LayerExport(name, lowering, gating.description, experts.activation
-                                                         + (" gated" if experts.gated else ""), notes)))
+        kind = "linear" if experts.activation is None else experts.activation + (" gated" if experts.gated else "")
+        plans.append((name, layer, stand_in, LayerExport(name, lowering, gating.description, kind, notes)))
     if not plans:
         raise ExportError(f"{type(model).__name__} has no MoE layer: convert it with moeify.convert first "
                           "(plain torch.onnx.export handles dense models)")
@@ -388,7 +420,7 @@ def _lowered_layers(plans):
 def _reference_activation(plans):
     """While checking an approximate-GELU export, the PyTorch reference uses the same tanh GELU."""
     changed = [(layer.experts, layer.experts.activation) for _, layer, stand_in, _ in plans
-               if stand_in.activation != layer.experts.activation]
+               if stand_in.fused and stand_in.activation != layer.experts.activation]
     try:
         for experts, _ in changed:
             experts.activation = "gelu_tanh"
@@ -470,14 +502,19 @@ def _run_check(model_proto, model: nn.Module, bound_list: list[dict[str, Any]], 
         if len(tensors) != len(names):
             raise ExportError(f"the exported model has {len(names)} inputs but the example has {len(tensors)} "
                               "tensors: pass every tensor input explicitly")
-        feeds = {n: t.detach().cpu().numpy() for n, t in zip(names, tensors)}
-        got = session.run(None, feeds)
+        feeds = {n: t.detach().cpu().numpy() for n, t in zip(names, tensors, strict=True)}
+        try:
+            got = session.run(None, feeds)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own pybind error types
+            first = (str(exc).strip().splitlines() or [""])[0][:300]
+            raise ExportError(f"onnxruntime failed to run the exported model at {_shape_text(bound)} ({first}); "
+                              "nothing was written") from exc
         with torch.no_grad(), _eval_mode(model), _reference_activation(plans):
             want = _flat_tensors(model(**bound))
         if len(got) != len(want):
             raise ExportError(f"the ONNX model returns {len(got)} outputs, PyTorch {len(want)}")
         diff = max((float(abs(torch.from_numpy(g).double() - w.detach().double().cpu()).max()) if w.numel() else 0.0
-                    for g, w in zip(got, want)), default=0.0)
+                    for g, w in zip(got, want, strict=True)), default=0.0)
         shape = _shape_text(bound)
         report.checks.append((shape, diff))
         if not diff <= report.atol:
@@ -541,6 +578,7 @@ def export_onnx(model: nn.Module, example_inputs: Sequence[Any] = (), path: str 
 
         model_proto.opset_import.append(onnx.helper.make_opsetid(MSFT_DOMAIN, 1))
     report.node_counts = _count_nodes(model_proto)
+    _check_dynamic_axes(model_proto, report)
     _validate_graph(model_proto, plans, report)
 
     if check:
@@ -553,6 +591,21 @@ def export_onnx(model: nn.Module, example_inputs: Sequence[Any] = (), path: str 
         _run_check(model_proto, model, inputs, plans, report)
     _write_atomic(model_proto, path)
     return report
+
+
+def _check_dynamic_axes(model_proto, report: ExportReport) -> None:
+    """torch.export may specialise an axis it was told is dynamic; refuse rather than ship a fixed shape."""
+    graph_inputs = {i.name: i for i in model_proto.graph.input}
+    for name, dims in report.dynamic_axes.items():
+        if name not in graph_inputs:
+            continue
+        shape = graph_inputs[name].type.tensor_type.shape.dim
+        fixed = {kind: shape[d].dim_value for d, kind in dims.items()
+                 if d < len(shape) and shape[d].HasField("dim_value")}
+        if fixed:
+            raise ExportError(f"torch.export fixed the dynamic axis {fixed} of input {name!r} (seen with nn.LSTM when "
+                              "one process exports more than once, a torch issue); export in a fresh process, or "
+                              "pass dynamic=False")
 
 
 def _validate_graph(model_proto, plans, report: ExportReport) -> None:
