@@ -119,8 +119,8 @@ class FindSplitFFN(GraphPass):
         if ffn.kind != "mlp":
             return Skip(where, f"a {ffn.kind} FFN split across {head} and {tail}",
                         "split FFNs are converted for Linear -> act -> Linear only")
-        head_acts = [n for n in ffn.nodes if n.target not in ffn.linears.values()]
-        if any((ops.owner_of(n) or "") != head for n in head_acts):
+        act_node = ffn.nodes[1]  # MLPRule's nodes: fc1, act, [dropout], fc2
+        if (ops.owner_of(act_node) or "") != head:
             return Skip(where, f"the activation runs outside {head}", f"apply the activation inside {head}")
         others = _callers(self.parent, head.split(".")[0], self.method)
         if others:

@@ -1,0 +1,80 @@
+"""LSTMProjectionRule: the Linear between stacked LSTMs becomes an MoE of projections."""
+
+from __future__ import annotations
+
+import operator
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import load_example
+from torch import nn
+
+import moeify
+from moeify.capture import trace
+from moeify.moe.projection import ProjectionExperts
+from moeify.passes.find_ffn_regions import FindFFNRegions
+from moeify.passes.find_lstm_projection import LSTMProjectionRule
+
+warnings.filterwarnings("ignore", message="LSTM with projections")
+
+
+def _lm(**kwargs):
+    return load_example("lstm_lm").build_model(**kwargs)
+
+
+def test_region_found_between_the_lstms():
+    gm = trace(_lm())
+    regions = FindFFNRegions()(gm).analysis
+    assert len(regions) == 1
+    region = regions[0]
+    assert (region.kind, region.linears, region.owner) == ("projection", {"proj": "between"}, "")
+    assert [n.target for n in region.nodes] == ["between"]
+    assert region.input.op == "call_module" and region.input.target == "drop"  # dropout before the Linear
+    assert region.input.args[0].target is operator.getitem
+    assert (region.d_model, region.d_out) == (48, 32)
+
+
+def test_graph_after_rewrite_routes_every_time_step():
+    dense = _lm()
+    result = moeify.convert(dense, moeify.MoEConfig(num_experts=4, top_k=2))
+    gm = result.model._moeify_graph_module
+    called = [n.target if n.op == "call_module" else n.target.__name__ for n in gm.graph.nodes
+              if n.op == "call_module" or (n.op == "call_function" and n.target not in (operator.getitem, getattr))]
+    assert called == ["embed", "lstm1", "drop", "flatten_tokens", "moe.router", "moe.dispatch", "moe.experts",
+                      "moe.combine", "moe.aux", "unflatten_tokens", "lstm2", "drop", "decoder"]
+    assert "between" not in dict(result.model.named_modules())
+    assert isinstance(result.model.moe.experts, ProjectionExperts)
+
+
+def test_projection_experts_match_a_per_token_loop():
+    torch.manual_seed(0)
+    experts = ProjectionExperts(3, 6, 5, backend="loop")
+    nn.init.normal_(experts.b_EO)
+    x_ND, counts_E = torch.randn(7, 6), torch.tensor([2, 0, 5])
+    owner = [0, 0, 2, 2, 2, 2, 2]
+    expected = torch.stack([x_ND[i] @ experts.w_EOD[e].T + experts.b_EO[e] for i, e in enumerate(owner)])
+    torch.testing.assert_close(experts(x_ND, counts_E), expected)
+    torch.testing.assert_close(experts.forward_dense(x_ND, 1), F.linear(x_ND, experts.w_EOD[1], experts.b_EO[1]))
+
+
+def test_decoder_after_the_last_lstm_is_refused():
+    gm = trace(_lm())
+    decoder = next(n for n in gm.graph.nodes if n.target == "decoder")
+    skip = LSTMProjectionRule().match(decoder, gm)
+    assert "does not feed another LSTM" in skip.reason
+
+
+def test_linear_not_after_an_lstm_is_not_this_rules_business():
+    gm = trace(nn.Sequential(nn.Linear(4, 4), nn.LSTM(4, 4)))
+    assert LSTMProjectionRule().match(next(n for n in gm.graph.nodes if n.target == "0"), gm) is None
+
+
+@pytest.mark.parametrize("proj_size", [8, 16])
+def test_lstm_with_proj_size_is_skipped_with_the_reason(proj_size):
+    gm = trace(_lm(proj_size=proj_size))
+    result = FindFFNRegions()(gm)
+    skip = next(s for s in result.skipped if s.where == "lstm1")
+    assert f"proj_size={proj_size}" in skip.reason and "fused LSTM kernel" in skip.reason
+    assert "proj_size=0" in skip.fix

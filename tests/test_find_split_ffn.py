@@ -1,0 +1,127 @@
+"""FindSplitFFN: a dense -> act -> dense path split across sibling modules (BERT), found on a trace
+of the parent's helper method; the head becomes identity and the tail's Linear becomes the MoE."""
+
+from __future__ import annotations
+
+import operator
+
+import pytest
+import torch
+from conftest import load_example
+from torch import nn
+
+import moeify
+from moeify.capture import capture_methods, capture_units, helper_methods, trace, trace_method
+from moeify.passes.find_split_ffn import FindSplitFFN
+
+
+class Head(nn.Module):  # BertIntermediate's shape
+    def __init__(self, extra: bool = False):
+        super().__init__()
+        self.dense, self.act, self.extra = nn.Linear(8, 32), nn.GELU(), extra
+
+    def forward(self, x):
+        return self.act(self.dense(x * 0.5 if self.extra else x))
+
+
+class Tail(nn.Module):  # BertOutput's shape
+    def __init__(self, drop_first: bool = False):
+        super().__init__()
+        self.dense, self.drop, self.norm = nn.Linear(32, 8), nn.Dropout(0.1), nn.LayerNorm(8)
+        self.drop_first = drop_first
+
+    def forward(self, h, residual):
+        if self.drop_first:  # dropout on the hidden layer: it would belong inside the experts
+            return self.norm(self.dense(self.drop(h)) + residual)
+        return self.norm(self.drop(self.dense(h)) + residual)
+
+
+class Layer(nn.Module):
+    """Its forward does not fx-trace (data-dependent branch); `ffn` wires head into tail."""
+
+    def __init__(self, head=None, tail=None):
+        super().__init__()
+        self.attn = nn.Linear(8, 8)
+        self.intermediate, self.output = head or Head(), tail or Tail()
+
+    def ffn(self, x):
+        return self.output(self.intermediate(x), x)
+
+    def forward(self, x):
+        if x.sum() > 1e9:  # breaks symbolic tracing, as HF attention does
+            x = x * 0
+        return self.ffn(self.attn(x))
+
+
+class LeakyLayer(Layer):
+    """Also uses the head's output outside `ffn`: converting the split would change that use."""
+
+    def forward(self, x):
+        return super().forward(x + self.intermediate(x)[..., :8])
+
+
+def _find(layer):
+    gm = trace_method(layer, "ffn")
+    return FindSplitFFN(layer, "ffn", trace)(gm)
+
+
+def test_helper_methods_are_those_calling_two_children():
+    assert helper_methods(Layer()) == ["ffn"]
+    layer = Layer()
+    cap = capture_units(layer)
+    capture_methods(layer, cap)
+    assert "<model>" in dict(cap.failures)  # the forward does not trace ...
+    assert [(u.path, u.method) for u in cap.units if u.method] == [("", "ffn")]  # ... the helper does
+
+
+def test_region_found_across_siblings():
+    result = _find(Layer())
+    assert len(result.analysis) == 1 and not result.skipped
+    split = result.analysis[0]
+    assert (split.head, split.tail, split.owner, split.kind) == ("intermediate", "output", "output", "mlp")
+    assert split.linears == {"fc1": "intermediate.dense", "fc2": "output.dense"}
+    assert [n.target for n in split.head_nodes] == ["dense", "act"]
+    assert split.tail_linear.target == "dense" and split.tail_linear.args[0].op == "placeholder"
+
+
+def test_graphs_after_the_rewrite():
+    torch.manual_seed(0)
+    dense = Layer().eval()
+    x = torch.randn(3, 5, 8)
+    result = moeify.convert(dense, moeify.MoEConfig(num_experts=4, top_k=2), example_inputs=(x,))
+    head = result.model.intermediate._moeify_graph_module.graph
+    assert [n.op for n in head.nodes] == ["placeholder", "output"]
+    assert list(head.nodes)[1].args[0] is list(head.nodes)[0]  # identity
+    tail = result.model.output._moeify_graph_module
+    called = [n.target if n.op == "call_module" else getattr(n.target, "__name__", n.target) for n in tail.graph.nodes
+              if n.op in ("call_module", "call_function") and n.target not in (operator.getitem, getattr)]
+    assert called == ["flatten_tokens", "moe.router", "moe.dispatch", "moe.experts", "moe.combine", "moe.aux",
+                      "unflatten_tokens", "drop", "add", "norm"]
+    assert "dense" not in result.model.intermediate._modules and "dense" not in result.model.output._modules
+    assert [r.name for r in result.report.regions] == ["output.moe"]
+    assert "fx: method <model>.ffn()" in result.report.regions[0].capture
+    with torch.no_grad():
+        assert (dense(x) - result.model(x)).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize(("layer", "reason"), [
+    (lambda: Layer(head=Head(extra=True)), "intermediate's forward is not just dense -> act: it does not start"),
+    (lambda: Layer(tail=Tail(drop_first=True)), "output's output Linear dense does not read the first input"),
+    (LeakyLayer, "intermediate is also called from LeakyLayer.forward"),
+])
+def test_refusals_say_why(layer, reason):
+    result = _find(layer())
+    assert not result.analysis
+    assert len(result.skipped) == 1 and reason in result.skipped[0].reason
+    assert result.skipped[0].where == "intermediate.dense"
+
+
+def test_bert_split_regions_and_residual_layernorm_kept():
+    bert = load_example("hf_bert").build_model(num_layers=2)
+    layer = bert.encoder.layer[0]
+    result = FindSplitFFN(layer, "feed_forward_chunk", trace, prefix="encoder.layer.0")(
+        trace_method(layer, "feed_forward_chunk"))
+    (split,) = result.analysis
+    assert (split.head, split.tail, split.activation, split.d_ff) == ("intermediate", "output", "gelu", 128)
+    tail_ops = [n.target for n in split.tail_gm.graph.nodes if n.op == "call_module"]
+    assert tail_ops == ["dense", "dropout", "LayerNorm"]

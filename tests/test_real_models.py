@@ -1,0 +1,167 @@
+"""Real models: HF GPT-2 / Llama / BERT (small configs), the pretrained all-MiniLM-L6-v2, and the
+seed paper's LSTM LM. The dense model is the reference: outputs at init, greedy generation, the
+report's regions, and save/load round trips, as one table of models."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import pytest
+import torch
+from conftest import load_example
+
+import moeify
+from moeify.errors import NoFFNRegionError
+
+warnings.filterwarnings("ignore", message="LSTM with projections")
+
+
+@dataclass(frozen=True)
+class Case:
+    example: str
+    regions: tuple[str, ...]
+    capture: str  # substring every region's capture description has
+    kwargs: tuple = ()
+
+    def build(self):
+        return load_example(self.example).build_model(**dict(self.kwargs))
+
+    def inputs(self):
+        return load_example(self.example).example_inputs()
+
+
+CASES = {
+    "gpt2": Case("hf_gpt2", tuple(f"transformer.h.{i}.mlp.moe" for i in range(4)), "fx: submodule transformer.h."),
+    "llama": Case("hf_llama", tuple(f"model.layers.{i}.mlp.moe" for i in range(4)), "fx: submodule model.layers."),
+    "bert": Case("hf_bert", tuple(f"encoder.layer.{i}.output.moe" for i in range(4)),
+                 "feed_forward_chunk(); split: intermediate -> identity, MoE in output"),
+    "minilm": Case("minilm", tuple(f"encoder.layer.{i}.output.moe" for i in range(6)),
+                   "feed_forward_chunk(); split: intermediate -> identity, MoE in output"),
+    "lstm": Case("lstm_lm", ("moe",), "fx: whole model"),
+    "lstm_ffn": Case("lstm_lm", ("between.moe",), "fx: whole model", (("ffn", True),)),
+}
+FAST = ["gpt2", "llama", "bert", "lstm", "lstm_ffn"]
+MINILM = pytest.param("minilm", marks=pytest.mark.slow)  # 22M pretrained weights: ~10 s per conversion
+CFG = moeify.MoEConfig(num_experts=8, top_k=2)
+
+
+@pytest.fixture(scope="module")
+def converted():
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            case = CASES[name]
+            dense = case.build()
+            cache[name] = (dense, moeify.convert(dense, CFG, example_inputs=case.inputs()))
+        return cache[name]
+
+    return get
+
+
+def _outputs(model, inputs):
+    with torch.no_grad():
+        out = model(*inputs)
+    return out if isinstance(out, torch.Tensor) else out[0]
+
+
+@pytest.mark.parametrize("name", [*FAST, MINILM])
+def test_outputs_at_init_match_dense(converted, name):
+    dense, result = converted(name)
+    inputs = CASES[name].inputs()
+    if name == "minilm":
+        pool = load_example("minilm").mean_pooled
+        with torch.no_grad():
+            cosine = (pool(dense, *inputs) * pool(result.model, *inputs)).sum(-1)
+        assert cosine.min().item() >= 0.99999
+    else:
+        diff = (_outputs(dense, inputs) - _outputs(result.model, inputs)).abs().max().item()
+        assert diff <= 1e-5
+    assert result.report.function_preserving and result.report.max_abs_diff <= 1e-4
+
+
+@pytest.mark.parametrize("name", [*FAST, MINILM])
+def test_report_lists_exactly_the_expected_regions(converted, name):
+    dense, result = converted(name)
+    case = CASES[name]
+    assert [r.name for r in result.report.regions] == list(case.regions)
+    assert all(case.capture in r.capture for r in result.report.regions)
+    assert set(moeify.moe_layers(result.model)) == set(case.regions)
+    assert type(result.model).__name__ == type(dense).__name__ and isinstance(result.model, type(dense))
+    replaced = tuple(f"{name}." for r in result.report.regions for name in r.linears)
+    untouched = {k for k in dense.state_dict() if not k.startswith(replaced)}
+    assert untouched <= set(result.model.state_dict())  # untouched parameters keep their names
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "lstm"])
+def test_greedy_generation_matches_dense(converted, name):
+    dense, result = converted(name)
+    example = load_example(CASES[name].example)
+    (ids,) = CASES[name].inputs()
+    if name == "lstm":
+        a, b = dense.generate(ids[:1], 10), result.model.generate(ids[:1], 10)
+    else:
+        a, b = example.greedy(dense, ids[:1], 10), example.greedy(result.model, ids[:1], 10)
+    assert a.shape[1] == ids.shape[1] + 10
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", [*FAST, MINILM])
+def test_save_load_round_trip(converted, name, tmp_path):
+    _, result = converted(name)
+    inputs = CASES[name].inputs()
+    with torch.no_grad():  # make the experts differ so a wrong load could not pass
+        for layer in moeify.moe_layers(result.model).values():
+            for p in layer.parameters():
+                p.add_(torch.randn_like(p) * 1e-2)
+    moeify.save(result, tmp_path / "out")
+    loaded = moeify.load(tmp_path / "out", model=CASES[name].build())
+    assert type(loaded.model).__name__ == type(result.model).__name__
+    assert torch.equal(_outputs(result.model, inputs), _outputs(loaded.model, inputs))
+
+
+@pytest.mark.parametrize(("cfg", "expected"), [
+    (dict(every_n=2), [1, 3]),
+    (dict(layers=(0, 2)), [0, 2]),
+    (dict(exclude=(r"h\.0\.",), every_n=2), [2]),
+    (dict(targets=(r"h\.[23]\.",),), [2, 3]),
+])
+def test_selection_on_hf_gpt2(cfg, expected):
+    case = CASES["gpt2"]
+    result = moeify.convert(case.build(), CFG.replace(**cfg))  # selection only: outputs are checked above
+    assert [r.name for r in result.report.regions] == [f"transformer.h.{i}.mlp.moe" for i in expected]
+    skipped = {s.where for s in result.report.skipped}
+    assert {f"transformer.h.{i}.mlp" for i in range(4) if i not in expected} <= skipped
+
+
+def test_selection_on_hf_bert_every_other_layer():
+    case = CASES["bert"]
+    result = moeify.convert(case.build(), CFG.replace(every_n=2), example_inputs=case.inputs())
+    assert [r.name for r in result.report.regions] == ["encoder.layer.1.output.moe", "encoder.layer.3.output.moe"]
+    assert result.report.max_abs_diff <= 1e-5
+
+
+class NoFFN(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = torch.nn.Linear(8, 16)
+        self.out = torch.nn.Linear(16, 8)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.inp(x)))
+
+
+def test_model_without_ffn_names_nearest_candidates():
+    with pytest.raises(NoFFNRegionError) as info:
+        moeify.convert(NoFFN(), CFG)
+    message = str(info.value)
+    assert "no FFN region found in NoFFN" in message
+    assert "inp: feeds function tanh" in message and "out:" in message
+
+
+def test_lstm_with_proj_size_is_reported_skipped():
+    case = CASES["lstm"]
+    result = moeify.convert(load_example("lstm_lm").build_model(proj_size=16), CFG, example_inputs=case.inputs())
+    skip = next(s for s in result.report.skipped if s.where == "lstm1")
+    assert "proj_size=16" in skip.reason and "fused" in skip.reason
