@@ -62,8 +62,8 @@ def global_batch(step: int) -> torch.Tensor:
     return torch.randint(0, 256, (GLOBAL_BATCH, SEQ), generator=torch.Generator().manual_seed(100 + step))
 
 
-def micro_batch(step: int, rank: int) -> torch.Tensor:
-    per = GLOBAL_BATCH // WORLD
+def micro_batch(step: int, rank: int, world: int = WORLD) -> torch.Tensor:
+    per = GLOBAL_BATCH // world
     return global_batch(step)[rank * per:(rank + 1) * per]
 
 
@@ -75,27 +75,39 @@ def step_loss(model, gpt, idx):
 
 def run(out: Path) -> None:
     moe_dist.init_from_env(timeout_s=60)
-    rank = dist.get_rank()
     for case in CASES:
-        result, gpt = converted(case)
-        ep = moe_dist.expert_parallel(result.model, inplace=True)
-        rows = []  # rows this rank's experts computed, per layer (0 when they received no token)
-        for layer in moeify.moe_layers(ep.model).values():
-            layer.experts.register_forward_pre_hook(lambda m, args, rows=rows: rows.append(args[0].shape[0]))
-        logits, aux, loss = step_loss(ep.model, gpt, micro_batch(0, rank))
-        loss.backward()
-        ep.sync_gradients()
-        grads = {n: p.grad for n, p in ep.model.named_parameters() if p.grad is not None}
-        for name in ep.expert_parameter_names():  # gather expert gradients to full size for comparison
-            parts = [torch.empty_like(grads[name]) for _ in range(WORLD)]
-            dist.all_gather(parts, grads[name].contiguous())
-            grads[name] = torch.cat(parts)
-        tensors = {"logits": logits.detach(), "aux": aux.detach(), "loss": loss.detach(),
-                   "expert_rows": torch.tensor(rows), "fwd_bytes": torch.tensor(ep.meter.forward_bytes),
-                   "remote_bytes": torch.tensor(ep.meter.forward_remote_bytes)}
-        tensors.update({f"grad.{n}": g.contiguous() for n, g in grads.items()})
-        save_file(tensors, str(out / f"{case}_rank{rank}.safetensors"))
+        one_step(case, out, None)
     dist.destroy_process_group()
+
+
+def hybrid(out: Path) -> None:
+    """4 ranks as a (dp, ep) = (2, 2) mesh: experts split over ep, replicated over dp."""
+    moe_dist.init_from_env(timeout_s=60)
+    one_step("hybrid", out, init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "ep")))
+    dist.destroy_process_group()
+
+
+def one_step(case: str, out: Path, mesh) -> None:
+    """Forward, backward and gradient sync on this rank's micro-batch; results to <case>_rank<r>.safetensors."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    result, gpt = converted(case)
+    ep = moe_dist.expert_parallel(result.model, mesh, inplace=True)
+    rows = []  # rows this rank's experts computed, per layer (0 when they received no token)
+    for layer in moeify.moe_layers(ep.model).values():
+        layer.experts.register_forward_pre_hook(lambda m, args, rows=rows: rows.append(args[0].shape[0]))
+    logits, aux, loss = step_loss(ep.model, gpt, micro_batch(0, rank, world))
+    loss.backward()
+    ep.sync_gradients()
+    grads = {n: p.grad for n, p in ep.model.named_parameters() if p.grad is not None}
+    for name in ep.expert_parameter_names():  # gather expert gradients to full size for comparison
+        parts = [torch.empty_like(grads[name]) for _ in range(ep.groups.ep_size)]
+        dist.all_gather(parts, grads[name].contiguous(), group=ep.groups.ep)
+        grads[name] = torch.cat(parts)
+    tensors = {"logits": logits.detach(), "aux": aux.detach(), "loss": loss.detach(),
+               "expert_rows": torch.tensor(rows), "fwd_bytes": torch.tensor(ep.meter.forward_bytes),
+               "remote_bytes": torch.tensor(ep.meter.forward_remote_bytes)}
+    tensors.update({f"grad.{n}": g.contiguous() for n, g in grads.items()})
+    save_file(tensors, str(out / f"{case}_rank{rank}.safetensors"))
 
 
 def train(out: Path) -> None:
@@ -133,12 +145,12 @@ def fail(out: Path) -> None:
     (out / "rank0_finished").write_text("rank 0 should not get here")
 
 
-def _entry(rank: int, port: int, scenario: str, out: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+def _entry(rank: int, world: int, port: int, scenario: str, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     try:
-        {"run": run, "train": train, "fail": fail}[scenario](Path(out))
+        {"run": run, "hybrid": hybrid, "train": train, "fail": fail}[scenario](Path(out))
     except BaseException:
         # the parent reports the rank that failed first (like torchrun's "root cause")
         Path(out, f"error_rank{rank}.txt").write_text(f"{time.time()!r}\n{traceback.format_exc()}")
@@ -150,8 +162,8 @@ class RankFailed(RuntimeError):
     pass
 
 
-def launch(scenario: str, out: Path, timeout_s: float = 120.0, grace_s: float = 2.0) -> None:
-    """Run `scenario` on WORLD forked processes. Raises RankFailed with the first failing rank's traceback.
+def launch(scenario: str, out: Path, timeout_s: float = 120.0, grace_s: float = 2.0, world: int = WORLD) -> None:
+    """Run `scenario` on `world` forked processes. Raises RankFailed with the first failing rank's traceback.
 
     When one rank fails, the others get `grace_s` to fail on their own, then are killed: a dead
     rank never leaves the run hanging.
@@ -160,7 +172,7 @@ def launch(scenario: str, out: Path, timeout_s: float = 120.0, grace_s: float = 
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     ctx = mp.get_context("fork")
-    procs = [ctx.Process(target=_entry, args=(r, port, scenario, str(out))) for r in range(WORLD)]
+    procs = [ctx.Process(target=_entry, args=(r, world, port, scenario, str(out))) for r in range(world)]
     for proc in procs:
         proc.start()
     deadline = time.monotonic() + timeout_s
@@ -170,7 +182,7 @@ def launch(scenario: str, out: Path, timeout_s: float = 120.0, grace_s: float = 
                 mp_connection.wait([p.sentinel for p in procs if p.is_alive()], timeout=grace_s)
                 break
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{scenario}: the {WORLD} processes did not finish within {timeout_s} s")
+                raise TimeoutError(f"{scenario}: the {world} processes did not finish within {timeout_s} s")
             mp_connection.wait([p.sentinel for p in procs], timeout=0.2)
     finally:
         for proc in procs:
@@ -178,7 +190,7 @@ def launch(scenario: str, out: Path, timeout_s: float = 120.0, grace_s: float = 
                 proc.kill()
             proc.join()
     errors = sorted((float(text.split("\n", 1)[0]), r, text.split("\n", 1)[1])
-                    for r in range(WORLD) if (f := Path(out, f"error_rank{r}.txt")).exists()
+                    for r in range(world) if (f := Path(out, f"error_rank{r}.txt")).exists()
                     for text in [f.read_text()])
     if errors:
         _, rank, tb = errors[0]

@@ -39,14 +39,14 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def reference_step(case: str, step: int = 0):
+def reference_step(case: str, world: int = worker.WORLD):
     """One process, local dispatch: per rank's micro-batch, logits/aux/loss; gradients accumulated."""
     result, gpt = worker.converted(case)
     model = result.model
     per_rank = []
-    for rank in range(worker.WORLD):
-        logits, aux, loss = worker.step_loss(model, gpt, worker.micro_batch(step, rank))
-        (loss / worker.WORLD).backward()
+    for rank in range(world):
+        logits, aux, loss = worker.step_loss(model, gpt, worker.micro_batch(0, rank, world))
+        (loss / world).backward()
         stats = [layer.aux.last_stats["tokens_per_expert"].clone() for layer in moeify.moe_layers(model).values()]
         per_rank.append({"logits": logits.detach(), "aux": aux.detach(), "loss": loss.detach(), "tokens": stats})
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
@@ -118,6 +118,20 @@ def test_outputs_aux_and_gradients_match_one_process(ep_run, case):
         assert (tokens_per_expert > 0).all()
         assert all(n > 0 for r in rows for n in r)
         assert sum(sum(r) for r in rows) == 2 * t_local * k * layers
+
+
+def test_hybrid_dp2_ep2_mesh_matches_one_process(tmp_path):
+    """4 ranks, (dp, ep) = (2, 2): expert gradients averaged over dp replicas and scaled by 1/ep."""
+    worker.launch("hybrid", tmp_path, world=4)
+    per_rank, ref_grads = reference_step("hybrid", world=4)
+    ranks = [load_file(str(tmp_path / f"hybrid_rank{r}.safetensors")) for r in range(4)]
+    for got, ref in zip(ranks, per_rank, strict=True):
+        for key in ("logits", "aux", "loss"):
+            torch.testing.assert_close(got[key], ref[key], atol=ATOL, rtol=0)
+    for got in ranks:
+        for name, ref in ref_grads.items():
+            torch.testing.assert_close(got[f"grad.{name}"], ref, atol=ATOL, rtol=0,
+                                       msg=lambda m, n=name: f"{n}: {m}")
 
 
 def test_checkpoint_after_training_equals_one_process(ep_train, trained):
