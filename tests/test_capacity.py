@@ -173,3 +173,8 @@ def test_dropped_tokens_pass_through_the_residual(example):
     stats = moeify.router_stats(moe)
     assert [s.tokens_per_expert for s in stats] == [[C, 0, 0, 0]] * 2
     assert all(s.dropped_fraction == pytest.approx(1 - C / 32) for s in stats)
+
+
+def test_expert_choice_refuses_capacity_factor():
+    with pytest.raises(moeify.MoeifyError, match="expert_choice_capacity"):
+        moeify.MoEConfig(router="expert_choice", capacity_factor=1.0)

@@ -304,3 +304,32 @@ def test_balancing_loss_reduces_cv_of_skewed_router(example):
     assert before == pytest.approx(before_with) and before > 1.5  # both start from the same skew
     assert with_loss * 5 < without, (without, with_loss)
     assert with_loss < 0.5 * before
+
+
+def test_every_loss_reaches_aux_loss_per_layer(example):
+    """Each coefficient weighs its own loss, per layer, and moeify.aux_loss sums them with grad."""
+    ex = example("mlp")
+    coefs = {"load_balance": 0.01, "z_loss": 0.002, "importance": 0.3, "load": 0.5}
+    cfg = moeify.MoEConfig(num_experts=4, top_k=2, router="noisy_topk", load_balance_coef=0.01, z_loss_coef=0.002,
+                           importance_coef=0.3, load_coef=0.5)
+    model = moeify.convert(ex.build_model(), cfg, example_inputs=ex.example_inputs()).model.train()
+    routings = {}
+    for name, layer in moeify.moe_layers(model).items():
+        layer.router.register_forward_hook(lambda m, a, out, name=name: routings.update({name: out}))
+    model(*ex.example_inputs())
+    per_layer = moeify.aux_losses(model)
+    assert set(per_layer) == set(routings) and len(per_layer) == 2
+    for name, found in per_layer.items():
+        assert set(found) == set(coefs)
+        for loss_name, coef in coefs.items():
+            assert found[loss_name].item() == pytest.approx(coef * routings[name].losses[loss_name].item())
+    total = moeify.aux_loss(model)
+    assert total.item() == pytest.approx(sum(v.item() for found in per_layer.values() for v in found.values()))
+    total.backward()
+    for layer in moeify.moe_layers(model).values():
+        assert layer.router.gate.weight.grad.abs().sum() > 0 and layer.router.noise.weight.grad.abs().sum() > 0
+
+
+def test_load_loss_needs_noisy_router():
+    with pytest.raises(moeify.MoeifyError, match="load_coef.*noisy_topk"):
+        moeify.MoEConfig(router="topk", load_coef=0.1)
