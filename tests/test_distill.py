@@ -1,0 +1,102 @@
+"""moeify.distill: the mixed loss against the formula transcribed in numpy, training, config errors."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import moeify
+from moeify.distill import DistillConfig, distill, distillation_loss
+from moeify.errors import ConfigError
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # tiny tensors: several OpenMP threads only contend with each other on a busy 2-core machine
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def np_log_softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def reference_loss(s, t, y, w, tau, soft):
+    """Switch §4 / Hinton: w * tau^2 * soft(teacher^tau, student^tau) + (1 - w) * CE(student, y), per-token mean."""
+    s, t = s.reshape(-1, s.shape[-1]).astype(np.float64), t.reshape(-1, t.shape[-1]).astype(np.float64)
+    y = y.reshape(-1)
+    hard = -np_log_softmax(s)[np.arange(len(y)), y].mean()
+    lps, lpt = np_log_softmax(s / tau), np_log_softmax(t / tau)
+    pt = np.exp(lpt)
+    soft_v = (pt * (lpt - lps)).sum(-1).mean() if soft == "kl" else -(pt * lps).sum(-1).mean()
+    return w * tau * tau * soft_v + (1 - w) * hard
+
+
+@pytest.mark.parametrize("w,tau,soft", [(0.25, 1.0, "kl"), (0.25, 2.0, "kl"), (0.5, 1.0, "ce"),
+                                        (1.0, 1.0, "kl"), (0.0, 1.0, "kl"), (0.25, 0.5, "ce")])
+def test_loss_matches_numpy_formula(w, tau, soft):
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 5, 11, generator=g) * 2, torch.randn(2, 5, 11, generator=g) * 2
+    y = torch.randint(0, 11, (2, 5), generator=g)
+    got = distillation_loss(s, t, y, DistillConfig(teacher_weight=w, temperature=tau, soft_loss=soft))
+    want = reference_loss(s.numpy(), t.numpy(), y.numpy(), w, tau, soft)
+    assert got.item() == pytest.approx(want, rel=1e-5, abs=1e-6)
+
+
+def test_soft_loss_gradient_does_not_reach_teacher():
+    s, t = torch.randn(4, 7, requires_grad=True), torch.randn(4, 7, requires_grad=True)
+    distillation_loss(s, t, torch.zeros(4, dtype=torch.long)).backward()
+    assert s.grad is not None and t.grad is None
+
+
+def _mlp(seed, out_scale=1.0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 8))
+    with torch.no_grad():
+        model[2].weight.mul_(out_scale)
+    return model
+
+
+@pytest.mark.parametrize("teacher_kind", ["dense", "moe"])
+def test_distill_moves_student_towards_teacher_and_leaves_caller_model(teacher_kind):
+    teacher = _mlp(1, out_scale=4.0)  # a confident teacher: far from the near-uniform untrained student
+    if teacher_kind == "moe":
+        teacher = moeify.convert(teacher, moeify.MoEConfig(num_experts=4, top_k=2)).model
+        with torch.no_grad():  # make the experts differ so the teacher is not just the dense MLP
+            for layer in moeify.moe_layers(teacher).values():
+                layer.experts.w1_EFD.add_(torch.randn_like(layer.experts.w1_EFD) * 0.3)
+    student = _mlp(2)
+    before = [p.clone() for p in student.parameters()]
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(32, 8, generator=g) for _ in range(40)]
+    probe = torch.randn(256, 8, generator=g)
+
+    def kl_to_teacher(model):
+        with torch.no_grad():
+            return distillation_loss(model(probe), teacher(probe), torch.zeros(256, dtype=torch.long),
+                                     DistillConfig(teacher_weight=1.0)).item()
+
+    with torch.no_grad():
+        batches = [(x, teacher(x).argmax(-1)) for x in xs]
+    trained = distill(student, teacher, batches, config=DistillConfig(teacher_weight=0.75, lr=1e-2))
+    assert kl_to_teacher(trained) < 0.5 * kl_to_teacher(student)
+    assert all(torch.equal(a, b) for a, b in zip(before, student.parameters(), strict=True))
+    assert trained is not student and teacher.training  # the teacher's mode is restored
+
+
+@pytest.mark.parametrize("kwargs", [dict(teacher_weight=1.5), dict(teacher_weight=-0.1), dict(temperature=0.0),
+                                    dict(temperature=float("inf")), dict(soft_loss="mse"), dict(lr=0.0),
+                                    dict(weight_decay=-1.0), dict(grad_clip=0.0)])
+def test_config_rejects_bad_values(kwargs):
+    with pytest.raises(ConfigError, match=next(iter(kwargs))):
+        DistillConfig(**kwargs)
+
+
+def test_shape_mismatch_is_a_typed_error():
+    with pytest.raises(ConfigError, match="vocabulary"):
+        distillation_loss(torch.randn(3, 5), torch.randn(3, 6), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ConfigError, match="labels"):
+        distillation_loss(torch.randn(3, 5), torch.randn(3, 5), torch.zeros(4, dtype=torch.long))
