@@ -467,10 +467,14 @@ def _resized(value: Any, dims: dict[int, str], generator: torch.Generator) -> An
         shape[dim] += CHECK_SHAPE_DELTA[0] if kind == "batch" else CHECK_SHAPE_DELTA[1]
     if value.is_floating_point():
         return (torch.randn(shape, generator=generator) * value.float().std().clamp_min(1e-3)).to(value.dtype)
-    if value.dtype == torch.bool or bool((value == 1).all()):
-        return torch.ones(shape, dtype=value.dtype)  # masks: keep every position visible
+    if value.dtype == torch.bool or (value.numel() and bool(((value == 0) | (value == 1)).all())):
+        # attention masks: every position visible (a fully masked row is undefined in most models);
+        # token-type ids that are all 0 stay 0
+        fill = 0 if value.numel() and bool((value == 0).all()) else 1
+        return torch.full(shape, fill, dtype=value.dtype)
+    low = int(value.min()) if value.numel() else 0
     high = int(value.max()) + 1 if value.numel() else 1
-    return torch.randint(0, max(high, 1), shape, generator=generator, dtype=value.dtype)
+    return torch.randint(low, max(high, low + 1), shape, generator=generator, dtype=value.dtype)
 
 
 def _flat_tensors(values: Any) -> list[torch.Tensor]:
@@ -593,6 +597,24 @@ def export_onnx(model: nn.Module, example_inputs: Sequence[Any] = (), path: str 
     return report
 
 
+def export_saved(out_dir: str | os.PathLike, path: str | os.PathLike, **options: Any) -> ExportReport:
+    """`moeify export OUT_DIR -o PATH`: load a saved conversion and export it with the example inputs of
+    its saved model source (`example_inputs()` in model_source.py). `options` go to `export_onnx`."""
+    from moeify.serialization import load, read_plan
+    from moeify.source import ModelSource, example_inputs_of
+
+    source = read_plan(out_dir).get("source")
+    if not source:
+        raise ExportError(f"{out_dir} records no model source to take example inputs from: call "
+                          "moeify.export_onnx(moeify.load(out_dir, model=dense).model, example_inputs, path) instead")
+    if source.get("copied_to"):
+        spec = ModelSource("file", str(Path(out_dir) / source["copied_to"]), source["name"])
+    else:
+        spec = ModelSource(source["kind"], source["target"], source["name"])
+    args, kwargs = example_inputs_of(spec.load_module(), spec.target)
+    return export_onnx(load(out_dir).model, args, path, example_kwargs=kwargs, **options)
+
+
 def _check_dynamic_axes(model_proto, report: ExportReport) -> None:
     """torch.export may specialise an axis it was told is dynamic; refuse rather than ship a fixed shape."""
     graph_inputs = {i.name: i for i in model_proto.graph.input}
@@ -637,4 +659,5 @@ def _write_atomic(model_proto, path: Path) -> None:
         raise
 
 
-__all__ = ["ExportReport", "Gating", "LayerExport", "MODES", "export_onnx", "router_gating", "topk_moe"]
+__all__ = ["ExportReport", "Gating", "LayerExport", "MODES", "export_onnx", "export_saved", "router_gating",
+           "topk_moe"]

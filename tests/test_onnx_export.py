@@ -22,6 +22,7 @@ from torch import nn
 
 import moeify
 from moeify.config import MoEConfig
+from moeify.convert import flatten_outputs
 from moeify.errors import ExportError
 from moeify.inference import open_session
 from moeify.moe.build import DenseFFN, build_moe_layer
@@ -187,6 +188,12 @@ EXAMPLES = [
     pytest.param("gpt", TINY, {}, "fused", dict(fallback="portable"), id="gpt-fused-fallback", marks=pytest.mark.slow),
     pytest.param("gpt", TINY, dict(router="switch", top_k=1, num_shared_experts=1), "portable", {},
                  id="gpt-switch-shared-portable", marks=pytest.mark.slow),
+] + [  # the real models (Hugging Face): GPT-2's gelu_new is the tanh GELU; BERT/MiniLM use exact GELU
+    pytest.param(name, kwargs, {}, mode, options, id=f"{name}-{mode}", marks=pytest.mark.slow)
+    for name, kwargs, fused_options in [("hf_gpt2", dict(n_layer=1), {}), ("hf_llama", dict(num_layers=1), {}),
+                                        ("hf_bert", dict(num_layers=1), dict(fallback="portable")),
+                                        ("minilm", {}, dict(allow_approximate_gelu=True))]
+    for mode, options in [("fused", fused_options), ("portable", {})]
 ]
 
 
@@ -204,10 +211,13 @@ def converted(name, build_kwargs, cfg_fields):
 
 
 def resized(x, batch, seq):
-    """The example input at another batch/sequence size (token ids stay in the example's range)."""
+    """An example input at another batch/sequence size: masks all ones, token ids in the example's range."""
+    g = torch.Generator().manual_seed(5)
     if x.is_floating_point():
-        return torch.randn(batch, *x.shape[1:], generator=torch.Generator().manual_seed(5))
-    return torch.randint(0, int(x.max()) + 1, (batch, seq), generator=torch.Generator().manual_seed(5))
+        return torch.randn(batch, *x.shape[1:], generator=g)
+    if bool(((x == 0) | (x == 1)).all()):
+        return torch.ones(batch, seq, dtype=x.dtype)
+    return torch.randint(int(x.min()), int(x.max()) + 1, (batch, seq), generator=g, dtype=x.dtype)
 
 
 def assert_structure(model, mode, report, num_layers):
@@ -234,16 +244,19 @@ def test_example_matches_pytorch(name, build_kwargs, cfg_fields, mode, options, 
     assert len(report.layers) == len(moeify.moe_layers(model))
 
     session = open_session(str(path), providers=("CPUExecutionProvider",))
-    (x,) = ex.example_inputs()
     approximate = options.get("allow_approximate_gelu", False)
-    for inp in (x, resized(x, 1, 5)):
-        got = session.run({session.input_names[0]: inp.numpy()})[0]
+    example = ex.example_inputs()
+    for inputs in (example, tuple(resized(x, 1, 5) for x in example)):
+        got = session.run(dict(zip(session.input_names, (x.numpy() for x in inputs), strict=True)))
         with torch.no_grad():
             if approximate:  # the op's GELU is the tanh one: compare with that model
                 for layer in moeify.moe_layers(model).values():
                     layer.experts.activation = "gelu_tanh"
-            want = model(inp).numpy()
-        np.testing.assert_allclose(got, want, atol=ATOL_MODEL, rtol=0, err_msg=f"{name} {mode} {tuple(inp.shape)}")
+            want = flatten_outputs(model(*inputs))
+        assert len(got) == len(want)
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_allclose(g, w.numpy(), atol=ATOL_MODEL, rtol=0,
+                                       err_msg=f"{name} {mode} {tuple(inputs[0].shape)}")
 
 
 @pytest.mark.slow
@@ -319,3 +332,17 @@ def test_open_session_reports_the_provider_it_got(tmp_path):
                                    atol=ATOL_MODEL, rtol=0)
     with pytest.raises(ExportError, match="does not exist"):
         open_session(str(tmp_path / "missing.onnx"))
+
+
+def test_export_saved_conversion(tmp_path):
+    """The `moeify export OUT_DIR -o model.onnx` path: a saved conversion with its model source."""
+    from moeify.onnx_export import export_saved
+    from moeify.source import ModelSource
+
+    ex = load_example("mlp")
+    result = moeify.convert(ex.build_model(), MoEConfig(num_experts=E, top_k=2), example_inputs=ex.example_inputs())
+    result.source = ModelSource("file", str(ROOT / "examples" / "mlp.py"), "build_model").to_dict()
+    moeify.save(result, tmp_path / "out")
+    report = export_saved(tmp_path / "out", tmp_path / "model.onnx", mode="fused")
+    assert report.num_moe_nodes == 2 and len(report.checks) == 2
+    assert (tmp_path / "model.onnx").is_file()
