@@ -285,17 +285,19 @@ class ExpertParallel:
         """The single-process state dict (every expert), on every rank. A collective: call on all ranks."""
         state = dict(self.model.state_dict())
         for shard in self.shards.values():
-            for pname in shard.params:
+            for pname, dim in shard.params.items():
                 key = f"{shard.layer}.experts.{pname}"
                 part = state[key].contiguous()
                 parts = [torch.empty_like(part) for _ in range(self.groups.ep_size)]
                 dist.all_gather(parts, part, group=self.groups.ep)
-                state[key] = torch.cat(parts, dim=0)
+                state[key] = torch.cat(parts, dim=dim)
         return state
 
     def gather_model(self) -> nn.Module:
         """A single-process copy of the model (all experts, local dispatch). A collective: call on all ranks."""
-        state = self.gather_state_dict()
+        return self._unsharded(self.gather_state_dict())
+
+    def _unsharded(self, state: dict[str, torch.Tensor]) -> nn.Module:
         full = _copy_model(self.model)
         for name, shard in self.shards.items():
             layer = full.get_submodule(name)
@@ -311,16 +313,30 @@ class ExpertParallel:
     def save(self, result, out_dir, *, force: bool = False, rank: int = 0):
         """Write `result` (its model = this one) in the single-process `moeify.save` format from `rank`.
 
-        A collective: every rank calls it; returns the path on `rank`, None elsewhere.
+        A collective: every rank calls it; returns the path on `rank`, None elsewhere. When the
+        write fails on `rank`, every rank raises (no rank is left waiting for the others).
         """
         from moeify.serialization import save
 
-        full = self.gather_model()
-        out = None
+        state = self.gather_state_dict()
+        out, error = None, None
         if dist.get_rank() == rank:
-            out = save(dataclasses.replace(result, model=full), out_dir, force=force)
-        dist.barrier()
+            try:
+                out = save(dataclasses.replace(result, model=self._unsharded(state)), out_dir, force=force)
+            except Exception as exc:  # noqa: BLE001 - re-raised below, after telling the other ranks
+                error = exc
+        failed = torch.tensor([error is not None], dtype=torch.int32, device=_device_of(self.model))
+        dist.broadcast(failed, src=rank)
+        if error is not None:
+            raise error
+        if failed.item():
+            raise DistributedError(f"rank {rank} could not write {out_dir}: see that rank's error")
         return out
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
 
 
 def _copy_model(model: nn.Module) -> nn.Module:

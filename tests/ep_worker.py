@@ -31,6 +31,7 @@ from torch.distributed.device_mesh import init_device_mesh
 
 import moeify
 from moeify import distributed as moe_dist
+from moeify.errors import MoeifyError
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = dict(num_experts=4, top_k=2, router_bias=True, init="copy_noise", init_noise=0.2)
@@ -124,6 +125,10 @@ def train(out: Path) -> None:
         ep.sync_gradients()
         opt.step()
     ep.save(result, out / "ckpt_ep")
+    try:  # saving again without force fails on rank 0; every rank must raise rather than wait
+        ep.save(result, out / "ckpt_ep")
+    except MoeifyError as exc:
+        (out / f"save_again_rank{rank}.txt").write_text(f"{type(exc).__name__}: {exc}")
 
     _, ep1 = moe_dist.load(out / "ckpt_1proc", model=gpt.build_model())
     with torch.no_grad():

@@ -148,6 +148,13 @@ def test_checkpoint_after_training_equals_one_process(ep_train, trained):
         torch.testing.assert_close(loaded(idx), trained[0].model(idx), atol=ATOL, rtol=0)
 
 
+def test_failed_save_raises_on_every_rank(ep_train):
+    rank0 = (ep_train / "save_again_rank0.txt").read_text()
+    rank1 = (ep_train / "save_again_rank1.txt").read_text()
+    assert rank0.startswith("SerializationError") and "already exists" in rank0
+    assert rank1.startswith("DistributedError") and "rank 0 could not write" in rank1
+
+
 def test_one_process_checkpoint_loads_on_two_ranks(ep_train, trained):
     for rank in range(worker.WORLD):
         got = load_file(str(ep_train / f"loaded_rank{rank}.safetensors"))["logits"]
