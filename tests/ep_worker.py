@@ -78,7 +78,28 @@ def run(out: Path) -> None:
     moe_dist.init_from_env(timeout_s=60)
     for case in CASES:
         one_step(case, out, None)
+    refusals(out)
     dist.destroy_process_group()
+
+
+def refusals(out: Path) -> None:
+    """What expert_parallel refuses, each error message written to refused_<what>_rank<r>.txt."""
+    rank = dist.get_rank()
+    gpt = gpt_example()
+    odd = moeify.convert(gpt.build_model(), moeify.MoEConfig(**{**CONFIG, "num_experts": 3}), verify=False)
+    bare, _ = converted("balanced")
+    for module in bare.model.modules():  # as if converted by a moeify without the AnnotateSharding pass
+        gm = module.__dict__.get("_moeify_graph_module")
+        for node in [] if gm is None else gm.graph.nodes:
+            node.meta.pop("moeify_sharding", None)
+    twice = moe_dist.expert_parallel(converted("balanced")[0].model).model
+    for what, model in (("odd", odd.model), ("bare", bare.model), ("twice", twice)):
+        try:
+            moe_dist.expert_parallel(model)
+            message = "accepted"
+        except MoeifyError as exc:
+            message = f"{type(exc).__name__}: {exc}"
+        (out / f"refused_{what}_rank{rank}.txt").write_text(message)
 
 
 def hybrid(out: Path) -> None:

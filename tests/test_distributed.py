@@ -120,6 +120,17 @@ def test_outputs_aux_and_gradients_match_one_process(ep_run, case):
         assert sum(sum(r) for r in rows) == 2 * t_local * k * layers
 
 
+@pytest.mark.parametrize("what, message", [
+    ("odd", "has 3 experts, not divisible by the expert-parallel size 2"),
+    ("bare", "carry no sharding annotations"),
+    ("twice", "is already expert-parallel"),
+])
+def test_expert_parallel_refusals(ep_run, what, message):
+    for rank in range(worker.WORLD):
+        text = (ep_run / f"refused_{what}_rank{rank}.txt").read_text()
+        assert text.startswith("DistributedError") and message in text, text
+
+
 def test_hybrid_dp2_ep2_mesh_matches_one_process(tmp_path):
     """4 ranks, (dp, ep) = (2, 2): expert gradients averaged over dp replicas and scaled by 1/ep."""
     worker.launch("hybrid", tmp_path, world=4)
