@@ -1,7 +1,8 @@
 """Grouped experts: E independent FFNs whose weights are stacked, run on token groups.
 
 Shape legend: T tokens, N token-expert assignments (T*k for top-k), D model dim (input), O output
-dim (usually D), F FFN hidden dim, E experts. Tokens arrive sorted by expert (`counts_E[e]` consecutive rows for expert e).
+dim (usually D), I input dim of one grouped matmul, F FFN hidden dim, E experts. Tokens arrive
+sorted by expert (`counts_E[e]` consecutive rows for expert e).
 
     plain:  y = w2(act(w1 x + b1)) + b2
     gated:  y = w2(act(w1 x + b1) * (w3 x + b3)) + b2      (SwiGLU: act=silu, GeGLU: act=gelu)
@@ -64,13 +65,62 @@ def grouped_mm_aligned(x_ND: torch.Tensor, w_EOI: torch.Tensor) -> bool:
     return (x_ND.shape[-1] * size) % 16 == 0 and (w_EOI.shape[-2] * size) % 16 == 0
 
 
+# torch.compile: grouped_mm's fake (meta) kernel only accepts bf16 inputs, although the CPU kernel
+# runs float32, so tracing float32 grouped_mm fails. Under compile the grouped matmul goes through
+# these two custom ops instead: opaque to dynamo (one graph, no break per expert), with shapes given
+# by their fake implementations and the backward wired through `register_autograd`. Registering an
+# op in the `moeify` namespace is this module's only import-time effect, and it is idempotent per process.
+@torch.library.custom_op("moeify::grouped_linear", mutates_args=())
+def _grouped_linear_op(x_NI: torch.Tensor, w_EOI: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+    return F.grouped_mm(x_NI, w_EOI.transpose(-2, -1), offs=offs_E)
+
+
+@_grouped_linear_op.register_fake
+def _(x_NI, w_EOI, offs_E):
+    return x_NI.new_empty(x_NI.shape[0], w_EOI.shape[1])
+
+
+@torch.library.custom_op("moeify::grouped_linear_backward", mutates_args=())
+def _grouped_linear_backward_op(grad_NO: torch.Tensor, x_NI: torch.Tensor, w_EOI: torch.Tensor,
+                                offs_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    grad_NO = grad_NO.contiguous()
+    grad_x_NI = F.grouped_mm(grad_NO, w_EOI, offs=offs_E)
+    grad_w_EOI = torch.zeros_like(w_EOI)  # experts without tokens get a zero gradient
+    start = 0
+    for e, end in enumerate(offs_E.tolist()):
+        if end > start:
+            torch.mm(grad_NO[start:end].T, x_NI[start:end], out=grad_w_EOI[e])
+        start = end
+    return grad_x_NI, grad_w_EOI
+
+
+@_grouped_linear_backward_op.register_fake
+def _(grad_NO, x_NI, w_EOI, offs_E):
+    return torch.empty_like(x_NI), torch.empty_like(w_EOI)
+
+
+def _grouped_linear_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _grouped_linear_grad(ctx, grad_NO):
+    x_NI, w_EOI, offs_E = ctx.saved_tensors
+    grad_x_NI, grad_w_EOI = _grouped_linear_backward_op(grad_NO, x_NI, w_EOI, offs_E)
+    return grad_x_NI, grad_w_EOI, None
+
+
+_grouped_linear_op.register_autograd(_grouped_linear_grad, setup_context=_grouped_linear_setup)
+
+
 def grouped_linear(x_ND: torch.Tensor, w_EOI: torch.Tensor, counts_E: torch.Tensor, offs_E: torch.Tensor | None,
                    backend: str) -> torch.Tensor:
     """Row group e of `x_ND` times `w_EOI[e].T`. Returns (N, O)."""
     dtype = _compute_dtype(x_ND)
     x_ND = x_ND.to(dtype)
     w_EOI = w_EOI.to(dtype)
-    if backend == "grouped_mm" and grouped_mm_aligned(x_ND, w_EOI):
+    if backend == "grouped_mm":
+        if torch.compiler.is_compiling():
+            return _grouped_linear_op(x_ND, w_EOI, offs_E)
         return _ContiguousGrad.apply(F.grouped_mm(x_ND, w_EOI.transpose(-2, -1), offs=offs_E))
     # loop backend: one matmul per expert over its slice; used where grouped_mm is unavailable
     chunks = torch.split(x_ND, counts_E.tolist())

@@ -1,0 +1,325 @@
+"""MoE layer forward+backward: moeify vs the ideal and two classic implementations, in one process.
+
+    python benchmarks/moe_layer.py [--quick] [--no-compile] [--out benchmarks/results/moe_layer.txt]
+
+Shape legend: T tokens, D model dim, F FFN dim, E experts, K experts per token, C capacity.
+
+Variants (same router weights, same expert weights, top-k softmax routing renormalised):
+  ideal    the dense FFN applied to K copies of the tokens: the matmul work of top-k, no routing
+  moeify   `MoELayer` (router -> sort dispatch -> grouped experts -> combine)
+  loop     one nn.Linear pair per expert, gather its tokens, run, index_add back (HF Mixtral style)
+  onehot   capacity-factor one-hot dispatch/combine with einsum (GShard/Switch style, factor 1.25)
+
+Weight-gradient floor: backward writes a gradient for every expert's weights (E times the dense
+FFN's), which the ideal does not. floor = bytes of expert weight gradients / measured copy
+bandwidth (a large tensor copy in this process; bytes written per second).
+
+Peak memory: peak RSS (VmHWM, reset through /proc/self/clear_refs) during one fwd+bwd minus the RSS
+before it. The script re-executes itself with glibc's mmap threshold pinned to 64 KiB so every
+tensor is mmapped and returned to the OS when freed; the RSS then follows live tensor memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moeify.config import MoEConfig
+from moeify.moe.build import DenseFFN, build_moe_layer
+
+D, FF, E, K = 512, 2048, 8, 2
+CAPACITY_FACTOR = 1.25
+
+
+# ---------------------------------------------------------------- measurement helpers
+
+def _status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def peak_rss_delta(fn) -> int:
+    """Bytes of peak RSS above the starting RSS while `fn` runs."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current RSS
+    except OSError:
+        return -1
+    base = _status("VmRSS")
+    fn()
+    return _status("VmHWM") - base
+
+
+def bench(fn, min_time: float, max_reps: int = 50) -> float:
+    """Fastest seconds per call after one warm-up."""
+    fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < 3 or (time.perf_counter() - start < min_time and len(times) < max_reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def bench_interleaved(fns: dict, min_time: float, max_rounds: int = 30) -> dict[str, float]:
+    """Fastest seconds per call of each fn, timed in round-robin rounds.
+
+    The machine is shared: round-robin spreads interference over all variants alike, and the
+    minimum is the estimate least disturbed by it.
+    """
+    for fn in fns.values():
+        fn()
+    best = {name: float("inf") for name in fns}
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < 3 or (time.perf_counter() - start < min_time * len(fns) and rounds < max_rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
+        rounds += 1
+    return best
+
+
+def copy_bandwidth() -> float:
+    """Bytes written per second by a 256 MiB tensor copy."""
+    src = torch.randn(64 << 20)
+    dst = torch.empty_like(src)
+    secs = bench(lambda: dst.copy_(src), 1.0)
+    return src.numel() * src.element_size() / secs
+
+
+# ---------------------------------------------------------------- the variants
+
+def activation(gated: bool):
+    return F.silu if gated else F.gelu
+
+
+class DenseFFNModule(nn.Module):
+    def __init__(self, ffn: DenseFFN) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(D, FF, bias=ffn.b1 is not None)
+        self.fc2 = nn.Linear(FF, D, bias=ffn.b2 is not None)
+        self.fc3 = nn.Linear(D, FF, bias=False) if ffn.gated else None
+        with torch.no_grad():
+            self.fc1.weight.copy_(ffn.w1), self.fc2.weight.copy_(ffn.w2)
+            if ffn.b1 is not None:
+                self.fc1.bias.copy_(ffn.b1), self.fc2.bias.copy_(ffn.b2)
+            if self.fc3 is not None:
+                self.fc3.weight.copy_(ffn.w3)
+        self.act = activation(ffn.gated)
+
+    def forward(self, x):
+        h = self.act(self.fc1(x))
+        if self.fc3 is not None:
+            h = h * self.fc3(x)
+        return self.fc2(h)
+
+
+class Ideal(nn.Module):
+    def __init__(self, ffn: DenseFFN) -> None:
+        super().__init__()
+        self.ffn = DenseFFNModule(ffn)
+
+    def forward(self, x_TD):
+        # summing the K copies stands in for the combine (and gives the output the MoE's shape)
+        return self.ffn(x_TD.repeat(K, 1)).view(K, *x_TD.shape).sum(0)
+
+
+def topk_route(gate: nn.Linear, x_TD):
+    probs_TE = gate(x_TD).softmax(-1)
+    w_TK, idx_TK = probs_TE.topk(K, dim=-1)
+    return w_TK / w_TK.sum(-1, keepdim=True), idx_TK
+
+
+class LoopMoE(nn.Module):
+    """HF Mixtral-style sparse block."""
+
+    def __init__(self, ffn: DenseFFN, gate_weight) -> None:
+        super().__init__()
+        self.gate = nn.Linear(D, E, bias=False)
+        self.gate.weight.data.copy_(gate_weight)
+        self.experts = nn.ModuleList(DenseFFNModule(ffn) for _ in range(E))
+
+    def forward(self, x_TD):
+        w_TK, idx_TK = topk_route(self.gate, x_TD)
+        out_TD = torch.zeros_like(x_TD)
+        mask_EKT = F.one_hot(idx_TK, E).permute(2, 1, 0)
+        for e in range(E):
+            k_idx, tok = torch.where(mask_EKT[e])
+            if tok.numel() == 0:
+                continue
+            y = self.experts[e](x_TD[tok]) * w_TK[tok, k_idx, None]
+            out_TD = out_TD.index_add(0, tok, y)
+        return out_TD
+
+
+class OneHotMoE(nn.Module):
+    """GShard/Switch dispatch: one-hot (T, E, C) dispatch and combine tensors, einsum in and out."""
+
+    def __init__(self, ffn: DenseFFN, gate_weight) -> None:
+        super().__init__()
+        self.gate = nn.Linear(D, E, bias=False)
+        self.gate.weight.data.copy_(gate_weight)
+        self.gated = ffn.gated
+        self.w1_EFD = nn.Parameter(ffn.w1.expand(E, -1, -1).clone())
+        self.w2_EDF = nn.Parameter(ffn.w2.expand(E, -1, -1).clone())
+        self.w3_EFD = nn.Parameter(ffn.w3.expand(E, -1, -1).clone()) if ffn.gated else None
+        self.b1_EF = nn.Parameter(ffn.b1.expand(E, -1).clone()) if ffn.b1 is not None else None
+        self.b2_ED = nn.Parameter(ffn.b2.expand(E, -1).clone()) if ffn.b2 is not None else None
+
+    def forward(self, x_TD):
+        T = x_TD.shape[0]
+        C = max(1, math.ceil(CAPACITY_FACTOR * T * K / E))
+        w_TK, idx_TK = topk_route(self.gate, x_TD)
+        mask_TKE = F.one_hot(idx_TK, E)
+        # position of each assignment in its expert's buffer, k-major priority (GShard)
+        pos_KTE = torch.cumsum(mask_TKE.transpose(0, 1).reshape(-1, E), 0).reshape(K, T, E) - 1
+        pos_TKE = pos_KTE.transpose(0, 1) * mask_TKE
+        keep_TKE = mask_TKE * (pos_TKE < C)
+        slot_TKEC = F.one_hot(pos_TKE.clamp(max=C - 1), C) * keep_TKE.unsqueeze(-1)
+        dispatch_TEC = slot_TKEC.sum(1).to(x_TD.dtype)
+        combine_TEC = (slot_TKEC * w_TK[..., None, None]).sum(1)
+        x_ECD = torch.einsum("tec,td->ecd", dispatch_TEC, x_TD)
+        h_ECF = torch.einsum("ecd,efd->ecf", x_ECD, self.w1_EFD)
+        if self.b1_EF is not None:
+            h_ECF = h_ECF + self.b1_EF[:, None]
+        h_ECF = activation(self.gated)(h_ECF)
+        if self.w3_EFD is not None:
+            h_ECF = h_ECF * torch.einsum("ecd,efd->ecf", x_ECD, self.w3_EFD)
+        y_ECD = torch.einsum("ecf,edf->ecd", h_ECF, self.w2_EDF)
+        if self.b2_ED is not None:
+            y_ECD = y_ECD + self.b2_ED[:, None]
+        return torch.einsum("tec,ecd->td", combine_TEC, y_ECD)
+
+
+def make_variants(gated: bool, seed: int = 0) -> dict[str, nn.Module]:
+    g = torch.Generator().manual_seed(seed)
+    std = D ** -0.5
+    ffn = DenseFFN("silu" if gated else "gelu", torch.randn(FF, D, generator=g) * std,
+                   torch.randn(D, FF, generator=g) * FF ** -0.5,
+                   None if gated else torch.randn(FF, generator=g) * 0.02,
+                   None if gated else torch.randn(D, generator=g) * 0.02,
+                   torch.randn(FF, D, generator=g) * std if gated else None)
+    cfg = MoEConfig(num_experts=E, top_k=K, init="copy_noise", init_noise=0.01, seed=seed,
+                    load_balance_coef=0.0, z_loss_coef=0.0)
+    moe = build_moe_layer(cfg, ffn)
+    gate_w = moe.router.gate.weight.detach()
+    return {"ideal": Ideal(ffn), "moeify": moe, "loop": LoopMoE(ffn, gate_w), "onehot": OneHotMoE(ffn, gate_w)}
+
+
+def expert_weight_bytes(gated: bool) -> int:
+    per_expert = (3 if gated else 2) * D * FF + (0 if gated else FF + D)
+    return E * per_expert * 4
+
+
+def step_fn(module: nn.Module, x_TD, grad_TD):
+    def step():
+        for p in module.parameters():
+            p.grad = None
+        x_TD.grad = None
+        module(x_TD).backward(grad_TD)
+    return step
+
+
+# ---------------------------------------------------------------- main
+
+def profile_summary(module, x_TD, grad_TD, rows: int = 12) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    step = step_fn(module, x_TD, grad_TD)
+    step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            step()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=40)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="T in {16, 256, 4096}, shorter timing windows")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile comparison")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "moe_layer.txt"))
+    args = ap.parse_args()
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:  # see the module docstring (peak memory)
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
+
+    torch.manual_seed(0)
+    tokens = [16, 256, 4096] if args.quick else [1, 16, 256, 4096, 8192]
+    min_time = 0.5 if args.quick else 2.0
+    bw = copy_bandwidth()
+    lines = [f"moe_layer fwd+bwd, float32 CPU, {torch.get_num_threads()} threads, torch {torch.__version__}",
+             f"D={D} F={FF} E={E} top-{K}; onehot capacity factor {CAPACITY_FACTOR}; "
+             f"copy bandwidth {bw / 1e9:.2f} GB/s",
+             "ratios are time / ideal time; floor = expert weight-grad bytes / copy bandwidth; "
+             "target = max(ideal, floor); mem = peak RSS delta of one step (MiB)", ""]
+    print("\n".join(lines), flush=True)
+    header = (f"{'kind':7} {'T':>5} {'ideal ms':>9} {'floor ms':>9} {'moeify ms':>10} {'/ideal':>7} {'/target':>8} "
+              f"{'loop':>6} {'onehot':>7} {'mem ideal':>10} {'mem moeify':>11} {'mem budget':>11}")
+    lines.append(header)
+    print(header, flush=True)
+    profiles = []
+    compiled = []
+    for gated in (False, True):
+        kind = "swiglu" if gated else "gelu"
+        variants = make_variants(gated)
+        wbytes = expert_weight_bytes(gated)
+        floor = wbytes / bw
+        for T in tokens:
+            x_TD = torch.randn(T, D, requires_grad=True)
+            grad_TD = torch.randn(T, D)
+            steps = {name: step_fn(m, x_TD, grad_TD) for name, m in variants.items()}
+            times = bench_interleaved(steps, min_time)
+            mems = {name: peak_rss_delta(step) for name, step in steps.items()}
+            ideal = times["ideal"]
+            target = max(ideal, floor)
+            budget = 1.2 * mems["ideal"] + wbytes
+            row = (f"{kind:7} {T:>5} {ideal * 1e3:>9.2f} {floor * 1e3:>9.2f} {times['moeify'] * 1e3:>10.2f} "
+                   f"{times['moeify'] / ideal:>7.2f} {times['moeify'] / target:>8.2f} "
+                   f"{times['loop'] / ideal:>6.2f} {times['onehot'] / ideal:>7.2f} "
+                   f"{mems['ideal'] / 2**20:>10.1f} {mems['moeify'] / 2**20:>11.1f} {budget / 2**20:>11.1f}")
+            lines.append(row)
+            print(row, flush=True)
+        T_prof = 4096
+        x_TD = torch.randn(T_prof, D, requires_grad=True)
+        grad_TD = torch.randn(T_prof, D)
+        profiles.append(f"-- profile: moeify {kind}, T={T_prof}, 3 steps, top ops by self CPU time\n"
+                        + profile_summary(variants["moeify"], x_TD, grad_TD))
+        if not args.no_compile:
+            for T in ([4096] if args.quick else [256, 4096]):
+                x_TD = torch.randn(T, D, requires_grad=True)
+                grad_TD = torch.randn(T, D)
+                eager = bench(step_fn(variants["moeify"], x_TD, grad_TD), min_time)
+                comp = torch.compile(variants["moeify"])
+                t0 = time.perf_counter()
+                step_fn(comp, x_TD, grad_TD)()
+                compile_s = time.perf_counter() - t0
+                compiled_t = bench(step_fn(comp, x_TD, grad_TD), min_time)
+                row = (f"{kind:7} T={T:>5}: eager {eager * 1e3:8.2f} ms, compiled {compiled_t * 1e3:8.2f} ms "
+                       f"({compiled_t / eager:.2f}x eager; first call incl. compile {compile_s:.1f} s)")
+                compiled.append(row)
+                print(row, flush=True)
+    lines += ["", "torch.compile (fwd+bwd of the moeify layer):", *compiled, "", *profiles]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, out)
+    print("\n".join(profiles))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""torch.compile of the MoE layer: one graph (no break per expert), same outputs and gradients as eager."""
+
+import pytest
+import torch
+
+import moeify
+from moeify.moe.build import DenseFFN, build_moe_layer
+
+D, FF = 16, 32
+
+
+def make_layer(num_experts: int, gated: bool):
+    g = torch.Generator().manual_seed(0)
+    ffn = DenseFFN("silu" if gated else "gelu", torch.randn(FF, D, generator=g), torch.randn(D, FF, generator=g),
+                   None if gated else torch.randn(FF, generator=g), None if gated else torch.randn(D, generator=g),
+                   torch.randn(FF, D, generator=g) if gated else None)
+    cfg = moeify.MoEConfig(num_experts=num_experts, top_k=2, init="copy_noise", init_noise=0.1)
+    return build_moe_layer(cfg, ffn)
+
+
+def breaks(layer, x, **dynamo_config):
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(**dynamo_config):
+        return torch._dynamo.explain(layer)(x)
+
+
+@pytest.mark.parametrize("gated", [pytest.param(False, marks=pytest.mark.slow), True])
+def test_moe_layer_has_no_graph_break_per_expert(gated):
+    x = torch.randn(2, 8, D)
+    # data-dependent output shapes (bincount in the router's losses) are the only breaks left; with
+    # dynamo allowed to trace them the whole layer is one graph
+    whole = breaks(make_layer(4, gated), x, capture_dynamic_output_shape_ops=True)
+    assert (whole.graph_count, whole.graph_break_count) == (1, 0), whole.break_reasons
+    # by default: the number of breaks does not grow with the number of experts
+    few, many = breaks(make_layer(2, gated), x), breaks(make_layer(8, gated), x)
+    assert few.graph_break_count == many.graph_break_count
+    assert not any("grouped" in str(b.reason) for b in many.break_reasons)
+
+
+def _fwd_bwd(layer, x, grad, run=None):
+    x = x.clone().requires_grad_()
+    layer.zero_grad(set_to_none=True)
+    y = (layer if run is None else run)(x)
+    y.backward(grad)
+    return y.detach(), x.grad, {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("gated", [pytest.param(False, marks=pytest.mark.slow), True])
+def test_compiled_layer_matches_eager(backend, gated):
+    torch._dynamo.reset()
+    layer = make_layer(4, gated)
+    x, grad = torch.randn(2, 8, D), torch.randn(2, 8, D)
+    want = _fwd_bwd(layer, x, grad)
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        got = _fwd_bwd(layer, x, grad, torch.compile(layer, backend=backend, fullgraph=True))
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
+    assert got[2].keys() == want[2].keys()
+    for name in want[2]:
+        torch.testing.assert_close(got[2][name], want[2][name], rtol=1e-5, atol=1e-5, msg=name)
