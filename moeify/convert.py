@@ -132,8 +132,10 @@ def moe_layers(model: nn.Module) -> dict[str, MoELayer]:
 
 def function_preserving(cfg: MoEConfig) -> bool:
     """Whether `cfg` promises that a freshly converted model computes the dense function."""
-    if cfg.init == "copy_noise" or cfg.router == "expert_choice":
+    if cfg.init == "copy_noise":
         return False
+    if cfg.router == "expert_choice":  # every token is chosen by some expert only when capacity * k >= E
+        return cfg.init == "copy" and cfg.preserve_scale and cfg.expert_choice_capacity * cfg.top_k >= cfg.num_experts
     if cfg.init == "split" and cfg.top_k < cfg.num_experts:
         return False
     if cfg.capacity_factor is not None or cfg.eval_capacity_factor is not None:

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -24,3 +25,9 @@ def load_example(name: str):
 @pytest.fixture
 def example():
     return load_example
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Tiny test tensors run faster on one thread, and CI's two cores stay free for multi-process tests."""
+    torch.set_num_threads(1)
