@@ -118,7 +118,7 @@ def grouped_linear(x_ND: torch.Tensor, w_EOI: torch.Tensor, counts_E: torch.Tens
     dtype = _compute_dtype(x_ND)
     x_ND = x_ND.to(dtype)
     w_EOI = w_EOI.to(dtype)
-    if backend == "grouped_mm":
+    if backend == "grouped_mm" and grouped_mm_aligned(x_ND, w_EOI):
         if torch.compiler.is_compiling():
             return _grouped_linear_op(x_ND, w_EOI, offs_E)
         return _ContiguousGrad.apply(F.grouped_mm(x_ND, w_EOI.transpose(-2, -1), offs=offs_E))
