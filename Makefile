@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_TIMEOUT ?= 2400
 
-.PHONY: install demo test test-slow lint bench clean
+.PHONY: install demo test test-slow lint clean bench-ep bench-balance train-ep
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -28,6 +28,15 @@ test-slow: install
 
 lint: install
 	$(VENV)/bin/ruff check moeify passes tests examples benchmarks
+
+bench-balance: install
+	$(PY) benchmarks/router_balance.py
+
+bench-ep: install
+	$(PY) benchmarks/expert_parallel.py
+
+train-ep: install
+	OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --standalone --nproc_per_node=2 examples/train_expert_parallel.py --steps 30 --out out/gpt_ep
 
 clean:
 	rm -rf out .pytest_cache
