@@ -15,8 +15,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from moeify.errors import ConfigError, ModelSourceError
+from moeify.errors import ConfigError, ModelSourceError, MoeifyError
 from moeify.stats import LayerStats, router_stats
+
+
+def _figure(**kwargs):
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as exc:
+        raise MoeifyError("plotting needs matplotlib, which is not installed: pip install matplotlib") from exc
+    return Figure(**kwargs)
 
 
 def _save(fig, path: str | os.PathLike) -> Path:
@@ -48,11 +56,9 @@ def utilization_matrix(model_or_stats: nn.Module | Sequence[LayerStats]) -> tupl
 def plot_utilization(model_or_stats: nn.Module | Sequence[LayerStats], path: str | os.PathLike, *,
                      title: str | None = None) -> Path:
     """Heatmap (layers x experts) of the share of token assignments each expert got in the last forward."""
-    from matplotlib.figure import Figure
-
     names, share = utilization_matrix(model_or_stats)
     num_experts = len(share[0])
-    fig = Figure(figsize=(1.2 + 0.55 * num_experts, 1.0 + 0.45 * len(names)))
+    fig = _figure(figsize=(1.2 + 0.55 * num_experts, 1.0 + 0.45 * len(names)))
     ax = fig.add_subplot()
     uniform = 1.0 / num_experts
     # colour scale centred on the balanced share so over- and under-used experts stand out alike
@@ -82,11 +88,9 @@ def plot_loss_curves(curves: Mapping[str, Mapping[str, Sequence]], path: str | o
     `curves`: ``{label: {"steps": [...], "values": [...] or [[run 1...], [run 2...]]}}``.
     `marks`: vertical lines ``{label: x}`` (e.g. where upcycling started).
     """
-    from matplotlib.figure import Figure
-
     if not curves:
         raise ConfigError("plot_loss_curves got no curves: pass {label: {'steps': [...], 'values': [...]}}")
-    fig = Figure(figsize=(7, 4.2))
+    fig = _figure(figsize=(7, 4.2))
     ax = fig.add_subplot()
     for label, curve in curves.items():
         steps = list(curve["steps"])

@@ -102,3 +102,9 @@ def test_bad_input_is_a_typed_error(tmp_path, call, match):
 def test_import_has_no_matplotlib_side_effect():
     code = "import sys, moeify.plots; sys.exit('matplotlib' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
+
+
+def test_missing_matplotlib_is_a_typed_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # makes the import raise ImportError
+    with pytest.raises(moeify.MoeifyError, match="pip install matplotlib"):
+        plot_loss_curves({"a": {"steps": [0], "values": [1.0]}}, tmp_path / "x.png")
