@@ -16,8 +16,10 @@ Per seed (model init, router init and token order all follow the seed):
   (e) distilled   dense student from the checkpoint, 0.25 * KL to (b)'s soft targets + 0.75 * CE, [N, N+M)
 Every arm sees the batch `batch_at(train, t)` at global step t, uses AdamW with the same hyper-
 parameters and the same learning rate at step t (warmup + cosine over N+M steps); continuation
-arms start with a fresh optimizer state. Train loss = LM loss + moeify.aux_loss(model); the reported
-validation loss is the LM loss alone (nats per byte) on a fixed set of validation windows.
+arms start with a fresh optimizer state (AdamW betas (0.9, 0.95); the distillation arm uses
+`moeify.distill`'s own AdamW, betas (0.9, 0.999), with the same learning rates and weight decay).
+Train loss = LM loss + moeify.aux_loss(model); the reported validation loss is the LM loss alone
+(nats per byte) on a fixed set of validation windows.
 
 Writes <out>/upcycle_quality.json, .txt, loss_curves.png and upcycle_utilization.png, after every
 seed (a partial run leaves valid results for the seeds done).
