@@ -118,3 +118,20 @@ def test_ooc_rejects_mismatched_checkpoint(tmp_path):
     with pytest.raises(SerializationError, match="not a safetensors file"):
         convert_checkpoint(tmp_path / "junk.safetensors", tmp_path / "c", moeify.MoEConfig(), model=ex.build_model)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # nothing half-written
+
+
+def test_ooc_records_source_for_load(tmp_path):
+    """With a ModelSource (what the CLI passes), `moeify.load` rebuilds the dense model by itself."""
+    from moeify.source import ModelSource
+    from tests.conftest import ROOT
+
+    source = ModelSource.parse(str(ROOT / "examples" / "mlp.py"))
+    dense, ckpt = _dense_checkpoint(tmp_path, "mlp")
+    convert_checkpoint(ckpt, tmp_path / "out", moeify.MoEConfig(num_experts=2), model=lambda: source.build()[0],
+                       source=source)
+    assert (tmp_path / "out" / "model_source.py").is_file()
+    loaded = moeify.load(tmp_path / "out").model.eval()
+    want = moeify.convert(dense, moeify.MoEConfig(num_experts=2), verify=False).model.eval()
+    (x,) = load_example("mlp").example_inputs()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), want(x))
