@@ -49,8 +49,9 @@ def _status(field: str) -> int:
     return 0
 
 
-def peak_rss_delta(fn) -> int:
-    """Bytes of peak RSS above the starting RSS while `fn` runs."""
+def peak_rss_delta(fn, clear) -> int:
+    """Bytes of peak RSS above the starting RSS while `fn` runs (`clear` first frees the last step's grads)."""
+    clear()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset VmHWM to the current RSS
@@ -225,11 +226,19 @@ def expert_weight_bytes(gated: bool) -> int:
     return E * per_expert * 4
 
 
-def step_fn(module: nn.Module, x_TD, grad_TD):
-    def step():
+def clear_fn(module: nn.Module, x_TD):
+    def clear():
         for p in module.parameters():
             p.grad = None
         x_TD.grad = None
+    return clear
+
+
+def step_fn(module: nn.Module, x_TD, grad_TD):
+    clear = clear_fn(module, x_TD)
+
+    def step():
+        clear()
         module(x_TD).backward(grad_TD)
     return step
 
@@ -282,7 +291,7 @@ def main() -> None:
             grad_TD = torch.randn(T, D)
             steps = {name: step_fn(m, x_TD, grad_TD) for name, m in variants.items()}
             times = bench_interleaved(steps, min_time)
-            mems = {name: peak_rss_delta(step) for name, step in steps.items()}
+            mems = {name: peak_rss_delta(step, clear_fn(variants[name], x_TD)) for name, step in steps.items()}
             ideal = times["ideal"]
             target = max(ideal, floor)
             budget = 1.2 * mems["ideal"] + wbytes
@@ -297,7 +306,7 @@ def main() -> None:
         grad_TD = torch.randn(T_prof, D)
         profiles.append(f"-- profile: moeify {kind}, T={T_prof}, 3 steps, top ops by self CPU time\n"
                         + profile_summary(variants["moeify"], x_TD, grad_TD))
-        if not args.no_compile:
+        if not args.no_compile and (gated or not args.quick):
             for T in ([4096] if args.quick else [256, 4096]):
                 x_TD = torch.randn(T, D, requires_grad=True)
                 grad_TD = torch.randn(T, D)

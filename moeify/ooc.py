@@ -177,7 +177,11 @@ class StreamingWriter:
         for _ in range(repeat):
             pos = start
             while pos < end:
-                done = os.copy_file_range(in_fd, out_fd, min(COPY_CHUNK, end - pos), pos)
+                size = min(COPY_CHUNK, end - pos)
+                try:
+                    done = os.copy_file_range(in_fd, out_fd, size, pos)
+                except OSError:  # e.g. EXDEV (another file system) or no kernel support: copy through user space
+                    done = os.write(out_fd, os.pread(in_fd, size, pos))
                 if done <= 0:
                     raise SerializationError(f"copying {src!r} from {reader.path} stopped early: disk full?")
                 pos += done
