@@ -24,8 +24,8 @@ def example_inputs():
     return (torch.randint(2, VOCAB, (2, 10), generator=torch.Generator().manual_seed(0)),)
 
 
-def greedy(model, ids: torch.Tensor, steps: int = 10) -> torch.Tensor:
-    return model.generate(ids, max_new_tokens=steps, do_sample=False, use_cache=False,
+def greedy(model, ids: torch.Tensor, steps: int = 10, use_cache: bool = False) -> torch.Tensor:
+    return model.generate(ids, max_new_tokens=steps, do_sample=False, use_cache=use_cache,
                           min_new_tokens=steps, pad_token_id=1)
 
 

@@ -94,16 +94,18 @@ def test_report_lists_exactly_the_expected_regions(converted, name):
     assert untouched <= set(result.model.state_dict())  # untouched parameters keep their names
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama", "lstm"])
-def test_greedy_generation_matches_dense(converted, name):
+@pytest.mark.parametrize(("name", "use_cache"), [("gpt2", False), ("gpt2", True), ("llama", False),
+                                               ("llama", True), ("lstm", False)])
+def test_greedy_generation_matches_dense(converted, name, use_cache):
     dense, result = converted(name)
     example = load_example(CASES[name].example)
     (ids,) = CASES[name].inputs()
     if name == "lstm":
         a, b = dense.generate(ids[:1], 10), result.model.generate(ids[:1], 10)
     else:
-        a, b = example.greedy(dense, ids[:1], 10), example.greedy(result.model, ids[:1], 10)
+        a, b = (example.greedy(m, ids[:1], 10, use_cache=use_cache) for m in (dense, result.model))
     assert a.shape[1] == ids.shape[1] + 10
+    assert len(set(a[0, ids.shape[1]:].tolist())) > 1  # a model stuck on one token would prove little
     assert torch.equal(a, b)
 
 
