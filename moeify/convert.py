@@ -93,8 +93,9 @@ def find_regions(model: nn.Module) -> tuple[list[FoundRegion], list[Skip], captu
     # a split FFN's halves were refused one by one on the siblings' own traces: drop those refusals
     claimed = {_join(f.unit.path, name) for f in found for name in f.region.linears.values()}
     skipped = [s for s in skipped if s.where not in claimed]
-    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
-    found.sort(key=lambda f: order.get(f.owner, len(order)))  # method units come last from capture
+    if any(f.unit.method is not None for f in found):  # method units come last from capture: put them in place
+        order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+        found.sort(key=lambda f: order.get(f.owner, len(order)))
     return found, skipped, cap
 
 
