@@ -250,6 +250,15 @@ def report_text(a, corpus, runs, summary) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_loss_plot(path: Path, config: dict, runs: list[dict]) -> Path:
+    curves = {title: {"steps": runs[0]["curves"][arm]["steps"], "values": [r["curves"][arm]["values"] for r in runs]}
+              for arm, title in (("pretrain", "dense pretraining"), *ARM_TITLES.items())}
+    n = config["dense_steps"]
+    return plot_loss_curves(curves, path, marks={"upcycle": n}, zoom_from=n, ylabel="val loss (nats/byte)",
+                            title=f"validation loss, GPT d{config['d_model']}x{config['layers']} on stdlib docstrings "
+                                  f"({len(runs)} seed(s), band = min..max)")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny model and few steps: checks the pipeline only")
@@ -260,8 +269,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--teacher-weight", type=float, default=0.25, help="Switch §4 used 0.25")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="torch threads (use 1 on a machine busy with other work)")
+    p.add_argument("--plot-only", action="store_true", help="redraw loss_curves.png from <out>/upcycle_quality.json")
     a = p.parse_args(argv)
+    if a.plot_only:
+        data = json.loads((a.out / "upcycle_quality.json").read_text())
+        print(write_loss_plot(a.out / "loss_curves.png", data["config"], data["runs"]))
+        return 0
     for key, value in (QUICK if a.quick else FULL).items():
         if getattr(a, key) is None:
             setattr(a, key, value)
@@ -286,13 +300,7 @@ def main(argv: list[str] | None = None) -> int:
                    "seeds_done": len(runs), "wall_s": time.time() - started}
         write_atomic(a.out / "upcycle_quality.json", json.dumps(payload, indent=1))
         write_atomic(a.out / "upcycle_quality.txt", report_text(a, corpus, runs, summary))
-        N = a.dense_steps
-        curves = {title: {"steps": runs[0]["curves"][arm]["steps"],
-                          "values": [r["curves"][arm]["values"] for r in runs]}
-                  for arm, title in (("pretrain", "dense pretraining"), *ARM_TITLES.items())}
-        plot_loss_curves(curves, a.out / "loss_curves.png", marks={"upcycle": N},
-                         title=f"validation loss, GPT d{a.d_model}x{a.layers} on stdlib docstrings "
-                               f"({len(runs)} seed(s), band = min..max)", ylabel="val loss (nats/byte)")
+        write_loss_plot(a.out / "loss_curves.png", vars(a), runs)
         plot_utilization(runs[0]["_util_rows"], a.out / "upcycle_utilization.png",
                          title="(b) upcycled top-2 after training: share of tokens per expert (val windows, seed 0)")
     print(report_text(a, corpus, runs, summarize(runs)))

@@ -82,34 +82,52 @@ def _as_runs(values: Any) -> list[list[float]]:
 
 def plot_loss_curves(curves: Mapping[str, Mapping[str, Sequence]], path: str | os.PathLike, *,
                      title: str = "validation loss", xlabel: str = "step", ylabel: str = "loss (nats/token)",
-                     marks: Mapping[str, float] | None = None) -> Path:
+                     marks: Mapping[str, float] | None = None, zoom_from: float | None = None) -> Path:
     """One line per curve; several runs (seeds) of a curve are drawn as their mean and min..max band.
 
     `curves`: ``{label: {"steps": [...], "values": [...] or [[run 1...], [run 2...]]}}``.
-    `marks`: vertical lines ``{label: x}`` (e.g. where upcycling started).
+    `marks`: vertical lines ``{label: x}`` (e.g. where upcycling started). `zoom_from`: add a right
+    panel showing only steps >= zoom_from, scaled to those values (late differences are small next
+    to the early drop of the loss).
     """
     if not curves:
         raise ConfigError("plot_loss_curves got no curves: pass {label: {'steps': [...], 'values': [...]}}")
-    fig = _figure(figsize=(7, 4.2))
-    ax = fig.add_subplot()
+    series = []
     for label, curve in curves.items():
-        steps = list(curve["steps"])
+        steps = [float(x) for x in curve["steps"]]
         runs = _as_runs(curve["values"])
         if any(len(r) != len(steps) for r in runs):
             raise ConfigError(f"curve {label!r}: every run needs one value per step ({len(steps)})")
-        mean = [sum(col) / len(col) for col in zip(*runs, strict=True)]
-        (line,) = ax.plot(steps, mean, label=label if len(runs) == 1 else f"{label} (mean of {len(runs)})")
-        if len(runs) > 1:
-            ax.fill_between(steps, [min(c) for c in zip(*runs, strict=True)], [max(c) for c in zip(*runs, strict=True)],
-                            color=line.get_color(), alpha=0.2, linewidth=0)
-    for label, x in (marks or {}).items():
-        ax.axvline(x, color="grey", linestyle=":", linewidth=1)
-        ax.annotate(label, (x, 1.0), xycoords=("data", "axes fraction"), fontsize=7, ha="left", va="top")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+        cols = list(zip(*runs, strict=True))
+        name = label if len(runs) == 1 else f"{label} (mean of {len(runs)})"
+        series.append((name, steps, [sum(c) / len(c) for c in cols], [min(c) for c in cols], [max(c) for c in cols],
+                       len(runs) > 1))
+    fig = _figure(figsize=(12 if zoom_from is not None else 7, 4.2))
+    axes = [fig.add_subplot(1, 2 if zoom_from is not None else 1, i + 1) for i in range(1 + (zoom_from is not None))]
+    for k, ax in enumerate(axes):
+        lo_x = zoom_from if k == 1 else float("-inf")
+        shown = []
+        for name, steps, mean, low, high, band in series:
+            keep = [i for i, x in enumerate(steps) if x >= lo_x]
+            if not keep:
+                ax.plot([], [], label=name)  # keeps colours and legend entries aligned across panels
+                continue
+            xs, ys, lows, highs = ([v[i] for i in keep] for v in (steps, mean, low, high))
+            (line,) = ax.plot(xs, ys, label=name, marker="." if k == 1 else None)
+            if band:
+                ax.fill_between(xs, lows, highs, color=line.get_color(), alpha=0.2, linewidth=0)
+            shown += lows + highs
+        if k == 1 and shown:
+            pad = 0.05 * (max(shown) - min(shown) or 1.0)
+            ax.set_ylim(min(shown) - pad, max(shown) + pad)
+        for label, x in (marks or {}).items():
+            ax.axvline(x, color="grey", linestyle=":", linewidth=1)
+            ax.annotate(label, (x, 1.0), xycoords=("data", "axes fraction"), fontsize=7, ha="left", va="top")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title if k == 0 else f"zoom: steps >= {zoom_from:g}", fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[-1].legend(fontsize=8)
     return _save(fig, path)
 
 

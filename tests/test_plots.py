@@ -84,6 +84,7 @@ def test_loss_curves_with_seed_bands(tmp_path):
     curves = {"dense": {"steps": [0, 10, 20], "values": [[3.0, 2.5, 2.2], [3.1, 2.6, 2.1]]},
               "moe": {"steps": [0, 10, 20], "values": [3.0, 2.4, 2.0]}}
     assert is_png(plot_loss_curves(curves, tmp_path / "loss.png", marks={"upcycle": 10}))
+    assert is_png(plot_loss_curves(curves, tmp_path / "zoom.png", marks={"upcycle": 10}, zoom_from=10))
 
 
 @pytest.mark.parametrize("call,match", [
