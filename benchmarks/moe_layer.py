@@ -2,6 +2,8 @@
 
     python benchmarks/moe_layer.py [--quick] [--no-compile] [--out benchmarks/results/moe_layer.txt]
 
+--quick: T in {16, 256, 4096}, shorter timing windows, torch.compile for SwiGLU at T=4096 only.
+
 Shape legend: T tokens, D model dim, F FFN dim, E experts, K experts per token, C capacity.
 
 Variants (same router weights, same expert weights, top-k softmax routing renormalised):
