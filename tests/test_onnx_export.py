@@ -273,13 +273,19 @@ def test_fused_graph_size_does_not_grow_with_experts(tmp_path):
 
 @pytest.mark.slow
 def test_lstm_lm_fused_in_fresh_process(tmp_path):
-    """LSTM LM with an MoE of FFNs, fused (one com.microsoft.MoE). A fresh process: torch.export fixes
-    an nn.LSTM's sequence axis on a second export in one process (export_onnx refuses that)."""
+    """LSTM LM with an MoE of FFNs (48 -> 64 -> 48: the op needs d_out == d_model), fused: one
+    com.microsoft.MoE. A fresh process: torch.export fixes an nn.LSTM's sequence axis on a second
+    export in one process (export_onnx refuses that)."""
     code = textwrap.dedent(f"""
         import sys; sys.path.insert(0, {str(ROOT / 'tests')!r})
-        from test_onnx_export import converted
+        import torch, moeify
+        from conftest import load_example
         from moeify.onnx_export import export_onnx
-        ex, model = converted("lstm_lm", dict(ffn=True), {{}})
+        ex = load_example("lstm_lm")
+        torch.manual_seed(0)
+        dense = ex.LSTMLM(ffn=True, d_emb=48).eval()
+        cfg = moeify.MoEConfig(num_experts=4, top_k=2)
+        model = moeify.convert(dense, cfg, example_inputs=ex.example_inputs()).model
         report = export_onnx(model, ex.example_inputs(), {str(tmp_path / 'lstm.onnx')!r}, mode="fused")
         assert report.num_moe_nodes == 1, report
         assert all(d <= 1e-4 for _, d in report.checks) and len(report.checks) == 2, report
