@@ -322,7 +322,9 @@ def main() -> None:
                        f"({compiled_t / eager:.2f}x eager; first call incl. compile {compile_s:.1f} s)")
                 compiled.append(row)
                 print(row, flush=True)
-    lines += ["", "torch.compile (fwd+bwd of the moeify layer):", *compiled, "", *profiles]
+    # a shared machine inflates every figure: record how busy it was
+    lines += ["", f"load average at the end (1/5/15 min): {os.getloadavg()}",
+              "", "torch.compile (fwd+bwd of the moeify layer):", *compiled, "", *profiles]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
