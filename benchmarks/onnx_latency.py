@@ -88,7 +88,7 @@ def main() -> None:
         f"# torch {torch.__version__} ({torch.get_num_threads()} threads), {sessions['fused'].describe()}, "
         f"cpus={os.cpu_count()}; export s: fused {export_s['fused']:.1f}, portable {export_s['portable']:.1f}",
         f"# load average at start {os.getloadavg()[0]:.1f} (other processes share these cpus: absolute times vary, "
-        "ratios are from interleaved runs in this one process)",
+        "ratios are from back-to-back runs in this one process)",
         "# median ms per forward; eager/x = PyTorch eager time / that runtime's time (> 1: faster than eager)",
         f"{'BxS':>7} {'ort_fused':>10} {'ort_portable':>12} {'torch_eager':>11} | {'eager/fused':>11} "
         f"{'eager/portable':>14} | {'max|fused-eager|':>16} {'max|port-eager|':>15}",
