@@ -2,6 +2,7 @@
 
     moeify inspect model.py[:NAME]                       FFN regions found and candidates refused
     moeify convert model.py[:NAME] -o out/ [options]     convert, verify, save, print a summary
+    moeify export out/ -o model.onnx [--mode fused]      ONNX for onnxruntime (checked against PyTorch)
 
 Every `MoEConfig` field is an option (`--num-experts 8 --top-k 2 --router switch ...`), generated
 from the dataclass so the CLI never lags behind the config. Errors print one line and exit 2; the
@@ -151,6 +152,29 @@ def convert(model_spec: str, output: str, force: bool, verify: bool, config_file
     moeify.save(result, output, force=force)
     click.echo(str(result.report))
     click.echo(f"saved to {output}")
+
+
+@main.command("export")
+@click.argument("out_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="ONNX file to write")
+@click.option("--mode", type=click.Choice(["fused", "portable"]), default="fused", show_default=True,
+              help="fused: one com.microsoft.MoE node per MoE layer (onnxruntime); portable: standard ONNX ops only")
+@click.option("--fallback", type=click.Choice(["none", "portable"]), default="none", show_default=True,
+              help="fused mode: lower the layers the op cannot express exactly with standard ops instead of refusing")
+@click.option("--allow-approximate-gelu", is_flag=True,
+              help="fused mode: accept the op's tanh GELU for exact-GELU experts (about 5e-4 off)")
+@click.option("--static", is_flag=True, help="fixed batch and sequence axes (default: dynamic)")
+@click.option("--check/--no-check", default=True, show_default=True,
+              help="compare onnxruntime with PyTorch at two input shapes before writing")
+@handle_errors
+def export(out_dir: str, output: str, mode: str, fallback: str, allow_approximate_gelu: bool, static: bool,
+           check: bool) -> None:
+    """Export the saved conversion OUT_DIR to ONNX (example inputs from its saved model_source.py)."""
+    from moeify.onnx_export import export_saved
+
+    report = export_saved(out_dir, output, mode=mode, fallback=None if fallback == "none" else fallback,
+                          allow_approximate_gelu=allow_approximate_gelu, dynamic=not static, check=check)
+    click.echo(report.format())
 
 
 if __name__ == "__main__":  # pragma: no cover

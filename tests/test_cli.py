@@ -94,3 +94,24 @@ def test_every_config_field_is_an_option():
     for f in dataclasses.fields(MoEConfig):
         if f.name != "version":
             assert "--" + f.name.replace("_", "-") in help_text
+
+
+MLP = str(ROOT / "examples" / "mlp.py")
+
+
+def test_export_fused_and_refusal_without_file(tmp_path):
+    out = tmp_path / "out"
+    assert run("convert", MLP, "-o", str(out), "--num-experts", "4", "--top-k", "2").exit_code == 0
+    onnx_path = tmp_path / "m.onnx"
+    r = run("export", str(out), "-o", str(onnx_path), "--mode", "fused")
+    assert r.exit_code == 0, r.output
+    assert onnx_path.is_file()
+    import onnx
+
+    ops = [n.op_type for n in onnx.load(str(onnx_path)).graph.node if n.domain == "com.microsoft"]
+    assert ops == ["MoE", "MoE"]
+    gelu = tmp_path / "gpt"
+    assert run("convert", GPT, "-o", str(gelu), "--num-experts", "2", "--top-k", "1").exit_code == 0
+    r = run("export", str(gelu), "-o", str(tmp_path / "g.onnx"), "--mode", "fused")
+    assert r.exit_code == 2 and "gelu" in r.output.lower() and r.output.startswith("error: ")
+    assert not (tmp_path / "g.onnx").exists()
