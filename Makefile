@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_TIMEOUT ?= 2400
 
-.PHONY: install demo test test-slow lint clean bench-ep bench-balance train-ep bench-onnx
+.PHONY: install demo test test-slow lint clean bench-ep bench-balance train-ep bench-onnx bench
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -31,6 +31,10 @@ lint: install
 
 bench-balance: install
 	$(PY) benchmarks/router_balance.py
+
+bench: install
+	$(PY) benchmarks/moe_layer.py --quick
+	$(PY) benchmarks/convert_scale.py
 
 bench-onnx: install
 	$(PY) benchmarks/onnx_latency.py

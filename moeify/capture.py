@@ -186,9 +186,13 @@ def _ensure_attr(module: nn.Module, gm: fx.GraphModule, target: str) -> None:
 
 
 def remove_modules(module: nn.Module, targets: list[str]) -> None:
+    """Unregister the submodules at `targets` (qualified names); names already gone are ignored."""
     for target in targets:
         parent_name, _, leaf = target.rpartition(".")
-        parent = module.get_submodule(parent_name) if parent_name else module
+        try:
+            parent = module.get_submodule(parent_name) if parent_name else module
+        except AttributeError:
+            continue
         parent._modules.pop(leaf, None)
 
 

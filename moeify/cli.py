@@ -3,6 +3,7 @@
     moeify inspect model.py[:NAME]                       FFN regions found and candidates refused
     moeify convert model.py[:NAME] -o out/ [options]     convert, verify, save, print a summary
     moeify export out/ -o model.onnx [--mode fused]      ONNX for onnxruntime (checked against PyTorch)
+    moeify convert-checkpoint model.py dense.safetensors -o out/   out-of-core upcycling, one layer in memory
 
 Every `MoEConfig` field is an option (`--num-experts 8 --top-k 2 --router switch ...`), generated
 from the dataclass so the CLI never lags behind the config. Errors print one line and exit 2; the
@@ -150,6 +151,26 @@ def convert(model_spec: str, output: str, force: bool, verify: bool, config_file
     result = moeify.convert(model, cfg, example_inputs=args, example_kwargs=kwargs, verify=verify)
     result.source = source.to_dict()
     moeify.save(result, output, force=force)
+    click.echo(str(result.report))
+    click.echo(f"saved to {output}")
+
+
+@main.command("convert-checkpoint")
+@click.argument("model_spec")
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="output directory")
+@click.option("--force", is_flag=True, help="replace an existing output directory")
+@config_options
+@handle_errors
+def convert_checkpoint(model_spec: str, checkpoint: str, output: str, force: bool, config_file: str | None,
+                       **options) -> None:
+    """Upcycle CHECKPOINT (dense .safetensors of MODEL_SPEC) out of core: one layer in memory at a time."""
+    from moeify.ooc import convert_checkpoint as ooc_convert
+    from moeify.source import ModelSource
+
+    cfg = build_config(config_file, options)
+    source = ModelSource.parse(model_spec)
+    result = ooc_convert(checkpoint, output, cfg, model=lambda: source.build()[0], source=source, force=force)
     click.echo(str(result.report))
     click.echo(f"saved to {output}")
 

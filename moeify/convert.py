@@ -185,6 +185,8 @@ def convert(model: nn.Module, config: MoEConfig | None = None, *, example_inputs
             _rewrite_split(converted, group[0], cfg, generator, report)
         else:
             _rewrite_owner(converted, owner, group, cfg, generator, report)
+            for f in group:  # the traced units still hold the dense Linears: let them go before the next owner
+                capture_mod.remove_modules(f.unit.graph_module, list(f.region.linears.values()))
 
     report.params_after = count_params(converted)
     report.active_params_per_token = active_params(converted)

@@ -115,3 +115,21 @@ def test_export_fused_and_refusal_without_file(tmp_path):
     r = run("export", str(gelu), "-o", str(tmp_path / "g.onnx"), "--mode", "fused")
     assert r.exit_code == 2 and "gelu" in r.output.lower() and r.output.startswith("error: ")
     assert not (tmp_path / "g.onnx").exists()
+
+
+def test_convert_checkpoint_out_of_core_matches_in_memory(tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from tests.conftest import load_example
+
+    dense = load_example("llama").build_model()
+    ckpt = tmp_path / "dense.safetensors"
+    save_file({k: v.contiguous() for k, v in dense.state_dict().items()}, str(ckpt))
+    llama = str(ROOT / "examples" / "llama.py")
+    args = ["--num-experts", "4", "--top-k", "2"]
+    r = run("convert-checkpoint", llama, str(ckpt), "-o", str(tmp_path / "ooc"), *args)
+    assert r.exit_code == 0, r.output
+    assert run("convert", llama, "-o", str(tmp_path / "mem"), *args).exit_code == 0
+    a, b = load_file(str(tmp_path / "ooc" / "model.safetensors")), load_file(str(tmp_path / "mem" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
