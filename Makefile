@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_TIMEOUT ?= 2400
 
-.PHONY: install demo test test-slow lint clean bench-ep bench-balance train-ep bench-onnx bench
+.PHONY: install demo test test-slow lint clean bench-ep bench-balance train-ep bench-onnx bench bench-upcycle
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -19,6 +19,10 @@ install: $(STAMP)
 
 demo: install
 	$(PY) examples/demo.py
+	$(VENV)/bin/moeify stats out/demo --plot out/demo_utilization_example_inputs.png
+
+bench-upcycle: install
+	$(PY) benchmarks/upcycle_quality.py --threads 1
 
 test: install
 	$(PY) -m pytest -q

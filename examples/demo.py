@@ -50,8 +50,8 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
 
     gpt = load_gpt()
-    dense = gpt.build_model(vocab_size=64, d_model=64, n_layers=2, n_heads=4, max_len=64)
-    x = torch.randint(0, 64, (2, 32), generator=torch.Generator().manual_seed(1))
+    dense = gpt.build_model()  # default sizes, so `moeify.load(out)` can rebuild it from the recorded source
+    (x,) = gpt.example_inputs()
     cfg = moeify.MoEConfig(num_experts=8, top_k=2, router="topk", init="copy", seed=0)
     result = moeify.convert(dense, cfg, example_inputs=(x,))
     print(result.report)
@@ -84,23 +84,19 @@ def main(argv=None) -> int:
     result.source = {"kind": "file", "target": str(HERE / "gpt.py"), "name": "build_model"}
     moeify.save(result, args.out, force=True)
     model.eval()
-    reloaded = moeify.load(args.out, model=gpt.build_model(vocab_size=64, d_model=64, n_layers=2, n_heads=4,
-                                                                max_len=64)).model.eval()
+    reloaded = moeify.load(args.out).model.eval()  # rebuilt from the source recorded in the plan
     with torch.no_grad():
         diff = (reloaded(x) - model(x)).abs().max().item()
     print(f"saved to {args.out}; reloaded model max |diff| = {diff:.3g}")
     if diff > 1e-6:
         print("error: the reloaded model differs", file=sys.stderr)
         return 1
-    try:
-        from moeify import plots
-    except ImportError:
-        plots = None
-    if plots is not None and hasattr(plots, "plot_utilization"):
-        with torch.no_grad():
-            model(next(data))
-        path = plots.plot_utilization(model, args.plot)
-        print(f"expert utilisation heatmap: {path}")
+    from moeify.plots import plot_utilization
+
+    with torch.no_grad():
+        model(next(data))
+    path = plot_utilization(model, args.plot, title="demo: share of tokens per expert after training")
+    print(f"expert utilisation heatmap: {path}")
     return 0
 
 

@@ -8,12 +8,13 @@
 
 from moeify.config import MoEConfig
 from moeify.convert import ConversionResult, convert, moe_layers
+from moeify.distill import DistillConfig, distill, distillation_loss
 from moeify.errors import MoeifyError
 from moeify.losses import aux_loss, aux_losses
 from moeify.onnx_export import export_onnx
 from moeify.serialization import load, save
 from moeify.stats import format_stats, router_stats
 
-__all__ = ["ConversionResult", "MoEConfig", "MoeifyError", "aux_loss", "aux_losses", "convert", "export_onnx",
-           "load", "format_stats", "moe_layers", "router_stats", "save"]
+__all__ = ["ConversionResult", "DistillConfig", "MoEConfig", "MoeifyError", "aux_loss", "aux_losses", "convert",
+           "distill", "distillation_loss", "export_onnx", "format_stats", "load", "moe_layers", "router_stats", "save"]
 __version__ = "0.1.0"

@@ -4,6 +4,7 @@
     moeify convert model.py[:NAME] -o out/ [options]     convert, verify, save, print a summary
     moeify export out/ -o model.onnx [--mode fused]      ONNX for onnxruntime (checked against PyTorch)
     moeify convert-checkpoint model.py dense.safetensors -o out/   out-of-core upcycling, one layer in memory
+    moeify stats out/ [--plot util.png]                  router statistics and expert-utilisation heatmap
 
 Every `MoEConfig` field is an option (`--num-experts 8 --top-k 2 --router switch ...`), generated
 from the dataclass so the CLI never lags behind the config. Errors print one line and exit 2; the
@@ -173,6 +174,28 @@ def convert_checkpoint(model_spec: str, checkpoint: str, output: str, force: boo
     result = ooc_convert(checkpoint, output, cfg, model=lambda: source.build()[0], source=source, force=force)
     click.echo(str(result.report))
     click.echo(f"saved to {output}")
+
+
+@main.command()
+@click.argument("out_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="also write a per-layer expert utilisation heatmap (PNG) to this path")
+@handle_errors
+def stats(out_dir: str, plot_path: str | None) -> None:
+    """Router statistics of a saved conversion (OUT_DIR) on its model_source.py example_inputs()."""
+    import torch
+
+    import moeify
+    from moeify.plots import example_inputs_from_dir, plot_utilization
+
+    model = moeify.load(out_dir).model.eval()
+    args, kwargs = example_inputs_from_dir(out_dir)
+    with torch.no_grad():
+        model(*args, **kwargs)
+    click.echo(moeify.format_stats(moeify.router_stats(model)))
+    if plot_path:
+        path = plot_utilization(model, plot_path, title=f"{out_dir}: share of tokens per expert")
+        click.echo(f"utilisation heatmap: {path}")
 
 
 @main.command("export")
