@@ -121,7 +121,7 @@ def inspect(model_spec: str) -> None:
               str(f.region.d_ff), ", ".join(f.key), f.unit.how) for f in found]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
     if skipped:
         click.echo(f"refused ({len(skipped)}):")
         for s in skipped:

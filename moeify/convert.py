@@ -102,7 +102,8 @@ def find_regions(model: nn.Module) -> tuple[list[FoundRegion], list[Skip], captu
 def _nearest(skipped: list[Skip], limit: int = 5) -> str:
     if not skipped:
         return "no Linear layers were found at all"
-    return "; ".join(str(s) for s in skipped[:limit]) + (f"; and {len(skipped) - limit} more" if len(skipped) > limit else "")
+    more = f"; and {len(skipped) - limit} more" if len(skipped) > limit else ""
+    return "; ".join(str(s) for s in skipped[:limit]) + more
 
 
 def _region_builder(cfg: MoEConfig, generator: torch.Generator) -> Callable[[FFNRegion, fx.GraphModule], MoELayer]:
@@ -292,7 +293,7 @@ def max_output_diff(a: nn.Module, b: nn.Module, args: Sequence[Any], kwargs: dic
         a.train(modes[0]), b.train(modes[1])
     if len(ya) != len(yb):
         raise VerificationError(f"the converted model returns {len(yb)} tensors, the dense model {len(ya)}")
-    diffs = [(x.float() - y.float()).abs().max().item() if x.numel() else 0.0 for x, y in zip(ya, yb)]
+    diffs = [(x.float() - y.float()).abs().max().item() if x.numel() else 0.0 for x, y in zip(ya, yb, strict=True)]
     return max(diffs, default=0.0)
 
 

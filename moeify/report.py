@@ -77,10 +77,11 @@ class ConversionReport:
 
     def table(self) -> str:
         rows = [("MoE layer", "kind", "d_model", "d_ff", "experts", "top-k", "router", "captured by")]
-        rows += [(r.name, f"{r.kind}/{r.activation}" if r.activation else r.kind, str(r.d_model), str(r.d_ff), str(r.num_experts),
+        rows += [(r.name, f"{r.kind}/{r.activation}" if r.activation else r.kind, str(r.d_model), str(r.d_ff),
+                  str(r.num_experts),
                   str(r.top_k), r.router, r.capture) for r in self.regions]
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
         return "\n".join(lines)
 

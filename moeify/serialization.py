@@ -72,7 +72,8 @@ def save(result, out_dir: str | os.PathLike, *, force: bool = False) -> Path:
 def read_plan(out_dir: str | os.PathLike) -> dict[str, Any]:
     path = Path(out_dir) / "plan.json"
     if not path.is_file():
-        raise SerializationError(f"{out_dir} has no plan.json: pass a directory written by moeify.save / moeify convert")
+        raise SerializationError(f"{out_dir} has no plan.json: pass a directory written by moeify.save or "
+                                 "moeify convert")
     try:
         plan = json.loads(path.read_text())
     except json.JSONDecodeError as exc:

@@ -95,7 +95,8 @@ def example_inputs_of(module: Any, where: str) -> tuple[tuple, dict]:
         raise ModelSourceError(f"{where}: example_inputs() raised {type(exc).__name__}: {exc}") from exc
     if isinstance(value, dict):
         return (), value
-    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], dict) and isinstance(value[0], (tuple, list)):
+    pair = isinstance(value, tuple) and len(value) == 2
+    if pair and isinstance(value[1], dict) and isinstance(value[0], (tuple, list)):
         return tuple(value[0]), value[1]
     if not isinstance(value, (tuple, list)):
         value = (value,)

@@ -25,9 +25,9 @@ can carry it (`RegionReport.sharding`).
 from __future__ import annotations
 
 import torch.fx as fx
-from moeify.passes.infra import GraphPass, PassResult, Skip
 
 from moeify.errors import PostconditionError
+from moeify.passes.infra import GraphPass, PassResult, Skip
 
 SHARDING_VERSION = 1
 META_KEY = "moeify_sharding"

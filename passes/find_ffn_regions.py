@@ -51,7 +51,7 @@ def common_owner(nodes: list[fx.Node]) -> str:
     owners = [ops.owner_of(n) or "" for n in nodes]
     parts = [o.split(".") if o else [] for o in owners]
     prefix: list[str] = []
-    for items in zip(*parts):
+    for items in zip(*parts, strict=False):  # common prefix: stop at the shortest
         if all(p == items[0] for p in items):
             prefix.append(items[0])
         else:
@@ -104,7 +104,8 @@ class MLPRule:
         fc2, p, drop_nodes = _skip_dropout(act_node, gm)
         p2 = None if fc2 is None else ops.linear_of(fc2, gm)
         if p2 is None:
-            return Skip(where, f"{act} output feeds {'several nodes' if fc2 is None else fc2.name}, not a second Linear",
+            feeds = "several nodes" if fc2 is None else fc2.name
+            return Skip(where, f"{act} output feeds {feeds}, not a second Linear",
                         "the activation must feed the FFN's output Linear")
         if p2.in_features != p1.out_features:
             return Skip(where, f"{fc2.target}.in_features={p2.in_features} != {fc1.target}.out_features="

@@ -2,11 +2,11 @@
 
 import pytest
 import torch.fx as fx
-from moeify.passes.annotate_sharding import META_KEY, AnnotateSharding
-from moeify.passes.infra import Skip
 
 import moeify
 from moeify.errors import PostconditionError
+from moeify.passes.annotate_sharding import META_KEY, AnnotateSharding
+from moeify.passes.infra import Skip
 
 
 def expected_annotations(expert_params: list[str], router_params: list[str]) -> dict[str, dict]:

@@ -1,4 +1,5 @@
-"""The CLI through click's test runner: the happy path and every bad input (exit code, one-line message, nothing written)."""
+"""The CLI through click's test runner: the happy path, and every bad input (exit code, one-line message,
+nothing written)."""
 
 import json
 from pathlib import Path
@@ -42,7 +43,8 @@ NO_FFN = "import torch\ndef build_model():\n    return torch.nn.Sequential(torch
          "def example_inputs():\n    return (torch.randn(2, 4),)\n"
 RAISES = "raise RuntimeError('boom at import')\n"
 NO_BUILD = "import torch\nmodel_factory = 3\n"
-NO_EXAMPLES = "import torch\ndef build_model():\n    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), " \
+NO_EXAMPLES = "import torch\ndef build_model():\n    return torch.nn.Sequential(" \
+              "torch.nn.Linear(4, 8), torch.nn.ReLU(), " \
               "torch.nn.Linear(8, 4))\n"
 
 
@@ -131,5 +133,6 @@ def test_convert_checkpoint_out_of_core_matches_in_memory(tmp_path):
     r = run("convert-checkpoint", llama, str(ckpt), "-o", str(tmp_path / "ooc"), *args)
     assert r.exit_code == 0, r.output
     assert run("convert", llama, "-o", str(tmp_path / "mem"), *args).exit_code == 0
-    a, b = load_file(str(tmp_path / "ooc" / "model.safetensors")), load_file(str(tmp_path / "mem" / "model.safetensors"))
+    a = load_file(str(tmp_path / "ooc" / "model.safetensors"))
+    b = load_file(str(tmp_path / "mem" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

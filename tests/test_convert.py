@@ -72,7 +72,8 @@ def test_verification_catches_a_broken_conversion(monkeypatch):
 
 def test_copy_noise_is_reported_not_function_preserving():
     ex = load_example("mlp")
-    result = moeify.convert(ex.build_model(), moeify.MoEConfig(num_experts=4, top_k=2, init="copy_noise", init_noise=0.05),
+    cfg = moeify.MoEConfig(num_experts=4, top_k=2, init="copy_noise", init_noise=0.05)
+    result = moeify.convert(ex.build_model(), cfg,
                             example_inputs=ex.example_inputs())
     assert result.report.function_preserving is False and result.report.max_abs_diff > 0
     assert any("not function preserving" in n for n in result.report.notes)

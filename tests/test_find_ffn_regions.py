@@ -50,7 +50,8 @@ class NewGELU(nn.Module):  # a zoo-style GELU class the finder must recognise by
 
 @pytest.mark.parametrize("act, expected", [
     (nn.ReLU(), "relu"), (nn.GELU(), "gelu"), (nn.GELU(approximate="tanh"), "gelu_tanh"), (nn.SiLU(), "silu"),
-    (NewGELU(), "gelu_tanh"), (F.relu, "relu"), (F.silu, "silu"), (lambda x: F.gelu(x, approximate="tanh"), "gelu_tanh"),
+    (NewGELU(), "gelu_tanh"), (F.relu, "relu"), (F.silu, "silu"),
+    (lambda x: F.gelu(x, approximate="tanh"), "gelu_tanh"),
 ])
 def test_activations(act, expected):
     regions = find(Act(act)).analysis

@@ -33,7 +33,7 @@ def reference(layer, x_TD, k, router, preserve_scale):
             gates = [probs[e] / sum(probs[j] for j in top) for e in top]
         else:  # switch: gate = probability, or 1 in value with preserve_scale
             gates = [torch.ones((), dtype=torch.float64) if preserve_scale else probs[top[0]]]
-        out.append(sum(g.float() * expert_out(layer, e, x_D) for g, e in zip(gates, top)))
+        out.append(sum(g.float() * expert_out(layer, e, x_D) for g, e in zip(gates, top, strict=True)))
     return torch.stack(out)
 
 
@@ -93,7 +93,7 @@ def test_tokens_routed_to_no_expert_contribute_zero():
         x_ND, plan = layer.dispatch(x, routing)
         y = layer.combine(layer.experts(x_ND, plan.counts_E), plan)
         want = torch.zeros(4, 5)
-        for t, e, w in zip(token_N.tolist(), expert_N.tolist(), weight_N.tolist()):
+        for t, e, w in zip(token_N.tolist(), expert_N.tolist(), weight_N.tolist(), strict=True):
             want[t] += w * expert_out(layer, e, x[t])
     torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-4)
     assert y[1].abs().sum() == 0 and y[3].abs().sum() == 0

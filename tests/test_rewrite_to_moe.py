@@ -27,7 +27,8 @@ class TwoFFN(nn.Module):
         return x + self.down(torch.nn.functional.gelu(self.up(x)))
 
 
-def rewrite(module, cfg=MoEConfig(num_experts=4, top_k=2)):
+def rewrite(module, cfg=None):
+    cfg = cfg or MoEConfig(num_experts=4, top_k=2)
     gm = trace(module)
     regions = FindFFNRegions()(gm).analysis
     build = lambda region, g: build_moe_layer(cfg, dense_ffn(region, g))  # noqa: E731
