@@ -147,13 +147,18 @@ def function_preserving(cfg: MoEConfig) -> bool:
 
 def convert(model: nn.Module, config: MoEConfig | None = None, *, example_inputs: Sequence[Any] = (),
             example_kwargs: dict[str, Any] | None = None, only: Sequence[Sequence[str]] | None = None,
-            verify: bool = True, atol: float = 1e-5) -> ConversionResult:
+            verify: bool = True, atol: float = 1e-5, source: str | None = None) -> ConversionResult:
     """Convert the FFN regions of `model` into MoE layers. `model` itself is left unchanged.
 
     `only`: keys (sorted Linear names) of the regions to convert, as recorded in a saved plan;
     overrides the config's selection. `verify`: compare outputs on the example inputs and raise
     `VerificationError` when a function-preserving config does not preserve the function.
+    `source`: where the dense model comes from (`model.py[:NAME]` or `package.module:factory`),
+    recorded by `moeify.save` so that `moeify.load(out_dir)` can rebuild it without a model.
     """
+    from moeify.source import ModelSource
+
+    source_record = ModelSource.parse(source).to_dict() if source is not None else None
     cfg = config or MoEConfig()
     converted = copy.deepcopy(model)
     found, skipped, cap = find_regions(converted)
@@ -191,7 +196,8 @@ def convert(model: nn.Module, config: MoEConfig | None = None, *, example_inputs
 
     report.params_after = count_params(converted)
     report.active_params_per_token = active_params(converted)
-    result = ConversionResult(converted, report, cfg, regions=[list(found[i].key) for i in selected])
+    result = ConversionResult(converted, report, cfg, source=source_record,
+                              regions=[list(found[i].key) for i in selected])
     if verify and (example_inputs or example_kwargs):
         check_outputs(model, converted, example_inputs, example_kwargs or {}, report, atol)
     return result

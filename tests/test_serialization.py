@@ -11,11 +11,11 @@ from tests.conftest import ROOT, load_example
 @pytest.mark.parametrize("name", ["gpt", "llama"])
 def test_round_trip_from_recorded_source_and_from_given_model(tmp_path, name):
     ex = load_example(name)
-    result = moeify.convert(ex.build_model(), moeify.MoEConfig(num_experts=4, top_k=2, every_n=2))
+    result = moeify.convert(ex.build_model(), moeify.MoEConfig(num_experts=4, top_k=2, every_n=2),
+                            source=f"{ROOT / 'examples' / name}.py:build_model")
     with torch.no_grad():  # make the weights differ from any fresh conversion
         for p in result.model.parameters():
             p.add_(0.01 * torch.randn_like(p))
-    result.source = {"kind": "file", "target": str(ROOT / "examples" / f"{name}.py"), "name": "build_model"}
     out = moeify.save(result, tmp_path / "out")
     (x,) = ex.example_inputs()
     result.model.eval()
