@@ -101,7 +101,11 @@ def test_ooc_holds_at_most_one_layer(tmp_path, fast):
         assert reader.read_layers == {f"layers.{i}" for i in range(6)}
         assert reader.peak_layers == 1
         assert reader.peak_live_bytes <= one_ffn
-    assert moeify.load(tmp_path / "out", model=ex.build_model(**sizes)).model is not None
+    loaded = moeify.load(tmp_path / "out", model=ex.build_model(**sizes)).model.eval()
+    in_memory = moeify.convert(dense, moeify.MoEConfig(num_experts=4), verify=False).model.eval()
+    (x,) = ex.example_inputs()
+    with torch.no_grad():  # the low-memory path still writes the in-memory conversion's model
+        assert torch.equal(loaded(x), in_memory(x))
 
 
 def test_ooc_rejects_mismatched_checkpoint(tmp_path):
