@@ -8,6 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from moeify.cli import main
+from moeify.errors import ModelSourceError
 
 ROOT = Path(__file__).resolve().parent.parent
 GPT = str(ROOT / "examples" / "gpt.py")
@@ -83,8 +84,13 @@ def test_existing_output_needs_force(tmp_path):
 
 
 def test_debug_shows_traceback(tmp_path):
-    r = CliRunner().invoke(main, ["--debug", "convert", str(tmp_path / "absent.py"), "-o", str(tmp_path / "o")])
-    assert r.exit_code != 0 and r.exception is not None
+    args = ["convert", str(tmp_path / "absent.py"), "-o", str(tmp_path / "o")]
+    r = CliRunner().invoke(main, ["--debug", *args])
+    # the typed error itself propagates (with its traceback), not the one-line exit 2 of the default mode
+    assert r.exit_code != 0 and isinstance(r.exception, ModelSourceError), repr(r.exception)
+    assert r.exc_info[2] is not None
+    plain = CliRunner().invoke(main, args)
+    assert plain.exit_code == 2 and isinstance(plain.exception, SystemExit)
 
 
 def test_every_config_field_is_an_option():
