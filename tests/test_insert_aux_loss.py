@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from moeify import MoEConfig, aux_loss
@@ -20,8 +21,20 @@ def test_inserts_one_aux_node_per_layer_and_losses_reach_the_router():
     assert all(n.args[0].meta["moeify"]["role"] == "router" for n in aux_nodes)
     again = InsertAuxLoss()(gm)  # idempotent: a second run skips, and says so
     assert not again.modified and len(again.skipped) == 2
+    seen = {}
+    for name in ("moe_fc1", "moe_up"):
+        gm.get_submodule(f"{name}.router").register_forward_pre_hook(
+            lambda m, args, name=name: seen.update({name: args[0].detach()}))
     gm(torch.randn(4, 8))
     loss = aux_loss(gm)
-    assert loss.item() > 0 and torch.isfinite(loss)
+    # Switch eq. 4 (E * sum_i f_i P_i, top-2 assignments) and ST-MoE z-loss, from each router's input
+    want = 0.0
+    for name, x in seen.items():
+        logits = x.double() @ gm.get_submodule(f"{name}.router.gate").weight.detach().double().T
+        probs = logits.softmax(-1)
+        chosen = probs.topk(2, dim=-1).indices
+        f = torch.bincount(chosen.flatten(), minlength=4) / chosen.numel()
+        want += 0.5 * 4 * (f * probs.mean(0)).sum().item() + 0.1 * logits.logsumexp(-1).pow(2).mean().item()
+    assert len(seen) == 2 and loss.item() == pytest.approx(want, rel=1e-5)
     loss.backward()
     assert gm.get_submodule("moe_fc1.router.gate").weight.grad.abs().sum() > 0
