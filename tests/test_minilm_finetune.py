@@ -32,20 +32,21 @@ def test_converted_minilm_finetune_loss_falls():
     params = [*model.parameters(), *head.parameters()]
     opt = torch.optim.AdamW(params, lr=5e-5)
     order = torch.Generator().manual_seed(0)
-    losses, aux = [], []
+    routers = [layer.router for layer in moeify.moe_layers(model).values()]
+    losses, aux, router_grads = [], [], []
     for _ in range(30):
         batch = torch.randperm(len(texts), generator=order)[:16]
         logits = head(minilm.mean_pooled(model, ids[batch], mask[batch]))
         task = F.cross_entropy(logits, labels[batch])
         extra = moeify.aux_loss(model)
         (task + extra).backward()
+        router_grads.append(min(r.gate.weight.grad.abs().sum().item() for r in routers))
         opt.step()
         opt.zero_grad()
         losses.append(task.item())
         aux.append(extra.item())
-    router = next(iter(moeify.moe_layers(model).values())).router
     assert all(a > 0 for a in aux)  # load-balance and z losses were recorded on every step
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     print(f"MiniLM MoE fine-tune: task loss {first:.3f} -> {last:.3f}, aux {aux[0]:.4f} -> {aux[-1]:.4f}")
     assert last < 0.7 * first
-    assert router is not None
+    assert len(routers) == 6 and all(g > 0 for g in router_grads)  # every router got gradient on every step
