@@ -10,15 +10,6 @@ from moeify.distill import DistillConfig, distill, distillation_loss
 from moeify.errors import ConfigError
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny tensors: several OpenMP threads only contend with each other on a busy 2-core machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def np_log_softmax(x):
     x = x - x.max(-1, keepdims=True)
     return x - np.log(np.exp(x).sum(-1, keepdims=True))

@@ -30,15 +30,6 @@ _spec.loader.exec_module(worker)
 ATOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The reference runs single-threaded like each rank: tiny ops on 2 busy cores are far slower threaded."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def reference_step(case: str, world: int = worker.WORLD):
     """One process, local dispatch: per rank's micro-batch, logits/aux/loss; gradients accumulated."""
     result, gpt = worker.converted(case)

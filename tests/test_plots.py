@@ -16,15 +16,6 @@ from tests.conftest import ROOT, load_example
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny tensors: several OpenMP threads only contend with each other on a busy 2-core machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def is_png(path):
     return path.is_file() and path.read_bytes()[:8] == PNG_MAGIC
 
