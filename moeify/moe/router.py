@@ -130,6 +130,16 @@ class _RouterBase(nn.Module):
         """Apply the capacity limit, if any (it records "dropped_fraction")."""
         return routing if self.capacity is None else self.capacity(routing)
 
+    def token_choice(self, idx_TK: torch.Tensor, gate_TK: torch.Tensor, logits_TE: torch.Tensor,
+                     probs_TE: torch.Tensor, **extra_losses: torch.Tensor) -> Routing:
+        """Package a token-choice decision: gates filled to sum 1 (`fill_gates`), the standard losses
+        plus `extra_losses`, then the capacity limit."""
+        gate_TK = fill_gates(gate_TK, self.preserve_scale)
+        token_N, expert_N, weight_N = token_major(idx_TK, gate_TK)
+        importance_E = torch.zeros_like(probs_TE).scatter(1, idx_TK, gate_TK).sum(0)
+        found = self.standard_losses(logits_TE, probs_TE, expert_N, importance_E) | extra_losses
+        return self.finish(Routing(token_N, expert_N, weight_N, logits_TE, probs_TE, found))
+
     def standard_losses(self, logits_TE: torch.Tensor, probs_TE: torch.Tensor, expert_N: torch.Tensor,
                         importance_E: torch.Tensor) -> dict:
         return {
@@ -155,11 +165,7 @@ class TopKRouter(_RouterBase):
     def forward(self, x_TD: torch.Tensor) -> Routing:
         logits_TE = self.logits(x_TD)
         gate_TK, idx_TK, probs_TE = topk_gates(logits_TE, self.top_k, self.softmax_before_topk, self.normalize)
-        gate_TK = fill_gates(gate_TK, self.preserve_scale)
-        token_N, expert_N, weight_N = token_major(idx_TK, gate_TK)
-        gates_TE = torch.zeros_like(probs_TE).scatter(1, idx_TK, gate_TK)
-        return self.finish(Routing(token_N, expert_N, weight_N, logits_TE, probs_TE,
-                                   self.standard_losses(logits_TE, probs_TE, expert_N, gates_TE.sum(0))))
+        return self.token_choice(idx_TK, gate_TK, logits_TE, probs_TE)
 
 
 class SwitchRouter(_RouterBase):
@@ -184,11 +190,7 @@ class SwitchRouter(_RouterBase):
         logits_TE = self.logits(x_TD)
         probs_TE = logits_TE.softmax(dim=-1)
         gate_T1, idx_T1 = probs_TE.max(dim=-1, keepdim=True)
-        gate_T1 = fill_gates(gate_T1, self.preserve_scale)
-        token_N, expert_N, weight_N = token_major(idx_T1, gate_T1)
-        gates_TE = torch.zeros_like(probs_TE).scatter(1, idx_T1, gate_T1)
-        return self.finish(Routing(token_N, expert_N, weight_N, logits_TE, probs_TE,
-                                   self.standard_losses(logits_TE, probs_TE, expert_N, gates_TE.sum(0))))
+        return self.token_choice(idx_T1, gate_T1, logits_TE, probs_TE)
 
 
 class NoisyTopKRouter(_RouterBase):
@@ -220,16 +222,12 @@ class NoisyTopKRouter(_RouterBase):
     def forward(self, x_TD: torch.Tensor) -> Routing:
         clean_TE, noisy_TE, std_TE = noisy_logits(x_TD, self.gate, self.noise, self.noise_eps, self.training)
         gate_TK, idx_TK = keep_topk_softmax(noisy_TE, self.top_k)
-        gate_TK = fill_gates(gate_TK, self.preserve_scale)
         probs_TE = noisy_TE.softmax(dim=-1)
-        token_N, expert_N, weight_N = token_major(idx_TK, gate_TK)
-        gates_TE = torch.zeros_like(probs_TE).scatter(1, idx_TK, gate_TK)
-        found = self.standard_losses(clean_TE, probs_TE, expert_N, gates_TE.sum(0))
         if self.training:
-            found["load"] = losses.load_loss(clean_TE, noisy_TE, std_TE, self.top_k)
+            load = losses.load_loss(clean_TE, noisy_TE, std_TE, self.top_k)
         else:
-            found["load"] = losses.cv_squared(gates_to_load(idx_TK, self.num_experts, clean_TE.dtype))
-        return self.finish(Routing(token_N, expert_N, weight_N, clean_TE, probs_TE, found))
+            load = losses.cv_squared(gates_to_load(idx_TK, self.num_experts, clean_TE.dtype))
+        return self.token_choice(idx_TK, gate_TK, clean_TE, probs_TE, load=load)
 
 
 def expert_choice_capacity(num_tokens: int, top_k: int, factor: float, num_experts: int) -> int:
