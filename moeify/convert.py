@@ -226,10 +226,7 @@ def _rewrite_owner(model: nn.Module, owner: str, group: list[FoundRegion], cfg: 
     capture_mod.remove_modules(owner_module, [n for r in chosen for n in r.linears.values()])
     report.changes += [f"{owner or '<model>'}: {c}" for c in log.changes]
     report.skipped += log.skipped
-    for region in chosen:
-        name = next(n for n, layer in rewrite.installed.items()
-                    if n.rpartition(".")[0] == region.owner or (not region.owner and "." not in n))
-        layer = rewrite.installed[name]
+    for region, (name, layer) in zip(chosen, rewrite.installed.items(), strict=True):
         report.regions.append(RegionReport(
             name=_join(owner, name), owner=owner, kind=region.kind, activation=region.activation,
             d_model=region.d_model, d_ff=region.d_ff, linears=[_join(prefix, n) for n in region.linears.values()],

@@ -8,7 +8,6 @@ not only whether something changed.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,12 +93,8 @@ class PassManager:
                 raise
             except Exception as exc:
                 done = ", ".join(name for name, _ in log.results) or "none"
-                at = f" on {where or '<root>'}" if where is not None else ""
-                raise PassError(f"pass {p.name} failed{at} after [{done}]: {type(exc).__name__}: {exc}") from exc
+                raise PassError(f"pass {p.name} failed on {where or '<root>'} after [{done}]: "
+                                f"{type(exc).__name__}: {exc}") from exc
             log.results.append((p.name, result))
             gm = result.graph_module
         return gm, log
-
-
-def replace_result(result: PassResult, **changes: Any) -> PassResult:
-    return dataclasses.replace(result, **changes)

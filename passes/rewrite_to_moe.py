@@ -14,7 +14,6 @@ from __future__ import annotations
 import operator
 from collections.abc import Callable
 
-import torch
 import torch.fx as fx
 from torch import nn
 
@@ -66,7 +65,7 @@ class RewriteToMoE(GraphPass):
     def __init__(self, regions: list[FFNRegion], build_layer: Callable[[FFNRegion, fx.GraphModule], MoELayer]):
         self.regions = list(regions)
         self.build_layer = build_layer
-        self.installed: dict[str, MoELayer] = {}  # layer name -> layer, filled by call()
+        self.installed: dict[str, MoELayer] = {}  # layer name -> layer, in region order, filled by call()
 
     def requires(self, gm: fx.GraphModule) -> None:
         graph_nodes = set(gm.graph.nodes)
@@ -114,4 +113,4 @@ def moe_layers(gm: fx.GraphModule) -> dict[str, MoELayer]:
     return {name: gm.get_submodule(name) for name in sorted(names)}
 
 
-__all__ = ["MOE_ROLES", "RewriteToMoE", "emit_moe_subgraph", "layer_name", "moe_layers", "torch"]
+__all__ = ["MOE_ROLES", "RewriteToMoE", "emit_moe_subgraph", "layer_name", "moe_layers"]

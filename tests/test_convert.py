@@ -107,3 +107,11 @@ def test_training_loss_falls():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.3 * losses[0], losses[::8]
+
+
+def test_two_regions_in_one_owner_are_reported_under_their_own_layers():
+    from tests.test_rewrite_to_moe import TwoFFN
+
+    x = torch.randn(3, 8)
+    r = moeify.convert(TwoFFN(), moeify.MoEConfig(num_experts=2, top_k=1), example_inputs=(x,)).report
+    assert [(reg.name, reg.linears) for reg in r.regions] == [("moe_fc1", ["fc1", "fc2"]), ("moe_up", ["up", "down"])]
