@@ -4,10 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moeify.moe.dispatch import expert_counts
+from moeify.moe import expert_loop
+from moeify.moe.losses import count_indices
 from moeify.moe.experts import GroupedExperts
 
-ACT = {"gelu": F.gelu, "silu": F.silu, "relu": F.relu}
+ACT = {"gelu": F.gelu, "gelu_tanh": lambda v: F.gelu(v, approximate="tanh"), "silu": F.silu, "relu": F.relu}
 
 
 def reference(experts: GroupedExperts, x_ND, counts_E):
@@ -33,14 +34,21 @@ EXPERTS = [  # (backend, gated, activation, bias)
     ("grouped_mm", False, "relu", False),
     ("grouped_mm", True, "silu", False),
     ("grouped_mm", True, "gelu", True),
-    ("loop", False, "gelu", True),
-    ("loop", True, "silu", False),
+    ("expert_loop", False, "gelu", True),
+    ("expert_loop", False, "gelu_tanh", False),
+    ("expert_loop", False, "relu", True),
+    ("expert_loop", True, "silu", False),
+    ("expert_loop", True, "gelu", True),
 ]
 
 
+@pytest.mark.parametrize("pad_max_rows", [0, 32])  # expert_loop: one matmul per expert, or padded batches
 @pytest.mark.parametrize("backend,gated,activation,bias", EXPERTS)
 @pytest.mark.parametrize("counts", COUNTS)
-def test_grouped_experts_match_per_token_loop(backend, gated, activation, bias, counts):
+def test_grouped_experts_match_per_token_loop(backend, gated, activation, bias, counts, pad_max_rows, monkeypatch):
+    if backend != "expert_loop" and pad_max_rows:
+        pytest.skip("padding is an expert_loop mode")
+    monkeypatch.setattr(expert_loop, "PAD_MAX_ROWS", pad_max_rows)
     torch.manual_seed(0)
     experts = GroupedExperts(4, 16, 32, activation, gated=gated, bias=bias, backend=backend)
     if bias:
@@ -67,6 +75,33 @@ def test_grouped_experts_match_per_token_loop(backend, gated, activation, bias, 
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_expert_counts_match_bincount():
+def test_count_indices_match_bincount():
     expert_N = torch.randint(0, 6, (50,))
-    assert torch.equal(expert_counts(expert_N, 8), torch.bincount(expert_N, minlength=8))
+    assert torch.equal(count_indices(expert_N, 8), torch.bincount(expert_N, minlength=8))
+
+
+@pytest.mark.parametrize("backend", ["grouped_mm", "expert_loop"])
+def test_expert_dropout_drops_hidden_units_and_rescales(backend):
+    """Switch expert dropout: in training each hidden unit is zeroed with probability p, survivors x 1/(1-p)."""
+    torch.manual_seed(0)
+    E, D, Fd, p = 2, 8, 512, 0.25
+    experts = GroupedExperts(E, D, Fd, "relu", bias=True, dropout=p, d_out=Fd, backend=backend)
+    with torch.no_grad():  # w2 = identity, b1 large: y is exactly the (dropped) positive hidden layer
+        experts.w2_EDF.copy_(torch.eye(Fd).expand(E, Fd, Fd))
+        experts.b2_ED.zero_()
+        experts.b1_EF.fill_(10.0)
+    counts_E = torch.tensor([9, 7])
+    x_ND = torch.randn(16, D, requires_grad=True)
+    hidden = torch.cat([F.relu(x_ND[:9] @ experts.w1_EFD[0].T + 10), F.relu(x_ND[9:] @ experts.w1_EFD[1].T + 10)])
+
+    y = experts.eval()(x_ND, counts_E)
+    torch.testing.assert_close(y, hidden)  # no dropout in eval
+
+    y = experts.train()(x_ND, counts_E)
+    kept = y != 0
+    assert abs(1 - kept.float().mean().item() - p) < 0.03  # 8192 Bernoulli draws: std 0.005
+    torch.testing.assert_close(y[kept], hidden[kept] / (1 - p))
+    y.sum().backward()
+    w1_row = torch.cat([experts.w1_EFD[0].expand(9, -1, -1), experts.w1_EFD[1].expand(7, -1, -1)])  # (N, F, D)
+    want = torch.einsum("nf,nfd->nd", kept.float() / (1 - p), w1_row)  # relu' = 1: preacts are > 0
+    torch.testing.assert_close(x_ND.grad, want.detach(), rtol=1e-4, atol=1e-4)

@@ -27,6 +27,7 @@ from torch import nn
 
 from moeify.config import DROP_POLICIES
 from moeify.errors import ConfigError
+from moeify.moe.losses import count_indices
 from moeify.moe.router import Routing
 
 
@@ -48,7 +49,7 @@ def keep_within_capacity(routing: Routing, num_experts: int, capacity: int, poli
         raise ConfigError(f"drop_policy={policy!r} is unknown: choose one of {', '.join(DROP_POLICIES)}")
     # stable sort by expert keeps the priority order inside each expert's group
     order_N = first[torch.argsort(routing.expert_N[first], stable=True)]
-    counts_E = torch.bincount(routing.expert_N, minlength=num_experts)
+    counts_E = count_indices(routing.expert_N, num_experts)
     starts_E = torch.cumsum(counts_E, 0) - counts_E
     sorted_expert_N = routing.expert_N[order_N]
     rank_N = torch.arange(N, device=order_N.device) - starts_E[sorted_expert_N]

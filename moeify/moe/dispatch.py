@@ -17,6 +17,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from moeify.moe.losses import count_indices
 from moeify.moe.router import Routing
 
 
@@ -33,17 +34,7 @@ def group_by_expert(routing: Routing, num_experts: int) -> tuple[torch.Tensor, t
     # torch.sort (not argsort(stable=True)): order inside an expert's group does not matter, and the
     # unstable sort is faster. Counts come from a scatter-add count, never from the sorted keys.
     order_N = torch.sort(routing.expert_N).indices
-    return order_N, expert_counts(routing.expert_N, num_experts)
-
-
-def expert_counts(expert_N: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Assignments per expert (int64, shape (E,)).
-
-    Same result as `torch.bincount(expert_N, minlength=E)` for valid indices, but with an output
-    shape that does not depend on the data, so torch.compile traces it without a graph break.
-    """
-    counts_E = torch.zeros(num_experts, dtype=torch.int64, device=expert_N.device)
-    return counts_E.scatter_add_(0, expert_N, torch.ones_like(expert_N, dtype=torch.int64))
+    return order_N, count_indices(routing.expert_N, num_experts)
 
 
 class LocalDispatch(nn.Module):

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeify.errors import ConfigError
+from moeify.moe.expert_loop import ExpertFFNLoop
 
 
 def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -38,18 +39,6 @@ def activation_fn(name: str):
         raise ConfigError(f"unknown expert activation {name!r}: use one of {', '.join(ACTIVATIONS)}") from None
 
 
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward makes the incoming gradient contiguous (grouped_mm's backward needs it)."""
-
-    @staticmethod
-    def forward(ctx, x):  # noqa: D102
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):  # noqa: D102
-        return grad.contiguous()
-
-
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     # grouped_mm is not on autocast's cast lists: apply the autocast dtype ourselves so expert
     # matmuls run in bf16/fp16 under autocast like nn.Linear would.
@@ -65,66 +54,103 @@ def grouped_mm_aligned(x_ND: torch.Tensor, w_EOI: torch.Tensor) -> bool:
     return (x_ND.shape[-1] * size) % 16 == 0 and (w_EOI.shape[-2] * size) % 16 == 0
 
 
-# torch.compile: grouped_mm's fake (meta) kernel only accepts bf16 inputs, although the CPU kernel
-# runs float32, so tracing float32 grouped_mm fails. Under compile the grouped matmul goes through
-# these two custom ops instead: opaque to dynamo (one graph, no break per expert), with shapes given
-# by their fake implementations and the backward wired through `register_autograd`. Registering an
-# op in the `moeify` namespace is this module's only import-time effect, and it is idempotent per process.
+def _group_sizes(offs_E: torch.Tensor) -> torch.Tensor:
+    return torch.diff(offs_E, prepend=offs_E.new_zeros(1)).long()
+
+
+def _add_group_bias_(y_NO: torch.Tensor, b_EO: torch.Tensor, offs_E: torch.Tensor) -> None:
+    """y[rows of group e] += b[e], in place, without materialising an (N, O) bias."""
+    if y_NO.device.type == "cpu":  # row slices of a CPU tensor: E broadcast adds, no sync cost
+        start = 0
+        for e, end in enumerate(offs_E.tolist()):
+            if end > start:
+                y_NO[start:end].add_(b_EO[e])
+            start = end
+    else:  # accelerators: one gather-add, no host sync
+        y_NO.add_(torch.repeat_interleave(b_EO, _group_sizes(offs_E), dim=0, output_size=y_NO.shape[0]))
+
+
+# One custom op pair carries the grouped matmul in eager mode and under torch.compile:
+# - eager: the backward is ours, so the weight gradient is written once into one (E, O, I) buffer,
+#   the bias is added in place per group (the naive `y + repeat_interleave(b)` writes and reads an
+#   extra (N, O) tensor each way), and the incoming gradient is made contiguous for grouped_mm.
+# - compile: grouped_mm's fake (meta) kernel only accepts bf16 although the CPU kernel runs float32,
+#   so tracing float32 grouped_mm fails; the op is opaque to dynamo (one graph, no break per expert)
+#   with shapes from the fake implementations and the backward wired through `register_autograd`.
+# Registering ops in the `moeify` namespace is this module's only import-time effect, and it is
+# idempotent per process.
 @torch.library.custom_op("moeify::grouped_linear", mutates_args=())
-def _grouped_linear_op(x_NI: torch.Tensor, w_EOI: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
-    return F.grouped_mm(x_NI, w_EOI.transpose(-2, -1), offs=offs_E)
+def _grouped_linear_op(x_NI: torch.Tensor, w_EOI: torch.Tensor, b_EO: torch.Tensor | None,
+                       offs_E: torch.Tensor) -> torch.Tensor:
+    y_NO = F.grouped_mm(x_NI, w_EOI.transpose(-2, -1), offs=offs_E)
+    if b_EO is not None:
+        _add_group_bias_(y_NO, b_EO, offs_E)
+    return y_NO
 
 
 @_grouped_linear_op.register_fake
-def _(x_NI, w_EOI, offs_E):
+def _(x_NI, w_EOI, b_EO, offs_E):
     return x_NI.new_empty(x_NI.shape[0], w_EOI.shape[1])
 
 
 @torch.library.custom_op("moeify::grouped_linear_backward", mutates_args=())
 def _grouped_linear_backward_op(grad_NO: torch.Tensor, x_NI: torch.Tensor, w_EOI: torch.Tensor,
-                                offs_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                                offs_E: torch.Tensor, need_x: bool, need_w: bool,
+                                need_b: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad x, grad w, grad b); a gradient that is not needed comes back as an empty tensor."""
     grad_NO = grad_NO.contiguous()
-    grad_x_NI = F.grouped_mm(grad_NO, w_EOI, offs=offs_E)
-    grad_w_EOI = torch.zeros_like(w_EOI)  # experts without tokens get a zero gradient
-    start = 0
-    for e, end in enumerate(offs_E.tolist()):
-        if end > start:
-            torch.mm(grad_NO[start:end].T, x_NI[start:end], out=grad_w_EOI[e])
-        start = end
-    return grad_x_NI, grad_w_EOI
+    none = grad_NO.new_empty(0)
+    grad_x_NI = F.grouped_mm(grad_NO, w_EOI, offs=offs_E) if need_x else none
+    # grouped along the token dim: experts without tokens get an exactly zero gradient
+    grad_w_EOI = F.grouped_mm(grad_NO.transpose(0, 1), x_NI, offs=offs_E) if need_w else none
+    grad_b_EO = (torch.segment_reduce(grad_NO, "sum", lengths=_group_sizes(offs_E), axis=0, unsafe=True)
+                 if need_b else none)
+    return grad_x_NI, grad_w_EOI, grad_b_EO
 
 
 @_grouped_linear_backward_op.register_fake
-def _(grad_NO, x_NI, w_EOI, offs_E):
-    return torch.empty_like(x_NI), torch.empty_like(w_EOI)
+def _(grad_NO, x_NI, w_EOI, offs_E, need_x, need_w, need_b):
+    none = grad_NO.new_empty(0)
+    return (torch.empty_like(x_NI) if need_x else none, torch.empty_like(w_EOI) if need_w else none,
+            grad_NO.new_empty(w_EOI.shape[0], w_EOI.shape[1]) if need_b else none)
 
 
 def _grouped_linear_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+    x_NI, w_EOI, b_EO, offs_E = inputs
+    ctx.has_bias = b_EO is not None
+    ctx.save_for_backward(x_NI, w_EOI, offs_E)
 
 
 def _grouped_linear_grad(ctx, grad_NO):
     x_NI, w_EOI, offs_E = ctx.saved_tensors
-    grad_x_NI, grad_w_EOI = _grouped_linear_backward_op(grad_NO, x_NI, w_EOI, offs_E)
-    return grad_x_NI, grad_w_EOI, None
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    grad_x, grad_w, grad_b = _grouped_linear_backward_op(grad_NO, x_NI, w_EOI, offs_E, need_x, need_w,
+                                                         bool(need_b and ctx.has_bias))
+    return (grad_x if need_x else None, grad_w if need_w else None,
+            grad_b if (need_b and ctx.has_bias) else None, None)
 
 
 _grouped_linear_op.register_autograd(_grouped_linear_grad, setup_context=_grouped_linear_setup)
 
 
-def grouped_linear(x_ND: torch.Tensor, w_EOI: torch.Tensor, counts_E: torch.Tensor, offs_E: torch.Tensor | None,
-                   backend: str) -> torch.Tensor:
-    """Row group e of `x_ND` times `w_EOI[e].T`. Returns (N, O)."""
-    dtype = _compute_dtype(x_ND)
-    x_ND = x_ND.to(dtype)
-    w_EOI = w_EOI.to(dtype)
-    if backend == "grouped_mm" and grouped_mm_aligned(x_ND, w_EOI):
-        if torch.compiler.is_compiling():
-            return _grouped_linear_op(x_ND, w_EOI, offs_E)
-        return _ContiguousGrad.apply(F.grouped_mm(x_ND, w_EOI.transpose(-2, -1), offs=offs_E))
+def grouped_linear(x_NI: torch.Tensor, w_EOI: torch.Tensor, b_EO: torch.Tensor | None, counts_E: torch.Tensor,
+                   offs_E: torch.Tensor | None, backend: str) -> torch.Tensor:
+    """Row group e of `x_NI` times `w_EOI[e].T`, plus `b_EO[e]`. Returns (N, O)."""
+    dtype = _compute_dtype(x_NI)
+    x_NI, w_EOI = x_NI.to(dtype), w_EOI.to(dtype)
+    b_EO = None if b_EO is None else b_EO.to(dtype)
+    if backend == "grouped_mm" and grouped_mm_aligned(x_NI, w_EOI):
+        if offs_E is None:
+            offs_E = torch.cumsum(counts_E, 0).to(torch.int32)
+        return _grouped_linear_op(x_NI, w_EOI, b_EO, offs_E)
     # loop backend: one matmul per expert over its slice; used where grouped_mm is unavailable
-    chunks = torch.split(x_ND, counts_E.tolist())
-    return torch.cat([chunk @ w_EOI[e].T for e, chunk in enumerate(chunks)], dim=0)
+    chunks = torch.split(x_NI, counts_E.tolist())
+    return torch.cat([F.linear(chunk, w_EOI[e], None if b_EO is None else b_EO[e])
+                      for e, chunk in enumerate(chunks)], dim=0)
+
+
+# auto: expert_loop in eager mode on CPU, grouped_mm on accelerators and under torch.compile
+BACKENDS = ("auto", "grouped_mm", "expert_loop")
 
 
 class GroupedExperts(nn.Module):
@@ -139,10 +165,8 @@ class GroupedExperts(nn.Module):
         self.d_out = d_model if d_out is None else d_out
         self.activation, self.gated, self.has_bias = activation, gated, bias
         self.dropout = dropout
-        if backend == "auto":
-            backend = "grouped_mm" if hasattr(F, "grouped_mm") else "loop"
-        if backend not in ("grouped_mm", "loop"):
-            raise ConfigError(f"unknown experts backend {backend!r}: use 'grouped_mm', 'loop' or 'auto'")
+        if backend not in BACKENDS:
+            raise ConfigError(f"unknown experts backend {backend!r}: use one of {', '.join(BACKENDS)}")
         self.backend = backend
         kw = {"dtype": dtype, "device": device}
         self.w1_EFD = nn.Parameter(torch.empty(num_experts, d_ff, d_model, **kw))
@@ -162,28 +186,32 @@ class GroupedExperts(nn.Module):
                 f"{kind}activation={self.activation}, bias={self.has_bias}, dropout={self.dropout}, "
                 f"backend={self.backend}")
 
+    def backend_for(self, x_ND: torch.Tensor) -> str:
+        """The backend this call runs: "auto" picks expert_loop for eager CPU, grouped_mm elsewhere."""
+        if self.backend != "auto":
+            return self.backend
+        if x_ND.device.type == "cpu" and not torch.compiler.is_compiling():
+            return "expert_loop"
+        if hasattr(F, "grouped_mm") and grouped_mm_aligned(x_ND, self.w1_EFD):
+            return "grouped_mm"
+        return "expert_loop"
+
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        offs_E = torch.cumsum(counts_E, 0).to(torch.int32) if self.backend == "grouped_mm" else None
-
-        def rows(b_EO):  # per-row bias of each row's expert
-            return torch.repeat_interleave(b_EO, counts_E, dim=0, output_size=x_ND.shape[0])
-
+        backend = self.backend_for(x_ND)
+        if backend == "expert_loop":
+            dtype = _compute_dtype(x_ND)
+            params = [None if p is None else p.to(dtype) for p in (self.w1_EFD, self.b1_EF, self.w2_EDF,
+                                                                  self.b2_ED, self.w3_EFD, self.b3_EF)]
+            dropout = self.dropout if self.training else 0.0
+            return ExpertFFNLoop.apply(x_ND.to(dtype), counts_E.tolist(), self.activation, dropout, *params)
+        offs_E = torch.cumsum(counts_E, 0).to(torch.int32)
         act = activation_fn(self.activation)
-        h_NF = grouped_linear(x_ND, self.w1_EFD, counts_E, offs_E, self.backend)
-        if self.b1_EF is not None:
-            h_NF = h_NF + rows(self.b1_EF).to(h_NF.dtype)
-        h_NF = act(h_NF)
+        h_NF = act(grouped_linear(x_ND, self.w1_EFD, self.b1_EF, counts_E, offs_E, backend))
         if self.w3_EFD is not None:
-            up_NF = grouped_linear(x_ND, self.w3_EFD, counts_E, offs_E, self.backend)
-            if self.b3_EF is not None:
-                up_NF = up_NF + rows(self.b3_EF).to(up_NF.dtype)
-            h_NF = h_NF * up_NF
+            h_NF = h_NF * grouped_linear(x_ND, self.w3_EFD, self.b3_EF, counts_E, offs_E, backend)
         if self.dropout > 0 and self.training:
             h_NF = F.dropout(h_NF, self.dropout, training=True)
-        y_ND = grouped_linear(h_NF, self.w2_EDF, counts_E, offs_E, self.backend)
-        if self.b2_ED is not None:
-            y_ND = y_ND + rows(self.b2_ED).to(y_ND.dtype)
-        return y_ND
+        return grouped_linear(h_NF, self.w2_EDF, self.b2_ED, counts_E, offs_E, backend)
 
     def forward_dense(self, x_TD: torch.Tensor, expert: int) -> torch.Tensor:
         """Expert `expert` applied to every row of x (reference path for tests and shared experts)."""

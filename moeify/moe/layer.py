@@ -15,6 +15,7 @@ from torch import nn
 
 from moeify.moe.dispatch import DispatchPlan, LocalCombine, LocalDispatch
 from moeify.moe.experts import GroupedExperts
+from moeify.moe.losses import count_indices
 from moeify.moe.router import Routing
 
 
@@ -56,7 +57,7 @@ class AuxLossRecorder(nn.Module):
                             for name, coef in self.coefs.items() if coef > 0 and name in routing.losses}
         with torch.no_grad():
             num_tokens = routing.logits_TE.shape[0]
-            counts_E = torch.bincount(routing.expert_N, minlength=self.num_experts)
+            counts_E = count_indices(routing.expert_N, self.num_experts)
             p = routing.probs_TE.clamp_min(1e-12)
             self.last_stats = {
                 "tokens_per_expert": counts_E,

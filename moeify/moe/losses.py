@@ -8,13 +8,23 @@ from __future__ import annotations
 import torch
 
 
+def count_indices(index_N: torch.Tensor, size: int) -> torch.Tensor:
+    """How often each value in [0, size) occurs in `index_N` (int64, shape (size,)).
+
+    `torch.bincount(index_N, minlength=size)` for valid indices, but with an output shape that does
+    not depend on the data, so torch.compile traces it without a graph break.
+    """
+    counts = torch.zeros(size, dtype=torch.int64, device=index_N.device)
+    return counts.scatter_add_(0, index_N.reshape(-1), torch.ones_like(index_N.reshape(-1), dtype=torch.int64))
+
+
 def load_balancing_loss(probs_TE: torch.Tensor, expert_N: torch.Tensor, num_experts: int) -> torch.Tensor:
     """Switch Transformers eq. (4), extended to top-k: N * sum_i f_i * P_i.
 
     f_i: fraction of the token-expert assignments sent to expert i (sums to 1 over i);
     P_i: mean router probability of expert i over the tokens. Equals 1 under perfect balance.
     """
-    counts_E = torch.bincount(expert_N, minlength=num_experts).to(probs_TE.dtype)
+    counts_E = count_indices(expert_N, num_experts).to(probs_TE.dtype)
     f_E = counts_E / counts_E.sum().clamp_min(1)
     P_E = probs_TE.mean(dim=0)
     return num_experts * torch.sum(f_E * P_E)

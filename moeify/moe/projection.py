@@ -47,10 +47,7 @@ class ProjectionExperts(nn.Module):
 
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         offs_E = torch.cumsum(counts_E, 0).to(torch.int32) if self.backend == "grouped_mm" else None
-        y_NO = grouped_linear(x_ND, self.w_EOD, counts_E, offs_E, self.backend)
-        if self.b_EO is not None:
-            y_NO = y_NO + torch.repeat_interleave(self.b_EO, counts_E, dim=0, output_size=x_ND.shape[0]).to(y_NO.dtype)
-        return y_NO
+        return grouped_linear(x_ND, self.w_EOD, self.b_EO, counts_E, offs_E, self.backend)
 
     def forward_dense(self, x_TD: torch.Tensor, expert: int) -> torch.Tensor:
         """Expert `expert` applied to every row (reference path for tests and shared experts)."""

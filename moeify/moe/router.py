@@ -108,7 +108,7 @@ def noisy_logits(x_TD: torch.Tensor, gate: nn.Linear, noise: nn.Linear, noise_ep
 
 def gates_to_load(idx_TK: torch.Tensor, num_experts: int, dtype: torch.dtype) -> torch.Tensor:
     """Tokens per expert of a decision: the (non-smooth) load used when no noise is drawn."""
-    return torch.bincount(idx_TK.reshape(-1), minlength=num_experts).to(dtype)
+    return losses.count_indices(idx_TK, num_experts).to(dtype)
 
 
 class _RouterBase(nn.Module):
@@ -263,7 +263,7 @@ class ExpertChoiceRouter(_RouterBase):
         gate_EC, token_EC = probs_TE.t().topk(C, dim=-1)
         token_N, weight_N = token_EC.reshape(-1), gate_EC.reshape(-1)
         expert_N = torch.arange(E, device=token_N.device).repeat_interleave(C)
-        chosen_T = torch.bincount(token_N, minlength=T)
+        chosen_T = losses.count_indices(token_N, T)
         if self.preserve_scale:
             sum_T = weight_N.new_zeros(T).index_add(0, token_N, weight_N)
             deficit_T = (1.0 - sum_T) / chosen_T.clamp_min(1).to(sum_T.dtype)
