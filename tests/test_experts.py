@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from moeify.moe import expert_loop
-from moeify.moe.losses import count_indices
 from moeify.moe.experts import GroupedExperts
+from moeify.moe.losses import count_indices
 
 ACT = {"gelu": F.gelu, "gelu_tanh": lambda v: F.gelu(v, approximate="tanh"), "silu": F.silu, "relu": F.relu}
 

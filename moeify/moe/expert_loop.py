@@ -110,14 +110,14 @@ class ExpertFFNLoop(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_ND, sizes, activation, dropout, w1_EFD, b1_EF, w2_EOF, b2_EO, w3_EFD, b3_EF):  # noqa: D102
-        N, E, F, O = x_ND.shape[0], w1_EFD.shape[0], w1_EFD.shape[1], w2_EOF.shape[1]
+        N, E, d_ff, d_out = x_ND.shape[0], w1_EFD.shape[0], w1_EFD.shape[1], w2_EOF.shape[1]
         layout = _Layout(list(sizes), E, x_ND.device)
         x = layout.pad(x_ND)
-        a1 = x.new_empty(layout.rows(N, F))
-        a3 = x.new_empty(layout.rows(N, F)) if w3_EFD is not None else None
-        h = x.new_empty(layout.rows(N, F))
-        keep = torch.empty(layout.rows(N, F), dtype=torch.bool, device=x.device) if dropout > 0 else None
-        y = x.new_empty(layout.rows(N, O))
+        a1 = x.new_empty(layout.rows(N, d_ff))
+        a3 = x.new_empty(layout.rows(N, d_ff)) if w3_EFD is not None else None
+        h = x.new_empty(layout.rows(N, d_ff))
+        keep = torch.empty(layout.rows(N, d_ff), dtype=torch.bool, device=x.device) if dropout > 0 else None
+        y = x.new_empty(layout.rows(N, d_out))
         for e, rows in layout.groups():
             x_g, a1_g, h_g = x[rows], a1[rows], h[rows]
             _linear_out(x_g, _pick(w1_EFD, e), _pick(b1_EF, e), a1_g)
