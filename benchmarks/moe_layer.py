@@ -1,32 +1,46 @@
-"""MoE layer forward+backward: moeify vs the ideal and two classic implementations, in one process.
+"""MoE layer forward+backward: moeify vs the ideal and two classic implementations.
 
     python benchmarks/moe_layer.py [--quick] [--no-compile] [--out benchmarks/results/moe_layer.txt]
 
---quick: T in {16, 256, 4096}, shorter timing windows, torch.compile for SwiGLU at T=4096 only.
+--quick: T in {16, 256, 4096}, shorter timing windows, torch.compile at T=4096 only.
 
 Shape legend: T tokens, D model dim, F FFN dim, E experts, K experts per token, C capacity.
 
 Variants (same router weights, same expert weights, top-k softmax routing renormalised):
   ideal    the dense FFN applied to K copies of the tokens: the matmul work of top-k, no routing
-  moeify   `MoELayer` (router -> sort dispatch -> grouped experts -> combine)
+  moeify   `MoELayer` (router -> sort dispatch -> experts -> combine), default (auto) experts backend
   loop     one nn.Linear pair per expert, gather its tokens, run, index_add back (HF Mixtral style)
   onehot   capacity-factor one-hot dispatch/combine with einsum (GShard/Switch style, factor 1.25)
 
-Weight-gradient floor: backward writes a gradient for every expert's weights (E times the dense
-FFN's), which the ideal does not. floor = bytes of expert weight gradients / measured copy
-bandwidth (a large tensor copy in this process; bytes written per second).
+Timing: the variants run in round-robin rounds in one process; a ratio is the median over rounds of
+(variant / ideal) measured back to back, so slow drifts of a shared machine cancel, and times are
+the fastest round. Two timing processes run: glibc malloc as installed, and glibc malloc tuned to
+recycle freed memory (MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ = 1 GiB): by default every
+allocation of 32 MiB or more (here: each stacked expert weight gradient, every step) is a fresh
+mmap whose pages fault in one by one (~10 ms per 32 MiB on this machine).
 
-Peak memory: peak RSS (VmHWM, reset through /proc/self/clear_refs) during one fwd+bwd minus the RSS
-before it. The script re-executes itself with glibc's mmap threshold pinned to 64 KiB so every
-tensor is mmapped and returned to the OS when freed; the RSS then follows live tensor memory.
+Floors (small T): backward writes a gradient for every expert's weights (E times the dense FFN's),
+which the ideal does not.
+  floor          expert weight-gradient bytes / copy bandwidth (bytes written per second)
+  traffic floor  + the expert weights read twice (forward, and backward for the input gradient)
+                 at read bandwidth: what any implementation must move through memory per step
+
+Peak memory: a third process pins glibc's mmap threshold to 64 KiB so every tensor is mmapped and
+returned to the OS when freed; peak RSS (VmHWM, reset through /proc/self/clear_refs) during one
+fwd+bwd minus the RSS before it then follows live tensor memory. Budget = 1.2 x the ideal's peak
+plus the expert weight gradients.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -76,32 +90,31 @@ def bench(fn, min_time: float, max_reps: int = 50) -> float:
     return min(times)
 
 
-def bench_interleaved(fns: dict, min_time: float, max_rounds: int = 30) -> dict[str, float]:
-    """Fastest seconds per call of each fn, timed in round-robin rounds.
-
-    The machine is shared: round-robin spreads interference over all variants alike, and the
-    minimum is the estimate least disturbed by it.
-    """
+def bench_rounds(fns: dict, min_time: float, max_rounds: int = 30) -> dict[str, list[float]]:
+    """Seconds per call of each fn, per round-robin round (after one warm-up call each)."""
     for fn in fns.values():
         fn()
-    best = {name: float("inf") for name in fns}
+    times: dict[str, list[float]] = {name: [] for name in fns}
     start = time.perf_counter()
-    rounds = 0
-    while rounds < 3 or (time.perf_counter() - start < min_time * len(fns) and rounds < max_rounds):
+    while len(times[next(iter(fns))]) < 3 or (time.perf_counter() - start < min_time * len(fns)
+                                               and len(times[next(iter(fns))]) < max_rounds):
         for name, fn in fns.items():
             t0 = time.perf_counter()
             fn()
-            best[name] = min(best[name], time.perf_counter() - t0)
-        rounds += 1
-    return best
+            times[name].append(time.perf_counter() - t0)
+    return times
 
 
-def copy_bandwidth() -> float:
-    """Bytes written per second by a 256 MiB tensor copy."""
+def paired_ratio(num: list[float], den: list[float]) -> float:
+    return statistics.median(a / b for a, b in zip(num, den, strict=True))
+
+
+def bandwidths() -> tuple[float, float]:
+    """(bytes written per second by a 256 MiB copy, bytes read per second by a 256 MiB sum)."""
     src = torch.randn(64 << 20)
     dst = torch.empty_like(src)
-    secs = bench(lambda: dst.copy_(src), 1.0)
-    return src.numel() * src.element_size() / secs
+    nbytes = src.numel() * src.element_size()
+    return nbytes / bench(lambda: dst.copy_(src), 1.0), nbytes / bench(lambda: src.sum(), 1.0)
 
 
 # ---------------------------------------------------------------- the variants
@@ -258,79 +271,146 @@ def profile_summary(module, x_TD, grad_TD, rows: int = 12) -> str:
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=40)
 
 
+TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
+MEASURE_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536"}  # see the module docstring (peak memory)
+
+
+def time_phase(tokens: list[int], min_time: float, compile_tokens: list[int], with_profiles: bool) -> dict:
+    """Timings of every variant, one process; returns a JSON-able dict."""
+    write_bw, read_bw = bandwidths()
+    rows, profiles, compiled = [], [], []
+    for gated in (False, True):
+        kind = "swiglu" if gated else "gelu"
+        variants = make_variants(gated)
+        for T in tokens:
+            x_TD = torch.randn(T, D, requires_grad=True)
+            grad_TD = torch.randn(T, D)
+            times = bench_rounds({name: step_fn(m, x_TD, grad_TD) for name, m in variants.items()}, min_time)
+            rows.append({"kind": kind, "T": T, "rounds": len(times["ideal"]),
+                         **{f"{name}_s": min(t) for name, t in times.items()},
+                         **{f"{name}_ratio": paired_ratio(times[name], times["ideal"]) for name in times},
+                         "moeify_vs_loop": paired_ratio(times["moeify"], times["loop"])})
+            print(kind, T, {k: round(v, 4) for k, v in rows[-1].items() if k.endswith(("_s", "ratio", "loop"))},
+                  flush=True)
+        if with_profiles:
+            for T in (16, 4096):
+                x_TD = torch.randn(T, D, requires_grad=True)
+                profiles.append(f"-- profile: moeify {kind}, T={T}, 3 steps, top ops by self CPU time\n"
+                                + profile_summary(variants["moeify"], x_TD, torch.randn(T, D)))
+        for T in compile_tokens:
+            x_TD = torch.randn(T, D, requires_grad=True)
+            grad_TD = torch.randn(T, D)
+            comp = torch.compile(variants["moeify"])
+            t0 = time.perf_counter()
+            step_fn(comp, x_TD, grad_TD)()
+            compile_s = time.perf_counter() - t0
+            times = bench_rounds({"eager": step_fn(variants["moeify"], x_TD, grad_TD),
+                                  "compiled": step_fn(comp, x_TD, grad_TD)}, min_time)
+            compiled.append({"kind": kind, "T": T, "eager_s": min(times["eager"]),
+                             "compiled_s": min(times["compiled"]), "compile_s": compile_s,
+                             "ratio": paired_ratio(times["compiled"], times["eager"])})
+    return {"write_bw": write_bw, "read_bw": read_bw, "rows": rows, "profiles": profiles, "compiled": compiled,
+            "loadavg": os.getloadavg()}
+
+
+def mem_phase(tokens: list[int]) -> dict:
+    rows = []
+    for gated in (False, True):
+        variants = make_variants(gated)
+        for T in tokens:
+            x_TD = torch.randn(T, D, requires_grad=True)
+            grad_TD = torch.randn(T, D)
+            rows.append({"kind": "swiglu" if gated else "gelu", "T": T,
+                         **{name: peak_rss_delta(step_fn(m, x_TD, grad_TD), clear_fn(m, x_TD))
+                            for name, m in variants.items()}})
+    return {"rows": rows}
+
+
+def run_child(phase: str, malloc_env: dict, argv: list[str]) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env.update(malloc_env)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "phase.json"
+        subprocess.run([sys.executable, __file__, *argv, "--phase", phase, "--json", str(out)], env=env, check=True)
+        return json.loads(out.read_text())
+
+
+def time_table(name: str, res: dict) -> list[str]:
+    lines = [f"== timing, malloc {name}: copy {res['write_bw'] / 1e9:.2f} GB/s written, "
+             f"sum {res['read_bw'] / 1e9:.2f} GB/s read",
+             f"{'kind':7} {'T':>5} {'ideal ms':>9} {'moeify ms':>10} {'/ideal':>7} {'loop':>6} {'onehot':>7} "
+             f"{'vs loop':>8} {'floor ms':>9} {'traffic':>8} {'/target':>8} {'rounds':>6}"]
+    for r in res["rows"]:
+        gated = r["kind"] == "swiglu"
+        wbytes = expert_weight_bytes(gated)
+        floor = wbytes / res["write_bw"]
+        traffic = floor + 2 * wbytes / res["read_bw"]
+        target = max(r["ideal_s"], floor)
+        lines.append(f"{r['kind']:7} {r['T']:>5} {r['ideal_s'] * 1e3:>9.2f} {r['moeify_s'] * 1e3:>10.2f} "
+                     f"{r['moeify_ratio']:>7.2f} {r['loop_ratio']:>6.2f} {r['onehot_ratio']:>7.2f} "
+                     f"{r['moeify_vs_loop']:>8.2f} {floor * 1e3:>9.2f} {traffic * 1e3:>8.2f} "
+                     f"{r['moeify_s'] / target:>8.2f} {r['rounds']:>6}")
+    lines.append(f"load average at the end (1/5/15 min): {tuple(round(v, 2) for v in res['loadavg'])}")
+    if res["compiled"]:
+        lines.append("torch.compile of the moeify layer (fwd+bwd; compiled uses the grouped_mm custom ops):")
+        for c in res["compiled"]:
+            lines.append(f"  {c['kind']:7} T={c['T']:>5}: eager {c['eager_s'] * 1e3:8.2f} ms, compiled "
+                         f"{c['compiled_s'] * 1e3:8.2f} ms ({c['ratio']:.2f}x eager; first call incl. compile "
+                         f"{c['compile_s']:.1f} s)")
+    return lines
+
+
+def mem_table(res: dict) -> list[str]:
+    lines = ["== peak memory of one fwd+bwd (MiB above the RSS before it)",
+             f"{'kind':7} {'T':>5} {'ideal':>8} {'moeify':>8} {'loop':>8} {'onehot':>8} {'budget':>8} {'/budget':>8}"]
+    for r in res["rows"]:
+        budget = 1.2 * r["ideal"] + expert_weight_bytes(r["kind"] == "swiglu")
+        lines.append(f"{r['kind']:7} {r['T']:>5} " + " ".join(f"{r[n] / 2**20:>8.1f}" for n in
+                                                             ("ideal", "moeify", "loop", "onehot"))
+                     + f" {budget / 2**20:>8.1f} {r['moeify'] / budget:>8.2f}")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="T in {16, 256, 4096}, shorter timing windows")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile comparison")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "moe_layer.txt"))
+    ap.add_argument("--phase", choices=["time", "time-profile", "mem"], help=argparse.SUPPRESS)
+    ap.add_argument("--json", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:  # see the module docstring (peak memory)
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
-
-    torch.manual_seed(0)
     tokens = [16, 256, 4096] if args.quick else [1, 16, 256, 4096, 8192]
     min_time = 0.5 if args.quick else 2.0
-    bw = copy_bandwidth()
-    lines = [f"moe_layer fwd+bwd, float32 CPU, {torch.get_num_threads()} threads, torch {torch.__version__}",
-             f"D={D} F={FF} E={E} top-{K}; onehot capacity factor {CAPACITY_FACTOR}; "
-             f"copy bandwidth {bw / 1e9:.2f} GB/s",
-             "ratios are time / ideal time; floor = expert weight-grad bytes / copy bandwidth; "
-             "target = max(ideal, floor); mem = peak RSS delta of one step (MiB)", ""]
-    print("\n".join(lines), flush=True)
-    header = (f"{'kind':7} {'T':>5} {'ideal ms':>9} {'floor ms':>9} {'moeify ms':>10} {'/ideal':>7} {'/target':>8} "
-              f"{'loop':>6} {'onehot':>7} {'mem ideal':>10} {'mem moeify':>11} {'mem budget':>11}")
-    lines.append(header)
-    print(header, flush=True)
-    profiles = []
-    compiled = []
-    for gated in (False, True):
-        kind = "swiglu" if gated else "gelu"
-        variants = make_variants(gated)
-        wbytes = expert_weight_bytes(gated)
-        floor = wbytes / bw
-        for T in tokens:
-            x_TD = torch.randn(T, D, requires_grad=True)
-            grad_TD = torch.randn(T, D)
-            steps = {name: step_fn(m, x_TD, grad_TD) for name, m in variants.items()}
-            times = bench_interleaved(steps, min_time)
-            mems = {name: peak_rss_delta(step, clear_fn(variants[name], x_TD)) for name, step in steps.items()}
-            ideal = times["ideal"]
-            target = max(ideal, floor)
-            budget = 1.2 * mems["ideal"] + wbytes
-            row = (f"{kind:7} {T:>5} {ideal * 1e3:>9.2f} {floor * 1e3:>9.2f} {times['moeify'] * 1e3:>10.2f} "
-                   f"{times['moeify'] / ideal:>7.2f} {times['moeify'] / target:>8.2f} "
-                   f"{times['loop'] / ideal:>6.2f} {times['onehot'] / ideal:>7.2f} "
-                   f"{mems['ideal'] / 2**20:>10.1f} {mems['moeify'] / 2**20:>11.1f} {budget / 2**20:>11.1f}")
-            lines.append(row)
-            print(row, flush=True)
-        T_prof = 4096
-        x_TD = torch.randn(T_prof, D, requires_grad=True)
-        grad_TD = torch.randn(T_prof, D)
-        profiles.append(f"-- profile: moeify {kind}, T={T_prof}, 3 steps, top ops by self CPU time\n"
-                        + profile_summary(variants["moeify"], x_TD, grad_TD))
-        if not args.no_compile and (gated or not args.quick):
-            for T in ([4096] if args.quick else [256, 4096]):
-                x_TD = torch.randn(T, D, requires_grad=True)
-                grad_TD = torch.randn(T, D)
-                eager = bench(step_fn(variants["moeify"], x_TD, grad_TD), min_time)
-                comp = torch.compile(variants["moeify"])
-                t0 = time.perf_counter()
-                step_fn(comp, x_TD, grad_TD)()
-                compile_s = time.perf_counter() - t0
-                compiled_t = bench(step_fn(comp, x_TD, grad_TD), min_time)
-                row = (f"{kind:7} T={T:>5}: eager {eager * 1e3:8.2f} ms, compiled {compiled_t * 1e3:8.2f} ms "
-                       f"({compiled_t / eager:.2f}x eager; first call incl. compile {compile_s:.1f} s)")
-                compiled.append(row)
-                print(row, flush=True)
-    # a shared machine inflates every figure: record how busy it was
-    lines += ["", f"load average at the end (1/5/15 min): {os.getloadavg()}",
-              "", "torch.compile (fwd+bwd of the moeify layer):", *compiled, "", *profiles]
+    compile_tokens = [] if args.no_compile else ([4096] if args.quick else [256, 4096])
+    torch.manual_seed(0)
+    if args.phase:  # a child process: measure, write JSON, exit
+        if args.phase == "mem":
+            res = mem_phase(tokens)
+        else:
+            res = time_phase(tokens, min_time, compile_tokens if args.phase == "time-profile" else [],
+                             with_profiles=args.phase == "time-profile")
+        Path(args.json).write_text(json.dumps(res))
+        return
+
+    argv = (["--quick"] if args.quick else []) + (["--no-compile"] if args.no_compile else [])
+    header = [f"moe_layer fwd+bwd, float32 CPU, {torch.get_num_threads()} threads, torch {torch.__version__}",
+              f"D={D} F={FF} E={E} top-{K}; onehot capacity factor {CAPACITY_FACTOR}",
+              "/ideal, loop, onehot: time / ideal time (median of back-to-back ratios); vs loop: moeify / loop;",
+              "floor: expert weight-grad bytes / copy bandwidth; traffic: floor + expert weights read twice;",
+              "/target: moeify / max(ideal, floor)", ""]
+    print("\n".join(header), flush=True)
+    tuned = run_child("time-profile", TUNED_MALLOC, argv)
+    default = run_child("time", {}, argv)
+    mem = run_child("mem", MEASURE_MALLOC, argv)
+    lines = [*header, *time_table("as installed (default)", default), "",
+             *time_table("tuned (MALLOC_MMAP_THRESHOLD_=MALLOC_TRIM_THRESHOLD_=1 GiB)", tuned), "",
+             *mem_table(mem), "", *tuned["profiles"]]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_text("\n".join(lines) + "\n")
     os.replace(tmp, out)
-    print("\n".join(profiles))
+    print("\n".join(lines))
     print(f"wrote {out}")
 
 

@@ -42,13 +42,23 @@ EXPERTS = [  # (backend, gated, activation, bias)
 ]
 
 
-@pytest.mark.parametrize("pad_max_rows", [0, 32])  # expert_loop: one matmul per expert, or padded batches
+# expert_loop's two modes: blocks of at most 2 rows per expert (several blocks accumulate one
+# expert's weight gradient), or all experts in one padded batch
+LOOP_MODES = {"blocks": {"PAD_MAX_ROWS": 0, "ROW_BLOCK": 2}, "padded": {"PAD_MAX_ROWS": 32}}
+
+
+def set_loop_mode(monkeypatch, mode):
+    for name, value in LOOP_MODES[mode].items():
+        monkeypatch.setattr(expert_loop, name, value)
+
+
+@pytest.mark.parametrize("mode", list(LOOP_MODES))
 @pytest.mark.parametrize("backend,gated,activation,bias", EXPERTS)
 @pytest.mark.parametrize("counts", COUNTS)
-def test_grouped_experts_match_per_token_loop(backend, gated, activation, bias, counts, pad_max_rows, monkeypatch):
-    if backend != "expert_loop" and pad_max_rows:
-        pytest.skip("padding is an expert_loop mode")
-    monkeypatch.setattr(expert_loop, "PAD_MAX_ROWS", pad_max_rows)
+def test_grouped_experts_match_per_token_loop(backend, gated, activation, bias, counts, mode, monkeypatch):
+    if backend != "expert_loop" and mode != "blocks":
+        pytest.skip("modes are expert_loop's")
+    set_loop_mode(monkeypatch, mode)
     torch.manual_seed(0)
     experts = GroupedExperts(4, 16, 32, activation, gated=gated, bias=bias, backend=backend)
     if bias:
@@ -80,9 +90,11 @@ def test_count_indices_match_bincount():
     assert torch.equal(count_indices(expert_N, 8), torch.bincount(expert_N, minlength=8))
 
 
-@pytest.mark.parametrize("backend", ["grouped_mm", "expert_loop"])
-def test_expert_dropout_drops_hidden_units_and_rescales(backend):
+@pytest.mark.parametrize("backend,mode", [("grouped_mm", "blocks"), ("expert_loop", "blocks"),
+                                          ("expert_loop", "padded")])
+def test_expert_dropout_drops_hidden_units_and_rescales(backend, mode, monkeypatch):
     """Switch expert dropout: in training each hidden unit is zeroed with probability p, survivors x 1/(1-p)."""
+    set_loop_mode(monkeypatch, mode)
     torch.manual_seed(0)
     E, D, Fd, p = 2, 8, 512, 0.25
     experts = GroupedExperts(E, D, Fd, "relu", bias=True, dropout=p, d_out=Fd, backend=backend)
