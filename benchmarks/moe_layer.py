@@ -11,6 +11,9 @@ Variants (same router weights, same expert weights, top-k softmax routing renorm
   moeify   `MoELayer` (router -> sort dispatch -> experts -> combine), default (auto) experts backend
   loop     one nn.Linear pair per expert, gather its tokens, run, index_add back (HF Mixtral style)
   onehot   capacity-factor one-hot dispatch/combine with einsum (GShard/Switch style, factor 1.25)
+  experts  moeify's experts alone on K copies of the tokens split evenly over the E experts: the
+           expert matmuls with no router, dispatch or combine. moeify / experts is the routing
+           overhead; experts / ideal is the price of E smaller matmuls and E experts' weights.
 
 Timing: the variants run in round-robin rounds in one process; a ratio is the median over rounds of
 (variant / ideal) measured back to back, so slow drifts of a shared machine cancel, and times are
@@ -221,6 +224,21 @@ class OneHotMoE(nn.Module):
         return torch.einsum("tec,ecd->td", combine_TEC, y_ECD)
 
 
+class BalancedExperts(nn.Module):
+    """The MoE layer's own experts on K copies of the tokens, assigned to experts in equal blocks."""
+
+    def __init__(self, experts: nn.Module) -> None:
+        super().__init__()
+        self.experts = experts
+
+    def forward(self, x_TD):
+        x_ND = x_TD.repeat(K, 1)
+        N = x_ND.shape[0]
+        counts_E = torch.full((E,), N // E, dtype=torch.int64)
+        counts_E[: N % E] += 1
+        return self.experts(x_ND, counts_E).view(K, *x_TD.shape).sum(0)
+
+
 def make_variants(gated: bool, seed: int = 0) -> dict[str, nn.Module]:
     g = torch.Generator().manual_seed(seed)
     std = D ** -0.5
@@ -233,7 +251,8 @@ def make_variants(gated: bool, seed: int = 0) -> dict[str, nn.Module]:
                     load_balance_coef=0.0, z_loss_coef=0.0)
     moe = build_moe_layer(cfg, ffn)
     gate_w = moe.router.gate.weight.detach()
-    return {"ideal": Ideal(ffn), "moeify": moe, "loop": LoopMoE(ffn, gate_w), "onehot": OneHotMoE(ffn, gate_w)}
+    return {"ideal": Ideal(ffn), "moeify": moe, "loop": LoopMoE(ffn, gate_w), "onehot": OneHotMoE(ffn, gate_w),
+            "experts": BalancedExperts(moe.experts)}
 
 
 def expert_weight_bytes(gated: bool) -> int:
@@ -289,7 +308,8 @@ def time_phase(tokens: list[int], min_time: float, compile_tokens: list[int], wi
             rows.append({"kind": kind, "T": T, "rounds": len(times["ideal"]),
                          **{f"{name}_s": min(t) for name, t in times.items()},
                          **{f"{name}_ratio": paired_ratio(times[name], times["ideal"]) for name in times},
-                         "moeify_vs_loop": paired_ratio(times["moeify"], times["loop"])})
+                         "moeify_vs_loop": paired_ratio(times["moeify"], times["loop"]),
+                         "moeify_vs_experts": paired_ratio(times["moeify"], times["experts"])})
             print(kind, T, {k: round(v, 4) for k, v in rows[-1].items() if k.endswith(("_s", "ratio", "loop"))},
                   flush=True)
         if with_profiles:
@@ -322,7 +342,7 @@ def mem_phase(tokens: list[int]) -> dict:
             grad_TD = torch.randn(T, D)
             rows.append({"kind": "swiglu" if gated else "gelu", "T": T,
                          **{name: peak_rss_delta(step_fn(m, x_TD, grad_TD), clear_fn(m, x_TD))
-                            for name, m in variants.items()}})
+                            for name, m in variants.items() if name != "experts"}})
     return {"rows": rows}
 
 
@@ -339,7 +359,7 @@ def time_table(name: str, res: dict) -> list[str]:
     lines = [f"== timing, malloc {name}: copy {res['write_bw'] / 1e9:.2f} GB/s written, "
              f"sum {res['read_bw'] / 1e9:.2f} GB/s read",
              f"{'kind':7} {'T':>5} {'ideal ms':>9} {'moeify ms':>10} {'/ideal':>7} {'loop':>6} {'onehot':>7} "
-             f"{'vs loop':>8} {'floor ms':>9} {'traffic':>8} {'/target':>8} {'rounds':>6}"]
+             f"{'experts':>8} {'vs loop':>8} {'vs exp':>7} {'floor ms':>9} {'traffic':>8} {'/target':>8} {'rounds':>6}"]
     for r in res["rows"]:
         gated = r["kind"] == "swiglu"
         wbytes = expert_weight_bytes(gated)
@@ -348,7 +368,8 @@ def time_table(name: str, res: dict) -> list[str]:
         target = max(r["ideal_s"], floor)
         lines.append(f"{r['kind']:7} {r['T']:>5} {r['ideal_s'] * 1e3:>9.2f} {r['moeify_s'] * 1e3:>10.2f} "
                      f"{r['moeify_ratio']:>7.2f} {r['loop_ratio']:>6.2f} {r['onehot_ratio']:>7.2f} "
-                     f"{r['moeify_vs_loop']:>8.2f} {floor * 1e3:>9.2f} {traffic * 1e3:>8.2f} "
+                     f"{r['experts_ratio']:>8.2f} {r['moeify_vs_loop']:>8.2f} {r['moeify_vs_experts']:>7.2f} "
+                     f"{floor * 1e3:>9.2f} {traffic * 1e3:>8.2f} "
                      f"{r['moeify_s'] / target:>8.2f} {r['rounds']:>6}")
     lines.append(f"load average at the end (1/5/15 min): {tuple(round(v, 2) for v in res['loadavg'])}")
     if res["compiled"]:
@@ -395,7 +416,8 @@ def main() -> None:
     argv = (["--quick"] if args.quick else []) + (["--no-compile"] if args.no_compile else [])
     header = [f"moe_layer fwd+bwd, float32 CPU, {torch.get_num_threads()} threads, torch {torch.__version__}",
               f"D={D} F={FF} E={E} top-{K}; onehot capacity factor {CAPACITY_FACTOR}",
-              "/ideal, loop, onehot: time / ideal time (median of back-to-back ratios); vs loop: moeify / loop;",
+              "/ideal, loop, onehot, experts: time / ideal time (median of back-to-back ratios);",
+              "vs loop, vs exp: moeify / loop, moeify / experts (the routing overhead);",
               "floor: expert weight-grad bytes / copy bandwidth; traffic: floor + expert weights read twice;",
               "/target: moeify / max(ideal, floor)", ""]
     print("\n".join(header), flush=True)
