@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from moeify.moe import expert_loop
-from moeify.moe.experts import GroupedExperts
+from moeify.moe.experts import GroupedExperts, grouped_mm_usable
 from moeify.moe.losses import count_indices
 
 ACT = {"gelu": F.gelu, "gelu_tanh": lambda v: F.gelu(v, approximate="tanh"), "silu": F.silu, "relu": F.relu}
@@ -142,3 +142,15 @@ def test_large_gradients_of_idle_experts_are_zero_and_outlive_backward():
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3, msg=name)
         assert got[[0, 2, 3]].abs().sum() == 0, name
         assert got[1].abs().sum() > 0, name
+
+
+def test_grouped_mm_usable_checks_alignment_and_dtype():
+    w = torch.empty(2, 8, 16)
+    assert grouped_mm_usable(torch.empty(3, 16), w, torch.float32)
+    assert grouped_mm_usable(torch.empty(3, 16), w, torch.bfloat16)
+    assert not grouped_mm_usable(torch.empty(3, 6), torch.empty(2, 8, 6), torch.float32)  # 24-byte rows
+    assert not grouped_mm_usable(torch.empty(3, 16), torch.empty(2, 6, 16), torch.float32)  # 24-byte weight rows
+    assert not grouped_mm_usable(torch.empty(3, 16), w, torch.float64)  # no kernel for float64
+    # "auto" is the per-expert loop in eager CPU; unusable grouped_mm falls back to a plain loop
+    experts = GroupedExperts(2, 6, 8, "relu")
+    assert experts.backend_for(torch.empty(3, 6)) == "expert_loop"

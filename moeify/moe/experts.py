@@ -48,10 +48,23 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def grouped_mm_aligned(x_ND: torch.Tensor, w_EOI: torch.Tensor) -> bool:
-    """grouped_mm needs every row stride to be a multiple of 16 bytes (e.g. dims divisible by 4 in fp32)."""
-    size = x_ND.element_size()
-    return (x_ND.shape[-1] * size) % 16 == 0 and (w_EOI.shape[-2] * size) % 16 == 0
+def grouped_mm_usable(x_ND: torch.Tensor, w_EOI: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether `torch.nn.functional.grouped_mm` takes these operands in `dtype`.
+
+    Every row stride must be a multiple of 16 bytes (dims divisible by 4 in fp32). The CPU kernel
+    runs float32, bfloat16 and float16; the CUDA kernels take bfloat16 on compute capability 8.0 or
+    newer (torch's documented requirement).
+    """
+    if not hasattr(F, "grouped_mm"):
+        return False
+    size = torch.empty((), dtype=dtype).element_size()
+    if (x_ND.shape[-1] * size) % 16 or (w_EOI.shape[-2] * size) % 16:
+        return False
+    if x_ND.device.type == "cpu":
+        return dtype in (torch.float32, torch.bfloat16, torch.float16)
+    if x_ND.device.type == "cuda":
+        return dtype == torch.bfloat16 and torch.cuda.get_device_capability(x_ND.device) >= (8, 0)
+    return False
 
 
 def _group_sizes(offs_E: torch.Tensor) -> torch.Tensor:
@@ -139,7 +152,7 @@ def grouped_linear(x_NI: torch.Tensor, w_EOI: torch.Tensor, b_EO: torch.Tensor |
     dtype = _compute_dtype(x_NI)
     x_NI, w_EOI = x_NI.to(dtype), w_EOI.to(dtype)
     b_EO = None if b_EO is None else b_EO.to(dtype)
-    if backend == "grouped_mm" and grouped_mm_aligned(x_NI, w_EOI):
+    if backend == "grouped_mm" and grouped_mm_usable(x_NI, w_EOI, dtype):
         if offs_E is None:
             offs_E = torch.cumsum(counts_E, 0).to(torch.int32)
         return _grouped_linear_op(x_NI, w_EOI, b_EO, offs_E)
@@ -192,7 +205,7 @@ class GroupedExperts(nn.Module):
             return self.backend
         if x_ND.device.type == "cpu" and not torch.compiler.is_compiling():
             return "expert_loop"
-        if hasattr(F, "grouped_mm") and grouped_mm_aligned(x_ND, self.w1_EFD):
+        if grouped_mm_usable(x_ND, self.w1_EFD, _compute_dtype(x_ND)):
             return "grouped_mm"
         return "expert_loop"
 
