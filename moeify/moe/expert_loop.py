@@ -222,6 +222,7 @@ class ExpertFFNLoop(torch.autograd.Function):
         return layout.unpad(y)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # hand-written: no gradient of the gradient
     def backward(ctx, grad_NO):  # noqa: D102
         x_ND, w1_EFD, w2_EOF, w3_EFD = ctx.saved_tensors
         layout = ctx.layout
