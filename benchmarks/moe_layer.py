@@ -18,9 +18,10 @@ Variants (same router weights, same expert weights, top-k softmax routing renorm
 Timing: the variants run in round-robin rounds in one process; a ratio is the median over rounds of
 (variant / ideal) measured back to back, so slow drifts of a shared machine cancel, and times are
 the fastest round (at least 5 rounds; onehot above T=4096 is timed once). Two timing processes
-run: glibc malloc as installed, and glibc malloc tuned to recycle freed memory (MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ = 1 GiB): by default every
-allocation of 32 MiB or more (here: each stacked expert weight gradient, every step) is a fresh
-mmap whose pages fault in one by one (~10 ms per 32 MiB on this machine).
+run: glibc malloc as installed, and glibc malloc tuned to recycle freed memory
+(MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ = 1 GiB). By default every allocation of 32 MiB
+or more (here: each stacked expert weight gradient, every step) is a fresh mmap whose pages fault
+in one by one (~9 ms per 32 MiB on this machine; ~2 ms with the huge-page hint moeify gives).
 
 Floors (small T): backward writes a gradient for every expert's weights (E times the dense FFN's),
 which the ideal does not.
