@@ -98,7 +98,10 @@ def _anonymous_zeros(like: torch.Tensor) -> torch.Tensor:
 def _grad_buffer(like: torch.Tensor, empty_experts: list[int]) -> torch.Tensor:
     """An uninitialised stacked weight gradient whose slices for `empty_experts` are zero."""
     if empty_experts and sys.platform == "linux" and like.device.type == "cpu" and like.nbytes >= 2 * _HUGE_PAGE:
-        return _anonymous_zeros(like)
+        try:
+            return _anonymous_zeros(like)
+        except (OSError, ValueError):  # no mapping to be had: zero the idle slices below instead
+            pass
     grad = _fresh(torch.empty_like(like))
     for e in empty_experts:
         grad[e].zero_()
