@@ -119,10 +119,18 @@ def test_expert_dropout_drops_hidden_units_and_rescales(backend, mode, monkeypat
     torch.testing.assert_close(x_ND.grad, want.detach(), rtol=1e-4, atol=1e-4)
 
 
-def test_large_gradients_of_idle_experts_are_zero_and_outlive_backward():
-    """Big weight gradients come from fresh anonymous pages on Linux: idle experts' slices read zero."""
+@pytest.mark.parametrize("mapping_fails", [False, True])
+def test_large_gradients_of_idle_experts_are_zero_and_outlive_backward(mapping_fails, monkeypatch):
+    """Big weight gradients come from fresh anonymous pages on Linux: idle experts' slices read zero.
+
+    When no mapping can be had, the idle slices are zeroed in an ordinary buffer instead.
+    """
     import gc
 
+    if mapping_fails:
+        def refuse(*args, **kwargs):
+            raise OSError("no mapping")
+        monkeypatch.setattr(expert_loop.mmap, "mmap", refuse)
     torch.manual_seed(0)
     E, D, Fd = 4, 256, 2048  # 8 MiB per stacked weight: large enough for the page-backed buffer
     grads = {}
