@@ -97,7 +97,7 @@ def worker(args) -> None:
         Path(args.worker_out).write_text(json.dumps({
             "seconds": seconds, "fwd_bytes": fwd, "bwd_bytes": bwd, "remote_fwd_bytes": remote,
             "count_bytes": cnt, "backend": dist.get_backend(), "device": device.type}))
-    dist.destroy_process_group()
+    moe_dist.shutdown()
 
 
 def main() -> None:

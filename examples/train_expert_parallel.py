@@ -86,8 +86,8 @@ def main() -> None:
         if rank == 0:
             print(f"saved to {path} (single-process format; all-to-all bytes sent by rank 0: "
                   f"{ep.meter.forward_bytes + ep.meter.backward_bytes:,})", flush=True)
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
+    moe_dist.shutdown()  # after main returns, so its training state is gone first

@@ -79,7 +79,7 @@ def run(out: Path) -> None:
     for case in CASES:
         one_step(case, out, None)
     refusals(out)
-    dist.destroy_process_group()
+    moe_dist.shutdown()
 
 
 def refusals(out: Path) -> None:
@@ -106,7 +106,7 @@ def hybrid(out: Path) -> None:
     """4 ranks as a (dp, ep) = (2, 2) mesh: experts split over ep, replicated over dp."""
     moe_dist.init_from_env(timeout_s=60)
     one_step("hybrid", out, init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "ep")))
-    dist.destroy_process_group()
+    moe_dist.shutdown()
 
 
 def one_step(case: str, out: Path, mesh) -> None:
@@ -155,7 +155,7 @@ def train(out: Path) -> None:
     with torch.no_grad():
         logits = ep1.model(micro_batch(TRAIN_STEPS, rank))
     save_file({"logits": logits}, str(out / f"loaded_rank{rank}.safetensors"))
-    dist.destroy_process_group()
+    moe_dist.shutdown()
 
 
 def fail(out: Path) -> None:
