@@ -26,20 +26,14 @@ import sys
 import time
 from pathlib import Path
 
+from procstatus import status_bytes
+
 ROOT = Path(__file__).resolve().parent.parent
 BIG = dict(vocab_size=32000, d_model=2048, n_layers=16, n_heads=16, d_ff=8192)  # ~1.2B params
 MID = dict(vocab_size=32000, d_model=768, n_layers=12, n_heads=12, d_ff=2048)  # ~134M params
 QUICK_BIG = dict(vocab_size=8000, d_model=512, n_layers=4, n_heads=8, d_ff=2048)
 QUICK_MID = dict(vocab_size=8000, d_model=256, n_layers=4, n_heads=4, d_ff=1024)
 NUM_EXPERTS = 8
-
-
-def _hwm() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return -1
 
 
 def _llama():
@@ -88,7 +82,7 @@ def child_baseline(sizes: dict) -> dict:
 
     with torch.device("meta"):
         _llama().Llama(**sizes).to(torch.bfloat16)
-    return {"hwm": _hwm()}
+    return {"hwm": status_bytes("VmHWM")}
 
 
 def child_ooc(src: str, out: str, sizes: dict) -> dict:
@@ -104,7 +98,7 @@ def child_ooc(src: str, out: str, sizes: dict) -> dict:
     t1 = time.perf_counter()
     os.sync()
     t2 = time.perf_counter()
-    return {"seconds": t1 - t0, "seconds_with_sync": t2 - t0, "hwm": _hwm(),
+    return {"seconds": t1 - t0, "seconds_with_sync": t2 - t0, "hwm": status_bytes("VmHWM"),
             "bytes": os.path.getsize(Path(out) / "model.safetensors")}
 
 
@@ -132,25 +126,17 @@ def child_in_memory(sizes: dict) -> dict:
     dense = llama.Llama(**sizes)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # peak RSS from here on: the dense model is the baseline
-    base = _status_rss()
+    base = status_bytes("VmRSS")
     t0 = time.perf_counter()
     result = moeify.convert(dense, moeify.MoEConfig(num_experts=NUM_EXPERTS, top_k=2), verify=False)
     seconds = time.perf_counter() - t0
-    peak = _hwm() - base
+    peak = status_bytes("VmHWM") - base
     final = sum(p.numel() * p.element_size() for p in result.model.parameters())
     layer = next(iter(moeify.moe_layers(result.model).values()))
     one_layer = sum(p.numel() * p.element_size() for p in layer.parameters())
     return {"seconds": seconds, "peak_above_dense": peak, "final_bytes": final, "one_layer_bytes": one_layer,
             "params_dense": sum(p.numel() for p in dense.parameters()),
             "params_after": sum(p.numel() for p in result.model.parameters())}
-
-
-def _status_rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return -1
 
 
 CHILDREN = {"generate": child_generate, "baseline": child_baseline, "ooc": child_ooc,

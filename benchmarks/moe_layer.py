@@ -50,6 +50,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from procstatus import status_bytes
 from torch import nn
 
 from moeify.config import MoEConfig
@@ -61,14 +62,6 @@ CAPACITY_FACTOR = 1.25
 
 # ---------------------------------------------------------------- measurement helpers
 
-def _status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def peak_rss_delta(fn, clear) -> int:
     """Bytes of peak RSS above the starting RSS while `fn` runs (`clear` first frees the last step's grads)."""
     clear()
@@ -77,9 +70,9 @@ def peak_rss_delta(fn, clear) -> int:
             f.write("5")  # reset VmHWM to the current RSS
     except OSError:
         return -1
-    base = _status("VmRSS")
+    base = status_bytes("VmRSS")
     fn()
-    return _status("VmHWM") - base
+    return status_bytes("VmHWM") - base
 
 
 def bench(fn, min_time: float, max_reps: int = 50) -> float:

@@ -221,15 +221,15 @@ class ExpertFFNLoop(torch.autograd.Function):
             saved.append((a1_b, a3_b, h_b, keep_b))
         ctx.layout, ctx.activation, ctx.dropout, ctx.saved_blocks = layout, activation, dropout, saved
         ctx.has_bias = (b1_EF is not None, b2_EO is not None, b3_EF is not None)
-        ctx.save_for_backward(x_ND, w1_EFD, w2_EOF, w3_EFD)
+        ctx.save_for_backward(x, w1_EFD, w2_EOF, w3_EFD)  # x: the rows as the blocks read them (padded or not)
         return layout.unpad(y)
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # hand-written: no gradient of the gradient
     def backward(ctx, grad_NO):  # noqa: D102
-        x_ND, w1_EFD, w2_EOF, w3_EFD = ctx.saved_tensors
+        x, w1_EFD, w2_EOF, w3_EFD = ctx.saved_tensors
         layout = ctx.layout
-        x, dy = layout.pad(x_ND), layout.pad(grad_NO)
+        dy = layout.pad(grad_NO)
         need = ctx.needs_input_grad
         has_b1, has_b2, has_b3 = ctx.has_bias
         gated = w3_EFD is not None
