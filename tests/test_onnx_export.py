@@ -189,8 +189,9 @@ EXAMPLES = [
     pytest.param("gpt", TINY, dict(router="switch", top_k=1, num_shared_experts=1), "portable", {},
                  id="gpt-switch-shared-portable", marks=pytest.mark.slow),
 ] + [  # the real models (Hugging Face): GPT-2's gelu_new is the tanh GELU; BERT/MiniLM use exact GELU
-    pytest.param(name, kwargs, {}, mode, options, id=f"{name}-{mode}", marks=pytest.mark.slow)
-    for name, kwargs, fused_options in [("hf_gpt2", dict(n_layer=1), {}), ("hf_llama", dict(num_layers=1), {}),
+    pytest.param(name, kwargs, {}, mode, options, id=f"{kwargs.get('arch', name)}-{mode}", marks=pytest.mark.slow)
+    for name, kwargs, fused_options in [("hf_causal_lm", dict(arch="gpt2", num_layers=1), {}),
+                                        ("hf_causal_lm", dict(arch="llama", num_layers=1), {}),
                                         ("hf_bert", dict(num_layers=1), dict(fallback="portable")),
                                         ("minilm", {}, dict(allow_approximate_gelu=True))]
     for mode, options in [("fused", fused_options), ("portable", {})]

@@ -32,8 +32,10 @@ class Case:
 
 
 CASES = {
-    "gpt2": Case("hf_gpt2", tuple(f"transformer.h.{i}.mlp.moe" for i in range(4)), "fx: submodule transformer.h."),
-    "llama": Case("hf_llama", tuple(f"model.layers.{i}.mlp.moe" for i in range(4)), "fx: submodule model.layers."),
+    "gpt2": Case("hf_causal_lm", tuple(f"transformer.h.{i}.mlp.moe" for i in range(4)), "fx: submodule transformer.h.",
+                 (("arch", "gpt2"),)),
+    "llama": Case("hf_causal_lm", tuple(f"model.layers.{i}.mlp.moe" for i in range(4)), "fx: submodule model.layers.",
+                  (("arch", "llama"),)),
     "bert": Case("hf_bert", tuple(f"encoder.layer.{i}.output.moe" for i in range(4)),
                  "feed_forward_chunk(); split: intermediate -> identity, MoE in output"),
     "minilm": Case("minilm", tuple(f"encoder.layer.{i}.output.moe" for i in range(6)),

@@ -1,0 +1,66 @@
+"""Hugging Face causal LMs (transformers 5.x), small configs, no download: GPT-2 and Llama.
+
+- GPT-2: its MLP uses HF `Conv1D` (a transposed Linear).
+- Llama: SwiGLU MLPs (`down(silu(gate(x)) * up(x))`) become gated MoE layers.
+
+Neither whole model fx-traces, so moeify traces the MLP submodules and rewrites them in place. The
+converted model keeps its class (`GPT2LMHeadModel`, `LlamaForCausalLM`) and `.generate()`s.
+
+    python examples/hf_causal_lm.py            # both
+    moeify convert examples/hf_causal_lm.py:build_llama -o out/llama
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+VOCAB = 128
+PAD, EOS = 1, 1
+
+
+def build_gpt2(num_layers: int = 4) -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    # initializer_range=0.2: a random GPT-2 with the default 0.02 repeats one token, which would make
+    # "same greedy tokens as dense" a weak check
+    config = GPT2Config(n_layer=num_layers, n_embd=64, n_head=4, n_positions=64, vocab_size=VOCAB, use_cache=False,
+                        bos_token_id=0, eos_token_id=EOS, pad_token_id=PAD, initializer_range=0.2)
+    return GPT2LMHeadModel(config).eval()
+
+
+def build_llama(num_layers: int = 4) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(num_hidden_layers=num_layers, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64, use_cache=False,
+                         bos_token_id=0, eos_token_id=EOS, pad_token_id=PAD)
+    return LlamaForCausalLM(config).eval()
+
+
+BUILDERS = {"gpt2": build_gpt2, "llama": build_llama}
+
+
+def build_model(arch: str = "gpt2", num_layers: int = 4):
+    """The `arch` model ("gpt2" or "llama"); `moeify convert examples/hf_causal_lm.py` takes GPT-2."""
+    return BUILDERS[arch](num_layers)
+
+
+def example_inputs():
+    return (torch.randint(2, VOCAB, (2, 10), generator=torch.Generator().manual_seed(0)),)
+
+
+def greedy(model, ids: torch.Tensor, steps: int = 10, use_cache: bool = False) -> torch.Tensor:
+    return model.generate(ids, max_new_tokens=steps, do_sample=False, use_cache=use_cache,
+                          min_new_tokens=steps, pad_token_id=PAD)
+
+
+if __name__ == "__main__":
+    import moeify
+
+    (ids,) = example_inputs()
+    for arch in BUILDERS:
+        dense = build_model(arch)
+        result = moeify.convert(dense, moeify.MoEConfig(num_experts=8, top_k=2), example_inputs=(ids,))
+        print(result.report)
+        print(f"\nconverted class: {type(result.model).__name__}")
+        print("greedy tokens, dense:", greedy(dense, ids[:1])[0, ids.shape[1]:].tolist())
+        print("greedy tokens, MoE:  ", greedy(result.model, ids[:1])[0, ids.shape[1]:].tolist(), "\n")
