@@ -81,12 +81,18 @@ def make_router(cfg: MoEConfig, d_model: int, generator: torch.Generator) -> nn.
     return router
 
 
-def _copy_into(dst_E: torch.Tensor, src: torch.Tensor, noise: float, generator: torch.Generator) -> None:
+def copy_to_experts(dst_E: torch.Tensor, src: torch.Tensor, noise: float, generator: torch.Generator) -> None:
+    """Every expert's slice of `dst_E` = `src`, plus N(0, (noise * std(src))^2) noise when noise > 0.
+
+    The noise is drawn on the CPU from `generator` and then moved to `dst_E`'s device, so a seed
+    gives the same experts whether the dense model sits on the CPU or on an accelerator.
+    """
     with torch.no_grad():
         dst_E.copy_(src.detach().to(dst_E.dtype).unsqueeze(0).expand_as(dst_E))
         if noise > 0:
             std = float(src.detach().float().std()) * noise if src.numel() > 1 else noise
-            dst_E.add_((torch.randn(dst_E.shape, generator=generator) * std).to(dst_E.dtype))
+            dst_E.add_((torch.randn(dst_E.shape, generator=generator) * std).to(device=dst_E.device,
+                                                                                 dtype=dst_E.dtype))
 
 
 def init_copy(experts: GroupedExperts, dense: DenseFFN, noise: float, generator: torch.Generator) -> None:
@@ -94,7 +100,7 @@ def init_copy(experts: GroupedExperts, dense: DenseFFN, noise: float, generator:
              (experts.b1_EF, dense.b1), (experts.b2_ED, dense.b2), (experts.b3_EF, dense.b3)]
     for dst, src in pairs:
         if dst is not None and src is not None:
-            _copy_into(dst, src, noise, generator)
+            copy_to_experts(dst, src, noise, generator)
 
 
 def make_shared_experts(cfg: MoEConfig, dense: DenseFFN, dropout: float) -> GroupedExperts | None:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeify.config import MoEConfig
-from moeify.moe.build import make_router
+from moeify.moe.build import copy_to_experts, make_router
 from moeify.moe.experts import grouped_linear
 from moeify.moe.layer import LOSS_COEF_FIELDS, MoELayer
 
@@ -56,14 +56,9 @@ class ProjectionExperts(nn.Module):
 
 def init_projection(experts: ProjectionExperts, weight: torch.Tensor, bias: torch.Tensor | None, noise: float,
                     generator: torch.Generator) -> None:
-    with torch.no_grad():
-        for dst, src in ((experts.w_EOD, weight), (experts.b_EO, bias)):
-            if dst is None or src is None:
-                continue
-            dst.copy_(src.detach().to(dst.dtype).unsqueeze(0).expand_as(dst))
-            if noise > 0:
-                std = float(src.detach().float().std()) * noise if src.numel() > 1 else noise
-                dst.add_((torch.randn(dst.shape, generator=generator) * std).to(dst.dtype))
+    for dst, src in ((experts.w_EOD, weight), (experts.b_EO, bias)):
+        if dst is not None and src is not None:
+            copy_to_experts(dst, src, noise, generator)
 
 
 def build_projection_layer(cfg: MoEConfig, weight: torch.Tensor, bias: torch.Tensor | None, *,
