@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_TIMEOUT ?= 2400
 
-.PHONY: install demo test test-slow lint clean bench-ep bench-balance train-ep bench-onnx bench bench-upcycle
+.PHONY: install demo test test-slow lint clean bench-ep bench-balance train-ep bench-onnx bench bench-upcycle bench-gpu
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -39,6 +39,9 @@ bench-balance: install
 bench: install
 	$(PY) benchmarks/moe_layer.py --quick
 	$(PY) benchmarks/convert_scale.py
+
+bench-gpu: install
+	$(PY) benchmarks/moe_layer.py --device cuda
 
 bench-onnx: install
 	$(PY) benchmarks/onnx_latency.py

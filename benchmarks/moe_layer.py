@@ -1,8 +1,14 @@
 """MoE layer forward+backward: moeify vs the ideal and two classic implementations.
 
     python benchmarks/moe_layer.py [--quick] [--no-compile] [--out benchmarks/results/moe_layer.txt]
+    python benchmarks/moe_layer.py --device cuda      # bf16, D, F and T x4, TFLOP/s -> moe_layer_cuda.txt
 
---quick: T in {16, 256, 4096}, shorter timing windows, torch.compile at T=4096 only.
+--quick: T in {16, 256, 4096} (x scale), shorter timing windows, torch.compile at the largest only.
+--device cuda: the issue's GPU run: bfloat16 (--dtype), sizes x4 (--scale: D 2048, F 8192, T in
+{4, 64, 1024, 16384, 32768}); steps end with a device synchronize; achieved TFLOP/s next to each
+time; peak memory from the CUDA caching allocator (max_memory_allocated) in the same process;
+profiles sorted by device time. The CPU-only parts (malloc variants in child processes, RSS) are
+skipped there.
 
 Shape legend: T tokens, D model dim, F FFN dim, E experts, K experts per token, C capacity.
 
@@ -46,6 +52,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -56,11 +63,68 @@ from torch import nn
 from moeify.config import MoEConfig
 from moeify.moe.build import DenseFFN, build_moe_layer
 
-D, FF, E, K = 512, 2048, 8, 2
+E, K = 8, 2
 CAPACITY_FACTOR = 1.25
 
 
+@dataclass(frozen=True)
+class Setup:
+    """Where and at what size one run measures (CPU: fp32, D 512, F 2048; GPU: bf16, everything x4)."""
+
+    device: str = "cpu"
+    dtype: str = "float32"
+    scale: int = 1
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    @property
+    def d_model(self) -> int:
+        return 512 * self.scale
+
+    @property
+    def d_ff(self) -> int:
+        return 2048 * self.scale
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.startswith("cuda")
+
+    def tokens(self, quick: bool) -> list[int]:
+        return [t * self.scale for t in ([16, 256, 4096] if quick else [1, 16, 256, 4096, 8192])]
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def tensor(self, *shape: int, requires_grad: bool = False) -> torch.Tensor:
+        return torch.randn(*shape, device=self.device, dtype=self.torch_dtype, requires_grad=requires_grad)
+
+    def argv(self) -> list[str]:
+        return ["--device", self.device, "--dtype", self.dtype, "--scale", str(self.scale)]
+
+    def expert_weight_bytes(self, gated: bool) -> int:
+        D, FF = self.d_model, self.d_ff
+        per_expert = (3 if gated else 2) * D * FF + (0 if gated else FF + D)
+        return E * per_expert * self.torch_dtype.itemsize
+
+    def flops(self, T: int, gated: bool) -> float:
+        """Matmul flops of one top-k fwd+bwd: 3 passes x 2 flops x T*K rows x D*F per weight matrix."""
+        return 3 * 2 * T * K * self.d_model * self.d_ff * (3 if gated else 2)
+
+
 # ---------------------------------------------------------------- measurement helpers
+
+def peak_cuda_delta(fn, clear) -> int:
+    """Bytes of peak CUDA caching-allocator memory above what was allocated before `fn`."""
+    clear()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    return torch.cuda.max_memory_allocated() - base
+
 
 def peak_rss_delta(fn, clear) -> int:
     """Bytes of peak RSS above the starting RSS while `fn` runs (`clear` first frees the last step's grads)."""
@@ -106,12 +170,20 @@ def paired_ratio(num: list[float], den: list[float]) -> float:
     return statistics.median(a / b for a, b in zip(num, den, strict=True))
 
 
-def bandwidths() -> tuple[float, float]:
+def bandwidths(setup: Setup) -> tuple[float, float]:
     """(bytes written per second by a 256 MiB copy, bytes read per second by a 256 MiB sum)."""
-    src = torch.randn(64 << 20)
+    src = torch.randn(64 << 20, device=setup.device)
     dst = torch.empty_like(src)
     nbytes = src.numel() * src.element_size()
-    return nbytes / bench(lambda: dst.copy_(src), 1.0), nbytes / bench(lambda: src.sum(), 1.0)
+
+    def copy():
+        dst.copy_(src)
+        setup.sync()
+
+    def read():
+        src.sum()
+        setup.sync()
+    return nbytes / bench(copy, 1.0), nbytes / bench(read, 1.0)
 
 
 # ---------------------------------------------------------------- the variants
@@ -123,9 +195,10 @@ def activation(gated: bool):
 class DenseFFNModule(nn.Module):
     def __init__(self, ffn: DenseFFN) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(D, FF, bias=ffn.b1 is not None)
-        self.fc2 = nn.Linear(FF, D, bias=ffn.b2 is not None)
-        self.fc3 = nn.Linear(D, FF, bias=False) if ffn.gated else None
+        kw = {"device": ffn.w1.device, "dtype": ffn.w1.dtype}
+        self.fc1 = nn.Linear(ffn.d_model, ffn.d_ff, bias=ffn.b1 is not None, **kw)
+        self.fc2 = nn.Linear(ffn.d_ff, ffn.d_model, bias=ffn.b2 is not None, **kw)
+        self.fc3 = nn.Linear(ffn.d_model, ffn.d_ff, bias=False, **kw) if ffn.gated else None
         with torch.no_grad():
             self.fc1.weight.copy_(ffn.w1), self.fc2.weight.copy_(ffn.w2)
             if ffn.b1 is not None:
@@ -162,7 +235,7 @@ class LoopMoE(nn.Module):
 
     def __init__(self, ffn: DenseFFN, gate_weight) -> None:
         super().__init__()
-        self.gate = nn.Linear(D, E, bias=False)
+        self.gate = nn.Linear(ffn.d_model, E, bias=False, device=ffn.w1.device, dtype=ffn.w1.dtype)
         self.gate.weight.data.copy_(gate_weight)
         self.experts = nn.ModuleList(DenseFFNModule(ffn) for _ in range(E))
 
@@ -184,7 +257,7 @@ class OneHotMoE(nn.Module):
 
     def __init__(self, ffn: DenseFFN, gate_weight) -> None:
         super().__init__()
-        self.gate = nn.Linear(D, E, bias=False)
+        self.gate = nn.Linear(ffn.d_model, E, bias=False, device=ffn.w1.device, dtype=ffn.w1.dtype)
         self.gate.weight.data.copy_(gate_weight)
         self.gated = ffn.gated
         self.w1_EFD = nn.Parameter(ffn.w1.expand(E, -1, -1).clone())
@@ -228,30 +301,26 @@ class BalancedExperts(nn.Module):
     def forward(self, x_TD):
         x_ND = x_TD.repeat(K, 1)
         N = x_ND.shape[0]
-        counts_E = torch.full((E,), N // E, dtype=torch.int64)
+        counts_E = torch.full((E,), N // E, dtype=torch.int64, device=x_TD.device)
         counts_E[: N % E] += 1
         return self.experts(x_ND, counts_E).view(K, *x_TD.shape).sum(0)
 
 
-def make_variants(gated: bool, seed: int = 0) -> dict[str, nn.Module]:
+def make_variants(setup: Setup, gated: bool, seed: int = 0) -> dict[str, nn.Module]:
     g = torch.Generator().manual_seed(seed)
-    std = D ** -0.5
-    ffn = DenseFFN("silu" if gated else "gelu", torch.randn(FF, D, generator=g) * std,
-                   torch.randn(D, FF, generator=g) * FF ** -0.5,
-                   None if gated else torch.randn(FF, generator=g) * 0.02,
-                   None if gated else torch.randn(D, generator=g) * 0.02,
-                   torch.randn(FF, D, generator=g) * std if gated else None)
+    D, FF = setup.d_model, setup.d_ff
+
+    def rand(*shape: int, std: float) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) * std).to(setup.device, setup.torch_dtype)
+    ffn = DenseFFN("silu" if gated else "gelu", rand(FF, D, std=D ** -0.5), rand(D, FF, std=FF ** -0.5),
+                   None if gated else rand(FF, std=0.02), None if gated else rand(D, std=0.02),
+                   rand(FF, D, std=D ** -0.5) if gated else None)
     cfg = MoEConfig(num_experts=E, top_k=K, init="copy_noise", init_noise=0.01, seed=seed,
                     load_balance_coef=0.0, z_loss_coef=0.0)
     moe = build_moe_layer(cfg, ffn)
     gate_w = moe.router.gate.weight.detach()
     return {"ideal": Ideal(ffn), "moeify": moe, "loop": LoopMoE(ffn, gate_w), "onehot": OneHotMoE(ffn, gate_w),
             "experts": BalancedExperts(moe.experts)}
-
-
-def expert_weight_bytes(gated: bool) -> int:
-    per_expert = (3 if gated else 2) * D * FF + (0 if gated else FF + D)
-    return E * per_expert * 4
 
 
 def clear_fn(module: nn.Module, x_TD):
@@ -262,46 +331,59 @@ def clear_fn(module: nn.Module, x_TD):
     return clear
 
 
-def step_fn(module: nn.Module, x_TD, grad_TD):
+def step_fn(module: nn.Module, x_TD, grad_TD, setup: Setup):
     clear = clear_fn(module, x_TD)
 
     def step():
         clear()
         module(x_TD).backward(grad_TD)
+        setup.sync()
     return step
 
 
 # ---------------------------------------------------------------- main
 
-def profile_summary(module, x_TD, grad_TD, rows: int = 12) -> str:
+def profile_summary(setup: Setup, module, x_TD, grad_TD, rows: int = 12) -> str:
     from torch.profiler import ProfilerActivity, profile
 
-    step = step_fn(module, x_TD, grad_TD)
+    step = step_fn(module, x_TD, grad_TD, setup)
     step()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if setup.cuda else [])]
+    with profile(activities=activities) as prof:
         for _ in range(3):
             step()
-    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=40)
+    sort_by = "self_device_time_total" if setup.cuda else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=sort_by, row_limit=rows, max_name_column_width=40)
 
 
-# onehot takes ~15 s per step at T=8192: above this T it is timed once, not in every round
+# onehot takes ~15 s per step at T=8192 on the CPU: above this T it is timed once, not every round
 ONEHOT_ROUNDS_MAX_T = 4096
+# ... and skipped where its (T, K, E, C) int64 one-hot slot tensor alone would pass this size
+ONEHOT_MAX_BYTES = 8 << 30
 TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
 MEASURE_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536"}  # see the module docstring (peak memory)
 
 
-def time_phase(tokens: list[int], min_time: float, compile_tokens: list[int], with_profiles: bool) -> dict:
+def onehot_bytes(T: int) -> int:
+    C = max(1, math.ceil(CAPACITY_FACTOR * T * K / E))
+    return T * K * E * C * 8
+
+
+def time_phase(setup: Setup, tokens: list[int], min_time: float, compile_tokens: list[int],
+               with_profiles: bool) -> dict:
     """Timings of every variant, one process; returns a JSON-able dict."""
-    write_bw, read_bw = bandwidths()
+    write_bw, read_bw = bandwidths(setup)
     rows, profiles, compiled = [], [], []
     for gated in (False, True):
         kind = "swiglu" if gated else "gelu"
-        variants = make_variants(gated)
+        variants = make_variants(setup, gated)
         for T in tokens:
-            x_TD = torch.randn(T, D, requires_grad=True)
-            grad_TD = torch.randn(T, D)
-            steps = {name: step_fn(m, x_TD, grad_TD) for name, m in variants.items()}
-            slow = {"onehot": steps.pop("onehot")} if T > ONEHOT_ROUNDS_MAX_T else {}
+            x_TD = setup.tensor(T, setup.d_model, requires_grad=True)
+            grad_TD = setup.tensor(T, setup.d_model)
+            steps = {name: step_fn(m, x_TD, grad_TD, setup) for name, m in variants.items()}
+            if onehot_bytes(T) > ONEHOT_MAX_BYTES:
+                steps.pop("onehot")
+            slow = {"onehot": steps.pop("onehot")} if T > ONEHOT_ROUNDS_MAX_T and "onehot" in steps else {}
             times = bench_rounds(steps, min_time, min_rounds=5)
             ratios = {name: paired_ratio(t, times["ideal"]) for name, t in times.items()}
             for name, step in slow.items():  # timed once after a warm-up, against the median ideal
@@ -318,19 +400,20 @@ def time_phase(tokens: list[int], min_time: float, compile_tokens: list[int], wi
             print(kind, T, {k: round(v, 4) for k, v in rows[-1].items() if k.endswith(("_s", "ratio", "loop"))},
                   flush=True)
         if with_profiles:
-            for T in (16, 4096):
-                x_TD = torch.randn(T, D, requires_grad=True)
-                profiles.append(f"-- profile: moeify {kind}, T={T}, 3 steps, top ops by self CPU time\n"
-                                + profile_summary(variants["moeify"], x_TD, torch.randn(T, D)))
+            for T in sorted({tokens[0], tokens[-1]}):
+                x_TD = setup.tensor(T, setup.d_model, requires_grad=True)
+                profiles.append(f"-- profile: moeify {kind}, T={T}, 3 steps, top ops by self "
+                                f"{'device' if setup.cuda else 'CPU'} time\n"
+                                + profile_summary(setup, variants["moeify"], x_TD, setup.tensor(T, setup.d_model)))
         for T in compile_tokens:
-            x_TD = torch.randn(T, D, requires_grad=True)
-            grad_TD = torch.randn(T, D)
+            x_TD = setup.tensor(T, setup.d_model, requires_grad=True)
+            grad_TD = setup.tensor(T, setup.d_model)
             comp = torch.compile(variants["moeify"])
             t0 = time.perf_counter()
-            step_fn(comp, x_TD, grad_TD)()
+            step_fn(comp, x_TD, grad_TD, setup)()
             compile_s = time.perf_counter() - t0
-            times = bench_rounds({"eager": step_fn(variants["moeify"], x_TD, grad_TD),
-                                  "compiled": step_fn(comp, x_TD, grad_TD)}, min_time)
+            times = bench_rounds({"eager": step_fn(variants["moeify"], x_TD, grad_TD, setup),
+                                  "compiled": step_fn(comp, x_TD, grad_TD, setup)}, min_time)
             compiled.append({"kind": kind, "T": T, "eager_s": min(times["eager"]),
                              "compiled_s": min(times["compiled"]), "compile_s": compile_s,
                              "ratio": paired_ratio(times["compiled"], times["eager"])})
@@ -338,16 +421,18 @@ def time_phase(tokens: list[int], min_time: float, compile_tokens: list[int], wi
             "loadavg": os.getloadavg()}
 
 
-def mem_phase(tokens: list[int]) -> dict:
+def mem_phase(setup: Setup, tokens: list[int]) -> dict:
+    peak = peak_cuda_delta if setup.cuda else peak_rss_delta
     rows = []
     for gated in (False, True):
-        variants = make_variants(gated)
+        variants = make_variants(setup, gated)
         for T in tokens:
-            x_TD = torch.randn(T, D, requires_grad=True)
-            grad_TD = torch.randn(T, D)
+            x_TD = setup.tensor(T, setup.d_model, requires_grad=True)
+            grad_TD = setup.tensor(T, setup.d_model)
             rows.append({"kind": "swiglu" if gated else "gelu", "T": T,
-                         **{name: peak_rss_delta(step_fn(m, x_TD, grad_TD), clear_fn(m, x_TD))
-                            for name, m in variants.items() if name != "experts"}})
+                         **{name: peak(step_fn(m, x_TD, grad_TD, setup), clear_fn(m, x_TD))
+                            for name, m in variants.items()
+                            if name != "experts" and not (name == "onehot" and onehot_bytes(T) > ONEHOT_MAX_BYTES)}})
     return {"rows": rows}
 
 
@@ -360,22 +445,29 @@ def run_child(phase: str, malloc_env: dict, argv: list[str]) -> dict:
         return json.loads(out.read_text())
 
 
-def time_table(name: str, res: dict) -> list[str]:
-    lines = [f"== timing, malloc {name}: copy {res['write_bw'] / 1e9:.2f} GB/s written, "
+def ratio_cell(r: dict, name: str, width: int) -> str:
+    value = r.get(f"{name}_ratio")
+    return f"{'n/a':>{width}}" if value is None else f"{value:>{width}.2f}"
+
+
+def time_table(setup: Setup, name: str, res: dict) -> list[str]:
+    lines = [f"== timing, {name}: copy {res['write_bw'] / 1e9:.2f} GB/s written, "
              f"sum {res['read_bw'] / 1e9:.2f} GB/s read",
              f"{'kind':7} {'T':>5} {'ideal ms':>9} {'moeify ms':>10} {'/ideal':>7} {'loop':>6} {'onehot':>7} "
-             f"{'experts':>8} {'vs loop':>8} {'vs exp':>7} {'floor ms':>9} {'traffic':>8} {'/target':>8} {'rounds':>6}"]
+             f"{'experts':>8} {'vs loop':>8} {'vs exp':>7} {'floor ms':>9} {'traffic':>8} {'/target':>8} "
+             f"{'TFLOP/s':>8} {'ideal TF':>8} {'rounds':>6}"]
     for r in res["rows"]:
         gated = r["kind"] == "swiglu"
-        wbytes = expert_weight_bytes(gated)
+        wbytes = setup.expert_weight_bytes(gated)
         floor = wbytes / res["write_bw"]
         traffic = floor + 2 * wbytes / res["read_bw"]
         target = max(r["ideal_s"], floor)
+        flops = setup.flops(r["T"], gated)
         lines.append(f"{r['kind']:7} {r['T']:>5} {r['ideal_s'] * 1e3:>9.2f} {r['moeify_s'] * 1e3:>10.2f} "
-                     f"{r['moeify_ratio']:>7.2f} {r['loop_ratio']:>6.2f} {r['onehot_ratio']:>7.2f} "
+                     f"{r['moeify_ratio']:>7.2f} {r['loop_ratio']:>6.2f} {ratio_cell(r, 'onehot', 7)} "
                      f"{r['experts_ratio']:>8.2f} {r['moeify_vs_loop']:>8.2f} {r['moeify_vs_experts']:>7.2f} "
-                     f"{floor * 1e3:>9.2f} {traffic * 1e3:>8.2f} "
-                     f"{r['moeify_s'] / target:>8.2f} {r['rounds']:>6}")
+                     f"{floor * 1e3:>9.2f} {traffic * 1e3:>8.2f} {r['moeify_s'] / target:>8.2f} "
+                     f"{flops / r['moeify_s'] / 1e12:>8.3f} {flops / r['ideal_s'] / 1e12:>8.3f} {r['rounds']:>6}")
     lines.append(f"load average at the end (1/5/15 min): {tuple(round(v, 2) for v in res['loadavg'])}")
     if res["compiled"]:
         lines.append("torch.compile of the moeify layer (fwd+bwd; compiled uses the grouped_mm custom ops):")
@@ -386,53 +478,76 @@ def time_table(name: str, res: dict) -> list[str]:
     return lines
 
 
-def mem_table(res: dict) -> list[str]:
-    lines = ["== peak memory of one fwd+bwd (MiB above the RSS before it)",
+def mem_table(setup: Setup, res: dict, caveat: str = "") -> list[str]:
+    where = "CUDA allocator peak above the memory allocated" if setup.cuda else "peak RSS above the RSS"
+    lines = [f"== peak memory of one fwd+bwd (MiB: {where} before it){caveat}",
              f"{'kind':7} {'T':>5} {'ideal':>8} {'moeify':>8} {'loop':>8} {'onehot':>8} {'budget':>8} {'/budget':>8}"]
     for r in res["rows"]:
-        budget = 1.2 * r["ideal"] + expert_weight_bytes(r["kind"] == "swiglu")
-        lines.append(f"{r['kind']:7} {r['T']:>5} " + " ".join(f"{r[n] / 2**20:>8.1f}" for n in
-                                                             ("ideal", "moeify", "loop", "onehot"))
+        budget = 1.2 * r["ideal"] + setup.expert_weight_bytes(r["kind"] == "swiglu")
+        lines.append(f"{r['kind']:7} {r['T']:>5} " + " ".join(
+            f"{r[n] / 2**20:>8.1f}" if n in r else f"{'n/a':>8}" for n in ("ideal", "moeify", "loop", "onehot"))
                      + f" {budget / 2**20:>8.1f} {r['moeify'] / budget:>8.2f}")
     return lines
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="T in {16, 256, 4096}, shorter timing windows")
+    ap.add_argument("--quick", action="store_true", help="T in {16, 256, 4096} (x scale), shorter timing windows")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile comparison")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "moe_layer.txt"))
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                    help="default float32 on the CPU, bfloat16 on CUDA")
+    ap.add_argument("--scale", type=int, help="D, F and T times this (default 1 on the CPU, 4 on CUDA)")
+    ap.add_argument("--tokens", help="comma-separated token counts instead of the default set (before scaling)")
+    ap.add_argument("--one-process", action="store_true",
+                    help="measure in this process, malloc as installed (always so on CUDA)")
+    ap.add_argument("--out", help="default benchmarks/results/moe_layer.txt (moe_layer_cuda.txt on CUDA)")
     ap.add_argument("--phase", choices=["time", "time-profile", "mem"], help=argparse.SUPPRESS)
     ap.add_argument("--json", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    tokens = [16, 256, 4096] if args.quick else [1, 16, 256, 4096, 8192]
+    cuda = args.device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device is visible to torch; run on a GPU machine or use --device cpu")
+    setup = Setup(args.device, args.dtype or ("bfloat16" if cuda else "float32"), args.scale or (4 if cuda else 1))
+    tokens = ([int(t) * setup.scale for t in args.tokens.split(",")] if args.tokens else setup.tokens(args.quick))
     min_time = 0.5 if args.quick else 2.0
-    compile_tokens = [] if args.no_compile else ([4096] if args.quick else [256, 4096])
+    compile_tokens = [] if args.no_compile else (tokens[-1:] if args.quick else tokens[2:4])
     torch.manual_seed(0)
     if args.phase:  # a child process: measure, write JSON, exit
         if args.phase == "mem":
-            res = mem_phase(tokens)
+            res = mem_phase(setup, tokens)
         else:
-            res = time_phase(tokens, min_time, compile_tokens if args.phase == "time-profile" else [],
+            res = time_phase(setup, tokens, min_time, compile_tokens if args.phase == "time-profile" else [],
                              with_profiles=args.phase == "time-profile")
         Path(args.json).write_text(json.dumps(res))
         return
 
-    argv = (["--quick"] if args.quick else []) + (["--no-compile"] if args.no_compile else [])
-    header = [f"moe_layer fwd+bwd, float32 CPU, {torch.get_num_threads()} threads, torch {torch.__version__}",
-              f"D={D} F={FF} E={E} top-{K}; onehot capacity factor {CAPACITY_FACTOR}",
+    where = (f"{torch.cuda.get_device_name(setup.device)}" if cuda
+             else f"CPU, {torch.get_num_threads()} threads")
+    header = [f"moe_layer fwd+bwd, {setup.dtype} {where}, torch {torch.__version__}",
+              f"D={setup.d_model} F={setup.d_ff} E={E} top-{K}; onehot capacity factor {CAPACITY_FACTOR}",
               "/ideal, loop, onehot, experts: time / ideal time (median of back-to-back ratios);",
               "vs loop, vs exp: moeify / loop, moeify / experts (the routing overhead);",
               "floor: expert weight-grad bytes / copy bandwidth; traffic: floor + expert weights read twice;",
-              "/target: moeify / max(ideal, floor)", ""]
+              "/target: moeify / max(ideal, floor); TFLOP/s: matmul flops of top-k fwd+bwd / time", ""]
     print("\n".join(header), flush=True)
-    tuned = run_child("time-profile", TUNED_MALLOC, argv)
-    default = run_child("time", {}, argv)
-    mem = run_child("mem", MEASURE_MALLOC, argv)
-    lines = [*header, *time_table("as installed (default)", default), "",
-             *time_table("tuned (MALLOC_MMAP_THRESHOLD_=MALLOC_TRIM_THRESHOLD_=1 GiB)", tuned), "",
-             *mem_table(mem), "", *tuned["profiles"]]
-    out = Path(args.out)
+    argv = setup.argv() + (["--quick"] if args.quick else []) + (["--no-compile"] if args.no_compile else []) + (
+        ["--tokens", args.tokens] if args.tokens else [])
+    if cuda or args.one_process:  # CUDA has no malloc variants to compare: one process measures everything
+        timed = time_phase(setup, tokens, min_time, compile_tokens, with_profiles=True)
+        sections = [*time_table(setup, "CUDA" if cuda else "one process, malloc as installed", timed), "",
+                    *mem_table(setup, mem_phase(setup, tokens), "" if cuda else
+                               "\n   (one CPU process: malloc reuses freed memory, so these undercount)"),
+                    "", *timed["profiles"]]
+    else:
+        tuned = run_child("time-profile", TUNED_MALLOC, argv)
+        default = run_child("time", {}, argv)
+        mem = run_child("mem", MEASURE_MALLOC, argv)
+        sections = [*time_table(setup, "malloc as installed (default)", default), "",
+                    *time_table(setup, "malloc tuned (MALLOC_MMAP_THRESHOLD_=MALLOC_TRIM_THRESHOLD_=1 GiB)", tuned),
+                    "", *mem_table(setup, mem), "", *tuned["profiles"]]
+    lines = [*header, *sections]
+    out = Path(args.out or Path(__file__).parent / "results" / f"moe_layer{'_cuda' if cuda else ''}.txt")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_text("\n".join(lines) + "\n")
