@@ -25,9 +25,11 @@ from moeify.onnx_export import export_onnx
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
 
-def test_convert_on_cuda_equals_convert_on_cpu():
+@pytest.mark.parametrize("init", [dict(init="copy_noise", init_noise=0.1),
+                                  dict(init="split", split_method="random")])
+def test_convert_on_cuda_equals_convert_on_cpu(init):
     ex = load_example("mlp")
-    cfg = MoEConfig(num_experts=4, top_k=2, init="copy_noise", init_noise=0.1, seed=3)
+    cfg = MoEConfig(num_experts=4, top_k=2, seed=3, **init)
     on_cpu = moeify.convert(ex.build_model(), cfg, example_inputs=ex.example_inputs()).model
     on_cuda = moeify.convert(ex.build_model().cuda(), cfg,
                              example_inputs=tuple(x.cuda() for x in ex.example_inputs())).model
@@ -38,6 +40,20 @@ def test_convert_on_cuda_equals_convert_on_cpu():
         torch.testing.assert_close(got[name].cpu(), value, rtol=0, atol=0, msg=name)
     x = ex.example_inputs()[0]
     torch.testing.assert_close(on_cuda(x.cuda()).cpu(), on_cpu(x), rtol=1e-4, atol=1e-5)
+
+
+def test_cluster_split_runs_on_cuda():
+    """k-means on the device (float rounding may order near-ties differently than the CPU, so the
+    partition is not compared): the converted model must run there and agree with itself on the CPU."""
+    ex = load_example("mlp")
+    cfg = MoEConfig(num_experts=4, top_k=4, init="split", split_method="cluster", seed=3)
+    model = moeify.convert(ex.build_model().cuda(), cfg,
+                           example_inputs=tuple(x.cuda() for x in ex.example_inputs())).model
+    x = ex.example_inputs()[0]
+    with torch.no_grad():
+        got = model(x.cuda()).cpu()
+        torch.testing.assert_close(got, model.cpu()(x), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got, ex.build_model()(x), rtol=1e-4, atol=1e-4)  # top_k = E: exact split
 
 
 @pytest.mark.parametrize("dtype,backend", [(torch.bfloat16, "grouped_mm"), (torch.float32, "expert_loop"),
