@@ -38,6 +38,7 @@ bench-balance: install
 
 bench: install
 	$(PY) benchmarks/moe_layer.py --quick
+	$(PY) benchmarks/small_gemm.py
 	$(PY) benchmarks/convert_scale.py
 
 bench-gpu: install
