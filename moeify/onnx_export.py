@@ -65,7 +65,7 @@ from moeify.moe.router import ExpertChoiceRouter, HierarchicalRouter, NoisyTopKR
 MODES = ("fused", "portable")
 MSFT_DOMAIN = "com.microsoft"
 OPSET = 18
-CHECK_SHAPE_DELTA = (1, 3)  # the check's second input: batch + 1, sequence + 3
+CHECK_SHAPE_DELTA = (1, 3)  # the check's second input: batch + 1, sequence (and any other dynamic axis) + 3
 
 
 # routing semantics ---------------------------------------------------------------------------------
@@ -443,11 +443,34 @@ def _eval_mode(model: nn.Module):
 
 # inputs -------------------------------------------------------------------------------------------
 def _dynamic_dims(t: torch.Tensor) -> dict[int, str]:
-    """Dim 0 is the batch; dim 1 is the sequence for token ids (integer, rank >= 2) or (B, S, ...) floats."""
+    """The axes an input of this kind varies along: dim 0 is the batch; dim 1 is the sequence of token
+    ids and masks (integer, (B, S, ...)) and of (B, S, D) float activations. Float inputs of rank 2
+    ((B, features)) and of rank 4 or more (images (B, C, H, W), video) vary in the batch only: their
+    channels are a constant of the model."""
     dims = {0: "batch"} if t.dim() >= 1 else {}
-    if t.dim() >= 2 and (not t.is_floating_point() or t.dim() >= 3):
+    if t.dim() >= 2 and (not t.is_floating_point() or t.dim() == 3):
         dims[1] = "seq"
     return dims
+
+
+def _axes_spec(bound: dict[str, Any], given: dict[str, dict[int, str]] | None) -> dict[str, dict[int, str]]:
+    """Dynamic axes per tensor input: `given` where it names the input, else inferred (`_dynamic_dims`)."""
+    given = dict(given or {})
+    unknown = sorted(set(given) - set(bound))
+    if unknown:
+        raise ExportError(f"dynamic_axes names {unknown}, which are not inputs of the model: use the forward "
+                          f"argument names {sorted(bound)}")
+    spec = {}
+    for name, value in bound.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        dims = dict(given[name]) if name in given else _dynamic_dims(value)
+        bad = [d for d in dims if not (isinstance(d, int) and 0 <= d < value.dim())]
+        if bad:
+            raise ExportError(f"dynamic_axes[{name!r}] names dims {bad}, but that input has rank {value.dim()}: "
+                              f"use dims 0..{value.dim() - 1}")
+        spec[name] = dims
+    return spec
 
 
 def _bind(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
@@ -463,8 +486,8 @@ def _resized(value: Any, dims: dict[int, str], generator: torch.Generator) -> An
     if not isinstance(value, torch.Tensor) or not dims:
         return value
     shape = list(value.shape)
-    for dim, kind in dims.items():
-        shape[dim] += CHECK_SHAPE_DELTA[0] if kind == "batch" else CHECK_SHAPE_DELTA[1]
+    for dim, axis in dims.items():
+        shape[dim] += CHECK_SHAPE_DELTA[0] if axis == "batch" else CHECK_SHAPE_DELTA[1]
     if value.is_floating_point():
         return (torch.randn(shape, generator=generator) * value.float().std().clamp_min(1e-3)).to(value.dtype)
     if value.dtype == torch.bool or (value.numel() and bool(((value == 0) | (value == 1)).all())):
@@ -530,14 +553,18 @@ def _run_check(model_proto, model: nn.Module, bound_list: list[dict[str, Any]], 
 def export_onnx(model: nn.Module, example_inputs: Sequence[Any] = (), path: str | os.PathLike = "model.onnx", *,
                 mode: str = "fused", dynamic: bool = True, check: bool = True,
                 example_kwargs: dict[str, Any] | None = None, allow_approximate_gelu: bool = False,
-                fallback: str | None = None, atol: float = 1e-4) -> ExportReport:
+                fallback: str | None = None, atol: float = 1e-4,
+                dynamic_axes: dict[str, dict[int, str]] | None = None) -> ExportReport:
     """Export an MoE model (from `moeify.convert`/`moeify.load`, or a `ConversionResult`) to ONNX at `path`.
 
     mode="fused": every MoE layer becomes one com.microsoft.MoE node (onnxruntime CPU and CUDA);
     layers the op cannot express exactly raise ExportError, or with fallback="portable" are
     lowered the portable way (the report says which). mode="portable": standard ONNX operators
     only. `dynamic`: batch (dim 0) and sequence (dim 1 of token ids / (B, S, D) inputs) axes are
-    dynamic. `check`: run onnxruntime on the example inputs and on inputs with batch + 1 and
+    dynamic; images and other float inputs of rank 2 or >= 4 vary in the batch only.
+    `dynamic_axes` ({input name: {dim: axis name}}) replaces that guess for the inputs it names;
+    inputs that share an axis name share its size ({} makes an input static). `check`: run
+    onnxruntime on the example inputs and on inputs with batch + 1 and
     sequence + 3, compare with PyTorch, and raise ExportError beyond `atol` (nothing written).
     The model is never changed: its MoE layers are lowered only while the exporter traces.
     """
@@ -557,12 +584,15 @@ def export_onnx(model: nn.Module, example_inputs: Sequence[Any] = (), path: str 
     bound = _bind(model, example_inputs, kwargs)
     report = ExportReport(str(path), mode, [p[3] for p in plans], atol=atol)
     dynamic_shapes = None
+    dims: dict[str, dict[int, str]] = {}
     if dynamic:
-        dims = {name: _dynamic_dims(v) if isinstance(v, torch.Tensor) else None for name, v in bound.items()}
-        shared = {"batch": torch.export.Dim("batch", min=1), "seq": torch.export.Dim("seq", min=1)}
-        dynamic_shapes = {name: ({d: shared[kind] for d, kind in spec.items()} if spec is not None else None)
-                          for name, spec in dims.items()}
+        dims = _axes_spec(bound, dynamic_axes)
+        shared = {axis: torch.export.Dim(axis, min=1) for spec in dims.values() for axis in spec.values()}
+        dynamic_shapes = {name: ({d: shared[axis] for d, axis in dims[name].items()} if name in dims else None)
+                          for name in bound}
         report.dynamic_axes = {name: spec for name, spec in dims.items() if spec}
+    elif dynamic_axes:
+        raise ExportError("dynamic_axes was given with dynamic=False: drop one of them")
 
     table = fused_translation_table(allow_approximate_gelu) if any(p[2].fused for p in plans) else None
     try:
@@ -587,11 +617,11 @@ def export_onnx(model: nn.Module, example_inputs: Sequence[Any] = (), path: str 
 
     if check:
         inputs = [bound]
-        if dynamic_shapes:
+        if report.dynamic_axes:
             gen = torch.Generator().manual_seed(0)
             inputs.append({n: _resized(v, dims.get(n) or {}, gen) for n, v in bound.items()})
         else:
-            report.notes.append("dynamic=False: checked at the example shape only")
+            report.notes.append("no dynamic axis: checked at the example shape only")
         _run_check(model_proto, model, inputs, plans, report)
     _write_atomic(model_proto, path)
     return report
@@ -625,9 +655,10 @@ def _check_dynamic_axes(model_proto, report: ExportReport) -> None:
         fixed = {kind: shape[d].dim_value for d, kind in dims.items()
                  if d < len(shape) and shape[d].HasField("dim_value")}
         if fixed:
-            raise ExportError(f"torch.export fixed the dynamic axis {fixed} of input {name!r} (seen with nn.LSTM when "
-                              "one process exports more than once, a torch issue); export in a fresh process, or "
-                              "pass dynamic=False")
+            raise ExportError(f"torch.export fixed the dynamic axis {fixed} of input {name!r}: the model treats it "
+                              "as a constant (or, with nn.LSTM, one process exported twice, a torch issue); pass "
+                              f"dynamic_axes={{{name!r}: {{...}}}} naming only the axes that vary (from the CLI: "
+                              "--static), or export in a fresh process")
 
 
 def _validate_graph(model_proto, plans, report: ExportReport) -> None:

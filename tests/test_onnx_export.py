@@ -190,7 +190,8 @@ EXAMPLES = [
                  id="gpt-switch-shared-portable", marks=pytest.mark.slow),
 ] + [  # the real models (Hugging Face): GPT-2's gelu_new is the tanh GELU; BERT/MiniLM use exact GELU
     pytest.param(name, kwargs, {}, mode, options, id=f"{kwargs.get('arch', name)}-{mode}", marks=pytest.mark.slow)
-    for name, kwargs, fused_options in [("hf_causal_lm", dict(arch="gpt2", num_layers=1), {}),
+    for name, kwargs, fused_options in [("hf_vit", dict(num_layers=1), dict(allow_approximate_gelu=True)),
+                                        ("hf_causal_lm", dict(arch="gpt2", num_layers=1), {}),
                                         ("hf_causal_lm", dict(arch="llama", num_layers=1), {}),
                                         ("hf_bert", dict(num_layers=1), dict(fallback="portable")),
                                         ("minilm", {}, dict(allow_approximate_gelu=True))]
@@ -306,6 +307,11 @@ REFUSALS = [
     pytest.param("lstm_lm", {}, "fused", {}, "projection", id="projection-fused"),
     pytest.param("mlp", {}, "auto", {}, "mode", id="unknown-mode"),
     pytest.param("mlp", {}, "fused", dict(atol=-1.0), "differ", id="check-fails"),
+    pytest.param("mlp", {}, "fused", dict(dynamic_axes={"pixels": {0: "batch"}}), "not inputs of the model",
+                 id="dynamic-axes-unknown-input"),
+    pytest.param("mlp", {}, "fused", dict(dynamic_axes={"x": {2: "batch"}}), "rank 2", id="dynamic-axes-bad-dim"),
+    pytest.param("mlp", {}, "fused", dict(dynamic=False, dynamic_axes={"x": {0: "batch"}}), "dynamic=False",
+                 id="dynamic-axes-and-static"),
 ]
 
 
@@ -316,6 +322,31 @@ def test_refusals_raise_and_write_nothing(name, cfg_fields, mode, options, match
     with pytest.raises(ExportError, match=match):
         export_onnx(model, ex.example_inputs(), path, mode=mode, **options)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_image_input_varies_in_batch_only(tmp_path):
+    """(B, C, H, W) pixels: the channels and the image size are the model's, only the batch is dynamic
+    (marking dim 1 as a sequence made torch.export specialise it and the export fail)."""
+    ex, model = converted("hf_vit", dict(num_layers=1), {})
+    path = tmp_path / "vit.onnx"
+    report = export_onnx(model, ex.example_inputs(), path, mode="portable")
+    assert report.dynamic_axes == {"pixel_values": {0: "batch"}}
+    assert [shape for shape, _ in report.checks] == ["pixel_values=(2, 3, 32, 32)", "pixel_values=(3, 3, 32, 32)"]
+    (dims,) = [i.type.tensor_type.shape.dim for i in onnx.load(path).graph.input]
+    assert not dims[0].HasField("dim_value") and [d.dim_value for d in dims[1:]] == [3, 32, 32]
+    session = open_session(str(path), providers=("CPUExecutionProvider",))
+    x = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = model(x).logits.numpy()
+    np.testing.assert_allclose(session.run({"pixel_values": x.numpy()})[0], want, atol=ATOL_MODEL, rtol=0)
+
+
+def test_dynamic_axes_override_the_guess(tmp_path):
+    ex, model = converted("mlp", {}, {})
+    report = export_onnx(model, ex.example_inputs(), tmp_path / "mlp.onnx", dynamic_axes={"x": {}})
+    assert report.dynamic_axes == {} and len(report.checks) == 1
+    (dims,) = [i.type.tensor_type.shape.dim for i in onnx.load(tmp_path / "mlp.onnx").graph.input]
+    assert [d.dim_value for d in dims] == [8, 16]
 
 
 def test_not_an_moe_model_is_refused(tmp_path):
