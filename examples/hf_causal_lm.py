@@ -1,19 +1,22 @@
-"""Hugging Face causal LMs (transformers 5.x), small configs, no download: GPT-2 and Llama.
+"""Hugging Face causal LMs (transformers 5.x), small configs, no download: GPT-2, Llama and Phi-3.
 
 - GPT-2: its MLP uses HF `Conv1D` (a transposed Linear).
 - Llama: SwiGLU MLPs (`down(silu(gate(x)) * up(x))`) become gated MoE layers.
+- Phi-3: the same SwiGLU with gate and up fused in one Linear (`gate_up_proj`, then `.chunk(2)`);
+  its rows split into the experts' gate and up weights.
 
-Neither whole model fx-traces, so moeify traces the MLP submodules and rewrites them in place. The
-converted model keeps its class (`GPT2LMHeadModel`, `LlamaForCausalLM`) and `.generate()`s.
+No whole model fx-traces, so moeify traces the MLP submodules and rewrites them in place. The
+converted model keeps its class (`GPT2LMHeadModel`, `LlamaForCausalLM`, `Phi3ForCausalLM`) and
+`.generate()`s.
 
-    python examples/hf_causal_lm.py            # both
+    python examples/hf_causal_lm.py            # all three
     moeify convert examples/hf_causal_lm.py:build_llama -o out/llama
 """
 
 from __future__ import annotations
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM
 
 VOCAB = 128
 PAD, EOS = 1, 1
@@ -36,11 +39,19 @@ def build_llama(num_layers: int = 4) -> LlamaForCausalLM:
     return LlamaForCausalLM(config).eval()
 
 
-BUILDERS = {"gpt2": build_gpt2, "llama": build_llama}
+def build_phi3(num_layers: int = 4) -> Phi3ForCausalLM:
+    torch.manual_seed(0)
+    config = Phi3Config(num_hidden_layers=num_layers, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64, use_cache=False,
+                        bos_token_id=0, eos_token_id=EOS, pad_token_id=PAD)
+    return Phi3ForCausalLM(config).eval()
+
+
+BUILDERS = {"gpt2": build_gpt2, "llama": build_llama, "phi3": build_phi3}
 
 
 def build_model(arch: str = "gpt2", num_layers: int = 4):
-    """The `arch` model ("gpt2" or "llama"); `moeify convert examples/hf_causal_lm.py` takes GPT-2."""
+    """The `arch` model ("gpt2", "llama" or "phi3"); `moeify convert examples/hf_causal_lm.py` takes GPT-2."""
     return BUILDERS[arch](num_layers)
 
 

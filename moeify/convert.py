@@ -69,6 +69,11 @@ def _join(prefix: str, name: str) -> str:
 def dense_ffn(region: FFNRegion, gm: fx.GraphModule) -> DenseFFN:
     """Read a region's dense weights (Linear layout) from the graph's modules."""
     lin = {role: ops.linear_params(gm.get_submodule(name)) for role, name in region.linears.items()}
+    if "gate_up" in lin:  # one Linear for gate and up: split its output rows
+        w, b, d_ff = lin["gate_up"].weight, lin["gate_up"].bias, region.d_ff
+        gate, up = (slice(0, d_ff), slice(d_ff, 2 * d_ff))[::1 if region.gate_half == 0 else -1]
+        return DenseFFN(region.activation, w[gate], lin["down"].weight, None if b is None else b[gate],
+                        lin["down"].bias, w[up], None if b is None else b[up], region.dropout)
     if region.kind == "gated":
         return DenseFFN(region.activation, lin["gate"].weight, lin["down"].weight, lin["gate"].bias,
                         lin["down"].bias, lin["up"].weight, lin["up"].bias, region.dropout)

@@ -384,8 +384,8 @@ def _linear_names(found) -> dict[str, str]:
 
 def _fast_ok(cfg: MoEConfig, local: list[str], found, dense: nn.Module) -> bool:
     allowed = {f"experts.{k}" for k in FAST_EXPERT_KEYS} | set(FAST_ROUTER_KEYS)
-    if cfg.init != "copy" or not set(local) <= allowed:
-        return False
+    if cfg.init != "copy" or not set(local) <= allowed or "gate_up" in found.region.linears:
+        return False  # (a fused gate/up Linear is split row-wise: the built path does that)
     mods = [dense.get_submodule(n) for n in _linear_names(found).values()]
     return all(type(m) is nn.Linear for m in mods) and len({m.weight.dtype for m in mods}) == 1
 

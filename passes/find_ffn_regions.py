@@ -1,7 +1,9 @@
 """Find the dense FFN regions of a traced graph (an analysis pass: the graph is not changed).
 
-    Linear(x) -> act -> [Dropout] -> Linear                       => FFNRegion(kind="mlp")
-    act(Linear_gate(x)) * Linear_up(x) -> [Dropout] -> Linear     => FFNRegion(kind="gated")
+    Linear(x) -> act -> [Dropout/Identity] -> Linear                   => FFNRegion(kind="mlp")
+    act(Linear_gate(x)) * Linear_up(x) -> [Dropout/Identity] -> Linear => FFNRegion(kind="gated")
+    g, u = Linear_gate_up(x).chunk(2, -1); act(g) * u -> ... -> Linear => FFNRegion(kind="gated"),
+                                                                         gate and up fused (Phi-3)
     LSTM -> Linear -> LSTM                                        => FFNRegion(kind="projection")
                                                                      (find_lstm_projection)
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch.fx as fx
+from torch import nn
 
 from moeify.passes import ops
 from moeify.passes.infra import GraphPass, PassResult, Skip
@@ -36,6 +39,7 @@ class FFNRegion:
     bias: bool
     dropout: float = 0.0
     notes: list[str] = field(default_factory=list)
+    gate_half: int = 0  # fused gate/up ("gate_up" linear): which half of its output rows is the gate
 
     @property
     def key(self) -> tuple[str, ...]:
@@ -65,15 +69,20 @@ def _only_input(node: fx.Node) -> fx.Node | None:
     return None
 
 
-def _skip_dropout(node: fx.Node, gm: fx.GraphModule) -> tuple[fx.Node | None, float, list[fx.Node]]:
-    """Step over an optional dropout after `node`: (next node, dropout p, dropout nodes)."""
+def _skip_passthrough(node: fx.Node, gm: fx.GraphModule) -> tuple[fx.Node | None, float, list[fx.Node]]:
+    """Step over the dropouts and nn.Identity modules right after `node` (timm's Mlp puts both
+    between its activation and fc2): (the next other node, the combined dropout p, the nodes stepped
+    over). The dropout becomes the experts' dropout; an identity computes nothing."""
+    keep, stepped = 1.0, []
     nxt = ops.single_user(node)
-    if nxt is None:
-        return None, 0.0, []
-    p = ops.dropout_p(nxt, gm)
-    if p is None:
-        return nxt, 0.0, []
-    return ops.single_user(nxt), p, [nxt]
+    while nxt is not None:
+        p = ops.dropout_p(nxt, gm)
+        if p is None and not isinstance(ops.call_module(nxt, gm), nn.Identity):
+            break
+        keep *= 1.0 - (p or 0.0)
+        stepped.append(nxt)
+        nxt = ops.single_user(nxt)
+    return nxt, round(1.0 - keep, 12), stepped
 
 
 def _users(node: fx.Node) -> str:
@@ -81,7 +90,7 @@ def _users(node: fx.Node) -> str:
 
 
 class MLPRule:
-    """Linear -> act -> [Dropout] -> Linear."""
+    """Linear -> act -> [Dropout/Identity] -> Linear."""
 
     kind = "mlp"
 
@@ -101,7 +110,7 @@ class MLPRule:
         if act is None:
             return Skip(where, f"feeds {what}, not a supported activation",
                         f"FFN regions are Linear -> {'/'.join(ops.SUPPORTED_ACTIVATIONS)} -> Linear")
-        fc2, p, drop_nodes = _skip_dropout(act_node, gm)
+        fc2, p, drop_nodes = _skip_passthrough(act_node, gm)
         p2 = None if fc2 is None else ops.linear_of(fc2, gm)
         if p2 is None:
             feeds = "several nodes" if fc2 is None else fc2.name
@@ -143,7 +152,7 @@ class GatedRule:
             if len(node.users) != 1:
                 return Skip(where, f"{node.name} is used outside the gated FFN ({_users(node)})",
                             "the gated FFN's intermediates must not leak out")
-        down, p, drop_nodes = _skip_dropout(mul, gm)
+        down, p, drop_nodes = _skip_passthrough(mul, gm)
         pd = None if down is None else ops.linear_of(down, gm)
         if pd is None:
             return Skip(where, "the gated product does not feed a single output Linear",
@@ -158,12 +167,63 @@ class GatedRule:
                          pg.in_features, pg.out_features, pd.out_features, pg.bias is not None, p)
 
 
+class FusedGatedRule:
+    """g, u = Linear_gate_up(x).chunk(2, dim=-1); act(g) * u -> [Dropout/Identity] -> Linear_down.
+
+    One Linear computes gate and up together (Phi-3's `gate_up_proj`); its output rows split into
+    the gate half and the up half, which become the experts' gate and up weights.
+    """
+
+    kind = "gated"
+
+    def match(self, mul: fx.Node, gm: fx.GraphModule) -> FFNRegion | Skip | None:
+        if not ops.is_mul(mul) or len(mul.args) != 2 or not all(isinstance(a, fx.Node) for a in mul.args):
+            return None
+        for act_node, up_half in (mul.args, mul.args[::-1]):
+            act, _ = ops.activation_of(act_node, gm)
+            gate_half = (ops.chunk_half(act_node.args[0]) if act and act_node.args
+                         and isinstance(act_node.args[0], fx.Node) else None)
+            other = ops.chunk_half(up_half)
+            if gate_half and other and gate_half[0] is other[0] and gate_half[1] != other[1]:
+                break
+        else:
+            return None
+        chunk, gate_index = gate_half
+        gate_up = chunk.args[0]
+        pgu = ops.linear_of(gate_up, gm)
+        if pgu is None:
+            return None
+        where = str(gate_up.target)
+        x = _only_input(gate_up)
+        if x is None:
+            return Skip(where, "called with extra arguments", "call the Linear with one tensor")
+        for node, want in ((gate_up, 1), (chunk, 2), (act_node.args[0], 1), (act_node, 1), (up_half, 1)):
+            if len(node.users) != want:
+                return Skip(where, f"{node.name} is used outside the gated FFN ({_users(node)})",
+                            "the gated FFN's intermediates must not leak out")
+        down, p, stepped = _skip_passthrough(mul, gm)
+        pd = None if down is None else ops.linear_of(down, gm)
+        if pd is None:
+            return Skip(where, "the gated product does not feed a single output Linear",
+                        "gated FFNs are act(gate) * up -> down")
+        if pgu.out_features != 2 * pd.in_features:
+            return Skip(where, f"{gate_up.target}.out_features={pgu.out_features} is not twice "
+                               f"{down.target}.in_features={pd.in_features}", "gate_up maps D->2F, down maps F->D")
+        if (pgu.bias is None) != (pd.bias is None):
+            return Skip(where, "one Linear has a bias and the other not", "use bias on both or neither")
+        nodes = sorted({gate_up, chunk, act_node.args[0], up_half, act_node, mul, *stepped, down}, key=_position(gm))
+        return FFNRegion(self.kind, common_owner(nodes), x, down, nodes,
+                         {"gate_up": str(gate_up.target), "down": str(down.target)}, act,
+                         pgu.in_features, pd.in_features, pd.out_features, pgu.bias is not None, p,
+                         gate_half=gate_index)
+
+
 def _position(gm: fx.GraphModule):
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     return order.__getitem__
 
 
-DEFAULT_RULES = (GatedRule(), MLPRule())
+DEFAULT_RULES = (GatedRule(), FusedGatedRule(), MLPRule())
 
 
 def default_rules() -> tuple:

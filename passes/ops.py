@@ -123,6 +123,22 @@ def dropout_p(node: fx.Node, gm: fx.GraphModule) -> float | None:
     return None
 
 
+def chunk_half(node: fx.Node) -> tuple[fx.Node, int] | None:
+    """(the chunk node, i) when `node` is half i of `t.chunk(2, dim=-1)` / `torch.chunk(t, 2, -1)`."""
+    if node.op != "call_function" or node.target is not operator.getitem or len(node.args) != 2:
+        return None
+    src, index = node.args
+    if not isinstance(src, fx.Node) or index not in (0, 1):
+        return None
+    is_chunk = (src.op == "call_method" and src.target == "chunk") or (
+        src.op == "call_function" and src.target is torch.chunk)
+    if not is_chunk or not src.args or not isinstance(src.args[0], fx.Node):
+        return None
+    chunks = src.kwargs.get("chunks", src.args[1] if len(src.args) > 1 else None)
+    dim = src.kwargs.get("dim", src.args[2] if len(src.args) > 2 else 0)
+    return (src, index) if chunks == 2 and dim == -1 else None
+
+
 def is_mul(node: fx.Node) -> bool:
     return (node.op == "call_function" and node.target in (operator.mul, torch.mul)) or (
         node.op == "call_method" and node.target == "mul")

@@ -86,3 +86,56 @@ def test_mismatched_hidden_sizes_refused():
 
     result = find(Bad())
     assert result.analysis == [] and "in_features=12" in result.skipped[0].reason
+
+
+class TimmMlp(nn.Module):
+    """timm's Mlp: fc1 -> act -> drop1 -> norm (Identity by default) -> fc2 -> drop2."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.act, self.drop1 = nn.Linear(8, 16), nn.GELU(), nn.Dropout(0.2)
+        self.norm, self.fc2, self.drop2 = nn.Identity(), nn.Linear(16, 8), nn.Dropout(0.2)
+
+    def forward(self, x):
+        return self.drop2(self.fc2(self.norm(self.drop1(self.act(self.fc1(x))))))
+
+
+def test_identity_and_dropout_between_are_stepped_over():
+    (region,) = find(TimmMlp()).analysis
+    assert [n.name for n in region.nodes] == ["fc1", "act", "drop1", "norm", "fc2"]
+    assert region.dropout == 0.2  # the dropout after fc2 stays outside the region
+
+
+class FusedGateUp(nn.Module):
+    """Phi-3's MLP: one Linear for gate and up, split with chunk."""
+
+    def __init__(self, gate_second=False, function=False, dim=-1, leak=False):
+        super().__init__()
+        self.gate_up_proj, self.down_proj = nn.Linear(8, 32, bias=False), nn.Linear(16, 8, bias=False)
+        self.gate_second, self.function, self.dim, self.leak = gate_second, function, dim, leak
+
+    def forward(self, x):
+        h = self.gate_up_proj(x)
+        a, b = torch.chunk(h, 2, dim=self.dim) if self.function else h.chunk(2, dim=self.dim)
+        gate, up = (b, a) if self.gate_second else (a, b)
+        y = self.down_proj(F.silu(gate) * up)
+        return y + up.sum() if self.leak else y
+
+
+@pytest.mark.parametrize("gate_second", [False, True])
+@pytest.mark.parametrize("function", [False, True])
+def test_fused_gate_up_is_a_gated_region(gate_second, function):
+    (region,) = find(FusedGateUp(gate_second, function)).analysis
+    assert (region.kind, region.activation, region.gate_half) == ("gated", "silu", int(gate_second))
+    assert region.linears == {"gate_up": "gate_up_proj", "down": "down_proj"}
+    assert (region.d_model, region.d_ff, region.d_out) == (8, 16, 8)
+
+
+@pytest.mark.parametrize("module, where, reason", [
+    (FusedGateUp(dim=0), "gate_up_proj", "feeds method .chunk()"),  # halves of the batch, not of the features
+    (FusedGateUp(leak=True), "gate_up_proj", "used outside the gated FFN"),
+])
+def test_fused_gate_up_refusals(module, where, reason):
+    result = find(module)
+    assert result.analysis == []
+    assert any(s.where == where and reason in s.reason for s in result.skipped), result.skipped

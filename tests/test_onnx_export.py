@@ -193,6 +193,7 @@ EXAMPLES = [
     for name, kwargs, fused_options in [("hf_vit", dict(num_layers=1), dict(allow_approximate_gelu=True)),
                                         ("hf_causal_lm", dict(arch="gpt2", num_layers=1), {}),
                                         ("hf_causal_lm", dict(arch="llama", num_layers=1), {}),
+                                        ("hf_causal_lm", dict(arch="phi3", num_layers=1), {}),
                                         ("hf_bert", dict(num_layers=1), dict(fallback="portable")),
                                         ("minilm", {}, dict(allow_approximate_gelu=True))]
     for mode, options in [("fused", fused_options), ("portable", {})]

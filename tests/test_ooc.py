@@ -139,3 +139,23 @@ def test_ooc_records_source_for_load(tmp_path):
     (x,) = load_example("mlp").example_inputs()
     with torch.no_grad():
         assert torch.equal(loaded(x), want(x))
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_ooc_fused_gate_up_equals_in_memory(tmp_path, fast):
+    """Phi-3's gate_up_proj is split row-wise into gate and up (the fast path steps aside for it)."""
+    ex = load_example("hf_causal_lm")
+    cfg = moeify.MoEConfig(num_experts=3, top_k=2)
+    dense = ex.build_phi3(num_layers=2)
+    ckpt = tmp_path / "dense.safetensors"
+    save_model(dense, str(ckpt))
+    mem = moeify.convert(dense, cfg, example_inputs=ex.example_inputs(), verify=False)
+    moeify.save(mem, tmp_path / "mem")
+    convert_checkpoint(ckpt, tmp_path / "ooc", cfg, model=lambda: ex.build_phi3(num_layers=2), fast=fast)
+    want, got = load_file(tmp_path / "mem" / "model.safetensors"), load_file(tmp_path / "ooc" / "model.safetensors")
+    assert sorted(got) == sorted(want)
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+    gate_up = dense.model.layers[0].mlp.gate_up_proj.weight
+    assert torch.equal(want["model.layers.0.mlp.moe.experts.w1_EFD"][1], gate_up[:128])  # the gate half
+    assert torch.equal(want["model.layers.0.mlp.moe.experts.w3_EFD"][1], gate_up[128:])  # the up half

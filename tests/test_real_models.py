@@ -1,4 +1,4 @@
-"""Real models: HF GPT-2 / Llama / BERT / ViT (small configs), the pretrained all-MiniLM-L6-v2, and the
+"""Real models: HF GPT-2 / Llama / Phi-3 / BERT / ViT (small configs), the pretrained all-MiniLM-L6-v2, and the
 seed paper's LSTM LM. The dense model is the reference: outputs at init, greedy generation, the
 report's regions, and save/load round trips, as one table of models."""
 
@@ -36,6 +36,8 @@ CASES = {
                  (("arch", "gpt2"),)),
     "llama": Case("hf_causal_lm", tuple(f"model.layers.{i}.mlp.moe" for i in range(4)), "fx: submodule model.layers.",
                   (("arch", "llama"),)),
+    "phi3": Case("hf_causal_lm", tuple(f"model.layers.{i}.mlp.moe" for i in range(4)), "fx: submodule model.layers.",
+                 (("arch", "phi3"),)),
     "bert": Case("hf_bert", tuple(f"encoder.layer.{i}.output.moe" for i in range(4)),
                  "feed_forward_chunk(); split: intermediate -> identity, MoE in output"),
     "minilm": Case("minilm", tuple(f"encoder.layer.{i}.output.moe" for i in range(6)),
@@ -44,7 +46,7 @@ CASES = {
     "lstm": Case("lstm_lm", ("moe",), "fx: whole model"),
     "lstm_ffn": Case("lstm_lm", ("between.moe",), "fx: whole model", (("ffn", True),)),
 }
-FAST = ["gpt2", "llama", "bert", "vit", "lstm", "lstm_ffn"]
+FAST = ["gpt2", "llama", "phi3", "bert", "vit", "lstm", "lstm_ffn"]
 MINILM = pytest.param("minilm", marks=pytest.mark.slow)  # 22M pretrained weights: ~10 s per conversion
 CFG = moeify.MoEConfig(num_experts=8, top_k=2)
 
@@ -98,7 +100,7 @@ def test_report_lists_exactly_the_expected_regions(converted, name):
 
 
 @pytest.mark.parametrize(("name", "use_cache"), [("gpt2", False), ("gpt2", True), ("llama", False),
-                                               ("llama", True), ("lstm", False)])
+                                               ("llama", True), ("phi3", False), ("lstm", False)])
 def test_greedy_generation_matches_dense(converted, name, use_cache):
     dense, result = converted(name)
     example = load_example(CASES[name].example)
