@@ -22,14 +22,21 @@ from moeify.passes import ops
 
 
 class MoeifyTracer(fx.Tracer):
-    """fx tracer whose leaves are torch.nn modules, HF Conv1D, and parameter-free childless modules.
+    """fx tracer whose leaves are torch.nn modules, HF Conv1D, nn.Linear subclasses that compute a
+    Linear (Falcon's `FalconLinear`), and parameter-free childless modules.
 
     Making parameter-free helper modules (activations, rotary caches, ...) opaque keeps tracing
     from failing inside them; they are still called as modules by the rewritten forward.
     """
 
+    def __init__(self, linear_subclasses: frozenset[int] = frozenset()) -> None:
+        super().__init__()
+        # ids of the nn.Linear subclass instances that compute a Linear, probed before tracing (a probe
+        # while tracing would see fx's proxies instead of the weights)
+        self.linear_subclasses = linear_subclasses
+
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if ops.is_conv1d(m):
+        if ops.is_conv1d(m) or id(m) in self.linear_subclasses:
             return True
         if super().is_leaf_module(m, module_qualified_name):
             return True
@@ -38,7 +45,8 @@ class MoeifyTracer(fx.Tracer):
 
 
 def trace(module: nn.Module) -> fx.GraphModule:
-    tracer = MoeifyTracer()
+    subclasses = (m for m in module.modules() if isinstance(m, nn.Linear) and type(m) is not nn.Linear)
+    tracer = MoeifyTracer(frozenset(id(m) for m in subclasses if ops.computes_linear(m)))
     graph = tracer.trace(module)
     name = type(module).__name__
     return fx.GraphModule(tracer.root, graph, name)

@@ -218,6 +218,19 @@ class FusedGatedRule:
                          gate_half=gate_index)
 
 
+def _weight_reader(region: FFNRegion, gm: fx.GraphModule) -> fx.Node | None:
+    """A get_attr of one of the region's Linears (`wo.weight`) that some node uses, if any.
+
+    Unused ones are harmless: T5's FFN compares `self.wo.weight.dtype` while tracing, which leaves a
+    get_attr with no users; the rewrite erases those with the modules.
+    """
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and node.users and any(
+                node.target == name or node.target.startswith(f"{name}.") for name in region.linears.values()):
+            return node
+    return None
+
+
 def _position(gm: fx.GraphModule):
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     return order.__getitem__
@@ -251,6 +264,13 @@ class FindFFNRegions(GraphPass):
                 found = rule.match(node, gm)
                 if isinstance(found, FFNRegion):
                     if claimed.intersection(found.nodes):
+                        continue
+                    reader = _weight_reader(found, gm)
+                    if reader is not None:  # the rewrite removes these modules: nothing else may use them
+                        refusals.setdefault(node, Skip(str(next(iter(found.linears.values()))),
+                                                       f"{reader.target} is read outside the FFN (by "
+                                                       f"{_users(reader)})", "read the weights only through the "
+                                                       "FFN's Linear calls"))
                         continue
                     regions.append(found)
                     claimed.update(found.nodes)

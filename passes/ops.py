@@ -46,8 +46,34 @@ def is_conv1d(module: nn.Module) -> bool:
             and module._parameters.get("weight") is not None)
 
 
+def computes_linear(module: nn.Module) -> bool:
+    """nn.Linear itself, or a subclass whose forward is F.linear (Falcon's `FalconLinear` rewrites it as
+    `x @ W.T + b`); a subclass that computes something else (scaled, quantized, adapters) is not one.
+
+    A subclass with its own forward is probed on two random rows; on the meta device, where nothing
+    can be computed, only subclasses that keep nn.Linear's forward count.
+    """
+    if type(module) is nn.Linear or (isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward):
+        return True
+    if not isinstance(module, nn.Linear) or any(True for _ in module.children()):
+        return False
+    weight = module._parameters.get("weight")  # not `module.weight`: see is_conv1d
+    if weight is None or not weight.is_floating_point() or weight.device.type == "meta":
+        return False
+    gen = torch.Generator(device=weight.device).manual_seed(0)
+    x = torch.randn(2, module.in_features, generator=gen, device=weight.device).to(weight.dtype)
+    with torch.no_grad():
+        try:
+            got = type(module).forward(module, x)  # not module(x): fx patches __call__ while it traces
+        except Exception:  # noqa: BLE001 - an arbitrary forward: anything it raises means "not a Linear"
+            return False
+        want = F.linear(x, weight, module._parameters.get("bias"))
+    return isinstance(got, torch.Tensor) and got.shape == want.shape and torch.allclose(got, want, rtol=1e-3,
+                                                                                        atol=1e-4)
+
+
 def linear_params(module: nn.Module) -> LinearParams | None:
-    if isinstance(module, nn.Linear):
+    if isinstance(module, nn.Linear) and computes_linear(module):
         return LinearParams(module.weight, module.bias, module.in_features, module.out_features)
     if is_conv1d(module):
         w = module.weight.T

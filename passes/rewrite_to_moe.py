@@ -89,6 +89,9 @@ class RewriteToMoE(GraphPass):
             for node in reversed(region.nodes):
                 gm.graph.erase_node(node)
             for target in region.linears.values():
+                for node in [n for n in gm.graph.nodes if n.op == "get_attr" and not n.users
+                             and (n.target == target or n.target.startswith(f"{target}."))]:
+                    gm.graph.erase_node(node)  # a read the trace left unused (FindFFNRegions refuses used ones)
                 _remove_submodule(gm, target)
             self.installed[name] = layer
             linears = " + ".join(region.linears.values())

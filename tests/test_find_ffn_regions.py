@@ -139,3 +139,71 @@ def test_fused_gate_up_refusals(module, where, reason):
     result = find(module)
     assert result.analysis == []
     assert any(s.where == where and reason in s.reason for s in result.skipped), result.skipped
+
+
+class MatmulLinear(nn.Linear):  # Falcon's FalconLinear: the same function, written out
+    def forward(self, x):
+        return x @ self.weight.T + self.bias
+
+
+class ScaledLinear(nn.Linear):  # another function: must not be taken for a Linear
+    def forward(self, x):
+        return 2.0 * super().forward(x)
+
+
+class PlainSubclass(nn.Linear):
+    pass
+
+
+@pytest.mark.parametrize("cls, want", [(nn.Linear, True), (PlainSubclass, True), (MatmulLinear, True),
+                                       (ScaledLinear, False)])
+def test_computes_linear_probes_subclasses(cls, want):
+    from moeify.passes import ops
+
+    assert ops.computes_linear(cls(8, 16)) is want
+    assert (ops.linear_params(cls(8, 16)) is not None) is want
+    on_meta = cls(8, 16, device="meta")  # nothing to compute there: only an inherited forward counts
+    assert ops.computes_linear(on_meta) is (cls in (nn.Linear, PlainSubclass))
+
+
+@pytest.mark.parametrize("cls, found", [(MatmulLinear, True), (ScaledLinear, False)])
+def test_linear_subclasses_in_an_ffn(cls, found):
+    class FFN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = cls(8, 16), cls(16, 8)
+
+        def forward(self, x):
+            return self.fc2(F.gelu(self.fc1(x)))
+
+    regions = find(FFN()).analysis
+    assert [r.linears for r in regions] == ([{"fc1": "fc1", "fc2": "fc2"}] if found else [])
+
+
+class ReadsWeight(nn.Module):
+    """T5's DenseReluDense checks `self.wo.weight.dtype` (a get_attr the trace leaves unused); `use`
+    makes the weight feed the output too, which the rewrite could not keep."""
+
+    def __init__(self, use):
+        super().__init__()
+        self.wi, self.wo, self.use = nn.Linear(8, 16), nn.Linear(16, 8), use
+
+    def forward(self, x):
+        h = F.relu(self.wi(x))
+        if isinstance(self.wo.weight, torch.Tensor):
+            h = h.to(torch.float32)
+        y = self.wo(h)
+        return y + self.wo.weight.sum() if self.use else y
+
+
+def test_unused_weight_read_is_dropped_and_used_one_refused():
+    import moeify
+
+    module = ReadsWeight(use=False)
+    (region,) = find(module).analysis
+    x = torch.randn(3, 8)
+    result = moeify.convert(module, moeify.MoEConfig(num_experts=2, top_k=1), example_inputs=(x,))
+    assert result.report.function_preserving
+    refused = find(ReadsWeight(use=True))
+    assert refused.analysis == []
+    assert any("wo.weight is read outside the FFN" in s.reason for s in refused.skipped), refused.skipped
