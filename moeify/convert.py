@@ -13,6 +13,7 @@ Steps (check everything first, then mutate a copy):
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -104,9 +105,15 @@ def find_regions(model: nn.Module) -> tuple[list[FoundRegion], list[Skip], captu
     return found, skipped, cap
 
 
-def _nearest(skipped: list[Skip], limit: int = 5) -> str:
-    if not skipped:
-        return "no Linear layers were found at all"
+def _nearest(skipped: list[Skip], model: nn.Module | None = None, cap: capture_mod.Capture | None = None,
+             limit: int = 5) -> str:
+    if not skipped and model is not None:
+        moe = sorted({type(m).__name__ for m in model.modules() if re.search(r"moe|experts", type(m).__name__, re.I)})
+        if moe:
+            return f"none: it already holds mixture-of-experts modules ({', '.join(moe[:3])})"
+        untraced = f" ({len(cap.failures)} modules did not trace, e.g. {cap.failures[0][0] or '<model>'}: " \
+                   f"{cap.failures[0][1]})" if cap is not None and cap.failures else ""
+        return f"no Linear layer was seen in the parts of the model that trace{untraced}"
     more = f"; and {len(skipped) - limit} more" if len(skipped) > limit else ""
     return "; ".join(str(s) for s in skipped[:limit]) + more
 
@@ -169,7 +176,8 @@ def convert(model: nn.Module, config: MoEConfig | None = None, *, example_inputs
     found, skipped, cap = find_regions(converted)
     if not found:
         raise NoFFNRegionError(f"no FFN region found in {type(model).__name__}: nearest candidates: "
-                               f"{_nearest(skipped)}. moeify converts Linear -> act -> Linear and gated FFNs")
+                               f"{_nearest(skipped, model, cap)}. moeify converts Linear -> act -> Linear and "
+                               "gated FFNs")
     if only is not None:
         wanted = {tuple(k) for k in only}
         selected = [i for i, f in enumerate(found) if f.key in wanted]

@@ -211,3 +211,13 @@ def test_more_hf_families_convert_function_preserving(family):
         want, got = dense(ids, **kwargs), result.model(ids, **kwargs)
     key = "logits" if "logits" in want else "last_hidden_state"
     assert (want[key] - got[key]).abs().max().item() <= 1e-5
+
+
+def test_a_model_that_already_is_an_moe_is_refused_saying_so():
+    import transformers as T
+
+    model = T.MixtralForCausalLM(T.MixtralConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                                 num_hidden_layers=1, vocab_size=128, num_key_value_heads=2,
+                                                 num_local_experts=4))
+    with pytest.raises(NoFFNRegionError, match="already holds mixture-of-experts modules .*MixtralSparseMoeBlock"):
+        moeify.convert(model, CFG, example_inputs=(torch.randint(2, 128, (1, 4)),))
