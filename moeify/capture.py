@@ -58,6 +58,7 @@ class CaptureUnit:
     graph_module: fx.GraphModule
     how: str  # e.g. "fx: whole model" or "fx: submodule transformer.h.0.mlp"
     method: str | None = None  # set when a method other than forward was traced (see `capture_methods`)
+    in_place: bool = False  # the method holds a whole FFN and is rewritten itself (`capture_ff_blocks`)
 
 
 @dataclass
@@ -150,8 +151,28 @@ def capture_methods(model: nn.Module, capture: Capture) -> None:
                                              f"fx: method {where}", method))
 
 
-def install_forward(module: nn.Module, gm: fx.GraphModule) -> None:
-    """Make `module` run `gm`'s graph as its forward, keeping its class, attributes and parameters.
+# PyTorch's own Transformer layers keep their FFN in `_ff_block(x)`. As torch.nn modules they are
+# leaves of every trace, and their forward does not trace: the method is traced and rewritten instead.
+FF_BLOCK_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+
+
+def capture_ff_blocks(model: nn.Module, capture: Capture) -> None:
+    """Add an in-place method unit for the `_ff_block` of every nn.Transformer{Encoder,Decoder}Layer."""
+    for path, module in model.named_modules():
+        if not isinstance(module, FF_BLOCK_LAYERS):
+            continue
+        where = f"{path or '<model>'}._ff_block()"
+        try:
+            gm = trace_method(module, "_ff_block")
+        except Exception as exc:  # noqa: BLE001 - a subclass may have changed it: one failed candidate
+            capture.failures.append((where, _first_line(exc)))
+            continue
+        capture.units.append(CaptureUnit(path, gm, f"fx: method {where}", "_ff_block", in_place=True))
+
+
+def install_forward(module: nn.Module, gm: fx.GraphModule, method: str = "forward") -> None:
+    """Make `module` run `gm`'s graph as its forward (or as `method`), keeping its class, attributes and
+    parameters.
 
     `gm` was traced from `module` and rewritten: what the graph calls that `module` lacks (the new
     MoE layers, traced constants) is added to `module` first.
@@ -162,8 +183,11 @@ def install_forward(module: nn.Module, gm: fx.GraphModule) -> None:
     python_code = gm.graph.python_code(root_module="self")
     forward = fx.graph_module._forward_from_src(python_code.src, python_code.globals, None)
     base = dense_class(module)
+    methods = {name: fn for name, fn in vars(type(module)).items() if name != "_moeify_dense_class"
+               and type(module) is not base and inspect.isfunction(fn)}  # rewritten earlier: keep them
     subclass = type(base.__name__, (base,), {
-        "forward": forward,
+        **methods,
+        method: forward,
         "_moeify_dense_class": base,
         "__module__": base.__module__,
         "__qualname__": base.__qualname__,

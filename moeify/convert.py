@@ -86,10 +86,11 @@ def find_regions(model: nn.Module) -> tuple[list[FoundRegion], list[Skip], captu
     """Every FFN region of `model`, in model order, and every refused candidate."""
     cap = capture_mod.capture_units(model)
     capture_mod.capture_methods(model, cap)  # helper methods of untraceable modules: split FFNs (BERT)
+    capture_mod.capture_ff_blocks(model, cap)  # nn.TransformerEncoderLayer / DecoderLayer: their _ff_block
     found: list[FoundRegion] = []
     skipped: list[Skip] = []
     for unit in cap.units:
-        if unit.method is not None:
+        if unit.method is not None and not unit.in_place:
             parent = model.get_submodule(unit.path) if unit.path else model
             result = FindSplitFFN(parent, unit.method, capture_mod.trace, prefix=unit.path)(unit.graph_module)
         else:
@@ -202,11 +203,17 @@ def convert(model: nn.Module, config: MoEConfig | None = None, *, example_inputs
     for owner, group in by_owner.items():
         if isinstance(group[0].region, SplitFFNRegion):
             _rewrite_split(converted, group[0], cfg, generator, report)
+        elif group[0].unit.in_place:
+            _rewrite_owner(converted, owner, group, cfg, generator, report, method=group[0].unit.method)
         else:
             _rewrite_owner(converted, owner, group, cfg, generator, report)
             for f in group:  # the traced units still hold the dense Linears: let them go before the next owner
                 capture_mod.remove_modules(f.unit.graph_module, list(f.region.linears.values()))
 
+    for module in converted.modules():  # a new layer is born in training mode: give it its parent's mode
+        for child in module.children():
+            if isinstance(child, MoELayer):
+                child.train(module.training)
     report.params_after = count_params(converted)
     report.active_params_per_token = active_params(converted)
     result = ConversionResult(converted, report, cfg, source=source_record,
@@ -217,11 +224,13 @@ def convert(model: nn.Module, config: MoEConfig | None = None, *, example_inputs
 
 
 def _rewrite_owner(model: nn.Module, owner: str, group: list[FoundRegion], cfg: MoEConfig,
-                   generator: torch.Generator, report: ConversionReport) -> None:
+                   generator: torch.Generator, report: ConversionReport, method: str = "forward") -> None:
+    """Rewrite `owner`'s forward (or `method`, for a unit that traced one) with the group's regions."""
     owner_module = model.get_submodule(owner)
     unit = group[0].unit
     try:
-        gm = capture_mod.trace(owner_module)
+        gm = (capture_mod.trace(owner_module) if method == "forward"
+              else capture_mod.trace_method(owner_module, method))
         how = unit.how if unit.path == owner else f"{unit.how}; rewritten on fx trace of {owner or '<model>'}"
         prefix = owner
     except Exception as exc:  # noqa: BLE001
@@ -235,8 +244,12 @@ def _rewrite_owner(model: nn.Module, owner: str, group: list[FoundRegion], cfg: 
                            "trace; its forward may depend on its caller")
     rewrite = RewriteToMoE(chosen, _region_builder(cfg, generator))
     gm, log = PassManager([rewrite, InsertAuxLoss(), AnnotateSharding(), VerifyGraph()])(gm, where=owner)
-    capture_mod.install_forward(owner_module, gm)
+    capture_mod.install_forward(owner_module, gm, method)
     capture_mod.remove_modules(owner_module, [n for r in chosen for n in r.linears.values()])
+    if isinstance(owner_module, nn.TransformerEncoderLayer):
+        # its eval fast path runs the dense FFN in one fused kernel (and reads linear1): this attribute
+        # is one of the conditions torch checks before taking it, and keeps the layer on _ff_block
+        owner_module.activation_relu_or_gelu = False
     report.changes += [f"{owner or '<model>'}: {c}" for c in log.changes]
     report.skipped += log.skipped
     for region, (name, layer) in zip(chosen, rewrite.installed.items(), strict=True):

@@ -115,3 +115,13 @@ def test_two_regions_in_one_owner_are_reported_under_their_own_layers():
     x = torch.randn(3, 8)
     r = moeify.convert(TwoFFN(), moeify.MoEConfig(num_experts=2, top_k=1), example_inputs=(x,)).report
     assert [(reg.name, reg.linears) for reg in r.regions] == [("moe_fc1", ["fc1", "fc2"]), ("moe_up", ["up", "down"])]
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_new_layers_take_the_mode_of_the_model(example, training):
+    """Without this a converted eval model (verify=False, or moeify.load) ran its MoE layers in training
+    mode: expert dropout, router noise and train capacity active at inference."""
+    ex = example("gpt")
+    model = ex.build_model().train(training)
+    result = moeify.convert(model, moeify.MoEConfig(num_experts=4, top_k=2), verify=False)
+    assert {m.training for m in result.model.modules()} == {training}

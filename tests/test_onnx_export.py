@@ -179,6 +179,9 @@ TINY = dict(n_layers=1, d_model=32)
 EXAMPLES = [
     pytest.param("mlp", {}, {}, "fused", {}, id="mlp-fused"),
     pytest.param("mlp", {}, {}, "portable", {}, id="mlp-portable"),
+    pytest.param("vit", dict(layers=1), {}, "portable", {}, id="torch-vit-portable"),
+    pytest.param("vit", dict(layers=1), {}, "fused", dict(allow_approximate_gelu=True), id="torch-vit-fused",
+                 marks=pytest.mark.slow),
     pytest.param("llama", dict(TINY, d_ff=64), {}, "fused", {}, id="llama-fused"),
     pytest.param("gpt", TINY, {}, "fused", dict(allow_approximate_gelu=True), id="gpt-fused-approx-gelu",
                  marks=pytest.mark.slow),

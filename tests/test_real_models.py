@@ -1,6 +1,7 @@
-"""Real models: HF GPT-2 / Llama / Phi-3 / BERT / ViT (small configs), the pretrained all-MiniLM-L6-v2, and the
-seed paper's LSTM LM. The dense model is the reference: outputs at init, greedy generation, the
-report's regions, and save/load round trips, as one table of models."""
+"""Real models: HF GPT-2 / Llama / Phi-3 / BERT / ViT (small configs), a ViT on nn.TransformerEncoder,
+the pretrained all-MiniLM-L6-v2, and the seed paper's LSTM LM. The dense model is the reference:
+outputs at init, greedy generation, the report's regions, and save/load round trips, as one table
+of models."""
 
 from __future__ import annotations
 
@@ -43,10 +44,11 @@ CASES = {
     "minilm": Case("minilm", tuple(f"encoder.layer.{i}.output.moe" for i in range(6)),
                    "feed_forward_chunk(); split: intermediate -> identity, MoE in output"),
     "vit": Case("hf_vit", tuple(f"vit.layers.{i}.mlp.moe" for i in range(4)), "fx: submodule vit.layers."),
+    "torch_vit": Case("vit", tuple(f"encoder.layers.{i}.moe" for i in range(4)), "fx: method encoder.layers."),
     "lstm": Case("lstm_lm", ("moe",), "fx: whole model"),
     "lstm_ffn": Case("lstm_lm", ("between.moe",), "fx: whole model", (("ffn", True),)),
 }
-FAST = ["gpt2", "llama", "phi3", "bert", "vit", "lstm", "lstm_ffn"]
+FAST = ["gpt2", "llama", "phi3", "bert", "vit", "torch_vit", "lstm", "lstm_ffn"]
 MINILM = pytest.param("minilm", marks=pytest.mark.slow)  # 22M pretrained weights: ~10 s per conversion
 CFG = moeify.MoEConfig(num_experts=8, top_k=2)
 
