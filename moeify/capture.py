@@ -158,8 +158,9 @@ FF_BLOCK_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
 
 def capture_ff_blocks(model: nn.Module, capture: Capture) -> None:
     """Add an in-place method unit for the `_ff_block` of every nn.Transformer{Encoder,Decoder}Layer."""
+    traced = {unit.path for unit in capture.units if unit.method is None}
     for path, module in model.named_modules():
-        if not isinstance(module, FF_BLOCK_LAYERS):
+        if not isinstance(module, FF_BLOCK_LAYERS) or path in traced:  # (its forward traced: found there)
             continue
         where = f"{path or '<model>'}._ff_block()"
         try:

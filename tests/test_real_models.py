@@ -223,3 +223,19 @@ def test_a_model_that_already_is_an_moe_is_refused_saying_so():
                                                  num_local_experts=4))
     with pytest.raises(NoFFNRegionError, match="already holds mixture-of-experts modules .*MixtralSparseMoeBlock"):
         moeify.convert(model, CFG, example_inputs=(torch.randint(2, 128, (1, 4)),))
+
+
+def test_torch_nn_transformer_encoder_and_decoder_layers():
+    """The encoder layer does not trace (its fast-path checks): its _ff_block is rewritten; the decoder
+    layer traces as a whole and is rewritten there, once."""
+    torch.manual_seed(0)
+    dense = torch.nn.Transformer(d_model=32, nhead=4, num_encoder_layers=1, num_decoder_layers=1,
+                                 dim_feedforward=64, batch_first=True).eval()
+    src, tgt = torch.randn(2, 5, 32), torch.randn(2, 4, 32)
+    result = moeify.convert(dense, CFG, example_inputs=(src, tgt))
+    assert [(r.name, r.capture) for r in result.report.regions] == [
+        ("encoder.layers.0.moe", "fx: method encoder.layers.0._ff_block()"),
+        ("decoder.layers.0.moe", "fx: submodule decoder.layers.0")]
+    assert result.model.encoder.layers[0].activation_relu_or_gelu is False
+    with torch.no_grad():  # eval, no grad: the encoder layer's fused fast path would apply if left on
+        assert (dense(src, tgt) - result.model(src, tgt)).abs().max().item() <= 1e-5
