@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from procstatus import status_bytes
+from benchutil import status_bytes, write_results
 
 ROOT = Path(__file__).resolve().parent.parent
 BIG = dict(vocab_size=32000, d_model=2048, n_layers=16, n_heads=16, d_ff=8192)  # ~1.2B params
@@ -217,11 +217,7 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if not a.quick:
-        path = Path(a.out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("\n".join(lines) + "\n")
-        os.replace(tmp, path)
+        path = write_results(a.out, "\n".join(lines) + "\n")
         print(f"wrote {path}")
 
 

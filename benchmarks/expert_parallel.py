@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from benchutil import write_results
 from torch import nn
 
 import moeify
@@ -164,10 +165,7 @@ def main() -> None:
         lines += ["", "Not run on NCCL in this measurement (no GPU): the same script uses NCCL when CUDA is present."]
     text = "\n".join(lines) + "\n"
     print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = args.out.with_suffix(".tmp")
-    tmp_out.write_text(text)
-    os.replace(tmp_out, args.out)
+    write_results(args.out, text)
 
 
 if __name__ == "__main__":

@@ -57,7 +57,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from procstatus import status_bytes
+from benchutil import status_bytes, write_results
 from torch import nn
 
 from moeify.config import MoEConfig
@@ -547,11 +547,8 @@ def main() -> None:
                     *time_table(setup, "malloc tuned (MALLOC_MMAP_THRESHOLD_=MALLOC_TRIM_THRESHOLD_=1 GiB)", tuned),
                     "", *mem_table(setup, mem), "", *tuned["profiles"]]
     lines = [*header, *sections]
-    out = Path(args.out or Path(__file__).parent / "results" / f"moe_layer{'_cuda' if cuda else ''}.txt")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, out)
+    out = write_results(args.out or Path(__file__).parent / "results" / f"moe_layer{'_cuda' if cuda else ''}.txt",
+                        "\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"wrote {out}")
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from benchutil import write_results
 
 import moeify
 from moeify.inference import open_session
@@ -112,11 +113,7 @@ def main() -> None:
                 f"{diffs['portable']:>15.2e}")
         print(line, flush=True)
         lines.append(line)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, out)
+    out = write_results(args.out, "\n".join(lines) + "\n")
     print(f"wrote {out}", file=sys.stderr)
 
 

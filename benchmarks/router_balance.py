@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from benchutil import write_results
 
 import moeify
 
@@ -103,11 +104,7 @@ def main() -> None:
                      f"{r['dropped']:8.3f}")
     text = "\n".join(lines) + "\n"
     print(text, end="")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(out)
+    write_results(args.out, text)
 
 
 if __name__ == "__main__":

@@ -21,13 +21,13 @@ order, all in one process.
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from benchutil import write_results
 
 E, D, FF = 8, 512, 2048
 ROWS = (1, 2, 4, 8, 16, 32, 64, 256)
@@ -88,11 +88,7 @@ def main() -> None:
         lines.append(f"{m:>5} " + " ".join(f"{t[n] * 1e3:>7.2f} ({nbytes / t[n] / 1e9:>5.1f})" for n in names)
                      + f" {t['fwd bmm'] / stream['sum']:>6.1f} {flops / best / 1e9:>8.0f}")
         print(lines[-1], flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, out)
+    out = write_results(args.out, "\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"wrote {out}")
 

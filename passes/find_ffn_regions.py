@@ -127,6 +127,22 @@ class MLPRule:
                          p1.in_features, p1.out_features, p2.out_features, p1.bias is not None, p)
 
 
+def _gated_down(mul: fx.Node, gm: fx.GraphModule, where: str, d_ff: int, bias: bool):
+    """The output Linear of a gated product (over dropouts/identities), checked against the hidden size
+    and bias of the gate/up side: (down node, its params, dropout p, nodes stepped over), or a Skip."""
+    down, p, stepped = _skip_passthrough(mul, gm)
+    pd = None if down is None else ops.linear_of(down, gm)
+    if pd is None:
+        return Skip(where, "the gated product does not feed a single output Linear",
+                    "gated FFNs are act(gate(x)) * up(x) -> down")
+    if pd.in_features != d_ff:
+        return Skip(where, f"{down.target}.in_features={pd.in_features} does not match the gate/up hidden size "
+                           f"{d_ff}", "gate and up map D->F, down maps F->D")
+    if (pd.bias is None) == bias:
+        return Skip(where, "only some of gate/up/down have a bias", "use bias on all of them or none")
+    return down, pd, p, stepped
+
+
 class GatedRule:
     """act(Linear_gate(x)) * Linear_up(x) -> [Dropout] -> Linear_down   (SwiGLU, GeGLU)."""
 
@@ -152,15 +168,14 @@ class GatedRule:
             if len(node.users) != 1:
                 return Skip(where, f"{node.name} is used outside the gated FFN ({_users(node)})",
                             "the gated FFN's intermediates must not leak out")
-        down, p, drop_nodes = _skip_passthrough(mul, gm)
-        pd = None if down is None else ops.linear_of(down, gm)
-        if pd is None:
-            return Skip(where, "the gated product does not feed a single output Linear",
-                        "gated FFNs are act(gate(x)) * up(x) -> down")
-        if not (pg.out_features == pu.out_features == pd.in_features) or pg.in_features != pu.in_features:
+        if pg.out_features != pu.out_features or pg.in_features != pu.in_features:
             return Skip(where, "gate/up/down shapes do not line up", "gate and up map D->F, down maps F->D")
-        if len({pg.bias is None, pu.bias is None, pd.bias is None}) != 1:
+        if (pg.bias is None) != (pu.bias is None):
             return Skip(where, "only some of gate/up/down have a bias", "use bias on all three or none")
+        tail = _gated_down(mul, gm, where, pg.out_features, pg.bias is not None)
+        if isinstance(tail, Skip):
+            return tail
+        down, pd, p, drop_nodes = tail
         nodes = sorted({gate, up, act_node, mul, *drop_nodes, down}, key=_position(gm))
         return FFNRegion(self.kind, common_owner(nodes), x, down, nodes,
                          {"gate": str(gate.target), "up": str(up.target), "down": str(down.target)}, act,
@@ -201,16 +216,13 @@ class FusedGatedRule:
             if len(node.users) != want:
                 return Skip(where, f"{node.name} is used outside the gated FFN ({_users(node)})",
                             "the gated FFN's intermediates must not leak out")
-        down, p, stepped = _skip_passthrough(mul, gm)
-        pd = None if down is None else ops.linear_of(down, gm)
-        if pd is None:
-            return Skip(where, "the gated product does not feed a single output Linear",
-                        "gated FFNs are act(gate) * up -> down")
-        if pgu.out_features != 2 * pd.in_features:
-            return Skip(where, f"{gate_up.target}.out_features={pgu.out_features} is not twice "
-                               f"{down.target}.in_features={pd.in_features}", "gate_up maps D->2F, down maps F->D")
-        if (pgu.bias is None) != (pd.bias is None):
-            return Skip(where, "one Linear has a bias and the other not", "use bias on both or neither")
+        if pgu.out_features % 2:
+            return Skip(where, f"{gate_up.target}.out_features={pgu.out_features} is odd",
+                        "gate_up maps D->2F, down maps F->D")
+        tail = _gated_down(mul, gm, where, pgu.out_features // 2, pgu.bias is not None)
+        if isinstance(tail, Skip):
+            return tail
+        down, pd, p, stepped = tail
         nodes = sorted({gate_up, chunk, act_node.args[0], up_half, act_node, mul, *stepped, down}, key=_position(gm))
         return FFNRegion(self.kind, common_owner(nodes), x, down, nodes,
                          {"gate_up": str(gate_up.target), "down": str(down.target)}, act,
