@@ -127,6 +127,16 @@ class MLPRule:
                          p1.in_features, p1.out_features, p2.out_features, p1.bias is not None, p)
 
 
+def _act_products(mul: fx.Node, gm: fx.GraphModule):
+    """(activation, activation node, its input, the other factor) for each order of a two-node product."""
+    if not ops.is_mul(mul) or len(mul.args) != 2 or not all(isinstance(a, fx.Node) for a in mul.args):
+        return
+    for act_node, other in (mul.args, mul.args[::-1]):
+        act, _ = ops.activation_of(act_node, gm)
+        if act and act_node.args and isinstance(act_node.args[0], fx.Node):
+            yield act, act_node, act_node.args[0], other
+
+
 def _gated_down(mul: fx.Node, gm: fx.GraphModule, where: str, d_ff: int, bias: bool):
     """The output Linear of a gated product (over dropouts/identities), checked against the hidden size
     and bias of the gate/up side: (down node, its params, dropout p, nodes stepped over), or a Skip."""
@@ -149,16 +159,12 @@ class GatedRule:
     kind = "gated"
 
     def match(self, mul: fx.Node, gm: fx.GraphModule) -> FFNRegion | Skip | None:
-        if not ops.is_mul(mul) or len(mul.args) != 2 or not all(isinstance(a, fx.Node) for a in mul.args):
+        found = next((m for m in _act_products(mul, gm)
+                      if ops.linear_of(m[2], gm) is not None and ops.linear_of(m[3], gm) is not None), None)
+        if found is None:
             return None
-        for act_node, up in (mul.args, mul.args[::-1]):
-            act, _ = ops.activation_of(act_node, gm)
-            gate = act_node.args[0] if act and act_node.args and isinstance(act_node.args[0], fx.Node) else None
-            pg, pu = (ops.linear_of(gate, gm) if gate is not None else None), ops.linear_of(up, gm)
-            if act and pg is not None and pu is not None:
-                break
-        else:
-            return None
+        act, act_node, gate, up = found
+        pg, pu = ops.linear_of(gate, gm), ops.linear_of(up, gm)
         where = str(gate.target)
         x = _only_input(gate)
         if x is None or _only_input(up) is not x:
@@ -192,17 +198,12 @@ class FusedGatedRule:
     kind = "gated"
 
     def match(self, mul: fx.Node, gm: fx.GraphModule) -> FFNRegion | Skip | None:
-        if not ops.is_mul(mul) or len(mul.args) != 2 or not all(isinstance(a, fx.Node) for a in mul.args):
+        halves = ((act, act_node, ops.chunk_half(g), ops.chunk_half(u), u)
+                  for act, act_node, g, u in _act_products(mul, gm))
+        found = next((h for h in halves if h[2] and h[3] and h[2][0] is h[3][0] and h[2][1] != h[3][1]), None)
+        if found is None:
             return None
-        for act_node, up_half in (mul.args, mul.args[::-1]):
-            act, _ = ops.activation_of(act_node, gm)
-            gate_half = (ops.chunk_half(act_node.args[0]) if act and act_node.args
-                         and isinstance(act_node.args[0], fx.Node) else None)
-            other = ops.chunk_half(up_half)
-            if gate_half and other and gate_half[0] is other[0] and gate_half[1] != other[1]:
-                break
-        else:
-            return None
+        act, act_node, gate_half, _, up_half = found
         chunk, gate_index = gate_half
         gate_up = chunk.args[0]
         pgu = ops.linear_of(gate_up, gm)
