@@ -48,9 +48,23 @@ class NewGELU(nn.Module):  # a zoo-style GELU class the finder must recognise by
         return 0.5 * x * (1.0 + torch.tanh(0.7978845608028654 * (x + 0.044715 * torch.pow(x, 3.0))))
 
 
+class RoundedGELU(nn.Module):  # BLOOM's: sqrt(2/pi) written as 0.79788456
+    def forward(self, x):
+        return x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))
+
+
+class BufferedSiLU(nn.Module):  # a buffer, no parameters: the probe must leave its dtype alone
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("one", torch.ones(()))
+
+    def forward(self, x):
+        return x * torch.sigmoid(x * self.one)
+
+
 @pytest.mark.parametrize("act, expected", [
     (nn.ReLU(), "relu"), (nn.GELU(), "gelu"), (nn.GELU(approximate="tanh"), "gelu_tanh"), (nn.SiLU(), "silu"),
-    (NewGELU(), "gelu_tanh"), (F.relu, "relu"), (F.silu, "silu"),
+    (NewGELU(), "gelu_tanh"), (RoundedGELU(), "gelu_tanh"), (F.relu, "relu"), (F.silu, "silu"),
     (lambda x: F.gelu(x, approximate="tanh"), "gelu_tanh"),
 ])
 def test_activations(act, expected):
@@ -207,3 +221,11 @@ def test_unused_weight_read_is_dropped_and_used_one_refused():
     refused = find(ReadsWeight(use=True))
     assert refused.analysis == []
     assert any("wo.weight is read outside the FFN" in s.reason for s in refused.skipped), refused.skipped
+
+
+def test_activation_probe_leaves_the_module_as_it_was():
+    from moeify.passes import ops
+
+    act = BufferedSiLU()
+    assert ops._probe_activation(act) == "silu"
+    assert act.one.dtype == torch.float32  # the probe used to call module.double() on the user's module

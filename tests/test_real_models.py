@@ -187,6 +187,8 @@ def _hf_families():
                      "gated", 4, True),
         "falcon": (lambda: T.FalconForCausalLM(T.FalconConfig(hidden_size=64, num_attention_heads=4,
                                                               num_hidden_layers=2, vocab_size=128)), "mlp", 2, False),
+        "bloom": (lambda: T.BloomForCausalLM(T.BloomConfig(hidden_size=64, n_head=4, n_layer=2, vocab_size=128)),
+                  "mlp", 2, False),
         "gpt-neox": (lambda: T.GPTNeoXForCausalLM(T.GPTNeoXConfig(**small)), "mlp", 2, False),
         "mistral": (lambda: T.MistralForCausalLM(T.MistralConfig(**small, num_key_value_heads=2)), "gated", 2, False),
         "qwen2": (lambda: T.Qwen2ForCausalLM(T.Qwen2Config(**small, num_key_value_heads=2)), "gated", 2, False),
@@ -197,10 +199,12 @@ def _hf_families():
     }
 
 
-@pytest.mark.parametrize("family", ["t5", "t5-gated", "falcon", "gpt-neox", "mistral", "qwen2", "gemma", "distilbert"])
+@pytest.mark.parametrize("family", ["t5", "t5-gated", "falcon", "bloom", "gpt-neox", "mistral", "qwen2", "gemma",
+                                    "distilbert"])
 def test_more_hf_families_convert_function_preserving(family):
     """T5 (its FFN reads `wo.weight.dtype` while tracing), Falcon (`FalconLinear`, an nn.Linear subclass
-    with its own forward) and the common decoder families: every FFN found, the dense function kept."""
+    with its own forward), BLOOM (a tanh GELU with a rounded constant) and the common decoder families:
+    every FFN found, the dense function kept."""
     build, kind, count, seq2seq = _hf_families()[family]
     torch.manual_seed(0)
     dense = build().eval()
