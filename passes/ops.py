@@ -16,7 +16,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-SUPPORTED_ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
+SUPPORTED_ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "quick_gelu")
 
 _ACT_FUNCTIONS = {
     F.relu: "relu", torch.relu: "relu", F.silu: "silu", F.gelu: "gelu",
@@ -28,6 +28,7 @@ _REFERENCE = {
     "gelu": F.gelu,
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "silu": F.silu,
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),  # CLIP
 }
 
 

@@ -8,7 +8,8 @@ from moeify.moe import expert_loop
 from moeify.moe.experts import GroupedExperts, grouped_mm_usable
 from moeify.moe.losses import count_indices
 
-ACT = {"gelu": F.gelu, "gelu_tanh": lambda v: F.gelu(v, approximate="tanh"), "silu": F.silu, "relu": F.relu}
+ACT = {"gelu": F.gelu, "gelu_tanh": lambda v: F.gelu(v, approximate="tanh"), "silu": F.silu, "relu": F.relu,
+       "quick_gelu": lambda v: v / (1 + torch.exp(-1.702 * v))}  # CLIP's, written out
 
 
 def reference(experts: GroupedExperts, x_ND, counts_E):
@@ -39,6 +40,8 @@ EXPERTS = [  # (backend, gated, activation, bias)
     ("expert_loop", False, "relu", True),
     ("expert_loop", True, "silu", False),
     ("expert_loop", True, "gelu", True),
+    ("expert_loop", False, "quick_gelu", True),
+    ("grouped_mm", False, "quick_gelu", False),
 ]
 
 
@@ -165,7 +168,8 @@ def test_grouped_mm_usable_checks_alignment_and_dtype():
 
 
 @pytest.mark.parametrize("mode", list(LOOP_MODES))
-@pytest.mark.parametrize("gated,activation", [(False, "gelu"), (True, "silu")])
+@pytest.mark.parametrize("gated,activation", [(False, "gelu"), (True, "silu"), (False, "quick_gelu"),
+                                             (True, "quick_gelu")])
 def test_expert_loop_backward_passes_gradcheck(mode, gated, activation, monkeypatch):
     """The hand-written backward against finite differences, in float64, with an idle expert."""
     set_loop_mode(monkeypatch, mode)

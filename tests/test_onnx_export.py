@@ -44,6 +44,8 @@ def np_act(h, name):
         return 0.5 * h * (1.0 + np.vectorize(math.erf)(h / math.sqrt(2.0)))
     if name == "gelu_tanh":
         return 0.5 * h * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (h + 0.044715 * h ** 3)))
+    if name == "quick_gelu":
+        return h / (1.0 + np.exp(-1.702 * h))
     raise ValueError(name)
 
 
@@ -109,6 +111,7 @@ PORTABLE_ONLY_LAYERS = [
     ("topk-k2-fill", dict(top_k=2, normalize_gates=False), "relu", False, False, "fill"),
     ("exact-gelu", dict(top_k=2), "gelu", False, True, "renorm"),
     ("geglu", dict(top_k=2), "gelu", True, True, "renorm"),
+    ("quick-gelu", dict(top_k=2), "quick_gelu", False, True, "renorm"),  # CLIP's; no com.microsoft.MoE type
 ]
 
 
@@ -351,6 +354,16 @@ def test_dynamic_axes_override_the_guess(tmp_path):
     assert report.dynamic_axes == {} and len(report.checks) == 1
     (dims,) = [i.type.tensor_type.shape.dim for i in onnx.load(tmp_path / "mlp.onnx").graph.input]
     assert [d.dim_value for d in dims] == [8, 16]
+
+
+def test_quick_gelu_is_refused_by_the_fused_op_and_lowered_by_fallback(tmp_path):
+    layer = make_layer(dict(top_k=2), "quick_gelu", False, True, seed=0)
+    x = torch.randn(5, D)
+    with pytest.raises(ExportError, match="cannot express activation 'quick_gelu'"):
+        export_onnx(layer, (x,), tmp_path / "q.onnx", mode="fused")
+    assert list(tmp_path.iterdir()) == []
+    report = export_onnx(layer, (x,), tmp_path / "q.onnx", mode="fused", fallback="portable")
+    assert report.num_moe_nodes == 0 and all(d <= 1e-4 for _, d in report.checks)
 
 
 def test_not_an_moe_model_is_refused(tmp_path):

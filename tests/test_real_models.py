@@ -181,40 +181,45 @@ def _hf_families():
 
     small = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=2, vocab_size=128)
     t5 = dict(d_model=64, d_ff=128, num_heads=4, num_layers=2, vocab_size=128, d_kv=16, decoder_start_token_id=0)
-    return {  # name: (build, expected kind, regions, the forward's extra kwargs)
-        "t5": (lambda: T.T5ForConditionalGeneration(T.T5Config(**t5)), "mlp", 4, True),
+    clip = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=2)
+    return {  # name: (build, expected kind, regions, inputs: "ids" | "seq2seq" | "pixels")
+        "t5": (lambda: T.T5ForConditionalGeneration(T.T5Config(**t5)), "mlp", 4, "seq2seq"),
         "t5-gated": (lambda: T.T5ForConditionalGeneration(T.T5Config(**t5, feed_forward_proj="gated-gelu")),
-                     "gated", 4, True),
+                     "gated", 4, "seq2seq"),
         "falcon": (lambda: T.FalconForCausalLM(T.FalconConfig(hidden_size=64, num_attention_heads=4,
-                                                              num_hidden_layers=2, vocab_size=128)), "mlp", 2, False),
+                                                              num_hidden_layers=2, vocab_size=128)), "mlp", 2, "ids"),
         "bloom": (lambda: T.BloomForCausalLM(T.BloomConfig(hidden_size=64, n_head=4, n_layer=2, vocab_size=128)),
-                  "mlp", 2, False),
-        "gpt-neox": (lambda: T.GPTNeoXForCausalLM(T.GPTNeoXConfig(**small)), "mlp", 2, False),
-        "mistral": (lambda: T.MistralForCausalLM(T.MistralConfig(**small, num_key_value_heads=2)), "gated", 2, False),
-        "qwen2": (lambda: T.Qwen2ForCausalLM(T.Qwen2Config(**small, num_key_value_heads=2)), "gated", 2, False),
+                  "mlp", 2, "ids"),
+        "gpt-neox": (lambda: T.GPTNeoXForCausalLM(T.GPTNeoXConfig(**small)), "mlp", 2, "ids"),
+        "mistral": (lambda: T.MistralForCausalLM(T.MistralConfig(**small, num_key_value_heads=2)), "gated", 2, "ids"),
+        "qwen2": (lambda: T.Qwen2ForCausalLM(T.Qwen2Config(**small, num_key_value_heads=2)), "gated", 2, "ids"),
         "gemma": (lambda: T.GemmaForCausalLM(T.GemmaConfig(**small, num_key_value_heads=2, head_dim=16)),
-                  "gated", 2, False),
+                  "gated", 2, "ids"),
         "distilbert": (lambda: T.DistilBertModel(T.DistilBertConfig(dim=64, hidden_dim=128, n_heads=4, n_layers=2,
-                                                                    vocab_size=128)), "mlp", 2, False),
+                                                                    vocab_size=128)), "mlp", 2, "ids"),
+        "clip-text": (lambda: T.CLIPTextModel(T.CLIPTextConfig(**clip, vocab_size=128)), "mlp", 2, "ids"),
+        "clip-vision": (lambda: T.CLIPVisionModel(T.CLIPVisionConfig(**clip, image_size=32, patch_size=8)),
+                        "mlp", 2, "pixels"),
     }
 
 
-@pytest.mark.parametrize("family", ["t5", "t5-gated", "falcon", "bloom", "gpt-neox", "mistral", "qwen2", "gemma",
-                                    "distilbert"])
+@pytest.mark.parametrize("family", list(_hf_families()))
 def test_more_hf_families_convert_function_preserving(family):
     """T5 (its FFN reads `wo.weight.dtype` while tracing), Falcon (`FalconLinear`, an nn.Linear subclass
-    with its own forward), BLOOM (a tanh GELU with a rounded constant) and the common decoder families:
-    every FFN found, the dense function kept."""
-    build, kind, count, seq2seq = _hf_families()[family]
+    with its own forward), BLOOM (a tanh GELU with a rounded constant), CLIP (QuickGELU) and the common
+    decoder families: every FFN found, the dense function kept."""
+    build, kind, count, inputs = _hf_families()[family]
     torch.manual_seed(0)
     dense = build().eval()
-    ids = torch.randint(2, 128, (2, 8), generator=torch.Generator().manual_seed(0))
-    kwargs = {"decoder_input_ids": ids} if seq2seq else {}
-    result = moeify.convert(dense, moeify.MoEConfig(num_experts=4, top_k=2), example_inputs=(ids,),
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, 128, (2, 8), generator=gen)
+    args = (torch.randn(2, 3, 32, 32, generator=gen),) if inputs == "pixels" else (ids,)
+    kwargs = {"decoder_input_ids": ids} if inputs == "seq2seq" else {}
+    result = moeify.convert(dense, moeify.MoEConfig(num_experts=4, top_k=2), example_inputs=args,
                             example_kwargs=kwargs)
     assert [r.kind for r in result.report.regions] == [kind] * count
     with torch.no_grad():
-        want, got = dense(ids, **kwargs), result.model(ids, **kwargs)
+        want, got = dense(*args, **kwargs), result.model(*args, **kwargs)
     key = "logits" if "logits" in want else "last_hidden_state"
     assert (want[key] - got[key]).abs().max().item() <= 1e-5
 

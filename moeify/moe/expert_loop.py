@@ -36,6 +36,8 @@ def _act_forward(name: str, a: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten.gelu.out(a, approximate="tanh", out=out)
     if name == "silu":
         return torch.ops.aten.silu.out(a, out=out)
+    if name == "quick_gelu":  # a * sigmoid(1.702 a)
+        return torch.sigmoid(a * QUICK_GELU_SCALE, out=out).mul_(a)
     return torch.clamp_min(a, 0, out=out)  # relu
 
 
@@ -46,9 +48,13 @@ def _act_backward(name: str, grad: torch.Tensor, a: torch.Tensor) -> torch.Tenso
         return torch.ops.aten.gelu_backward(grad, a, approximate="tanh")
     if name == "silu":
         return torch.ops.aten.silu_backward(grad, a)
+    if name == "quick_gelu":  # d/da a s(ka) = s(ka) (1 + k a (1 - s(ka)))
+        s = torch.sigmoid(a * QUICK_GELU_SCALE)
+        return grad * s * (1.0 + QUICK_GELU_SCALE * a * (1.0 - s))
     return torch.ops.aten.threshold_backward(grad, a, 0)  # relu
 
 
+QUICK_GELU_SCALE = 1.702  # CLIP's QuickGELU: a * sigmoid(1.702 a)
 _HUGE_PAGE = 2 << 20
 _MADV_HUGEPAGE = 14
 

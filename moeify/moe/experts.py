@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeify.errors import ConfigError
-from moeify.moe.expert_loop import ExpertFFNLoop
+from moeify.moe.expert_loop import QUICK_GELU_SCALE, ExpertFFNLoop
 
 
 def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -29,7 +29,12 @@ def _gelu(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x)
 
 
-ACTIVATIONS = {"relu": F.relu, "gelu": _gelu, "gelu_tanh": _gelu_tanh, "silu": F.silu}
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """x * sigmoid(1.702 x): the GELU approximation of OpenAI's CLIP (HF `QuickGELUActivation`)."""
+    return x * torch.sigmoid(QUICK_GELU_SCALE * x)
+
+
+ACTIVATIONS = {"relu": F.relu, "gelu": _gelu, "gelu_tanh": _gelu_tanh, "silu": F.silu, "quick_gelu": quick_gelu}
 
 
 def activation_fn(name: str):
