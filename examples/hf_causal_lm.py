@@ -31,20 +31,21 @@ def build_gpt2(num_layers: int = 4) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(config).eval()
 
 
-def build_llama(num_layers: int = 4) -> LlamaForCausalLM:
+def _small_decoder(model_cls, config_cls, num_layers: int):
+    """A seeded Llama-shaped decoder (Llama, Phi-3): 64 wide, SwiGLU of 128, grouped-query attention."""
     torch.manual_seed(0)
-    config = LlamaConfig(num_hidden_layers=num_layers, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64, use_cache=False,
-                         bos_token_id=0, eos_token_id=EOS, pad_token_id=PAD)
-    return LlamaForCausalLM(config).eval()
+    config = config_cls(num_hidden_layers=num_layers, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64, use_cache=False,
+                        bos_token_id=0, eos_token_id=EOS, pad_token_id=PAD)
+    return model_cls(config).eval()
+
+
+def build_llama(num_layers: int = 4) -> LlamaForCausalLM:
+    return _small_decoder(LlamaForCausalLM, LlamaConfig, num_layers)
 
 
 def build_phi3(num_layers: int = 4) -> Phi3ForCausalLM:
-    torch.manual_seed(0)
-    config = Phi3Config(num_hidden_layers=num_layers, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64, use_cache=False,
-                        bos_token_id=0, eos_token_id=EOS, pad_token_id=PAD)
-    return Phi3ForCausalLM(config).eval()
+    return _small_decoder(Phi3ForCausalLM, Phi3Config, num_layers)
 
 
 BUILDERS = {"gpt2": build_gpt2, "llama": build_llama, "phi3": build_phi3}

@@ -184,10 +184,7 @@ def install_forward(module: nn.Module, gm: fx.GraphModule, method: str = "forwar
     python_code = gm.graph.python_code(root_module="self")
     forward = fx.graph_module._forward_from_src(python_code.src, python_code.globals, None)
     base = dense_class(module)
-    methods = {name: fn for name, fn in vars(type(module)).items() if name != "_moeify_dense_class"
-               and type(module) is not base and inspect.isfunction(fn)}  # rewritten earlier: keep them
     subclass = type(base.__name__, (base,), {
-        **methods,
         method: forward,
         "_moeify_dense_class": base,
         "__module__": base.__module__,

@@ -72,7 +72,8 @@ def dense_ffn(region: FFNRegion, gm: fx.GraphModule) -> DenseFFN:
     lin = {role: ops.linear_params(gm.get_submodule(name)) for role, name in region.linears.items()}
     if "gate_up" in lin:  # one Linear for gate and up: split its output rows
         w, b, d_ff = lin["gate_up"].weight, lin["gate_up"].bias, region.d_ff
-        gate, up = (slice(0, d_ff), slice(d_ff, 2 * d_ff))[::1 if region.gate_half == 0 else -1]
+        halves = (slice(0, d_ff), slice(d_ff, 2 * d_ff))
+        gate, up = halves[region.gate_half], halves[1 - region.gate_half]
         return DenseFFN(region.activation, w[gate], lin["down"].weight, None if b is None else b[gate],
                         lin["down"].bias, w[up], None if b is None else b[up], region.dropout)
     if region.kind == "gated":
@@ -203,10 +204,10 @@ def convert(model: nn.Module, config: MoEConfig | None = None, *, example_inputs
     for owner, group in by_owner.items():
         if isinstance(group[0].region, SplitFFNRegion):
             _rewrite_split(converted, group[0], cfg, generator, report)
-        elif group[0].unit.in_place:
-            _rewrite_owner(converted, owner, group, cfg, generator, report, method=group[0].unit.method)
         else:
-            _rewrite_owner(converted, owner, group, cfg, generator, report)
+            unit = group[0].unit
+            _rewrite_owner(converted, owner, group, cfg, generator, report,
+                           method=unit.method if unit.in_place else "forward")
             for f in group:  # the traced units still hold the dense Linears: let them go before the next owner
                 capture_mod.remove_modules(f.unit.graph_module, list(f.region.linears.values()))
 

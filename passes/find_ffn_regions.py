@@ -237,11 +237,7 @@ def _weight_reader(region: FFNRegion, gm: fx.GraphModule) -> fx.Node | None:
     Unused ones are harmless: T5's FFN compares `self.wo.weight.dtype` while tracing, which leaves a
     get_attr with no users; the rewrite erases those with the modules.
     """
-    for node in gm.graph.nodes:
-        if node.op == "get_attr" and node.users and any(
-                node.target == name or node.target.startswith(f"{name}.") for name in region.linears.values()):
-            return node
-    return None
+    return next((n for name in region.linears.values() for n in ops.reads_of(gm, name) if n.users), None)
 
 
 def _position(gm: fx.GraphModule):

@@ -16,20 +16,15 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-SUPPORTED_ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "quick_gelu")
+from moeify.moe.experts import ACTIVATIONS
+
+SUPPORTED_ACTIVATIONS = tuple(ACTIVATIONS)  # what the experts can compute: the probe's references
 
 _ACT_FUNCTIONS = {
     F.relu: "relu", torch.relu: "relu", F.silu: "silu", F.gelu: "gelu",
 }
 _ACT_METHODS = {"relu": "relu"}
 _ACT_MODULES = {nn.ReLU: "relu", nn.SiLU: "silu"}
-_REFERENCE = {
-    "relu": F.relu,
-    "gelu": F.gelu,
-    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "silu": F.silu,
-    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),  # CLIP
-}
 
 
 @dataclass(frozen=True)
@@ -111,7 +106,7 @@ def _probe_activation(module: nn.Module) -> str | None:
         return None
     if y is None or not isinstance(y, torch.Tensor) or y.shape != x.shape or y.dtype != x.dtype:
         return None
-    for name, fn in _REFERENCE.items():
+    for name, fn in ACTIVATIONS.items():
         if torch.allclose(y, fn(x), atol=1e-5, rtol=1e-5):
             return name
     return None
@@ -170,6 +165,12 @@ def chunk_half(node: fx.Node) -> tuple[fx.Node, int] | None:
     chunks = src.kwargs.get("chunks", src.args[1] if len(src.args) > 1 else None)
     dim = src.kwargs.get("dim", src.args[2] if len(src.args) > 2 else 0)
     return (src, index) if chunks == 2 and dim == -1 else None
+
+
+def reads_of(gm: fx.GraphModule, target: str) -> list[fx.Node]:
+    """The get_attr nodes that read module `target` or one of its attributes (`wo`, `wo.weight`)."""
+    return [n for n in gm.graph.nodes
+            if n.op == "get_attr" and (n.target == target or n.target.startswith(f"{target}."))]
 
 
 def is_mul(node: fx.Node) -> bool:

@@ -19,6 +19,7 @@ from torch import nn
 
 from moeify.errors import PostconditionError, PreconditionError
 from moeify.moe.layer import MoELayer, flatten_tokens, unflatten_tokens
+from moeify.passes import ops
 from moeify.passes.find_ffn_regions import FFNRegion
 from moeify.passes.infra import GraphPass, PassResult
 
@@ -89,9 +90,9 @@ class RewriteToMoE(GraphPass):
             for node in reversed(region.nodes):
                 gm.graph.erase_node(node)
             for target in region.linears.values():
-                for node in [n for n in gm.graph.nodes if n.op == "get_attr" and not n.users
-                             and (n.target == target or n.target.startswith(f"{target}."))]:
-                    gm.graph.erase_node(node)  # a read the trace left unused (FindFFNRegions refuses used ones)
+                for node in ops.reads_of(gm, target):  # reads the trace left unused (FindFFNRegions refuses used ones)
+                    if not node.users:
+                        gm.graph.erase_node(node)
                 _remove_submodule(gm, target)
             self.installed[name] = layer
             linears = " + ".join(region.linears.values())
