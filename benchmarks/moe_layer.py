@@ -26,8 +26,9 @@ Timing: the variants run in round-robin rounds in one process; a ratio is the me
 the fastest round (at least 5 rounds; onehot above T=4096 is timed once). Two timing processes
 run: glibc malloc as installed, and glibc malloc tuned to recycle freed memory
 (MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ = 1 GiB). By default every allocation of 32 MiB
-or more (here: each stacked expert weight gradient, every step) is a fresh mmap whose pages fault
-in one by one (~9 ms per 32 MiB on this machine; ~2 ms with the huge-page hint moeify gives).
+or more is a fresh mmap whose pages fault in one by one (~8 ms per 32 MiB on this machine). The
+stacked expert weight gradients, the largest such blocks, come from memory moeify's experts keep
+mapped from step to step (moeify/moe/grad_buffers.py) under either malloc.
 
 Floors (small T): backward writes a gradient for every expert's weights (E times the dense FFN's),
 which the ideal does not.
@@ -37,7 +38,8 @@ which the ideal does not.
 
 Peak memory: a third process pins glibc's mmap threshold to 64 KiB so every tensor is mmapped and
 returned to the OS when freed; peak RSS (VmHWM, reset through /proc/self/clear_refs) during one
-fwd+bwd minus the RSS before it then follows live tensor memory. Budget = 1.2 x the ideal's peak
+fwd+bwd minus the RSS before it then follows live tensor memory. moeify's kept gradient memory is
+dropped before the measured step, so the step pays for it. Budget = 1.2 x the ideal's peak
 plus the expert weight gradients.
 """
 
@@ -62,6 +64,7 @@ from torch import nn
 
 from moeify.config import MoEConfig
 from moeify.moe.build import DenseFFN, build_moe_layer
+from moeify.moe.experts import GroupedExperts
 
 E, K = 8, 2
 CAPACITY_FACTOR = 1.25
@@ -331,6 +334,18 @@ def clear_fn(module: nn.Module, x_TD):
     return clear
 
 
+def cold_clear_fn(module: nn.Module, x_TD):
+    """clear_fn, and the experts' reusable gradient memory dropped too: the step measured pays for it."""
+    clear = clear_fn(module, x_TD)
+
+    def cold_clear():
+        clear()
+        for m in module.modules():
+            if isinstance(m, GroupedExperts):
+                m.grad_buffers.clear()
+    return cold_clear
+
+
 def step_fn(module: nn.Module, x_TD, grad_TD, setup: Setup):
     clear = clear_fn(module, x_TD)
 
@@ -430,7 +445,7 @@ def mem_phase(setup: Setup, tokens: list[int]) -> dict:
             x_TD = setup.tensor(T, setup.d_model, requires_grad=True)
             grad_TD = setup.tensor(T, setup.d_model)
             rows.append({"kind": "swiglu" if gated else "gelu", "T": T,
-                         **{name: peak(step_fn(m, x_TD, grad_TD, setup), clear_fn(m, x_TD))
+                         **{name: peak(step_fn(m, x_TD, grad_TD, setup), cold_clear_fn(m, x_TD))
                             for name, m in variants.items()
                             if name != "experts" and not (name == "onehot" and onehot_bytes(T) > ONEHOT_MAX_BYTES)}})
     return {"rows": rows}

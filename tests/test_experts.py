@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moeify.moe import expert_loop
+from moeify.moe import expert_loop, grad_buffers
 from moeify.moe.experts import GroupedExperts, grouped_mm_usable
 from moeify.moe.losses import count_indices
 
@@ -124,16 +124,16 @@ def test_expert_dropout_drops_hidden_units_and_rescales(backend, mode, monkeypat
 
 @pytest.mark.parametrize("mapping_fails", [False, True])
 def test_large_gradients_of_idle_experts_are_zero_and_outlive_backward(mapping_fails, monkeypatch):
-    """Big weight gradients come from fresh anonymous pages on Linux: idle experts' slices read zero.
+    """Big weight gradients come from the module's reusable mappings: idle experts' slices read zero.
 
-    When no mapping can be had, the idle slices are zeroed in an ordinary buffer instead.
+    When no mapping can be had, they come from an ordinary buffer instead, zeroed the same way.
     """
     import gc
 
     if mapping_fails:
         def refuse(*args, **kwargs):
             raise OSError("no mapping")
-        monkeypatch.setattr(expert_loop.mmap, "mmap", refuse)
+        monkeypatch.setattr(grad_buffers.mmap, "mmap", refuse)
     torch.manual_seed(0)
     E, D, Fd = 4, 256, 2048  # 8 MiB per stacked weight: large enough for the page-backed buffer
     grads = {}
@@ -185,3 +185,19 @@ def test_expert_loop_backward_passes_gradcheck(mode, gated, activation, monkeypa
     x_ND = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
     params = [p.detach().clone().normal_().requires_grad_() for p in experts.parameters()]
     assert torch.autograd.gradcheck(run, (x_ND, *params))
+
+
+@pytest.mark.parametrize("backend", ["grouped_mm", "expert_loop"])
+def test_weight_gradients_when_the_input_needs_none(backend):
+    """Frozen inputs, no bias: only the weights need gradients (grouped_mm once returned two aliased empties)."""
+    torch.manual_seed(0)
+    experts = GroupedExperts(3, 8, 16, "silu", gated=True, bias=False, backend=backend)
+    x_ND, counts_E = torch.randn(7, 8), torch.tensor([3, 0, 4])
+    experts(x_ND, counts_E).square().sum().backward()
+    for name, p in experts.named_parameters():
+        assert p.grad is not None and p.grad[1].abs().sum() == 0, name  # expert 1 got no rows
+    want = sum(experts.forward_dense(x_ND[rows], e).square().sum()
+               for e, rows in ((0, slice(0, 3)), (2, slice(3, 7))))
+    grads = torch.autograd.grad(want, [experts.w1_EFD, experts.w2_EDF, experts.w3_EFD])
+    for got, ref in zip((experts.w1_EFD.grad, experts.w2_EDF.grad, experts.w3_EFD.grad), grads, strict=True):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)

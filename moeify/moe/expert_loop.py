@@ -6,7 +6,8 @@ F FFN hidden dim, O output dim, E experts.
 Why a second path next to `grouped_mm`: on a CPU, E BLAS calls per layer that nn.Linear would make
 are as fast as the grouped kernel, and owning the backward lets every product go straight to its
 final place: the bias is fused into `addmm`, each expert's output lands in the (N, .) output, each
-weight gradient in one stacked (E, ., .) buffer (no per-expert outputs to concatenate, no
+weight gradient in one stacked (E, ., .) buffer on pages reused from step to step (see
+`grad_buffers`; no per-expert outputs to concatenate, no
 index_add, no separate bias pass over an (N, F) tensor), and an expert's fc1 -> act -> fc2 runs
 back to back. Rows of one expert go in blocks of at most ROW_BLOCK, which bounds the backward's
 temporaries; smaller blocks measured slower (more, smaller matmuls, and the weight gradient
@@ -21,12 +22,9 @@ of gated experts, which is recomputed from the cached block in backward.
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import mmap
-import sys
-
 import torch
+
+from moeify.moe.grad_buffers import GradBuffers
 
 
 def _act_forward(name: str, a: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -55,63 +53,6 @@ def _act_backward(name: str, grad: torch.Tensor, a: torch.Tensor) -> torch.Tenso
 
 
 QUICK_GELU_SCALE = 1.702  # CLIP's QuickGELU: a * sigmoid(1.702 a)
-_HUGE_PAGE = 2 << 20
-_MADV_HUGEPAGE = 14
-
-
-@functools.cache
-def _libc_madvise():
-    try:
-        madvise = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
-        return None
-    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return madvise
-
-
-def _fresh(t: torch.Tensor) -> torch.Tensor:
-    """Ask Linux to back a new, not yet written CPU buffer with 2 MiB pages; returns `t`.
-
-    A weight gradient of 32 MiB or more is a fresh mmap every step (glibc does not recycle such
-    blocks), and faulting it in 4 KiB pages costs ~9 ms per 32 MiB on the benchmark machine, ~2 ms
-    with huge pages: the hint PyTorch itself gives under THP_MEM_ALLOC_ENABLE=1, applied here to the
-    buffers this backward writes once. A no-op elsewhere and when the kernel declines.
-    """
-    if sys.platform != "linux" or t.device.type != "cpu" or t.nbytes < 2 * _HUGE_PAGE:
-        return t
-    madvise = _libc_madvise()
-    if madvise is not None:
-        start = -(-t.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE
-        end = (t.data_ptr() + t.nbytes) // _HUGE_PAGE * _HUGE_PAGE
-        if end > start:
-            madvise(start, end - start, _MADV_HUGEPAGE)
-    return t
-
-
-def _anonymous_zeros(like: torch.Tensor) -> torch.Tensor:
-    """A zero tensor shaped like `like` on a fresh anonymous mapping (Linux, CPU).
-
-    The kernel hands out such pages zeroed on first touch, so the part of the buffer that is never
-    written is never paid for: the weight gradient of an expert that got no rows stays untouched
-    zero pages instead of being memset. The mapping is 2 MiB aligned and hinted for huge pages.
-    """
-    count = like.numel()
-    buf = mmap.mmap(-1, count * like.element_size() + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    offset = -ctypes.addressof(ctypes.c_char.from_buffer(buf)) % _HUGE_PAGE
-    return _fresh(torch.frombuffer(buf, dtype=like.dtype, count=count, offset=offset).view(like.shape))
-
-
-def _grad_buffer(like: torch.Tensor, empty_experts: list[int]) -> torch.Tensor:
-    """An uninitialised stacked weight gradient whose slices for `empty_experts` are zero."""
-    if empty_experts and sys.platform == "linux" and like.device.type == "cpu" and like.nbytes >= 2 * _HUGE_PAGE:
-        try:
-            return _anonymous_zeros(like)
-        except (OSError, ValueError):  # no mapping to be had: zero the idle slices below instead
-            pass
-    grad = _fresh(torch.empty_like(like))
-    for e in empty_experts:
-        grad[e].zero_()
-    return grad
 
 
 def _linear_out(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
@@ -184,6 +125,14 @@ class _Layout:
         return [] if self.padded else [e for e, n in enumerate(self.sizes) if n == 0]
 
 
+def _grad_buffer(buffers: GradBuffers | None, like: torch.Tensor, empty_experts: list[int]) -> torch.Tensor:
+    """An uninitialised stacked weight gradient (reused pages when `buffers` has them), idle slices zero."""
+    grad = torch.empty_like(like) if buffers is None else buffers.empty_like(like)
+    for e in empty_experts:
+        grad[e].zero_()
+    return grad
+
+
 def _pick(t: torch.Tensor | None, e: int | None) -> torch.Tensor | None:
     return t if (t is None or e is None) else t[e]
 
@@ -206,11 +155,11 @@ class ExpertFFNLoop(torch.autograd.Function):
     """y = w2(drop(act(w1 x + b1) [* (w3 x + b3)])) + b2 per expert group of rows."""
 
     @staticmethod
-    def forward(ctx, x_ND, sizes, activation, dropout, w1_EFD, b1_EF, w2_EOF, b2_EO, w3_EFD, b3_EF):  # noqa: D102
+    def forward(ctx, x_ND, sizes, activation, dropout, buffers, w1_EFD, b1_EF, w2_EOF, b2_EO, w3_EFD, b3_EF):  # noqa: D102
         N, E, d_ff, d_out = x_ND.shape[0], w1_EFD.shape[0], w1_EFD.shape[1], w2_EOF.shape[1]
         layout = _Layout(list(sizes), E, x_ND.device)
         x = layout.pad(x_ND)
-        y = _fresh(x.new_empty(layout.rows(N, d_out)))
+        y = x.new_empty(layout.rows(N, d_out))
         saved = []  # per block: (a1, a3, h, keep)
         for e, rows, _ in layout.blocks:
             x_b = x[rows]
@@ -226,6 +175,7 @@ class ExpertFFNLoop(torch.autograd.Function):
             _linear_out(h_b, _pick(w2_EOF, e), _pick(b2_EO, e), y[rows])
             saved.append((a1_b, a3_b, h_b, keep_b))
         ctx.layout, ctx.activation, ctx.dropout, ctx.saved_blocks = layout, activation, dropout, saved
+        ctx.buffers = buffers
         ctx.has_bias = (b1_EF is not None, b2_EO is not None, b3_EF is not None)
         ctx.save_for_backward(x, w1_EFD, w2_EOF, w3_EFD)  # x: the rows as the blocks read them (padded or not)
         return layout.unpad(y)
@@ -239,15 +189,15 @@ class ExpertFFNLoop(torch.autograd.Function):
         need = ctx.needs_input_grad
         has_b1, has_b2, has_b3 = ctx.has_bias
         gated = w3_EFD is not None
-        grad_x = _fresh(torch.empty_like(x)) if need[0] else None
+        grad_x = torch.empty_like(x) if need[0] else None
         # every expert with rows has its slices written below; the others' must read zero
         empty = layout.empty_experts()
-        grad_w1 = _grad_buffer(w1_EFD, empty) if need[4] else None
-        grad_b1 = w1_EFD.new_zeros(w1_EFD.shape[:2]) if (has_b1 and need[5]) else None
-        grad_w2 = _grad_buffer(w2_EOF, empty) if need[6] else None
-        grad_b2 = w2_EOF.new_zeros(w2_EOF.shape[:2]) if (has_b2 and need[7]) else None
-        grad_w3 = _grad_buffer(w3_EFD, empty) if (gated and need[8]) else None
-        grad_b3 = w3_EFD.new_zeros(w3_EFD.shape[:2]) if (gated and has_b3 and need[9]) else None
+        grad_w1 = _grad_buffer(ctx.buffers, w1_EFD, empty) if need[5] else None
+        grad_b1 = w1_EFD.new_zeros(w1_EFD.shape[:2]) if (has_b1 and need[6]) else None
+        grad_w2 = _grad_buffer(ctx.buffers, w2_EOF, empty) if need[7] else None
+        grad_b2 = w2_EOF.new_zeros(w2_EOF.shape[:2]) if (has_b2 and need[8]) else None
+        grad_w3 = _grad_buffer(ctx.buffers, w3_EFD, empty) if (gated and need[9]) else None
+        grad_b3 = w3_EFD.new_zeros(w3_EFD.shape[:2]) if (gated and has_b3 and need[10]) else None
         for (e, rows, first), (a1_b, a3_b, h_b, keep_b) in zip(layout.blocks, ctx.saved_blocks, strict=True):
             dy_b, x_b, acc = dy[rows], x[rows], not first
             if grad_w2 is not None:
@@ -274,5 +224,5 @@ class ExpertFFNLoop(torch.autograd.Function):
                 torch.matmul(da1_b, _pick(w1_EFD, e), out=grad_x[rows])
                 if gated:
                     _add_matmul_(grad_x[rows], da3_b, _pick(w3_EFD, e))
-        return (None if grad_x is None else layout.unpad(grad_x), None, None, None,
+        return (None if grad_x is None else layout.unpad(grad_x), None, None, None, None,
                 grad_w1, grad_b1, grad_w2, grad_b2, grad_w3, grad_b3)

@@ -19,6 +19,7 @@ from torch import nn
 
 from moeify.errors import ConfigError
 from moeify.moe.expert_loop import QUICK_GELU_SCALE, ExpertFFNLoop
+from moeify.moe.grad_buffers import GradBuffers
 
 
 def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -115,22 +116,22 @@ def _(x_NI, w_EOI, b_EO, offs_E):
 def _grouped_linear_backward_op(grad_NO: torch.Tensor, x_NI: torch.Tensor, w_EOI: torch.Tensor,
                                 offs_E: torch.Tensor, need_x: bool, need_w: bool,
                                 need_b: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(grad x, grad w, grad b); a gradient that is not needed comes back as an empty tensor."""
+    """(grad x, grad w, grad b); a gradient that is not needed comes back as its own empty tensor
+    (a custom op's outputs may not alias one another)."""
     grad_NO = grad_NO.contiguous()
-    none = grad_NO.new_empty(0)
-    grad_x_NI = F.grouped_mm(grad_NO, w_EOI, offs=offs_E) if need_x else none
+    grad_x_NI = F.grouped_mm(grad_NO, w_EOI, offs=offs_E) if need_x else grad_NO.new_empty(0)
     # grouped along the token dim: experts without tokens get an exactly zero gradient
-    grad_w_EOI = F.grouped_mm(grad_NO.transpose(0, 1), x_NI, offs=offs_E) if need_w else none
+    grad_w_EOI = F.grouped_mm(grad_NO.transpose(0, 1), x_NI, offs=offs_E) if need_w else grad_NO.new_empty(0)
     grad_b_EO = (torch.segment_reduce(grad_NO, "sum", lengths=_group_sizes(offs_E), axis=0, unsafe=True)
-                 if need_b else none)
+                 if need_b else grad_NO.new_empty(0))
     return grad_x_NI, grad_w_EOI, grad_b_EO
 
 
 @_grouped_linear_backward_op.register_fake
 def _(grad_NO, x_NI, w_EOI, offs_E, need_x, need_w, need_b):
-    none = grad_NO.new_empty(0)
-    return (torch.empty_like(x_NI) if need_x else none, torch.empty_like(w_EOI) if need_w else none,
-            grad_NO.new_empty(w_EOI.shape[0], w_EOI.shape[1]) if need_b else none)
+    return (torch.empty_like(x_NI) if need_x else grad_NO.new_empty(0),
+            torch.empty_like(w_EOI) if need_w else grad_NO.new_empty(0),
+            grad_NO.new_empty(w_EOI.shape[0], w_EOI.shape[1]) if need_b else grad_NO.new_empty(0))
 
 
 def _grouped_linear_setup(ctx, inputs, output):
@@ -186,6 +187,8 @@ class GroupedExperts(nn.Module):
         if backend not in BACKENDS:
             raise ConfigError(f"unknown experts backend {backend!r}: use one of {', '.join(BACKENDS)}")
         self.backend = backend
+        # the expert_loop backward's weight gradients (CPU); emptied when the module leaves training
+        self.grad_buffers = GradBuffers()
         kw = {"dtype": dtype, "device": device}
         self.w1_EFD = nn.Parameter(torch.empty(num_experts, d_ff, d_model, **kw))
         self.w2_EDF = nn.Parameter(torch.empty(num_experts, self.d_out, d_ff, **kw))
@@ -204,6 +207,11 @@ class GroupedExperts(nn.Module):
                 f"{kind}activation={self.activation}, bias={self.has_bias}, dropout={self.dropout}, "
                 f"backend={self.backend}")
 
+    def train(self, mode: bool = True) -> GroupedExperts:  # noqa: D102
+        if not mode:
+            self.grad_buffers.clear()
+        return super().train(mode)
+
     def backend_for(self, x_ND: torch.Tensor) -> str:
         """The backend this call runs: "auto" picks expert_loop for eager CPU, grouped_mm elsewhere."""
         if self.backend != "auto":
@@ -221,7 +229,8 @@ class GroupedExperts(nn.Module):
             params = [None if p is None else p.to(dtype) for p in (self.w1_EFD, self.b1_EF, self.w2_EDF,
                                                                   self.b2_ED, self.w3_EFD, self.b3_EF)]
             dropout = self.dropout if self.training else 0.0
-            return ExpertFFNLoop.apply(x_ND.to(dtype), counts_E.tolist(), self.activation, dropout, *params)
+            return ExpertFFNLoop.apply(x_ND.to(dtype), counts_E.tolist(), self.activation, dropout,
+                                       self.grad_buffers, *params)
         offs_E = torch.cumsum(counts_E, 0).to(torch.int32)
         act = activation_fn(self.activation)
         h_NF = act(grouped_linear(x_ND, self.w1_EFD, self.b1_EF, counts_E, offs_E, backend))

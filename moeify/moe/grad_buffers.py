@@ -1,0 +1,90 @@
+"""Reusable CPU memory for the stacked expert weight gradients that the loop backward returns.
+
+Autograd hands a parameter the gradient tensor a backward returns (it takes it over when nothing
+else holds it), and `optimizer.zero_grad()` drops it again before the next step. A stacked expert
+gradient is E times a dense weight (32 MiB at d_model 512, d_ff 2048, 8 experts in float32), and
+glibc maps a block that large fresh for every allocation and unmaps it on free: every step the
+kernel faults those pages in and zeroes them before the backward may write them. On the 2-core
+benchmark machine that costs about 8 ms per 32 MiB against 1 ms to write warm pages, more than the
+matmuls that fill the buffer when each expert has few tokens (see benchmarks/results/moe_layer.txt).
+
+`GradBuffers` keeps the pages of each buffer it handed out and gives them out again once the
+tensor built on them is gone. It watches each tensor through a weak reference to its storage, so it
+never keeps a gradient alive and never hands out memory that anyone can still see.
+"""
+
+from __future__ import annotations
+
+import mmap
+import threading
+
+import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+
+# Below this size glibc recycles freed blocks from its heap: nothing to gain.
+MIN_BYTES = 1 << 20
+# Buffers one experts module keeps at most (w1, w2, w3 need three; the rest covers gradients the
+# user still holds when the next backward runs). Past it, buffers come from the allocator.
+MAX_SLOTS = 8
+
+
+class _Slot:
+    """One anonymous mapping and a weak reference to the storage currently built on it."""
+
+    def __init__(self, nbytes: int) -> None:
+        flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
+        self.memory = mmap.mmap(-1, nbytes, flags=flags) if flags else mmap.mmap(-1, nbytes)
+        self.nbytes = nbytes
+        self.user: StorageWeakRef | None = None
+
+    def free(self) -> bool:
+        return self.user is None or self.user.expired()
+
+    def tensor(self, like: torch.Tensor) -> torch.Tensor:
+        t = torch.frombuffer(self.memory, dtype=like.dtype, count=like.numel()).view(like.shape)
+        self.user = StorageWeakRef(t.untyped_storage())
+        return t
+
+
+class GradBuffers:
+    """A small per-module pool of uninitialised CPU tensors on pages that stay mapped between steps."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._slots: list[_Slot] = []
+
+    def empty_like(self, like: torch.Tensor) -> torch.Tensor:
+        """An uninitialised contiguous tensor shaped and typed like `like`, on reused pages when free."""
+        if like.device.type != "cpu" or like.nbytes < MIN_BYTES:
+            return torch.empty(like.shape, dtype=like.dtype, device=like.device)
+        with self._lock:
+            slot = next((s for s in self._slots if s.nbytes == like.nbytes and s.free()), None)
+            if slot is None:
+                try:
+                    if len(self._slots) >= MAX_SLOTS:
+                        raise OSError("pool full")
+                    slot = _Slot(like.nbytes)
+                except OSError:  # full, or no mapping to be had: the allocator's memory will do
+                    return torch.empty(like.shape, dtype=like.dtype)
+                self._slots.append(slot)
+            return slot.tensor(like)
+
+    def clear(self) -> None:
+        """Forget every mapping; one a live tensor still uses is unmapped when that tensor dies."""
+        with self._lock:
+            self._slots.clear()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of memory the pool holds mapped (in use or free)."""
+        return sum(s.nbytes for s in self._slots)
+
+    # A copied or pickled module starts with an empty pool (mappings can be neither).
+    def __deepcopy__(self, memo: dict) -> GradBuffers:
+        return GradBuffers()
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
