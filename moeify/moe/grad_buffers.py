@@ -16,7 +16,6 @@ never keeps a gradient alive and never hands out memory that anyone can still se
 from __future__ import annotations
 
 import mmap
-import sys
 import threading
 
 import torch
@@ -27,11 +26,6 @@ MIN_BYTES = 1 << 20
 # Buffers one experts module keeps at most (w1, w2, w3 need three; the rest covers gradients the
 # user still holds when the next backward runs). Past it, buffers come from the allocator.
 MAX_SLOTS = 8
-
-
-# Linux drops MADV_DONTNEED pages of a private anonymous mapping and maps zeros on the next touch;
-# other systems may keep the old contents, so zeros are written there.
-_RELEASE_ZEROES = sys.platform == "linux" and hasattr(mmap, "MADV_DONTNEED")
 
 
 class _Slot:
@@ -51,27 +45,6 @@ class _Slot:
         self.user = StorageWeakRef(t.untyped_storage())
         return t
 
-    def zero_rows(self, t: torch.Tensor, rows: list[int]) -> None:
-        """t[i] = 0 for i in rows, where `t` is this slot's tensor.
-
-        On Linux the whole pages inside a row are handed back to the kernel (MADV_DONTNEED), which
-        maps zero pages there on the next touch: an idle expert's slice costs nothing unless it is
-        read or written later. At T=1 (six of eight experts idle) this measured 1.4x the ideal
-        against 1.7-1.9x for writing the zeros. Elsewhere, and at unaligned edges, zeros are written.
-        """
-        row_bytes = t[0].nbytes if t.dim() else 0
-        for i in rows:
-            start, end = i * row_bytes, (i + 1) * row_bytes
-            first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
-            last = end // mmap.PAGESIZE * mmap.PAGESIZE
-            flat = t[i].view(-1)
-            if not _RELEASE_ZEROES or last <= first:
-                flat.zero_()
-                continue
-            self.memory.madvise(mmap.MADV_DONTNEED, first, last - first)
-            flat[: (first - start) // t.element_size()].zero_()
-            flat[(last - start) // t.element_size():].zero_()
-
 
 class GradBuffers:
     """A small per-module pool of uninitialised CPU tensors on pages that stay mapped between steps."""
@@ -80,33 +53,21 @@ class GradBuffers:
         self._lock = threading.Lock()
         self._slots: list[_Slot] = []
 
-    def empty_like(self, like: torch.Tensor, zero_rows: list[int] = ()) -> torch.Tensor:
-        """A contiguous tensor shaped and typed like `like`, on reused pages when one is free.
-
-        Uninitialised except `t[i]` for i in `zero_rows`, which read zero.
-        """
-        taken = self._take(like)
-        if taken is None:
-            t = torch.empty(like.shape, dtype=like.dtype, device=like.device)
-            for i in zero_rows:
-                t[i].zero_()
-            return t
-        slot, t = taken
-        slot.zero_rows(t, list(zero_rows))
-        return t
-
-    def _take(self, like: torch.Tensor) -> tuple[_Slot, torch.Tensor] | None:
+    def empty_like(self, like: torch.Tensor) -> torch.Tensor:
+        """An uninitialised contiguous tensor shaped and typed like `like`, on reused pages when free."""
         if like.device.type != "cpu" or like.nbytes < MIN_BYTES:
-            return None
+            return torch.empty(like.shape, dtype=like.dtype, device=like.device)
         with self._lock:
             slot = next((s for s in self._slots if s.nbytes == like.nbytes and s.free()), None)
-            if slot is None and len(self._slots) < MAX_SLOTS:
+            if slot is None:
                 try:
+                    if len(self._slots) >= MAX_SLOTS:
+                        raise OSError("pool full")
                     slot = _Slot(like.nbytes)
-                except OSError:  # no mapping to be had: the allocator's memory will do
-                    return None
+                except OSError:  # full, or no mapping to be had: the allocator's memory will do
+                    return torch.empty(like.shape, dtype=like.dtype)
                 self._slots.append(slot)
-            return None if slot is None else (slot, slot.tensor(like))
+            return slot.tensor(like)
 
     def clear(self) -> None:
         """Forget every mapping; one a live tensor still uses is unmapped when that tensor dies."""
