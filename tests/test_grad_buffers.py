@@ -3,6 +3,7 @@
 import copy
 import pickle
 
+import pytest
 import torch
 
 from moeify.moe import grad_buffers
@@ -113,3 +114,20 @@ def test_eval_copies_and_pickles_start_empty():
     x_ND, counts_E = step(experts, [1, 2, 3, 4], seed=5)
     want = reference_grads(experts, x_ND, counts_E)
     torch.testing.assert_close(experts.w2_EDF.grad, want["w2_EDF"], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("pooled", [True, False])
+def test_zero_rows_on_reused_memory(pooled, monkeypatch):
+    """Rows asked to be zero read zero on memory that held ones; the others keep what was there."""
+    if not pooled:
+        monkeypatch.setattr(grad_buffers, "MAX_SLOTS", 0)  # the allocator's memory, zeroed the same way
+    pool = GradBuffers()
+    like = torch.empty(4, 1000, 301)
+    first = pool.empty_like(like)
+    first.fill_(1.0)
+    ptr = first.data_ptr()
+    del first
+    again = pool.empty_like(like, zero_rows=[1, 3])
+    assert again[[1, 3]].abs().sum() == 0
+    if pooled:  # the same memory, untouched outside the zero rows
+        assert again.data_ptr() == ptr and bool((again[[0, 2]] == 1.0).all())

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import torch
 
-from moeify.moe.grad_buffers import GradBuffers
-
 
 def _act_forward(name: str, a: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     if name == "gelu":
@@ -125,14 +123,6 @@ class _Layout:
         return [] if self.padded else [e for e, n in enumerate(self.sizes) if n == 0]
 
 
-def _grad_buffer(buffers: GradBuffers | None, like: torch.Tensor, empty_experts: list[int]) -> torch.Tensor:
-    """An uninitialised stacked weight gradient (reused pages when `buffers` has them), idle slices zero."""
-    grad = torch.empty_like(like) if buffers is None else buffers.empty_like(like)
-    for e in empty_experts:
-        grad[e].zero_()
-    return grad
-
-
 def _pick(t: torch.Tensor | None, e: int | None) -> torch.Tensor | None:
     return t if (t is None or e is None) else t[e]
 
@@ -191,12 +181,13 @@ class ExpertFFNLoop(torch.autograd.Function):
         gated = w3_EFD is not None
         grad_x = torch.empty_like(x) if need[0] else None
         # every expert with rows has its slices written below; the others' must read zero
+        # (the module's GradBuffers: memory reused from step to step)
         empty = layout.empty_experts()
-        grad_w1 = _grad_buffer(ctx.buffers, w1_EFD, empty) if need[5] else None
+        grad_w1 = ctx.buffers.empty_like(w1_EFD, zero_rows=empty) if need[5] else None
         grad_b1 = w1_EFD.new_zeros(w1_EFD.shape[:2]) if (has_b1 and need[6]) else None
-        grad_w2 = _grad_buffer(ctx.buffers, w2_EOF, empty) if need[7] else None
+        grad_w2 = ctx.buffers.empty_like(w2_EOF, zero_rows=empty) if need[7] else None
         grad_b2 = w2_EOF.new_zeros(w2_EOF.shape[:2]) if (has_b2 and need[8]) else None
-        grad_w3 = _grad_buffer(ctx.buffers, w3_EFD, empty) if (gated and need[9]) else None
+        grad_w3 = ctx.buffers.empty_like(w3_EFD, zero_rows=empty) if (gated and need[9]) else None
         grad_b3 = w3_EFD.new_zeros(w3_EFD.shape[:2]) if (gated and has_b3 and need[10]) else None
         for (e, rows, first), (a1_b, a3_b, h_b, keep_b) in zip(layout.blocks, ctx.saved_blocks, strict=True):
             dy_b, x_b, acc = dy[rows], x[rows], not first

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import mmap
 import threading
+from collections.abc import Sequence
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
@@ -53,21 +54,32 @@ class GradBuffers:
         self._lock = threading.Lock()
         self._slots: list[_Slot] = []
 
-    def empty_like(self, like: torch.Tensor) -> torch.Tensor:
-        """An uninitialised contiguous tensor shaped and typed like `like`, on reused pages when free."""
+    def empty_like(self, like: torch.Tensor, zero_rows: Sequence[int] = ()) -> torch.Tensor:
+        """A contiguous tensor shaped and typed like `like`, on reused pages when one is free.
+
+        Uninitialised except `t[i]` for i in `zero_rows`, which are written with zeros. (Handing
+        those pages back to the kernel instead, MADV_DONTNEED, measured 3.8x the ideal against 2.2x
+        at T=1 with routing that changes every step: the next step faults them in again.)
+        """
+        t = self._take(like)
+        if t is None:
+            t = torch.empty(like.shape, dtype=like.dtype, device=like.device)
+        for i in zero_rows:
+            t[i].zero_()
+        return t
+
+    def _take(self, like: torch.Tensor) -> torch.Tensor | None:
         if like.device.type != "cpu" or like.nbytes < MIN_BYTES:
-            return torch.empty(like.shape, dtype=like.dtype, device=like.device)
+            return None
         with self._lock:
             slot = next((s for s in self._slots if s.nbytes == like.nbytes and s.free()), None)
-            if slot is None:
+            if slot is None and len(self._slots) < MAX_SLOTS:
                 try:
-                    if len(self._slots) >= MAX_SLOTS:
-                        raise OSError("pool full")
                     slot = _Slot(like.nbytes)
-                except OSError:  # full, or no mapping to be had: the allocator's memory will do
-                    return torch.empty(like.shape, dtype=like.dtype)
+                except OSError:  # no mapping to be had: the allocator's memory will do
+                    return None
                 self._slots.append(slot)
-            return slot.tensor(like)
+            return None if slot is None else slot.tensor(like)
 
     def clear(self) -> None:
         """Forget every mapping; one a live tensor still uses is unmapped when that tensor dies."""
