@@ -23,7 +23,8 @@ Variants (same router weights, same expert weights, top-k softmax routing renorm
 
 Timing: the variants run in round-robin rounds in one process; a ratio is the median over rounds of
 (variant / ideal) measured back to back, so slow drifts of a shared machine cancel, and times are
-the fastest round (at least 5 rounds; onehot above T=4096 is timed once). Two timing processes
+the fastest round (at least 5 rounds; onehot above T=4096 is timed once). Each step takes the next
+of 4 input batches, so the routing changes from step to step as in training. Two timing processes
 run: glibc malloc as installed, and glibc malloc tuned to recycle freed memory
 (MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ = 1 GiB). By default every allocation of 32 MiB
 or more is a fresh mmap whose pages fault in one by one (~8 ms per 32 MiB on this machine). The
@@ -346,12 +347,17 @@ def cold_clear_fn(module: nn.Module, x_TD):
     return cold_clear
 
 
-def step_fn(module: nn.Module, x_TD, grad_TD, setup: Setup):
-    clear = clear_fn(module, x_TD)
+def step_fn(module: nn.Module, x_TD, grad_TD, setup: Setup, more: tuple = ()):
+    """One fwd+bwd per call; with `more` inputs, calls cycle through x_TD, *more (new routing each step)."""
+    inputs = (x_TD, *more)
+    clears = [clear_fn(module, x) for x in inputs]
+    calls = [0]
 
     def step():
-        clear()
-        module(x_TD).backward(grad_TD)
+        i = calls[0] % len(inputs)
+        calls[0] += 1
+        clears[i]()
+        module(inputs[i]).backward(grad_TD)
         setup.sync()
     return step
 
@@ -371,6 +377,9 @@ def profile_summary(setup: Setup, module, x_TD, grad_TD, rows: int = 12) -> str:
     return prof.key_averages().table(sort_by=sort_by, row_limit=rows, max_name_column_width=40)
 
 
+# Timed steps cycle through this many input batches, so routing changes from step to step as in
+# training (a fixed batch would route the same tokens to the same experts every step).
+BATCHES = 4
 # onehot takes ~15 s per step at T=8192 on the CPU: above this T it is timed once, not every round
 ONEHOT_ROUNDS_MAX_T = 4096
 # ... and skipped where its (T, K, E, C) int64 one-hot slot tensor alone would pass this size
@@ -393,9 +402,9 @@ def time_phase(setup: Setup, tokens: list[int], min_time: float, compile_tokens:
         kind = "swiglu" if gated else "gelu"
         variants = make_variants(setup, gated)
         for T in tokens:
-            x_TD = setup.tensor(T, setup.d_model, requires_grad=True)
+            x_TD, *more = (setup.tensor(T, setup.d_model, requires_grad=True) for _ in range(BATCHES))
             grad_TD = setup.tensor(T, setup.d_model)
-            steps = {name: step_fn(m, x_TD, grad_TD, setup) for name, m in variants.items()}
+            steps = {name: step_fn(m, x_TD, grad_TD, setup, more) for name, m in variants.items()}
             if onehot_bytes(T) > ONEHOT_MAX_BYTES:
                 steps.pop("onehot")
             slow = {"onehot": steps.pop("onehot")} if T > ONEHOT_ROUNDS_MAX_T and "onehot" in steps else {}
