@@ -525,7 +525,8 @@ def main() -> None:
     ap.add_argument("--tokens", help="comma-separated token counts instead of the default set (before scaling)")
     ap.add_argument("--one-process", action="store_true",
                     help="measure in this process, malloc as installed (always so on CUDA)")
-    ap.add_argument("--out", help="default benchmarks/results/moe_layer.txt (moe_layer_cuda.txt on CUDA)")
+    ap.add_argument("--out", help="default benchmarks/results/moe_layer.txt (moe_layer_cuda.txt on CUDA; "
+                                  "_quick before .txt with --quick)")
     ap.add_argument("--phase", choices=["time", "time-profile", "mem"], help=argparse.SUPPRESS)
     ap.add_argument("--json", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -571,8 +572,8 @@ def main() -> None:
                     *time_table(setup, "malloc tuned (MALLOC_MMAP_THRESHOLD_=MALLOC_TRIM_THRESHOLD_=1 GiB)", tuned),
                     "", *mem_table(setup, mem), "", *tuned["profiles"]]
     lines = [*header, *sections]
-    out = write_results(args.out or Path(__file__).parent / "results" / f"moe_layer{'_cuda' if cuda else ''}.txt",
-                        "\n".join(lines) + "\n")
+    name = f"moe_layer{'_cuda' if cuda else ''}{'_quick' if args.quick else ''}.txt"  # quick keeps the full run's file
+    out = write_results(args.out or Path(__file__).parent / "results" / name, "\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"wrote {out}")
 
