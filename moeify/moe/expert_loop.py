@@ -6,14 +6,13 @@ F FFN hidden dim, O output dim, E experts.
 Why a second path next to `grouped_mm`: on a CPU, E BLAS calls per layer that nn.Linear would make
 are as fast as the grouped kernel, and owning the backward lets every product go straight to its
 final place: the bias is fused into `addmm`, each expert's output lands in the (N, .) output, each
-weight gradient in one stacked (E, ., .) buffer on pages reused from step to step (see
-`grad_buffers`; no per-expert outputs to concatenate, no
-index_add, no separate bias pass over an (N, F) tensor), and an expert's fc1 -> act -> fc2 runs
-back to back. Rows of one expert go in blocks of at most ROW_BLOCK, which bounds the backward's
-temporaries; smaller blocks measured slower (more, smaller matmuls, and the weight gradient
-accumulated over blocks). When every expert has only a few rows, all experts run as one padded
-batched matmul instead (see PAD_MAX_ROWS). On accelerators `grouped_mm` stays the better choice
-(one kernel, no host sync).
+weight gradient in one stacked (E, ., .) buffer on memory reused from step to step (`grad_buffers`)
+with no per-expert outputs to concatenate, no index_add, no separate bias pass over an (N, F)
+tensor, and an expert's fc1 -> act -> fc2 runs back to back. Rows of one expert go in blocks of at
+most ROW_BLOCK, which bounds the backward's temporaries; smaller blocks measured slower (more,
+smaller matmuls, and the weight gradient accumulated over blocks). When every expert has only a
+few rows, all experts run as one padded batched matmul instead (see PAD_MAX_ROWS). On accelerators
+`grouped_mm` stays the better choice (one kernel, no host sync).
 
 Saved for backward, per row: the pre-activation, the up projection (gated), the fc2 input, and the
 dropout mask when expert dropout is active: what nn.Linear + activation would save, minus act(a1)
