@@ -29,7 +29,9 @@ def reference(experts: GroupedExperts, x_ND, counts_E):
     return torch.stack(rows)
 
 
-COUNTS = [[3, 0, 5, 1], [0, 0, 6, 0]]  # zero-token experts included
+# zero-token experts included; padded mode batches all four experts, one expert alone, and the
+# evenly spaced experts 1 and 3 through a strided view
+COUNTS = [[3, 0, 5, 1], [0, 0, 6, 0], [0, 4, 0, 2]]
 EXPERTS = [  # (backend, gated, activation, bias)
     ("grouped_mm", False, "gelu", True),
     ("grouped_mm", False, "relu", False),
@@ -46,7 +48,7 @@ EXPERTS = [  # (backend, gated, activation, bias)
 
 
 # expert_loop's two modes: blocks of at most 2 rows per expert (several blocks accumulate one
-# expert's weight gradient), or all experts in one padded batch
+# expert's weight gradient), or the active experts in one padded batch
 LOOP_MODES = {"blocks": {"PAD_MAX_ROWS": 0, "ROW_BLOCK": 2}, "padded": {"PAD_MAX_ROWS": 32}}
 
 
@@ -185,6 +187,16 @@ def test_expert_loop_backward_passes_gradcheck(mode, gated, activation, monkeypa
     x_ND = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
     params = [p.detach().clone().normal_().requires_grad_() for p in experts.parameters()]
     assert torch.autograd.gradcheck(run, (x_ND, *params))
+
+
+def test_padded_batch_covers_evenly_spaced_experts():
+    """A padded batch reads the weights through a strided view: evenly spaced active experts, else all."""
+    pick = expert_loop._batched_experts
+    assert pick([5], 8) is None  # one expert: a plain matmul
+    assert pick([1, 5], 8) == slice(1, 6, 4)  # one token's top-2: always evenly spaced
+    assert pick([1, 4, 7], 8) == slice(1, 8, 3)
+    assert pick([0, 2, 3], 4) == slice(0, 4, 1)  # uneven, but half or more active: all experts
+    assert pick([0, 2, 3], 8) is None  # uneven and few: expert by expert
 
 
 @pytest.mark.parametrize("backend", ["grouped_mm", "expert_loop"])

@@ -11,7 +11,7 @@ with no per-expert outputs to concatenate, no index_add, no separate bias pass o
 tensor, and an expert's fc1 -> act -> fc2 runs back to back. Rows of one expert go in blocks of at
 most ROW_BLOCK, which bounds the backward's temporaries; smaller blocks measured slower (more,
 smaller matmuls, and the weight gradient accumulated over blocks). When every expert has only a
-few rows, all experts run as one padded batched matmul instead (see PAD_MAX_ROWS). On accelerators
+few rows, the experts run as one padded batched matmul instead (see PAD_MAX_ROWS). On accelerators
 `grouped_mm` stays the better choice (one kernel, no host sync).
 
 Saved for backward, per row: the pre-activation, the up projection (gated), the fc2 input, and the
@@ -53,7 +53,7 @@ QUICK_GELU_SCALE = 1.702  # CLIP's QuickGELU: a * sigmoid(1.702 a)
 
 
 def _linear_out(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
-    """out = x @ w.T + b for one expert (2-D) or for all experts at once (3-D, padded rows)."""
+    """out = x @ w.T + b for one expert (2-D) or for a batch of experts at once (3-D, padded rows)."""
     if x.dim() == 2:
         return torch.mm(x, w.T, out=out) if b is None else torch.addmm(b, x, w.T, out=out)
     return torch.bmm(x, w.mT, out=out) if b is None else torch.baddbmm(b.unsqueeze(1), x, w.mT, out=out)
@@ -63,10 +63,10 @@ def _add_matmul_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.T
     return out.addmm_(a, b) if out.dim() == 2 else out.baddbmm_(a, b)
 
 
-# Pad instead of loop when every expert has at most this many rows (and at least half have any):
-# with so few rows each matmul only streams its expert's weights, and one batched call over all
-# experts (each core on its own experts) reads them about twice as fast as E calls that each split
-# one small matmul over the cores.
+# Pad instead of loop when every expert has at most this many rows: with so few rows each matmul
+# only streams its expert's weights, and one batched call over several experts (each core on its
+# own experts) reads them about twice as fast as one call per expert that splits a small matmul over
+# the cores (one row, two experts: 0.46 ms batched against 0.85 ms in two calls).
 PAD_MAX_ROWS = 32
 # Rows per block of one expert in the loop (see the module docstring). Measured at T=4096 (about
 # 1024 rows per expert), fwd+bwd / the dense ideal: 1.18 with 256-row blocks, 1.09 with 512, 1.05
@@ -74,25 +74,44 @@ PAD_MAX_ROWS = 32
 ROW_BLOCK = 4096
 
 
+def _batched_experts(active: list[int], num_experts: int) -> slice | None:
+    """The experts one padded batch covers, as a slice of the stacked weights, or None to loop.
+
+    The batch reads the weights through a strided view, so it must be evenly spaced: the active
+    experts themselves when they are (always so for two, as in one token's top-2), else all experts
+    when at least half are active (an expert without rows costs the batch two reads of its weights).
+    """
+    if len(active) < 2:
+        return None
+    step = active[1] - active[0]
+    if active == list(range(active[0], active[-1] + 1, step)):
+        return slice(active[0], active[-1] + 1, step)
+    return slice(0, num_experts, 1) if 2 * len(active) >= num_experts else None
+
+
 class _Layout:
-    """Where each expert's rows live: blocks of the (N, .) row buffers, or one padded (E, C, .) batch."""
+    """Where each expert's rows live: blocks of the (N, .) row buffers, or one padded (B, C, .) batch.
+
+    A block is (experts, rows, first block of its experts): one expert index and a row range of the
+    (N, .) buffers, or a slice of B evenly spaced experts and all rows of the padded batch.
+    """
 
     def __init__(self, sizes: list[int], num_experts: int, device: torch.device) -> None:
         self.sizes = sizes
         capacity = max(sizes, default=0)
-        active = sum(1 for n in sizes if n)
-        # an expert without rows costs a padded batch two reads of its weights: pad only when at
-        # least half the experts have rows (one token's top-k runs expert by expert instead)
-        self.padded = 0 < capacity <= PAD_MAX_ROWS and len(sizes) > 1 and 2 * active >= len(sizes)
-        # (expert or None for all experts at once, rows, first block of its expert)
-        self.blocks: list[tuple[int | None, slice, bool]] = []
-        if self.padded:
+        batch = (_batched_experts([e for e, n in enumerate(sizes) if n], num_experts)
+                 if 0 < capacity <= PAD_MAX_ROWS else None)
+        self.padded = batch is not None
+        self.blocks: list[tuple[int | slice, slice, bool]] = []
+        if batch is not None:
+            self.batch = range(num_experts)[batch]
             sizes_E = torch.tensor(sizes, device=device)
             expert_N = torch.repeat_interleave(torch.arange(num_experts, device=device), sizes_E)
             starts_E = torch.cumsum(sizes_E, 0) - sizes_E
-            self.index = (expert_N, torch.arange(expert_N.shape[0], device=device) - starts_E[expert_N])
+            self.index = ((expert_N - batch.start) // batch.step,
+                          torch.arange(expert_N.shape[0], device=device) - starts_E[expert_N])
             self.capacity = capacity
-            self.blocks.append((None, slice(None), True))
+            self.blocks.append((batch, slice(None), True))
             return
         start = 0
         for e, n in enumerate(sizes):
@@ -101,17 +120,17 @@ class _Layout:
             start += n
 
     def rows(self, N: int, *trailing: int) -> tuple[int, ...]:
-        return (len(self.sizes), self.capacity, *trailing) if self.padded else (N, *trailing)
+        return (len(self.batch), self.capacity, *trailing) if self.padded else (N, *trailing)
 
     def block_shape(self, rows: slice, *trailing: int) -> tuple[int, ...]:
         if self.padded:
-            return (len(self.sizes), self.capacity, *trailing)
+            return (len(self.batch), self.capacity, *trailing)
         return (rows.stop - rows.start, *trailing)
 
     def pad(self, t_NX: torch.Tensor) -> torch.Tensor:
         if not self.padded:
             return t_NX.contiguous()
-        out = t_NX.new_zeros(len(self.sizes), self.capacity, t_NX.shape[-1])
+        out = t_NX.new_zeros(len(self.batch), self.capacity, t_NX.shape[-1])
         out[self.index] = t_NX
         return out
 
@@ -119,11 +138,15 @@ class _Layout:
         return t[self.index] if self.padded else t
 
     def empty_experts(self) -> list[int]:
-        return [] if self.padded else [e for e, n in enumerate(self.sizes) if n == 0]
+        """Experts whose weight gradients no block writes: they must be zeroed."""
+        if self.padded:  # the batch writes zeros for its own experts without rows
+            return [e for e in range(len(self.sizes)) if e not in self.batch]
+        return [e for e, n in enumerate(self.sizes) if n == 0]
 
 
-def _pick(t: torch.Tensor | None, e: int | None) -> torch.Tensor | None:
-    return t if (t is None or e is None) else t[e]
+def _pick(t: torch.Tensor | None, experts: int | slice) -> torch.Tensor | None:
+    """One expert's slice of a stacked tensor, or a strided view of a padded batch's experts."""
+    return None if t is None else t[experts]
 
 
 def _matmul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
