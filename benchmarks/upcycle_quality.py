@@ -32,7 +32,6 @@ import copy
 import importlib.util
 import json
 import math
-import os
 import statistics
 import sys
 import time
@@ -40,6 +39,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from benchutil import write_results
 
 import moeify
 from moeify.corpus import batch_at, eval_windows, stdlib_docstrings
@@ -218,12 +218,6 @@ def summarize(runs: list[dict]) -> dict:
     return out
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def report_text(a, corpus, runs, summary) -> str:
     dense_speed = summary["dense"]["tokens_per_s"]
     lines = [f"upcycle_quality ({'quick' if a.quick else 'full'}): GPT d_model={a.d_model} layers={a.layers} "
@@ -298,8 +292,8 @@ def main(argv: list[str] | None = None) -> int:
         payload = {"config": config, "corpus": corpus.description, "summary": summary,
                    "runs": [{k: v for k, v in r.items() if not k.startswith("_")} for r in runs],
                    "seeds_done": len(runs), "wall_s": time.time() - started}
-        write_atomic(a.out / "upcycle_quality.json", json.dumps(payload, indent=1))
-        write_atomic(a.out / "upcycle_quality.txt", report_text(a, corpus, runs, summary))
+        write_results(a.out / "upcycle_quality.json", json.dumps(payload, indent=1))
+        write_results(a.out / "upcycle_quality.txt", report_text(a, corpus, runs, summary))
         write_loss_plot(a.out / "loss_curves.png", vars(a), runs)
         plot_utilization(runs[0]["_util_rows"], a.out / "upcycle_utilization.png",
                          title="(b) upcycled top-2 after training: share of tokens per expert (val windows, seed 0)")

@@ -12,15 +12,16 @@ from tests.conftest import ROOT
 OUTPUTS = ("upcycle_quality.json", "upcycle_quality.txt", "loss_curves.png", "upcycle_utilization.png")
 
 
-def load_benchmark():
+def load_benchmark(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # as when run as a script: benchutil beside it
     spec = importlib.util.spec_from_file_location("_bench_upcycle_quality", ROOT / "benchmarks" / "upcycle_quality.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def run(tmp_path, extra):
-    bench = load_benchmark()
+def run(tmp_path, monkeypatch, extra):
+    bench = load_benchmark(monkeypatch)
     threads = torch.get_num_threads()
     try:
         assert bench.main(["--quick", "--out", str(tmp_path), "--threads", "1", *extra]) == 0
@@ -50,17 +51,17 @@ def check_payload(bench, data, seeds, n, m):
     assert data["corpus"]["train_bytes"] > 0 and data["corpus"]["val_bytes"] > 0
 
 
-def test_tiny_pipeline_writes_outputs(tmp_path):
+def test_tiny_pipeline_writes_outputs(tmp_path, monkeypatch):
     extra = ["--dense-steps", "2", "--moe-steps", "2", "--eval-every", "2", "--eval-windows", "2",
              "--corpus-bytes", "20000", "--seeds", "2"]
-    bench, data = run(tmp_path, extra)
+    bench, data = run(tmp_path, monkeypatch, extra)
     check_payload(bench, data, seeds=2, n=2, m=2)
     text = (tmp_path / "upcycle_quality.txt").read_text()
     assert "(b) upcycled top-2 beats (a)" in text and "distillation" in text
 
 
 @pytest.mark.slow
-def test_quick_mode_writes_outputs(tmp_path):
-    bench, data = run(tmp_path, [])
+def test_quick_mode_writes_outputs(tmp_path, monkeypatch):
+    bench, data = run(tmp_path, monkeypatch, [])
     q = bench.QUICK
     check_payload(bench, data, seeds=q["seeds"], n=q["dense_steps"], m=q["moe_steps"])
