@@ -69,6 +69,19 @@ def _only_input(node: fx.Node) -> fx.Node | None:
     return None
 
 
+def _entry_linear(node: fx.Node, gm: fx.GraphModule) -> tuple[ops.LinearParams, str, fx.Node] | Skip | None:
+    """(params, where, input) of the Linear a region starts at; None if `node` is no Linear, a Skip
+    if it is called with more than one tensor."""
+    params = ops.linear_of(node, gm)
+    if params is None:
+        return None
+    where = str(node.target)
+    x = _only_input(node)
+    if x is None:
+        return Skip(where, "called with extra arguments", "call the Linear with one tensor")
+    return params, where, x
+
+
 def _skip_passthrough(node: fx.Node, gm: fx.GraphModule) -> tuple[fx.Node | None, float, list[fx.Node]]:
     """Step over the dropouts and nn.Identity modules right after `node` (timm's Mlp puts both
     between its activation and fc2): (the next other node, the combined dropout p, the nodes stepped
@@ -95,13 +108,10 @@ class MLPRule:
     kind = "mlp"
 
     def match(self, fc1: fx.Node, gm: fx.GraphModule) -> FFNRegion | Skip | None:
-        p1 = ops.linear_of(fc1, gm)
-        if p1 is None:
-            return None
-        where = str(fc1.target)
-        x = _only_input(fc1)
-        if x is None:
-            return Skip(where, "called with extra arguments", "call the Linear with one tensor")
+        entry = _entry_linear(fc1, gm)
+        if not isinstance(entry, tuple):
+            return entry
+        p1, where, x = entry
         act_node = ops.single_user(fc1)
         if act_node is None:
             return Skip(where, f"its output is used by {len(fc1.users)} nodes ({_users(fc1)}), not by one activation",
@@ -159,12 +169,12 @@ class GatedRule:
     kind = "gated"
 
     def match(self, mul: fx.Node, gm: fx.GraphModule) -> FFNRegion | Skip | None:
-        found = next((m for m in _act_products(mul, gm)
-                      if ops.linear_of(m[2], gm) is not None and ops.linear_of(m[3], gm) is not None), None)
+        candidates = ((act, act_node, gate, up, ops.linear_of(gate, gm), ops.linear_of(up, gm))
+                      for act, act_node, gate, up in _act_products(mul, gm))
+        found = next((c for c in candidates if c[4] is not None and c[5] is not None), None)
         if found is None:
             return None
-        act, act_node, gate, up = found
-        pg, pu = ops.linear_of(gate, gm), ops.linear_of(up, gm)
+        act, act_node, gate, up, pg, pu = found
         where = str(gate.target)
         x = _only_input(gate)
         if x is None or _only_input(up) is not x:
@@ -206,13 +216,10 @@ class FusedGatedRule:
         act, act_node, gate_half, _, up_half = found
         chunk, gate_index = gate_half
         gate_up = chunk.args[0]
-        pgu = ops.linear_of(gate_up, gm)
-        if pgu is None:
-            return None
-        where = str(gate_up.target)
-        x = _only_input(gate_up)
-        if x is None:
-            return Skip(where, "called with extra arguments", "call the Linear with one tensor")
+        entry = _entry_linear(gate_up, gm)
+        if not isinstance(entry, tuple):
+            return entry
+        pgu, where, x = entry
         for node, want in ((gate_up, 1), (chunk, 2), (act_node.args[0], 1), (act_node, 1), (up_half, 1)):
             if len(node.users) != want:
                 return Skip(where, f"{node.name} is used outside the gated FFN ({_users(node)})",

@@ -101,10 +101,9 @@ class _Layout:
         capacity = max(sizes, default=0)
         batch = (_batched_experts([e for e, n in enumerate(sizes) if n], num_experts)
                  if 0 < capacity <= PAD_MAX_ROWS else None)
-        self.padded = batch is not None
+        self.batch = None if batch is None else range(num_experts)[batch]  # the padded batch's experts
         self.blocks: list[tuple[int | slice, slice, bool]] = []
         if batch is not None:
-            self.batch = range(num_experts)[batch]
             sizes_E = torch.tensor(sizes, device=device)
             expert_N = torch.repeat_interleave(torch.arange(num_experts, device=device), sizes_E)
             starts_E = torch.cumsum(sizes_E, 0) - sizes_E
@@ -118,6 +117,10 @@ class _Layout:
             for begin in range(start, start + n, ROW_BLOCK):
                 self.blocks.append((e, slice(begin, min(begin + ROW_BLOCK, start + n)), begin == start))
             start += n
+
+    @property
+    def padded(self) -> bool:
+        return self.batch is not None
 
     def rows(self, N: int, *trailing: int) -> tuple[int, ...]:
         return (len(self.batch), self.capacity, *trailing) if self.padded else (N, *trailing)
