@@ -4,6 +4,27 @@ Whole Hugging Face models do not symbolic-trace (dynamic control flow, cache obj
 blocks and MLPs do. `capture_units` tries the whole model first and, where tracing fails, descends
 into the children; every unit records how it was captured, and every failure why.
 
+`trace` keeps what it traces true to the module whatever it is called with:
+
+- constants that depend on `self.training` (`F.dropout(x, p, self.training)`): the module is
+  traced in both modes and each such constant reads the mode when the forward runs;
+- `if mask is not None:` on an optional argument, which fx always answers "not None": the module
+  is traced again with each used optional argument set to None, and where that trace differs (or
+  fails) the rewritten forward requires the argument (`TracedPathError` when it is None).
+
+A module that holds two Linears itself may have its FFN written inline (OPT's, BART's and
+Whisper's layers: `fc2(act(fc1(x)))` in the layer's forward). For such a module, `trace` also
+gets past what stops plain fx there, so the FFN can be found:
+
+- a forward that a base class wraps for every subclass (transformers' gradient-checkpointing
+  layers): the inner forward is traced; the class `install_forward` makes gets the same wrapper;
+- a child that does not trace (attention) is called as it is, one opaque node, and tracing retries;
+- `**kwargs` that the forward hands on (`self.self_attn(x, **kwargs)`): the rewritten forward takes
+  `**kwargs` and hands them to the same calls (each such child is called as it is); a forward that
+  reads them itself does not trace;
+- `if x.dtype == torch.float16:` (BART's and Whisper's fp16 clamp): answered for the dtype of the
+  module's parameters, and the rewritten forward checks the answer when it runs.
+
 `install_forward` puts a rewritten graph back on the *user's* module: the module keeps its class
 (a subclass with the generated forward is swapped in, so `isinstance`, methods and attributes such
 as `.generate()` or `.config` stay), its untouched parameters keep their names.
@@ -12,44 +33,323 @@ as `.generate()` or `.config` stay), its untouched parameters keep their names.
 from __future__ import annotations
 
 import inspect
+import operator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 from torch import nn
 
+from moeify.errors import CaptureError, TracedPathError
 from moeify.passes import ops
+
+# children made opaque, one per failed attempt, before a module counts as untraceable
+MAX_OPAQUE_CHILDREN = 8
 
 
 class MoeifyTracer(fx.Tracer):
     """fx tracer whose leaves are torch.nn modules, HF Conv1D, nn.Linear subclasses that compute a
-    Linear (Falcon's `FalconLinear`), and parameter-free childless modules.
+    Linear (Falcon's `FalconLinear`), parameter-free childless modules, and the `opaque` modules.
 
     Making parameter-free helper modules (activations, rotary caches, ...) opaque keeps tracing
-    from failing inside them; they are still called as modules by the rewritten forward.
+    from failing inside them; they are still called as modules by the rewritten forward. When
+    tracing fails inside a module, `failed_in` names the innermost one. `inline`: the root may hold
+    an FFN inline (see the module docstring), so hand-on **kwargs and dtype tests are traced.
     """
 
-    def __init__(self, linear_subclasses: frozenset[int] = frozenset()) -> None:
+    def __init__(self, linear_subclasses: frozenset[int] = frozenset(), opaque: frozenset[int] = frozenset(),
+                 none_params: frozenset[str] = frozenset(), inline: bool = False) -> None:
         super().__init__()
         # ids of the nn.Linear subclass instances that compute a Linear, probed before tracing (a probe
         # while tracing would see fx's proxies instead of the weights)
         self.linear_subclasses = linear_subclasses
+        self.opaque = opaque
+        self.none_params = none_params  # optional parameters traced as None instead of as inputs
+        self.inline = inline
+        self.failed_in: str | None = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if ops.is_conv1d(m) or id(m) in self.linear_subclasses:
+        if ops.is_conv1d(m) or id(m) in self.linear_subclasses or id(m) in self.opaque:
             return True
         if super().is_leaf_module(m, module_qualified_name):
             return True
         no_state = not any(True for _ in m.parameters(recurse=True)) and not any(True for _ in m.buffers())
         return no_state and not any(True for _ in m.children())
 
+    def call_module(self, m: nn.Module, forward, args, kwargs):
+        if KWARGS_KEY in kwargs:  # it is handed the forward's **kwargs: call it as it is, with them
+            self.opaque = self.opaque | {id(m)}
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:  # the innermost module's handler runs first
+                self.failed_in = self.path_of_module(m)
+            raise
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        """Answer a dtype test (`x.dtype == torch.float16`) for the parameters' dtype, checked at run time."""
+        node = obj.node
+        test = DTYPE_TESTS.get(node.target) if node.op == "call_function" and len(node.args) == 2 else None
+        reads = [a for a in node.args if isinstance(a, fx.Node) and a.op == "call_function"
+                 and a.target is getattr and a.args[1:] == ("dtype",)]
+        dtypes = [a for a in node.args if isinstance(a, torch.dtype)]
+        if not self.inline or test is None or len(reads) != 1 or len(dtypes) != 1:
+            return super().to_bool(obj)
+        (symbol, compare), tensor = test, reads[0].args[0]
+        assumed = next((p.dtype for p in self.root.parameters() if p.is_floating_point()), torch.get_default_dtype())
+        answer = compare(assumed, dtypes[0])
+        text = f"{getattr(tensor, 'name', tensor)}.dtype {symbol} {dtypes[0]}"
+        self.create_proxy("call_function", require_answer, (obj, answer, text, type(self.root).__name__), {})
+        return answer
+
+    def create_args_for_root(self, root_fn, is_module, concrete_args=None):
+        fn, args = super().create_args_for_root(root_fn, is_module, concrete_args)
+        code = inspect.unwrap(root_fn).__code__
+        if self.inline and code.co_flags & inspect.CO_VARKEYWORDS and isinstance(args[-1], fx.Proxy):
+            args = [*args[:-1], _HandedOn({KWARGS_KEY: args[-1]})]
+        for i, arg in enumerate(args):
+            if isinstance(arg, fx.Proxy) and arg.node.op == "placeholder" and arg.node.target in self.none_params:
+                self.graph.erase_node(arg.node)
+                args[i] = None
+        return fn, args
+
+
+# While tracing, a forward's **kwargs is {KWARGS_KEY: its placeholder}: each call it is splatted into
+# records the placeholder under this key, and `_hand_on_kwargs` turns that into a splat again.
+KWARGS_KEY = "__moeify_kwargs__"
+
+
+class _HandedOn(dict):
+    """The traced **kwargs: `**` splats it (CPython merges a dict's entries directly), reading it fails."""
+
+    def _read(self, *args, **kwargs):
+        raise CaptureError("the forward reads its **kwargs; moeify traces a forward that only hands them on")
+
+    __getitem__ = __contains__ = __len__ = get = keys = items = values = pop = setdefault = copy = _read
+
+
+def call_with_kwargs(fn: Any, args: tuple, named: dict, kwargs: dict) -> Any:
+    """`fn(*args, **named, **kwargs)`: a call the dense forward handed its **kwargs to."""
+    return fn(*args, **named, **kwargs)
+
+
+def _hand_on_kwargs(graph: fx.Graph) -> None:
+    """Turn each call that recorded the **kwargs placeholder under KWARGS_KEY into a call_with_kwargs."""
+    for node in list(graph.nodes):
+        if node.op == "placeholder" and node.target.startswith("**"):
+            for user in list(node.users):
+                named = dict(user.kwargs)
+                handed = named.pop(KWARGS_KEY, None) is node
+                if not handed or any(a is node for a in pytree.tree_flatten((user.args, named))[0]):
+                    raise CaptureError(f"the forward uses its **kwargs other than by handing them on ({user.name})")
+                if user.op not in ("call_module", "call_function"):
+                    raise CaptureError(f"the forward hands its **kwargs to a method call ({user.name})")
+                with graph.inserting_before(user):
+                    fn = graph.get_attr(user.target) if user.op == "call_module" else user.target
+                    call = graph.call_function(call_with_kwargs, (fn, tuple(user.args), named, node))
+                call.meta = dict(user.meta)
+                user.replace_all_uses_with(call)
+                graph.erase_node(user)
+
+
+# the dtype tests `to_bool` answers: operator -> (how it reads, the test on two dtypes)
+DTYPE_TESTS = {operator.eq: ("==", operator.eq), operator.ne: ("!=", operator.ne),
+               operator.is_: ("is", operator.eq), operator.is_not: ("is not", operator.ne)}
+
+
+@torch.fx.node.has_side_effect
+def require_answer(value: bool, answer: bool, test: str, owner: str) -> bool:
+    """Raise when a test the rewritten forward was traced with answers differently now (see `trace`)."""
+    if bool(value) != answer:
+        raise TracedPathError(f"{owner} was converted from a trace where `{test}` is {answer} (answered for the "
+                              f"parameters' dtype at conversion), and now it is {not answer}; convert the model in "
+                              "the dtype it runs in, or keep this module dense with MoEConfig(exclude=...)")
+    return value
+
+
+@torch.fx.node.has_side_effect
+def require_given(value: Any, name: str, owner: str) -> Any:
+    """Raise when an argument the rewritten forward was traced with is None (see `trace`)."""
+    if value is None:
+        raise TracedPathError(f"{owner} was converted from a trace with `{name}` given, and its dense forward does "
+                              f"something else when `{name}` is None; pass `{name}`, or keep this module dense "
+                              "with MoEConfig(exclude=...)")
+    return value
+
+
+def _rewrapped_forward(cls: type):
+    """The inner forward when `cls.forward` wraps it and `cls` wraps every subclass's forward the same
+    way (transformers' GradientCheckpointingLayer), else None: tracing the inner one is then exact."""
+    inner = getattr(cls.forward, "__wrapped__", None)
+    if inner is None:
+        return None
+    probe = type(cls.__name__, (cls,), {"forward": inner})  # __init_subclass__ runs on the probe
+    rewrapped = probe.forward is not inner and getattr(probe.forward, "__wrapped__", None) is inner
+    return inner if rewrapped and cls.forward.__code__ is probe.forward.__code__ else None
+
+
+def _view(module: nn.Module, forward) -> nn.Module:
+    """A shallow copy of `module` whose class runs `forward`: it shares parameters and children and
+    never mutates them (the user's module keeps its class and attributes)."""
+    base = type(module)
+    cls = type(base.__name__, (base,), {})
+    cls.forward = forward  # set after creation: a base's __init_subclass__ would wrap it again
+    view = base.__new__(cls)
+    state = dict(module.__dict__)
+    for key in ("_modules", "_parameters", "_buffers"):
+        state[key] = dict(state[key])
+    view.__dict__.update(state)
+    return view
+
+
+def _linear_children(module: nn.Module) -> int:
+    return sum(isinstance(c, nn.Linear) or ops.is_conv1d(c) for c in module.children())
+
+
+@dataclass
+class _Attempt:
+    inline: bool  # the module may hold an FFN inline (two Linear children)
+    opaque: set[int] = field(default_factory=set)  # ids of the children called as they are
+    failed_in: str | None = None  # where the last trace failed: the innermost module
+
+
+def _trace_graph(module: nn.Module, attempt: _Attempt, none_params: frozenset[str] = frozenset(),
+                 ) -> tuple[MoeifyTracer, fx.Graph]:
+    subclasses = (m for m in module.modules() if isinstance(m, nn.Linear) and type(m) is not nn.Linear)
+    tracer = MoeifyTracer(frozenset(id(m) for m in subclasses if ops.computes_linear(m)), frozenset(attempt.opaque),
+                          none_params, attempt.inline)
+    try:
+        return tracer, tracer.trace(module)
+    except Exception:
+        attempt.failed_in = tracer.failed_in
+        raise
+
+
+def _trace_flipped(module: nn.Module, attempt: _Attempt) -> fx.Graph:
+    """The trace with every module's mode flipped (restored afterwards)."""
+    modes = {m: m.training for m in module.modules()}
+    try:
+        for m, training in modes.items():
+            m.training = not training
+        return _trace_graph(module, attempt)[1]
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
+def _needs_given(module: nn.Module, graph: fx.Graph, attempt: _Attempt) -> list[fx.Node]:
+    """The used optional (default None) inputs whose None the forward treats differently."""
+    needed = []
+    for node in graph.nodes:
+        if node.op != "placeholder" or node.args != (None,) or not node.users:
+            continue
+        try:
+            none_graph = _trace_graph(module, attempt, frozenset([node.target]))[1]
+        except Exception:  # noqa: BLE001 - the forward does not run with it None
+            needed.append(node)
+            continue
+        if not _aligned(graph, none_graph, none=node):
+            needed.append(node)
+    return needed
+
+
+def _comparable(node: fx.Node, index: dict[fx.Node, Any]) -> tuple[list, Any]:
+    leaves, spec = pytree.tree_flatten((node.args, node.kwargs))
+    return [index[x] if isinstance(x, fx.Node) else x for x in leaves], spec
+
+
+def _positions(nodes: list[fx.Node]) -> dict[fx.Node, Any]:
+    return {n: ("node", i) for i, n in enumerate(nodes)}
+
+
+def _aligned(graph: fx.Graph, none_graph: fx.Graph, none: fx.Node) -> bool:
+    """Whether `none_graph` is `graph` with the input `none` replaced by None everywhere it is read."""
+    nodes, others = [n for n in graph.nodes if n is not none], list(none_graph.nodes)
+    if len(nodes) != len(others):
+        return False
+    index = {**_positions(nodes), **_positions(others), none: None}
+    for node, other in zip(nodes, others, strict=True):
+        if (node.op, node.target) != (other.op, other.target):
+            return False
+        (leaves, spec), (none_leaves, none_spec) = _comparable(node, index), _comparable(other, index)
+        if spec != none_spec or not all(_same(a, b) for a, b in zip(leaves, none_leaves, strict=True)):
+            return False
+    return True
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return a is b
+    return type(a) is type(b) and a == b
+
+
+def _bind_training(graph: fx.Graph, flipped: fx.Graph, root: nn.Module) -> None:
+    """Turn the constants that differ between the traces in each mode into reads of the mode."""
+    nodes, others = list(graph.nodes), list(flipped.nodes)
+    name = type(root).__name__
+
+    def branches(where: str) -> CaptureError:
+        return CaptureError(f"{name}'s forward takes different paths in training and in eval mode ({where}); "
+                            "moeify rewrites one traced path, so it looks inside this module instead")
+
+    if len(nodes) != len(others):
+        raise branches(f"{len(nodes)} vs {len(others)} traced operations")
+    index = {**_positions(nodes), **_positions(others)}
+    for node, other in zip(nodes, others, strict=True):
+        (leaves, spec), (flipped_leaves, flipped_spec) = _comparable(node, index), _comparable(other, index)
+        if (node.op, node.target) != (other.op, other.target) or spec != flipped_spec:
+            raise branches(f"at {node.name}")
+        if all(_same(a, b) for a, b in zip(leaves, flipped_leaves, strict=True)):
+            continue
+        args = pytree.tree_flatten((node.args, node.kwargs))[0]
+        for i, (a, b) in enumerate(zip(leaves, flipped_leaves, strict=True)):
+            if _same(a, b):
+                continue
+            if isinstance(a, tuple) and a[:1] == ("node",) or isinstance(b, tuple) and b[:1] == ("node",):
+                raise branches(f"{node.name} reads different values")
+            args[i] = _mode_node(graph, node, a, b, root)
+        node.args, node.kwargs = pytree.tree_unflatten(args, spec)
+
+
+def _mode_node(graph: fx.Graph, node: fx.Node, value: Any, flipped: Any, root: nn.Module) -> fx.Node:
+    """A node reading the mode of the module `node` was traced in, selecting `value` in its current mode."""
+    stack = node.meta.get("nn_module_stack") or {}
+    path = next(reversed(stack.values()))[0] if stack else ""
+    training = root.get_submodule(path).training
+    with graph.inserting_before(node):
+        mode = graph.get_attr(f"{path}.training" if path else "training")
+        if (value, flipped) == (training, not training) and isinstance(value, bool):
+            return mode
+        when_training, when_eval = (value, flipped) if training else (flipped, value)
+        return graph.call_function(ops.by_training, (mode, when_training, when_eval))
+
 
 def trace(module: nn.Module) -> fx.GraphModule:
-    subclasses = (m for m in module.modules() if isinstance(m, nn.Linear) and type(m) is not nn.Linear)
-    tracer = MoeifyTracer(frozenset(id(m) for m in subclasses if ops.computes_linear(m)))
-    graph = tracer.trace(module)
-    name = type(module).__name__
-    return fx.GraphModule(tracer.root, graph, name)
+    """fx-trace `module` (see the module docstring for what is traced beyond plain fx)."""
+    attempt = _Attempt(inline=_linear_children(module) >= 2)
+    inner = _rewrapped_forward(type(module)) if attempt.inline else None
+    root = module if inner is None else _view(module, inner)
+    while True:
+        try:
+            tracer, graph = _trace_graph(root, attempt)
+            flipped = _trace_flipped(root, attempt)
+            needed = _needs_given(root, graph, attempt)
+            _bind_training(graph, flipped, root)
+            _hand_on_kwargs(graph)
+            break
+        except Exception:
+            if not (attempt.inline and attempt.failed_in) or len(attempt.opaque) >= MAX_OPAQUE_CHILDREN:
+                raise
+            attempt.opaque.add(id(root.get_submodule(attempt.failed_in)))
+            attempt.failed_in = None
+    if needed:
+        anchor = [n for n in graph.nodes if n.op == "placeholder"][-1]
+        for node in needed:
+            with graph.inserting_after(anchor):
+                anchor = graph.call_function(require_given, (node, node.target, type(module).__name__))
+    return fx.GraphModule(tracer.root, graph, type(module).__name__)
 
 
 @dataclass
@@ -127,13 +427,7 @@ def helper_methods(module: nn.Module) -> list[str]:
 
 def trace_method(module: nn.Module, method: str) -> fx.GraphModule:
     """fx-trace `module.<method>` as if it were the forward; child modules keep their names."""
-    base = type(module)
-    view = base.__new__(type(base.__name__, (base,), {"forward": getattr(base, method)}))
-    state = dict(module.__dict__)  # shallow: the view shares parameters and children, never mutates them
-    for key in ("_modules", "_parameters", "_buffers"):
-        state[key] = dict(state[key])
-    view.__dict__.update(state)
-    return trace(view)
+    return trace(_view(module, getattr(type(module), method)))
 
 
 def capture_methods(model: nn.Module, capture: Capture) -> None:

@@ -19,6 +19,11 @@ class CaptureError(MoeifyError):
     """The model (or a part of it) could not be captured as a graph."""
 
 
+class TracedPathError(MoeifyError, TypeError):
+    """A converted forward was called without an argument its trace was taken with (the dense forward
+    does something else when it is None)."""
+
+
 class NoFFNRegionError(MoeifyError):
     """No FFN region matched; the message names the nearest candidates and why they were refused."""
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -171,6 +172,19 @@ def reads_of(gm: fx.GraphModule, target: str) -> list[fx.Node]:
     """The get_attr nodes that read module `target` or one of its attributes (`wo`, `wo.weight`)."""
     return [n for n in gm.graph.nodes
             if n.op == "get_attr" and (n.target == target or n.target.startswith(f"{target}."))]
+
+
+def by_training(training: bool, when_training: Any, when_eval: Any) -> Any:
+    """A traced constant that depends on a module's mode, read when the forward runs (see
+    `moeify.capture`: a module is traced in both modes)."""
+    return when_training if training else when_eval
+
+
+def is_mode_read(node: fx.Node) -> bool:
+    """A read of a module's training flag, or a constant chosen by one: pure, dropped when unused."""
+    if node.op == "get_attr":
+        return node.target == "training" or node.target.endswith(".training")
+    return node.op == "call_function" and node.target is by_training
 
 
 def is_mul(node: fx.Node) -> bool:

@@ -87,8 +87,10 @@ class RewriteToMoE(GraphPass):
             with gm.graph.inserting_before(region.output):
                 out = emit_moe_subgraph(gm.graph, name, layer, region.input)
             region.output.replace_all_uses_with(out)
+            inputs = [i for node in region.nodes for i in node.all_input_nodes if i not in region.nodes]
             for node in reversed(region.nodes):
                 gm.graph.erase_node(node)
+            _erase_unused_mode_reads(gm.graph, inputs)
             for target in region.linears.values():
                 for node in ops.reads_of(gm, target):  # reads the trace left unused (FindFFNRegions refuses used ones)
                     if not node.users:
@@ -109,6 +111,18 @@ class RewriteToMoE(GraphPass):
         for name in self.installed:
             if not isinstance(gm.get_submodule(name), nn.Module):
                 raise PostconditionError(f"MoE layer {name} was not installed")
+
+
+def _erase_unused_mode_reads(graph: fx.Graph, nodes: list[fx.Node]) -> None:
+    """Drop the reads of `self.training` that only the erased region used (its dropout's mode)."""
+    pending, erased = list(dict.fromkeys(nodes)), set()
+    while pending:
+        node = pending.pop()
+        if node in erased or node.users or not ops.is_mode_read(node):
+            continue
+        pending += node.all_input_nodes
+        graph.erase_node(node)
+        erased.add(node)
 
 
 def moe_layers(gm: fx.GraphModule) -> dict[str, MoELayer]:
