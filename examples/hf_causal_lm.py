@@ -1,22 +1,34 @@
-"""Hugging Face causal LMs (transformers 5.x), small configs, no download: GPT-2, Llama and Phi-3.
+"""Hugging Face causal LMs (transformers 5.x), small configs, no download: GPT-2, Llama, Phi-3 and OPT.
 
 - GPT-2: its MLP uses HF `Conv1D` (a transposed Linear).
 - Llama: SwiGLU MLPs (`down(silu(gate(x)) * up(x))`) become gated MoE layers.
 - Phi-3: the same SwiGLU with gate and up fused in one Linear (`gate_up_proj`, then `.chunk(2)`);
   its rows split into the experts' gate and up weights.
+- OPT: no MLP submodule; `fc1`, the activation and `fc2` are called in the decoder layer's own
+  forward, next to attention that does not trace. moeify traces the layer with its attention as
+  one opaque call and rewrites the layer's forward (gradient checkpointing still wraps it).
 
-No whole model fx-traces, so moeify traces the MLP submodules and rewrites them in place. The
-converted model keeps its class (`GPT2LMHeadModel`, `LlamaForCausalLM`, `Phi3ForCausalLM`) and
-`.generate()`s.
+No whole model fx-traces, so moeify traces the MLP submodules (the OPT layers) and rewrites them in
+place. The converted model keeps its class (`GPT2LMHeadModel`, `LlamaForCausalLM`,
+`Phi3ForCausalLM`, `OPTForCausalLM`) and `.generate()`s.
 
-    python examples/hf_causal_lm.py            # all three
+    python examples/hf_causal_lm.py            # all four
     moeify convert examples/hf_causal_lm.py:build_llama -o out/llama
 """
 
 from __future__ import annotations
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
+)
 
 VOCAB = 128
 PAD, EOS = 1, 1
@@ -48,11 +60,19 @@ def build_phi3(num_layers: int = 4) -> Phi3ForCausalLM:
     return _small_decoder(Phi3ForCausalLM, Phi3Config, num_layers)
 
 
-BUILDERS = {"gpt2": build_gpt2, "llama": build_llama, "phi3": build_phi3}
+def build_opt(num_layers: int = 4) -> OPTForCausalLM:
+    torch.manual_seed(0)
+    config = OPTConfig(num_hidden_layers=num_layers, hidden_size=64, ffn_dim=128, num_attention_heads=4,
+                       word_embed_proj_dim=64, vocab_size=VOCAB, max_position_embeddings=64, use_cache=False,
+                       bos_token_id=0, eos_token_id=EOS, pad_token_id=PAD, init_std=0.2)
+    return OPTForCausalLM(config).eval()
+
+
+BUILDERS = {"gpt2": build_gpt2, "llama": build_llama, "phi3": build_phi3, "opt": build_opt}
 
 
 def build_model(arch: str = "gpt2", num_layers: int = 4):
-    """The `arch` model ("gpt2", "llama" or "phi3"); `moeify convert examples/hf_causal_lm.py` takes GPT-2."""
+    """The `arch` model ("gpt2", "llama", "phi3" or "opt"); `moeify convert examples/hf_causal_lm.py` takes GPT-2."""
     return BUILDERS[arch](num_layers)
 
 

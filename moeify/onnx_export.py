@@ -475,10 +475,24 @@ def _axes_spec(bound: dict[str, Any], given: dict[str, dict[int, str]] | None) -
 
 def _bind(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
     try:
-        return dict(inspect.signature(model.forward).bind(*args, **kwargs).arguments)
+        bound = dict(inspect.signature(model.forward).bind(*args, **kwargs).arguments)
     except TypeError as exc:
         raise ExportError(f"the example inputs do not fit {type(model).__name__}.forward ({exc}): pass "
                           "example_inputs (a tuple) and example_kwargs matching its signature") from None
+    return _unaliased(bound)
+
+
+def _unaliased(bound: dict[str, Any]) -> dict[str, Any]:
+    """Copies for inputs given as the same tensor as an earlier one (`(ids, ids)`): torch.export would
+    merge them into one graph input, and the exported model would read one tensor for both."""
+    seen: set[int] = set()
+    out = {}
+    for name, value in bound.items():
+        if isinstance(value, torch.Tensor):
+            value = value.clone() if id(value) in seen else value
+            seen.add(id(value))
+        out[name] = value
+    return out
 
 
 def _resized(value: Any, dims: dict[int, str], generator: torch.Generator) -> Any:

@@ -356,6 +356,29 @@ def test_dynamic_axes_override_the_guess(tmp_path):
     assert [d.dim_value for d in dims] == [8, 16]
 
 
+def test_the_same_tensor_given_for_two_inputs_exports_two_inputs(tmp_path):
+    """`(ids, ids)` as the example: torch.export would merge the two inputs into one, and the model
+    would read one tensor for both (the check at new shapes feeds different ones and caught it)."""
+    layer = make_layer(dict(top_k=2), "gelu", False, True, seed=0)
+
+    class TwoInputs(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = layer
+
+        def forward(self, a, b):
+            return self.layer(a) - 0.5 * b
+
+    x = torch.randn(2, 5, D)
+    report = export_onnx(TwoInputs(), (x, x), tmp_path / "two.onnx", mode="portable")
+    assert len(report.checks) == 2 and all(d <= 1e-4 for _, d in report.checks)
+    session = open_session(str(tmp_path / "two.onnx"), providers=("CPUExecutionProvider",))
+    a, b = torch.randn(3, 4, D), torch.randn(3, 4, D)
+    with torch.no_grad():
+        want = TwoInputs()(a, b).numpy()
+    np.testing.assert_allclose(session.run({"a": a.numpy(), "b": b.numpy()})[0], want, atol=1e-4, rtol=0)
+
+
 def test_quick_gelu_is_refused_by_the_fused_op_and_lowered_by_fallback(tmp_path):
     layer = make_layer(dict(top_k=2), "quick_gelu", False, True, seed=0)
     x = torch.randn(5, D)

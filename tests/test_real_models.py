@@ -39,6 +39,8 @@ CASES = {
                   (("arch", "llama"),)),
     "phi3": Case("hf_causal_lm", tuple(f"model.layers.{i}.mlp.moe" for i in range(4)), "fx: submodule model.layers.",
                  (("arch", "phi3"),)),
+    "opt": Case("hf_causal_lm", tuple(f"model.decoder.layers.{i}.moe" for i in range(4)),
+                "fx: submodule model.decoder.layers.", (("arch", "opt"),)),
     "bert": Case("hf_bert", tuple(f"encoder.layer.{i}.output.moe" for i in range(4)),
                  "feed_forward_chunk(); split: intermediate -> identity, MoE in output"),
     "minilm": Case("minilm", tuple(f"encoder.layer.{i}.output.moe" for i in range(6)),
@@ -48,7 +50,7 @@ CASES = {
     "lstm": Case("lstm_lm", ("moe",), "fx: whole model"),
     "lstm_ffn": Case("lstm_lm", ("between.moe",), "fx: whole model", (("ffn", True),)),
 }
-FAST = ["gpt2", "llama", "phi3", "bert", "vit", "torch_vit", "lstm", "lstm_ffn"]
+FAST = ["gpt2", "llama", "phi3", "opt", "bert", "vit", "torch_vit", "lstm", "lstm_ffn"]
 MINILM = pytest.param("minilm", marks=pytest.mark.slow)  # 22M pretrained weights: ~10 s per conversion
 CFG = moeify.MoEConfig(num_experts=8, top_k=2)
 
@@ -102,7 +104,8 @@ def test_report_lists_exactly_the_expected_regions(converted, name):
 
 
 @pytest.mark.parametrize(("name", "use_cache"), [("gpt2", False), ("gpt2", True), ("llama", False),
-                                               ("llama", True), ("phi3", False), ("lstm", False)])
+                                               ("llama", True), ("phi3", False), ("opt", False), ("opt", True),
+                                               ("lstm", False)])
 def test_greedy_generation_matches_dense(converted, name, use_cache):
     dense, result = converted(name)
     example = load_example(CASES[name].example)
@@ -182,7 +185,11 @@ def _hf_families():
     small = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=2, vocab_size=128)
     t5 = dict(d_model=64, d_ff=128, num_heads=4, num_layers=2, vocab_size=128, d_kv=16, decoder_start_token_id=0)
     clip = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=2)
-    return {  # name: (build, expected kind, regions, inputs: "ids" | "seq2seq" | "pixels")
+    # BART-style encoder-decoders: the FFN is inline in each layer's forward (fc1, act, fc2)
+    s2s = dict(d_model=64, encoder_ffn_dim=128, decoder_ffn_dim=128, encoder_layers=2, decoder_layers=2,
+               encoder_attention_heads=4, decoder_attention_heads=4, vocab_size=128, max_position_embeddings=64,
+               pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2)
+    return {  # name: (build, expected kind, regions, inputs: "ids" | "seq2seq" | "pixels" | "audio")
         "t5": (lambda: T.T5ForConditionalGeneration(T.T5Config(**t5)), "mlp", 4, "seq2seq"),
         "t5-gated": (lambda: T.T5ForConditionalGeneration(T.T5Config(**t5, feed_forward_proj="gated-gelu")),
                      "gated", 4, "seq2seq"),
@@ -200,21 +207,30 @@ def _hf_families():
         "clip-text": (lambda: T.CLIPTextModel(T.CLIPTextConfig(**clip, vocab_size=128)), "mlp", 2, "ids"),
         "clip-vision": (lambda: T.CLIPVisionModel(T.CLIPVisionConfig(**clip, image_size=32, patch_size=8)),
                         "mlp", 2, "pixels"),
+        "bart": (lambda: T.BartForConditionalGeneration(T.BartConfig(**s2s)), "mlp", 4, "seq2seq"),
+        "marian": (lambda: T.MarianMTModel(T.MarianConfig(**s2s)), "mlp", 4, "seq2seq"),
+        "m2m100": (lambda: T.M2M100ForConditionalGeneration(T.M2M100Config(**s2s)), "mlp", 4, "seq2seq"),
+        "whisper": (lambda: T.WhisperForConditionalGeneration(T.WhisperConfig(
+            **{k: v for k, v in s2s.items() if k != "max_position_embeddings"}, num_mel_bins=8,
+            max_source_positions=16, max_target_positions=16)), "mlp", 4, "audio"),
+        "biogpt": (lambda: T.BioGptForCausalLM(T.BioGptConfig(**small, pad_token_id=1)), "mlp", 2, "ids"),
     }
 
 
 @pytest.mark.parametrize("family", list(_hf_families()))
 def test_more_hf_families_convert_function_preserving(family):
     """T5 (its FFN reads `wo.weight.dtype` while tracing), Falcon (`FalconLinear`, an nn.Linear subclass
-    with its own forward), BLOOM (a tanh GELU with a rounded constant), CLIP (QuickGELU) and the common
-    decoder families: every FFN found, the dense function kept."""
+    with its own forward), BLOOM (a tanh GELU with a rounded constant), CLIP (QuickGELU), the common
+    decoder families, and FFNs inline in layer forwards (BART, Marian, M2M100, Whisper, BioGPT; the
+    encoder layers' fp16 clamp is a dtype test): every FFN found, the dense function kept."""
     build, kind, count, inputs = _hf_families()[family]
     torch.manual_seed(0)
     dense = build().eval()
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(2, 128, (2, 8), generator=gen)
-    args = (torch.randn(2, 3, 32, 32, generator=gen),) if inputs == "pixels" else (ids,)
-    kwargs = {"decoder_input_ids": ids} if inputs == "seq2seq" else {}
+    args = {"pixels": (torch.randn(2, 3, 32, 32, generator=gen),),
+            "audio": (torch.randn(2, 8, 32, generator=gen),)}.get(inputs, (ids,))
+    kwargs = {"decoder_input_ids": ids} if inputs in ("seq2seq", "audio") else {}
     result = moeify.convert(dense, moeify.MoEConfig(num_experts=4, top_k=2), example_inputs=args,
                             example_kwargs=kwargs)
     assert [r.kind for r in result.report.regions] == [kind] * count
@@ -222,6 +238,32 @@ def test_more_hf_families_convert_function_preserving(family):
         want, got = dense(*args, **kwargs), result.model(*args, **kwargs)
     key = "logits" if "logits" in want else "last_hidden_state"
     assert (want[key] - got[key]).abs().max().item() <= 1e-5
+
+
+def test_opt_layers_train_under_gradient_checkpointing():
+    """The rewritten OPT layer forward keeps transformers' checkpointing wrapper: the same loss and
+    expert gradients with and without it (dropout on: the recompute replays the RNG)."""
+    example = load_example("hf_causal_lm")
+    dense = example.build_model("opt", num_layers=2)
+    (ids,) = example.example_inputs()
+    model = moeify.convert(dense, moeify.MoEConfig(num_experts=4, top_k=2), example_inputs=(ids,)).model.train()
+    moe = model.model.decoder.layers[0].moe
+    calls = []
+    moe.router.register_forward_hook(lambda *_: calls.append(1))  # the graph calls the MoE's parts
+    runs = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.zero_grad()
+        torch.manual_seed(3)
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        runs.append((loss.detach(), moe.experts.w1_EFD.grad.clone(), len(calls)))
+        calls.clear()
+    assert [run[2] for run in runs] == [1, 2]  # checkpointed: the layer ran again in backward
+    assert runs[0][1].abs().sum() > 0
+    torch.testing.assert_close(runs[1][0], runs[0][0])
+    torch.testing.assert_close(runs[1][1], runs[0][1])
 
 
 def test_a_model_that_already_is_an_moe_is_refused_saying_so():
