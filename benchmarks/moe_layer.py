@@ -68,6 +68,7 @@ from moeify.moe.build import DenseFFN, build_moe_layer
 from moeify.moe.experts import GroupedExperts
 
 E, K = 8, 2
+INFER_TOKENS = 2  # the inference-forward table covers the first (smallest) token counts
 CAPACITY_FACTOR = 1.25
 
 
@@ -364,6 +365,19 @@ def step_fn(module: nn.Module, x_TD, grad_TD, setup: Setup, more: tuple = ()):
 
 # ---------------------------------------------------------------- main
 
+def forward_fn(module: nn.Module, inputs: list, setup: Setup, reps: int = 8):
+    """`reps` inference forwards (eval mode, no grad) per call, cycling through the inputs."""
+    def forward():
+        was_training = module.training
+        module.eval()
+        with torch.no_grad():
+            for i in range(reps):
+                module(inputs[i % len(inputs)])
+        setup.sync()
+        module.train(was_training)
+    return forward
+
+
 def profile_summary(setup: Setup, module, x_TD, grad_TD, rows: int = 12) -> str:
     from torch.profiler import ProfilerActivity, profile
 
@@ -397,7 +411,7 @@ def time_phase(setup: Setup, tokens: list[int], min_time: float, compile_tokens:
                with_profiles: bool) -> dict:
     """Timings of every variant, one process; returns a JSON-able dict."""
     write_bw, read_bw = bandwidths(setup)
-    rows, profiles, compiled = [], [], []
+    rows, infer, profiles, compiled = [], [], [], []
     for gated in (False, True):
         kind = "swiglu" if gated else "gelu"
         variants = make_variants(setup, gated)
@@ -423,6 +437,13 @@ def time_phase(setup: Setup, tokens: list[int], min_time: float, compile_tokens:
                          "moeify_vs_experts": paired_ratio(times["moeify"], times["experts"])})
             print(kind, T, {k: round(v, 4) for k, v in rows[-1].items() if k.endswith(("_s", "ratio", "loop"))},
                   flush=True)
+        for T in tokens[:INFER_TOKENS]:  # decoding-sized batches: the forward alone, as in inference
+            inputs = [setup.tensor(T, setup.d_model) for _ in range(BATCHES)]
+            times = bench_rounds({name: forward_fn(variants[name], inputs, setup) for name in ("ideal", "moeify", "loop")},
+                                 min_time / 2, min_rounds=10)
+            infer.append({"kind": kind, "T": T, **{f"{n}_s": min(t) / 8 for n, t in times.items()},
+                          **{f"{n}_ratio": paired_ratio(t, times["ideal"]) for n, t in times.items()},
+                          "moeify_vs_loop": paired_ratio(times["moeify"], times["loop"])})
         if with_profiles:
             for T in sorted({tokens[0], tokens[-1]}):
                 x_TD = setup.tensor(T, setup.d_model, requires_grad=True)
@@ -441,8 +462,8 @@ def time_phase(setup: Setup, tokens: list[int], min_time: float, compile_tokens:
             compiled.append({"kind": kind, "T": T, "eager_s": min(times["eager"]),
                              "compiled_s": min(times["compiled"]), "compile_s": compile_s,
                              "ratio": paired_ratio(times["compiled"], times["eager"])})
-    return {"write_bw": write_bw, "read_bw": read_bw, "rows": rows, "profiles": profiles, "compiled": compiled,
-            "loadavg": os.getloadavg()}
+    return {"write_bw": write_bw, "read_bw": read_bw, "rows": rows, "infer": infer, "profiles": profiles,
+            "compiled": compiled, "loadavg": os.getloadavg()}
 
 
 def mem_phase(setup: Setup, tokens: list[int]) -> dict:
@@ -492,6 +513,11 @@ def time_table(setup: Setup, name: str, res: dict) -> list[str]:
                      f"{r['experts_ratio']:>8.2f} {r['moeify_vs_loop']:>8.2f} {r['moeify_vs_experts']:>7.2f} "
                      f"{floor * 1e3:>9.2f} {traffic * 1e3:>8.2f} {r['moeify_s'] / target:>8.2f} "
                      f"{flops / r['moeify_s'] / 1e12:>8.3f} {flops / r['ideal_s'] / 1e12:>8.3f} {r['rounds']:>6}")
+    lines.append("inference forward (eval, no grad; 8 forwards per timed call), time / ideal time:")
+    lines.append(f"  {'kind':7} {'T':>5} {'ideal ms':>9} {'moeify ms':>10} {'/ideal':>7} {'loop':>6} {'vs loop':>8}")
+    for r in res["infer"]:
+        lines.append(f"  {r['kind']:7} {r['T']:>5} {r['ideal_s'] * 1e3:>9.3f} {r['moeify_s'] * 1e3:>10.3f} "
+                     f"{r['moeify_ratio']:>7.2f} {r['loop_ratio']:>6.2f} {r['moeify_vs_loop']:>8.2f}")
     lines.append(f"load average at the end (1/5/15 min): {tuple(round(v, 2) for v in res['loadavg'])}")
     if res["compiled"]:
         lines.append("torch.compile of the moeify layer (fwd+bwd; compiled uses the grouped_mm custom ops):")

@@ -30,8 +30,9 @@ def reference(experts: GroupedExperts, x_ND, counts_E):
 
 
 # zero-token experts included; padded mode batches all four experts, one expert alone, and the
-# evenly spaced experts 1 and 3 through a strided view
-COUNTS = [[3, 0, 5, 1], [0, 0, 6, 0], [0, 4, 0, 2]]
+# evenly spaced experts 1 and 3 through a strided view; at most 2 rows per expert (one token's
+# top-2, a decoding step) take the transposed product (TRANSPOSED_MAX_ROWS)
+COUNTS = [[3, 0, 5, 1], [0, 0, 6, 0], [0, 4, 0, 2], [1, 0, 1, 0], [2, 1, 2, 2]]
 EXPERTS = [  # (backend, gated, activation, bias)
     ("grouped_mm", False, "gelu", True),
     ("grouped_mm", False, "relu", False),
@@ -172,19 +173,20 @@ def test_grouped_mm_usable_checks_alignment_and_dtype():
 @pytest.mark.parametrize("mode", list(LOOP_MODES))
 @pytest.mark.parametrize("gated,activation", [(False, "gelu"), (True, "silu"), (False, "quick_gelu"),
                                              (True, "quick_gelu")])
-def test_expert_loop_backward_passes_gradcheck(mode, gated, activation, monkeypatch):
+@pytest.mark.parametrize("counts", [[2, 0, 3], [1, 0, 2]])
+def test_expert_loop_backward_passes_gradcheck(mode, gated, activation, counts, monkeypatch):
     """The hand-written backward against finite differences, in float64, with an idle expert."""
     set_loop_mode(monkeypatch, mode)
     torch.manual_seed(0)
     experts = GroupedExperts(3, 4, 6, activation, gated=gated, bias=True, backend="expert_loop",
                              dtype=torch.float64)
-    counts_E = torch.tensor([2, 0, 3])
+    counts_E = torch.tensor(counts)
     names = [n for n, _ in experts.named_parameters()]
 
     def run(x_ND, *params):
         return torch.func.functional_call(experts, dict(zip(names, params, strict=True)), (x_ND, counts_E))
 
-    x_ND = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    x_ND = torch.randn(sum(counts), 4, dtype=torch.float64, requires_grad=True)
     params = [p.detach().clone().normal_().requires_grad_() for p in experts.parameters()]
     assert torch.autograd.gradcheck(run, (x_ND, *params))
 
