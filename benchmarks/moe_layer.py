@@ -439,8 +439,8 @@ def time_phase(setup: Setup, tokens: list[int], min_time: float, compile_tokens:
                   flush=True)
         for T in tokens[:INFER_TOKENS]:  # decoding-sized batches: the forward alone, as in inference
             inputs = [setup.tensor(T, setup.d_model) for _ in range(BATCHES)]
-            times = bench_rounds({name: forward_fn(variants[name], inputs, setup) for name in ("ideal", "moeify", "loop")},
-                                 min_time / 2, min_rounds=10)
+            fwds = {name: forward_fn(variants[name], inputs, setup) for name in ("ideal", "moeify", "loop")}
+            times = bench_rounds(fwds, min_time / 2, min_rounds=10)
             infer.append({"kind": kind, "T": T, **{f"{n}_s": min(t) / 8 for n, t in times.items()},
                           **{f"{n}_ratio": paired_ratio(t, times["ideal"]) for n, t in times.items()},
                           "moeify_vs_loop": paired_ratio(times["moeify"], times["loop"])})
