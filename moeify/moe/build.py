@@ -109,7 +109,7 @@ def make_shared_experts(cfg: MoEConfig, dense: DenseFFN, dropout: float) -> Grou
         return None
     shared = GroupedExperts(cfg.num_shared_experts, dense.d_model, dense.d_ff, dense.activation, gated=dense.gated,
                             bias=dense.b1 is not None, dropout=dropout, d_out=dense.d_out, dtype=dense.w1.dtype,
-                            device=dense.w1.device)
+                            device=dense.w1.device, init_weights=False)
     init_copy(shared, dense, 0.0, None)
     return shared
 
@@ -123,7 +123,7 @@ def build_moe_layer(cfg: MoEConfig, dense: DenseFFN, *, generator: torch.Generat
     d_ff = split_d_ff(dense.d_ff, cfg.num_experts) if cfg.init == "split" else dense.d_ff
     experts = GroupedExperts(cfg.num_experts, dense.d_model, d_ff, dense.activation, gated=dense.gated,
                              bias=dense.b1 is not None, dropout=dropout, d_out=dense.d_out, dtype=dtype,
-                             device=device)
+                             device=device, init_weights=False)  # every init below writes all of them
     if cfg.init == "copy":
         init_copy(experts, dense, 0.0, generator)
     elif cfg.init == "copy_noise":

@@ -177,7 +177,11 @@ class GroupedExperts(nn.Module):
 
     def __init__(self, num_experts: int, d_model: int, d_ff: int, activation: str, *, gated: bool = False,
                  bias: bool = True, dropout: float = 0.0, backend: str = "auto", d_out: int | None = None,
-                 dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                 init_weights: bool = True) -> None:
+        """`init_weights=False` leaves the weights uninitialised, for a caller that writes every element
+        (upcycling copies the dense FFN over them: a random init of 8 experts' weights is most of
+        the time of an in-memory conversion)."""
         super().__init__()
         activation_fn(activation)  # validate early
         self.num_experts, self.d_model, self.d_ff = num_experts, d_model, d_ff
@@ -197,7 +201,7 @@ class GroupedExperts(nn.Module):
         self.b2_ED = nn.Parameter(torch.zeros(num_experts, self.d_out, **kw)) if bias else None
         self.b3_EF = nn.Parameter(torch.zeros(num_experts, d_ff, **kw)) if (bias and gated) else None
         for w in (self.w1_EFD, self.w2_EDF, self.w3_EFD):
-            if w is not None:
+            if w is not None and init_weights:
                 nn.init.normal_(w, std=d_model ** -0.5)
 
     def extra_repr(self) -> str:
