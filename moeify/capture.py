@@ -8,9 +8,11 @@ into the children; every unit records how it was captured, and every failure why
 
 - constants that depend on `self.training` (`F.dropout(x, p, self.training)`): the module is
   traced in both modes and each such constant reads the mode when the forward runs;
-- `if mask is not None:` on an optional argument, which fx always answers "not None": the module
-  is traced again with each used optional argument set to None, and where that trace differs (or
-  fails) the rewritten forward requires the argument (`TracedPathError` when it is None).
+- `if mask is not None:` on an optional input, which fx always answers "not None": an optional
+  input is traced as given, or as None where the example inputs leave it None
+  (`observe_none_inputs`). The module is traced again with each such input in the other case, and
+  where that trace differs (or fails), the rewritten forward checks the input: `TracedPathError`
+  when it comes in the case that was not traced.
 
 A module that holds two Linears itself may have its FFN written inline (OPT's, BART's and
 Whisper's layers: `fc2(act(fc1(x)))` in the layer's forward). For such a module, `trace` also
@@ -109,9 +111,8 @@ class MoeifyTracer(fx.Tracer):
         code = inspect.unwrap(root_fn).__code__
         if self.inline and code.co_flags & inspect.CO_VARKEYWORDS and isinstance(args[-1], fx.Proxy):
             args = [*args[:-1], _HandedOn({KWARGS_KEY: args[-1]})]
-        for i, arg in enumerate(args):
+        for i, arg in enumerate(args):  # the parameter stays in the signature; the body sees None
             if isinstance(arg, fx.Proxy) and arg.node.op == "placeholder" and arg.node.target in self.none_params:
-                self.graph.erase_node(arg.node)
                 args[i] = None
         return fn, args
 
@@ -170,12 +171,15 @@ def require_answer(value: bool, answer: bool, test: str, owner: str) -> bool:
 
 
 @torch.fx.node.has_side_effect
-def require_given(value: Any, name: str, owner: str) -> Any:
-    """Raise when an argument the rewritten forward was traced with is None (see `trace`)."""
-    if value is None:
-        raise TracedPathError(f"{owner} was converted from a trace with `{name}` given, and its dense forward does "
-                              f"something else when `{name}` is None; pass `{name}`, or keep this module dense "
-                              "with MoEConfig(exclude=...)")
+def require_as_traced(value: Any, name: str, owner: str, given: bool) -> Any:
+    """Raise when an optional input is given (None) although the rewritten forward was traced with it
+    None (given), and the dense forward does something else then (see `trace`)."""
+    if (value is not None) != given:
+        traced, now = ("given", "None") if given else ("None", "given")
+        fix = (f"pass `{name}`" if given else f"convert with example inputs that pass `{name}`")
+        raise TracedPathError(f"{owner} was converted from a trace with `{name}` {traced}, and its dense forward "
+                              f"does something else when it is {now}; {fix}, or keep this module dense with "
+                              "MoEConfig(exclude=...)")
     return value
 
 
@@ -211,15 +215,16 @@ def _linear_children(module: nn.Module) -> int:
 @dataclass
 class _Attempt:
     inline: bool  # the module may hold an FFN inline (two Linear children)
+    none: frozenset[str]  # optional inputs traced as None (None in the example inputs)
     opaque: set[int] = field(default_factory=set)  # ids of the children called as they are
     failed_in: str | None = None  # where the last trace failed: the innermost module
 
 
-def _trace_graph(module: nn.Module, attempt: _Attempt, none_params: frozenset[str] = frozenset(),
+def _trace_graph(module: nn.Module, attempt: _Attempt, none: frozenset[str] | None = None,
                  ) -> tuple[MoeifyTracer, fx.Graph]:
     subclasses = (m for m in module.modules() if isinstance(m, nn.Linear) and type(m) is not nn.Linear)
     tracer = MoeifyTracer(frozenset(id(m) for m in subclasses if ops.computes_linear(m)), frozenset(attempt.opaque),
-                          none_params, attempt.inline)
+                          attempt.none if none is None else none, attempt.inline)
     try:
         return tracer, tracer.trace(module)
     except Exception:
@@ -239,20 +244,30 @@ def _trace_flipped(module: nn.Module, attempt: _Attempt) -> fx.Graph:
             m.training = training
 
 
-def _needs_given(module: nn.Module, graph: fx.Graph, attempt: _Attempt) -> list[fx.Node]:
-    """The used optional (default None) inputs whose None the forward treats differently."""
-    needed = []
+def _differs(module: nn.Module, graph: fx.Graph, attempt: _Attempt, name: str) -> bool:
+    """Whether tracing with the optional input `name` in its other case (None or given) fails or gives
+    more than `graph` with the input read as None."""
+    given = name not in attempt.none
+    try:
+        other = _trace_graph(module, attempt, attempt.none ^ {name})[1]
+    except Exception:  # noqa: BLE001 - the forward does not run in the other case
+        return True
+    return not (_aligned(graph, other, name) if given else _aligned(other, graph, name))
+
+
+def _input_checks(module: nn.Module, graph: fx.Graph, attempt: _Attempt) -> list[tuple[fx.Node, bool]]:
+    """(input, traced given) for each optional (default None) input whose other case, None or given,
+    the forward treats differently (or cannot run): the rewritten forward must check it. An input
+    traced None only flows on where the given trace differs (see `trace`)."""
+    checks = []
     for node in graph.nodes:
-        if node.op != "placeholder" or node.args != (None,) or not node.users:
+        if node.op != "placeholder" or node.args != (None,):
             continue
-        try:
-            none_graph = _trace_graph(module, attempt, frozenset([node.target]))[1]
-        except Exception:  # noqa: BLE001 - the forward does not run with it None
-            needed.append(node)
-            continue
-        if not _aligned(graph, none_graph, none=node):
-            needed.append(node)
-    return needed
+        if node.target in attempt.none:
+            checks.append((node, False))
+        elif node.users and _differs(module, graph, attempt, node.target):
+            checks.append((node, True))
+    return checks
 
 
 def _comparable(node: fx.Node, index: dict[fx.Node, Any]) -> tuple[list, Any]:
@@ -264,15 +279,18 @@ def _positions(nodes: list[fx.Node]) -> dict[fx.Node, Any]:
     return {n: ("node", i) for i, n in enumerate(nodes)}
 
 
-def _aligned(graph: fx.Graph, none_graph: fx.Graph, none: fx.Node) -> bool:
-    """Whether `none_graph` is `graph` with the input `none` replaced by None everywhere it is read."""
-    nodes, others = [n for n in graph.nodes if n is not none], list(none_graph.nodes)
+def _aligned(given: fx.Graph, none: fx.Graph, name: str) -> bool:
+    """Whether `none` is the trace `given` with the input `name` replaced by None where it is read."""
+    nodes, others = list(given.nodes), list(none.nodes)
     if len(nodes) != len(others):
         return False
-    index = {**_positions(nodes), **_positions(others), none: None}
+    index = {**_positions(nodes), **_positions(others)}
+    index.update({n: None for n in nodes if n.op == "placeholder" and n.target == name})
     for node, other in zip(nodes, others, strict=True):
         if (node.op, node.target) != (other.op, other.target):
             return False
+        if node.op == "placeholder":
+            continue
         (leaves, spec), (none_leaves, none_spec) = _comparable(node, index), _comparable(other, index)
         if spec != none_spec or not all(_same(a, b) for a, b in zip(leaves, none_leaves, strict=True)):
             return False
@@ -326,16 +344,26 @@ def _mode_node(graph: fx.Graph, node: fx.Node, value: Any, flipped: Any, root: n
         return graph.call_function(ops.by_training, (mode, when_training, when_eval))
 
 
-def trace(module: nn.Module) -> fx.GraphModule:
-    """fx-trace `module` (see the module docstring for what is traced beyond plain fx)."""
-    attempt = _Attempt(inline=_linear_children(module) >= 2)
+def trace(module: nn.Module, none_inputs: frozenset[str] = frozenset()) -> fx.GraphModule:
+    """fx-trace `module` (see the module docstring for what is traced beyond plain fx).
+
+    `none_inputs`: optional inputs to trace as None (`observe_none_inputs` finds those the example
+    inputs leave None); the others are traced as given.
+    """
+    attempt = _Attempt(inline=_linear_children(module) >= 2, none=frozenset(none_inputs))
     inner = _rewrapped_forward(type(module)) if attempt.inline else None
     root = module if inner is None else _view(module, inner)
     while True:
         try:
             tracer, graph = _trace_graph(root, attempt)
+            # an input the example leaves None is traced None only where that changes the graph: where
+            # it merely flows on (a cache handed to attention), the given trace passes it on
+            flows_on = {name for name in attempt.none if not _differs(root, graph, attempt, name)}
+            if flows_on:
+                attempt.none -= flows_on
+                tracer, graph = _trace_graph(root, attempt)
             flipped = _trace_flipped(root, attempt)
-            needed = _needs_given(root, graph, attempt)
+            checks = _input_checks(root, graph, attempt)
             _bind_training(graph, flipped, root)
             _hand_on_kwargs(graph)
             break
@@ -344,12 +372,56 @@ def trace(module: nn.Module) -> fx.GraphModule:
                 raise
             attempt.opaque.add(id(root.get_submodule(attempt.failed_in)))
             attempt.failed_in = None
-    if needed:
+    if checks:
         anchor = [n for n in graph.nodes if n.op == "placeholder"][-1]
-        for node in needed:
+        for node, given in checks:
             with graph.inserting_after(anchor):
-                anchor = graph.call_function(require_given, (node, node.target, type(module).__name__))
+                anchor = graph.call_function(require_as_traced, (node, node.target, type(module).__name__, given))
     return fx.GraphModule(tracer.root, graph, type(module).__name__)
+
+
+def observe_none_inputs(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, frozenset[str]]:
+    """For each module that may hold an FFN inline: its optional (default None) inputs that were None
+    in every call while `model` ran once, in eval mode without gradients, on the example inputs."""
+    seen: dict[str, set[str]] = {}
+
+    def watch(path: str, signature: inspect.Signature, optional: list[str]):
+        def hook(module, hook_args, hook_kwargs):
+            try:
+                bound = signature.bind(*hook_args, **hook_kwargs).arguments
+            except TypeError:
+                return
+            none = {name for name in optional if bound.get(name) is None}
+            seen[path] = none if path not in seen else seen[path] & none
+        return hook
+
+    handles = []
+    for path, module in model.named_modules():
+        if _linear_children(module) < 2:
+            continue
+        try:
+            signature = inspect.signature(module.forward)
+        except (TypeError, ValueError):
+            continue
+        optional = [name for name, p in signature.parameters.items() if p.default is None]
+        if optional:
+            handles.append(module.register_forward_pre_hook(watch(path, signature, optional), with_kwargs=True))
+    if not handles:
+        return {}
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - whatever the model raises, the example inputs are at fault
+        raise CaptureError(f"{type(model).__name__} does not run on the example inputs ({_first_line(exc)}); pass "
+                           "example inputs its forward accepts") from exc
+    finally:
+        for handle in handles:
+            handle.remove()
+        for m, training in modes.items():
+            m.training = training
+    return {path: frozenset(none) for path, none in seen.items() if none}
 
 
 @dataclass
@@ -376,14 +448,15 @@ def _is_container(module: nn.Module) -> bool:
     return isinstance(module, (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict))
 
 
-def capture_units(model: nn.Module) -> Capture:
-    """Trace top-down: a module that traces is one unit; one that does not is split into children."""
+def capture_units(model: nn.Module, none_inputs: dict[str, frozenset[str]] | None = None) -> Capture:
+    """Trace top-down: a module that traces is one unit; one that does not is split into children.
+    `none_inputs`: per module path, the optional inputs to trace as None (`observe_none_inputs`)."""
     capture = Capture()
 
     def visit(module: nn.Module, path: str) -> None:
         if not _is_container(module):
             try:
-                gm = trace(module)
+                gm = trace(module, (none_inputs or {}).get(path, frozenset()))
             except Exception as exc:  # noqa: BLE001 - any trace failure means: look inside
                 capture.failures.append((path or "<model>", _first_line(exc)))
             else:

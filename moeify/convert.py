@@ -47,6 +47,8 @@ class ConversionResult:
     config: MoEConfig
     source: dict[str, Any] | None = None  # how to rebuild the dense model (recorded by `moeify.save`)
     regions: list[str] = field(default_factory=list)  # keys of the converted regions, for re-application
+    # per module path, the optional inputs traced as None (`capture.observe_none_inputs`), for re-application
+    none_inputs: dict[str, frozenset[str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -83,9 +85,11 @@ def dense_ffn(region: FFNRegion, gm: fx.GraphModule) -> DenseFFN:
                     dropout=region.dropout)
 
 
-def find_regions(model: nn.Module) -> tuple[list[FoundRegion], list[Skip], capture_mod.Capture]:
-    """Every FFN region of `model`, in model order, and every refused candidate."""
-    cap = capture_mod.capture_units(model)
+def find_regions(model: nn.Module, none_inputs: dict[str, frozenset[str]] | None = None,
+                 ) -> tuple[list[FoundRegion], list[Skip], capture_mod.Capture]:
+    """Every FFN region of `model`, in model order, and every refused candidate. `none_inputs`: see
+    `capture.observe_none_inputs`."""
+    cap = capture_mod.capture_units(model, none_inputs)
     capture_mod.capture_methods(model, cap)  # helper methods of untraceable modules: split FFNs (BERT)
     capture_mod.capture_ff_blocks(model, cap)  # nn.TransformerEncoderLayer / DecoderLayer: their _ff_block
     found: list[FoundRegion] = []
@@ -161,7 +165,8 @@ def function_preserving(cfg: MoEConfig) -> bool:
 
 def convert(model: nn.Module, config: MoEConfig | None = None, *, example_inputs: Sequence[Any] = (),
             example_kwargs: dict[str, Any] | None = None, only: Sequence[Sequence[str]] | None = None,
-            verify: bool = True, atol: float = 1e-5, source: str | None = None) -> ConversionResult:
+            verify: bool = True, atol: float = 1e-5, source: str | None = None,
+            none_inputs: dict[str, Sequence[str]] | None = None) -> ConversionResult:
     """Convert the FFN regions of `model` into MoE layers. `model` itself is left unchanged.
 
     `only`: keys (sorted Linear names) of the regions to convert, as recorded in a saved plan;
@@ -169,13 +174,21 @@ def convert(model: nn.Module, config: MoEConfig | None = None, *, example_inputs
     `VerificationError` when a function-preserving config does not preserve the function.
     `source`: where the dense model comes from (`model.py[:NAME]` or `package.module:factory`),
     recorded by `moeify.save` so that `moeify.load(out_dir)` can rebuild it without a model.
+    `none_inputs`: per module path, the optional inputs to trace as None, as recorded in a saved
+    plan; by default those the example inputs leave None (`capture.observe_none_inputs`).
     """
     from moeify.source import ModelSource
 
     source_record = ModelSource.parse(source).to_dict() if source is not None else None
     cfg = config or MoEConfig()
     converted = copy.deepcopy(model)
-    found, skipped, cap = find_regions(converted)
+    if none_inputs is not None:
+        none_inputs = {path: frozenset(names) for path, names in none_inputs.items()}
+    elif example_inputs or example_kwargs:
+        none_inputs = capture_mod.observe_none_inputs(converted, tuple(example_inputs), example_kwargs or {})
+    else:
+        none_inputs = {}
+    found, skipped, cap = find_regions(converted, none_inputs)
     if not found:
         raise NoFFNRegionError(f"no FFN region found in {type(model).__name__}: nearest candidates: "
                                f"{_nearest(skipped, model, cap)}. moeify converts Linear -> act -> Linear and "
@@ -207,7 +220,8 @@ def convert(model: nn.Module, config: MoEConfig | None = None, *, example_inputs
         else:
             unit = group[0].unit
             _rewrite_owner(converted, owner, group, cfg, generator, report,
-                           method=unit.method if unit.in_place else "forward")
+                           method=unit.method if unit.in_place else "forward",
+                           none_inputs=none_inputs.get(owner, frozenset()))
             for f in group:  # the traced units still hold the dense Linears: let them go before the next owner
                 capture_mod.remove_modules(f.unit.graph_module, list(f.region.linears.values()))
 
@@ -218,19 +232,21 @@ def convert(model: nn.Module, config: MoEConfig | None = None, *, example_inputs
     report.params_after = count_params(converted)
     report.active_params_per_token = active_params(converted)
     result = ConversionResult(converted, report, cfg, source=source_record,
-                              regions=[list(found[i].key) for i in selected])
+                              regions=[list(found[i].key) for i in selected],
+                              none_inputs=none_inputs)
     if verify and (example_inputs or example_kwargs):
         check_outputs(model, converted, example_inputs, example_kwargs or {}, report, atol)
     return result
 
 
 def _rewrite_owner(model: nn.Module, owner: str, group: list[FoundRegion], cfg: MoEConfig,
-                   generator: torch.Generator, report: ConversionReport, method: str = "forward") -> None:
+                   generator: torch.Generator, report: ConversionReport, method: str = "forward",
+                   none_inputs: frozenset[str] = frozenset()) -> None:
     """Rewrite `owner`'s forward (or `method`, for a unit that traced one) with the group's regions."""
     owner_module = model.get_submodule(owner)
     unit = group[0].unit
     try:
-        gm = (capture_mod.trace(owner_module) if method == "forward"
+        gm = (capture_mod.trace(owner_module, none_inputs) if method == "forward"
               else capture_mod.trace_method(owner_module, method))
         how = unit.how if unit.path == owner else f"{unit.how}; rewritten on fx trace of {owner or '<model>'}"
         prefix = owner

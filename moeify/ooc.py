@@ -37,7 +37,7 @@ from moeify.config import MoEConfig
 from moeify.convert import ConversionResult, convert, dense_ffn, find_regions, function_preserving, moe_layers
 from moeify.errors import SerializationError
 from moeify.moe.build import build_moe_layer, make_router
-from moeify.serialization import PLAN_FORMAT, PLAN_VERSION, write_atomically
+from moeify.serialization import plan_of, write_atomically
 from moeify.source import ModelSource
 
 DTYPES = {
@@ -253,18 +253,6 @@ def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], di
     return kept, metadata, aliases
 
 
-def _plan(result: ConversionResult) -> dict[str, Any]:
-    # mirrors moeify.serialization.save (tests compare both plan.json files)
-    plan: dict[str, Any] = {
-        "format": PLAN_FORMAT, "version": PLAN_VERSION, "config": result.config.to_dict(),
-        "regions": result.regions, "report": result.report.to_dict(), "source": None,
-        "model_class": result.report.model_class,
-    }
-    if result.source is not None:
-        plan["source"] = dict(result.source)
-    return plan
-
-
 def convert_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, config: MoEConfig | None = None,
                        *, model: nn.Module | Callable[[], nn.Module], source: ModelSource | None = None,
                        force: bool = False, fast: bool = True,
@@ -294,7 +282,7 @@ def convert_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike
     def fill(tmp: Path) -> None:
         with reader_factory(Path(checkpoint)) as reader:
             _write(reader, tmp / "model.safetensors", result, dense, region_of, layers, cfg, fast)
-        plan = _plan(result)
+        plan = plan_of(result)
         if source is not None and source.kind == "file":
             shutil.copyfile(source.target, tmp / "model_source.py")
             plan["source"]["copied_to"] = "model_source.py"

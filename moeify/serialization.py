@@ -48,18 +48,23 @@ def write_atomically(out_dir: str | os.PathLike, fill, *, force: bool = False) -
     return out
 
 
+def plan_of(result) -> dict[str, Any]:
+    """What plan.json records of a `ConversionResult` (`save` and the out-of-core conversion write it)."""
+    return {
+        "format": PLAN_FORMAT, "version": PLAN_VERSION, "config": result.config.to_dict(),
+        "regions": result.regions, "none_inputs": {k: sorted(v) for k, v in sorted(result.none_inputs.items())},
+        "report": result.report.to_dict(), "source": None if result.source is None else dict(result.source),
+        "model_class": result.report.model_class,
+    }
+
+
 def save(result, out_dir: str | os.PathLike, *, force: bool = False) -> Path:
     """Save a `ConversionResult` (from `moeify.convert`)."""
     source = result.source
 
     def fill(tmp: Path) -> None:
-        plan: dict[str, Any] = {
-            "format": PLAN_FORMAT, "version": PLAN_VERSION, "config": result.config.to_dict(),
-            "regions": result.regions, "report": result.report.to_dict(), "source": None,
-            "model_class": result.report.model_class,
-        }
+        plan = plan_of(result)
         if source is not None:
-            plan["source"] = dict(source)
             if source["kind"] == "file":
                 shutil.copyfile(source["target"], tmp / "model_source.py")
                 plan["source"]["copied_to"] = "model_source.py"
@@ -103,7 +108,7 @@ def load(out_dir: str | os.PathLike, model: nn.Module | None = None):
     cfg = MoEConfig.from_dict(plan["config"])
     dense = model if model is not None else rebuild_dense(out_dir, plan)
     try:
-        result = convert(dense, cfg, only=plan["regions"], verify=False)
+        result = convert(dense, cfg, only=plan["regions"], none_inputs=plan.get("none_inputs", {}), verify=False)
     except MoeifyError as exc:
         raise SerializationError(f"cannot re-apply the plan in {out_dir}: {exc}") from exc
     weights = Path(out_dir) / "model.safetensors"

@@ -9,7 +9,7 @@ from torch import nn
 
 import moeify
 from moeify import capture
-from moeify.errors import CaptureError, TracedPathError
+from moeify.errors import CaptureError, NoFFNRegionError, TracedPathError
 from moeify.passes import ops
 
 CFG = moeify.MoEConfig(num_experts=4, top_k=2)
@@ -198,12 +198,16 @@ class OptionalArgs(nn.Module):
         return self.fc2(F.relu(self.fc1(h)))
 
 
+def _checks(gm):
+    """(input, traced given) of each check the rewritten forward makes on an optional input."""
+    return [(n.args[1], n.args[3]) for n in gm.graph.nodes if n.target is capture.require_as_traced]
+
+
 def test_an_optional_argument_the_forward_branches_on_must_be_given_after_conversion():
     """fx traces `mask is not None` as always true: the rewritten forward then requires `mask` (a clear
     error instead of a wrong result), and leaves `state`, whose None only flows on, optional."""
     gm = capture.trace(OptionalArgs())
-    guarded = [n.args[1] for n in gm.graph.nodes if n.op == "call_function" and n.target is capture.require_given]
-    assert guarded == ["mask"]
+    assert _checks(gm) == [("mask", True)]
     torch.manual_seed(0)
     dense = OptionalArgs().eval()
     x, mask, state = torch.randn(4, 8).abs(), torch.rand(4, 8), torch.rand(4, 8)
@@ -221,7 +225,7 @@ def test_an_optional_argument_the_forward_cannot_run_without_is_guarded():
             return self.fc2(F.relu(self.fc1(h)))
 
     gm = capture.trace(NeedsState())
-    assert [n.args[1] for n in gm.graph.nodes if n.target is capture.require_given] == ["state"]
+    assert _checks(gm) == [("state", True)]
 
 
 class KwargsChild(nn.Module):
@@ -284,3 +288,61 @@ def test_a_dtype_test_is_answered_for_the_parameters_and_checked_when_run():
     torch.testing.assert_close(model(x), dense(x), atol=1e-5, rtol=1e-5)
     with pytest.raises(TracedPathError, match="`add.dtype == torch.float16` is False"):
         model.half()(x.half())
+
+
+class CrossOptional(nn.Module):
+    """XGLM-like: `memory` is read through a module that exists only in the cross-attending variant."""
+
+    def __init__(self, cross: bool) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 32), nn.Linear(32, 8)
+        if cross:
+            self.cross = nn.Linear(8, 8)
+
+    def forward(self, x, memory=None):
+        if memory is not None:
+            x = x + self.cross(memory)
+        return x + self.fc2(F.relu(self.fc1(x)))
+
+
+def test_an_input_the_example_leaves_none_is_traced_none(tmp_path):
+    """Traced as given, the variant without `cross` fails (no such module): nothing converts. With
+    example inputs that leave `memory` None it is traced None, and the saved plan records that."""
+    torch.manual_seed(0)
+    dense = CrossOptional(cross=False).eval()
+    with pytest.raises(NoFFNRegionError):
+        moeify.convert(dense, CFG)
+    x = torch.randn(4, 8)
+    result = moeify.convert(dense, CFG, example_inputs=(x,))
+    assert result.none_inputs == {"": frozenset({"memory"})}
+    assert _checks(result.model._moeify_graph_module) == [("memory", False)]
+    torch.testing.assert_close(result.model(x), dense(x), atol=1e-5, rtol=1e-5)
+    with pytest.raises(TracedPathError, match="with `memory` None.*pass `memory`"):
+        result.model(x, memory=x)
+    moeify.save(result, tmp_path / "saved")
+    loaded = moeify.load(tmp_path / "saved", model=CrossOptional(cross=False).eval()).model
+    torch.testing.assert_close(loaded(x), result.model(x))
+
+
+def test_an_input_traced_none_is_checked_only_where_given_differs():
+    torch.manual_seed(0)
+    dense = CrossOptional(cross=True).eval()
+    x = torch.randn(4, 8)
+    model = moeify.convert(dense, CFG, example_inputs=(x,)).model
+    assert _checks(model._moeify_graph_module) == [("memory", False)]  # given, it adds cross(memory)
+    torch.testing.assert_close(model(x), dense(x), atol=1e-5, rtol=1e-5)
+    given = moeify.convert(dense, CFG, example_inputs=(x, x)).model  # an example passing it: traced given
+    assert _checks(given._moeify_graph_module) == [("memory", True)]
+    torch.testing.assert_close(given(x, x), dense(x, x), atol=1e-5, rtol=1e-5)
+
+
+def test_an_input_the_example_leaves_none_that_only_flows_on_stays_an_input():
+    """OPT's cache: None in the example, handed to attention when generating. Traced None it would be
+    a constant None; it only flows on, so the given trace is kept and the input still reaches the child."""
+    torch.manual_seed(0)
+    dense = OptionalArgs().eval()
+    x, mask, state = torch.randn(4, 8).abs(), torch.rand(4, 8), torch.rand(4, 8)
+    result = moeify.convert(dense, CFG, example_inputs=(x, mask))
+    assert result.none_inputs == {"": frozenset({"state"})}
+    assert _checks(result.model._moeify_graph_module) == [("mask", True)]
+    torch.testing.assert_close(result.model(x, mask, state), dense(x, mask, state), atol=1e-5, rtol=1e-5)

@@ -214,6 +214,10 @@ def _hf_families():
             **{k: v for k, v in s2s.items() if k != "max_position_embeddings"}, num_mel_bins=8,
             max_source_positions=16, max_target_positions=16)), "mlp", 4, "audio"),
         "biogpt": (lambda: T.BioGptForCausalLM(T.BioGptConfig(**small, pad_token_id=1)), "mlp", 2, "ids"),
+        # decoder layers whose cross-attention input the example leaves None: traced None
+        "bart-causal": (lambda: T.BartForCausalLM(T.BartConfig(**s2s)), "mlp", 2, "ids"),
+        "xglm": (lambda: T.XGLMForCausalLM(T.XGLMConfig(d_model=64, ffn_dim=128, num_layers=2, attention_heads=4,
+                                                         vocab_size=128, pad_token_id=1)), "mlp", 2, "ids"),
     }
 
 
@@ -222,7 +226,8 @@ def test_more_hf_families_convert_function_preserving(family):
     """T5 (its FFN reads `wo.weight.dtype` while tracing), Falcon (`FalconLinear`, an nn.Linear subclass
     with its own forward), BLOOM (a tanh GELU with a rounded constant), CLIP (QuickGELU), the common
     decoder families, and FFNs inline in layer forwards (BART, Marian, M2M100, Whisper, BioGPT; the
-    encoder layers' fp16 clamp is a dtype test): every FFN found, the dense function kept."""
+    encoder layers' fp16 clamp is a dtype test; BartForCausalLM's and XGLM's decoder layers see no
+    encoder states): every FFN found, the dense function kept."""
     build, kind, count, inputs = _hf_families()[family]
     torch.manual_seed(0)
     dense = build().eval()
