@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import inspect
 import operator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -408,10 +409,8 @@ def observe_none_inputs(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -
             handles.append(module.register_forward_pre_hook(watch(path, signature, optional), with_kwargs=True))
     if not handles:
         return {}
-    modes = {m: m.training for m in model.modules()}
     try:
-        model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(model):
             model(*args, **kwargs)
     except Exception as exc:  # noqa: BLE001 - whatever the model raises, the example inputs are at fault
         raise CaptureError(f"{type(model).__name__} does not run on the example inputs ({_first_line(exc)}); pass "
@@ -419,9 +418,19 @@ def observe_none_inputs(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -
     finally:
         for handle in handles:
             handle.remove()
+    return {path: frozenset(none) for path, none in seen.items() if none}
+
+
+@contextmanager
+def eval_mode(model: nn.Module):
+    """Run `model` in eval mode; afterwards every module has its own mode back."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
         for m, training in modes.items():
             m.training = training
-    return {path: frozenset(none) for path, none in seen.items() if none}
 
 
 @dataclass

@@ -331,12 +331,8 @@ def flatten_outputs(out: Any) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def max_output_diff(a: nn.Module, b: nn.Module, args: Sequence[Any], kwargs: dict[str, Any]) -> float:
-    modes = (a.training, b.training)
-    a.eval(), b.eval()
-    try:
+    with capture_mod.eval_mode(a), capture_mod.eval_mode(b):
         ya, yb = flatten_outputs(a(*args, **kwargs)), flatten_outputs(b(*args, **kwargs))
-    finally:
-        a.train(modes[0]), b.train(modes[1])
     if len(ya) != len(yb):
         raise VerificationError(f"the converted model returns {len(yb)} tensors, the dense model {len(ya)}")
     diffs = [(x.float() - y.float()).abs().max().item() if x.numel() else 0.0 for x, y in zip(ya, yb, strict=True)]

@@ -56,6 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moeify.capture import eval_mode
 from moeify.errors import ExportError
 from moeify.moe.experts import GroupedExperts, activation_fn
 from moeify.moe.layer import MoELayer
@@ -430,17 +431,6 @@ def _reference_activation(plans):
             experts.activation = activation
 
 
-@contextmanager
-def _eval_mode(model: nn.Module):
-    flags = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, training in flags.items():
-            m.train(training)
-
-
 # inputs -------------------------------------------------------------------------------------------
 def _dynamic_dims(t: torch.Tensor) -> dict[int, str]:
     """The axes an input of this kind varies along: dim 0 is the batch; dim 1 is the sequence of token
@@ -550,7 +540,7 @@ def _run_check(model_proto, model: nn.Module, bound_list: list[dict[str, Any]], 
             first = (str(exc).strip().splitlines() or [""])[0][:300]
             raise ExportError(f"onnxruntime failed to run the exported model at {_shape_text(bound)} ({first}); "
                               "nothing was written") from exc
-        with torch.no_grad(), _eval_mode(model), _reference_activation(plans):
+        with torch.no_grad(), eval_mode(model), _reference_activation(plans):
             want = _flat_tensors(model(**bound))
         if len(got) != len(want):
             raise ExportError(f"the ONNX model returns {len(got)} outputs, PyTorch {len(want)}")
@@ -610,7 +600,7 @@ def export_onnx(model: nn.Module, example_inputs: Sequence[Any] = (), path: str 
 
     table = fused_translation_table(allow_approximate_gelu) if any(p[2].fused for p in plans) else None
     try:
-        with torch.no_grad(), _eval_mode(model), _lowered_layers(plans):
+        with torch.no_grad(), eval_mode(model), _lowered_layers(plans):
             program = torch.onnx.export(model, (), kwargs=bound, dynamo=True, dynamic_shapes=dynamic_shapes,
                                         custom_translation_table=table, opset_version=OPSET, optimize=True,
                                         external_data=False, verbose=False)

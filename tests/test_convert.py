@@ -125,3 +125,17 @@ def test_new_layers_take_the_mode_of_the_model(example, training):
     model = ex.build_model().train(training)
     result = moeify.convert(model, moeify.MoEConfig(num_experts=4, top_k=2), verify=False)
     assert {m.training for m in result.model.modules()} == {training}
+
+
+def test_the_callers_module_modes_are_left_as_they_were(example):
+    """Verification runs both models in eval mode; afterwards each module has its own mode back (a
+    frozen part kept in eval inside a training model stays in eval)."""
+    ex = example("gpt")
+    model = ex.build_model().train()
+    frozen = [m for name, m in model.named_modules() if name.endswith("ln_f") or name.endswith("wte")]
+    for m in frozen:
+        m.eval()
+    before = {name: m.training for name, m in model.named_modules()}
+    assert set(before.values()) == {True, False}
+    moeify.convert(model, moeify.MoEConfig(num_experts=4, top_k=2), example_inputs=ex.example_inputs())
+    assert {name: m.training for name, m in model.named_modules()} == before
