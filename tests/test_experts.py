@@ -48,9 +48,12 @@ EXPERTS = [  # (backend, gated, activation, bias)
 ]
 
 
-# expert_loop's two modes: blocks of at most 2 rows per expert (several blocks accumulate one
-# expert's weight gradient), or the active experts in one padded batch
-LOOP_MODES = {"blocks": {"PAD_MAX_ROWS": 0, "ROW_BLOCK": 2}, "padded": {"PAD_MAX_ROWS": 32}}
+# expert_loop's modes: blocks of at most 2 rows per expert (several blocks accumulate one expert's
+# weight gradient) through oneDNN (float32 on the CPU) or through torch's own matmuls (what float64
+# and other devices take), or the active experts in one padded batch
+LOOP_MODES = {"blocks": {"PAD_MAX_ROWS": 0, "ROW_BLOCK": 2}, "blocks-aten": {"PAD_MAX_ROWS": 0, "ROW_BLOCK": 2,
+                                                                           "ONEDNN": False},
+              "padded": {"PAD_MAX_ROWS": 32}}
 
 
 def set_loop_mode(monkeypatch, mode):
