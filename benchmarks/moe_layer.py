@@ -39,9 +39,11 @@ which the ideal does not.
 
 Peak memory: a third process pins glibc's mmap threshold to 64 KiB so every tensor is mmapped and
 returned to the OS when freed; peak RSS (VmHWM, reset through /proc/self/clear_refs) during one
-fwd+bwd minus the RSS before it then follows live tensor memory. moeify's kept gradient memory is
-dropped before the measured step, so the step pays for it. Budget = 1.2 x the ideal's peak
-plus the expert weight gradients.
+fwd+bwd minus the RSS before it then follows live tensor memory. Each variant first runs one
+untimed step at the size, so that what the math libraries set up once and keep (oneDNN's primitive
+cache: 17 MiB on moeify's first step at T=256, measured) is not counted as memory of a step.
+moeify's kept gradient memory is dropped before the measured step, so the step pays for it.
+Budget = 1.2 x the ideal's peak plus the expert weight gradients.
 """
 
 from __future__ import annotations
@@ -122,7 +124,9 @@ class Setup:
 # ---------------------------------------------------------------- measurement helpers
 
 def peak_cuda_delta(fn, clear) -> int:
-    """Bytes of peak CUDA caching-allocator memory above what was allocated before `fn`."""
+    """Bytes of peak CUDA caching-allocator memory above what was allocated before `fn`, after one untimed run."""
+    clear()
+    fn()
     clear()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -132,7 +136,10 @@ def peak_cuda_delta(fn, clear) -> int:
 
 
 def peak_rss_delta(fn, clear) -> int:
-    """Bytes of peak RSS above the starting RSS while `fn` runs (`clear` first frees the last step's grads)."""
+    """Bytes of peak RSS above the starting RSS while `fn` runs, after one untimed run (`clear` frees the
+    last step's grads before each)."""
+    clear()
+    fn()
     clear()
     try:
         with open("/proc/self/clear_refs", "w") as f:

@@ -8,9 +8,10 @@ speed of reading E*F*D weights once is the floor. This script times, on the moe_
 shapes (E 8, D 512, F 2048, float32), the three products of one linear layer's fwd+bwd, as the
 layer issues them, for m rows per expert:
 
-  fwd      y = x @ w.T           (per expert `mm`, and all experts as one padded `bmm`)
-  dX       dx = dy @ w
-  dW       dw = dy.T @ x          written into the stacked (E, F, D) gradient
+  fwd      y = x @ w.T           (per expert `mm`, all experts as one padded `bmm`, the padded batch
+                                 as `(w @ x.T).T` (`bmmT`), and per expert through oneDNN's linear)
+  dX       dx = dy @ w            (`mm`, `bmm`, oneDNN)
+  dW       dw = dy.T @ x          written into the stacked (E, F, D) gradient (`mm`, `bmm`)
 
 next to a `sum` over the same weights (read bandwidth) and a `copy` into a same-sized buffer (write
 bandwidth). Columns: ms per call over all E experts, and GB/s of weight bytes moved (read for fwd and
@@ -38,11 +39,17 @@ def forms(m: int, w_EFD: torch.Tensor, gw_EFD: torch.Tensor) -> dict:
     dy_EMF = torch.randn(E, m, FF)
     out_EMF = torch.empty(E, m, FF)
     dx_EMD = torch.empty(E, m, D)
+    def onednn(a, w):  # a @ w.T, as moeify.moe.expert_loop runs one expert's row-per-token products
+        return torch.ops.mkldnn._linear_pointwise(a, w, None, "none", [], "")
+
     return {
         "fwd mm": lambda: [torch.mm(x_EMD[e], w_EFD[e].T, out=out_EMF[e]) for e in range(E)],
         "fwd bmm": lambda: torch.bmm(x_EMD, w_EFD.mT, out=out_EMF),
+        "fwd bmmT": lambda: out_EMF.copy_(torch.bmm(w_EFD, x_EMD.mT).mT),
+        "fwd onednn": lambda: [onednn(x_EMD[e], w_EFD[e]) for e in range(E)],
         "dX mm": lambda: [torch.mm(dy_EMF[e], w_EFD[e], out=dx_EMD[e]) for e in range(E)],
         "dX bmm": lambda: torch.bmm(dy_EMF, w_EFD, out=dx_EMD),
+        "dX onednn": lambda: [onednn(dy_EMF[e], w_EFD[e].T) for e in range(E)],
         "dW mm": lambda: [torch.mm(dy_EMF[e].T, x_EMD[e], out=gw_EFD[e]) for e in range(E)],
         "dW bmm": lambda: torch.bmm(dy_EMF.mT, x_EMD, out=gw_EFD),
     }
