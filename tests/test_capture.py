@@ -346,3 +346,8 @@ def test_an_input_the_example_leaves_none_that_only_flows_on_stays_an_input():
     assert result.none_inputs == {"": frozenset({"state"})}
     assert _checks(result.model._moeify_graph_module) == [("mask", True)]
     torch.testing.assert_close(result.model(x, mask, state), dense(x, mask, state), atol=1e-5, rtol=1e-5)
+
+
+def test_example_inputs_the_model_cannot_run_are_refused_saying_so():
+    with pytest.raises(CaptureError, match="does not run on the example inputs .*pass example inputs"):
+        moeify.convert(CrossOptional(cross=False), CFG, example_inputs=(torch.randn(4, 5),))
