@@ -61,12 +61,10 @@ def set_loop_mode(monkeypatch, mode):
         monkeypatch.setattr(expert_loop, name, value)
 
 
-@pytest.mark.parametrize("mode", list(LOOP_MODES))
-@pytest.mark.parametrize("backend,gated,activation,bias", EXPERTS)
+@pytest.mark.parametrize("backend,gated,activation,bias,mode", [  # the modes are expert_loop's
+    (*experts, mode) for experts in EXPERTS for mode in (LOOP_MODES if experts[0] == "expert_loop" else ["blocks"])])
 @pytest.mark.parametrize("counts", COUNTS)
 def test_grouped_experts_match_per_token_loop(backend, gated, activation, bias, counts, mode, monkeypatch):
-    if backend != "expert_loop" and mode != "blocks":
-        pytest.skip("modes are expert_loop's")
     set_loop_mode(monkeypatch, mode)
     torch.manual_seed(0)
     experts = GroupedExperts(4, 16, 32, activation, gated=gated, bias=bias, backend=backend)
