@@ -276,59 +276,57 @@ def _comparable(node: fx.Node, index: dict[fx.Node, Any]) -> tuple[list, Any]:
     return [index[x] if isinstance(x, fx.Node) else x for x in leaves], spec
 
 
-def _positions(nodes: list[fx.Node]) -> dict[fx.Node, Any]:
-    return {n: ("node", i) for i, n in enumerate(nodes)}
-
-
-def _aligned(given: fx.Graph, none: fx.Graph, name: str) -> bool:
-    """Whether `none` is the trace `given` with the input `name` replaced by None where it is read."""
-    nodes, others = list(given.nodes), list(none.nodes)
-    if len(nodes) != len(others):
-        return False
-    index = {**_positions(nodes), **_positions(others)}
-    index.update({n: None for n in nodes if n.op == "placeholder" and n.target == name})
-    for node, other in zip(nodes, others, strict=True):
-        if (node.op, node.target) != (other.op, other.target):
-            return False
-        if node.op == "placeholder":
-            continue
-        (leaves, spec), (none_leaves, none_spec) = _comparable(node, index), _comparable(other, index)
-        if spec != none_spec or not all(_same(a, b) for a, b in zip(leaves, none_leaves, strict=True)):
-            return False
-    return True
-
-
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         return a is b
     return type(a) is type(b) and a == b
 
 
-def _bind_training(graph: fx.Graph, flipped: fx.Graph, root: nn.Module) -> None:
-    """Turn the constants that differ between the traces in each mode into reads of the mode."""
-    nodes, others = list(graph.nodes), list(flipped.nodes)
-    name = type(root).__name__
-
-    def branches(where: str) -> CaptureError:
-        return CaptureError(f"{name}'s forward takes different paths in training and in eval mode ({where}); "
-                            "moeify rewrites one traced path, so it looks inside this module instead")
-
+def _constant_diffs(graph: fx.Graph, other: fx.Graph, read_as: dict[fx.Node, Any] | None = None,
+                    ) -> list[tuple[fx.Node, int, Any, Any]] | str:
+    """Where two traces of one forward differ only in constants: (node of `graph`, index of the
+    argument leaf, its constant, the other trace's). A string says where they differ in more: the
+    operations, or a node read in one place of the other. `read_as`: nodes of `graph` to compare as
+    these constants (an input traced given against the trace with it None)."""
+    nodes, others = list(graph.nodes), list(other.nodes)
     if len(nodes) != len(others):
-        raise branches(f"{len(nodes)} vs {len(others)} traced operations")
-    index = {**_positions(nodes), **_positions(others)}
-    for node, other in zip(nodes, others, strict=True):
-        (leaves, spec), (flipped_leaves, flipped_spec) = _comparable(node, index), _comparable(other, index)
-        if (node.op, node.target) != (other.op, other.target) or spec != flipped_spec:
-            raise branches(f"at {node.name}")
-        if all(_same(a, b) for a, b in zip(leaves, flipped_leaves, strict=True)):
-            continue
-        args = pytree.tree_flatten((node.args, node.kwargs))[0]
-        for i, (a, b) in enumerate(zip(leaves, flipped_leaves, strict=True)):
+        return f"{len(nodes)} vs {len(others)} traced operations"
+    index = {n: ("node", i) for i, n in enumerate(nodes)}
+    index.update({n: ("node", i) for i, n in enumerate(others)})
+    index.update(read_as or {})
+    diffs = []
+    for node, twin in zip(nodes, others, strict=True):
+        (leaves, spec), (twin_leaves, twin_spec) = _comparable(node, index), _comparable(twin, index)
+        if (node.op, node.target) != (twin.op, twin.target) or spec != twin_spec:
+            return f"at {node.name}"
+        for i, (a, b) in enumerate(zip(leaves, twin_leaves, strict=True)):
             if _same(a, b):
                 continue
-            if isinstance(a, tuple) and a[:1] == ("node",) or isinstance(b, tuple) and b[:1] == ("node",):
-                raise branches(f"{node.name} reads different values")
-            args[i] = _mode_node(graph, node, a, b, root)
+            if any(isinstance(v, tuple) and v[:1] == ("node",) for v in (a, b)):
+                return f"{node.name} reads different values"
+            diffs.append((node, i, a, b))
+    return diffs
+
+
+def _aligned(given: fx.Graph, none: fx.Graph, name: str) -> bool:
+    """Whether `none` is the trace `given` with the input `name` replaced by None where it is read."""
+    inputs = {n: None for n in given.nodes if n.op == "placeholder" and n.target == name}
+    return _constant_diffs(given, none, inputs) == []
+
+
+def _bind_training(graph: fx.Graph, flipped: fx.Graph, root: nn.Module) -> None:
+    """Turn the constants that differ between the traces in each mode into reads of the mode."""
+    diffs = _constant_diffs(graph, flipped)
+    if isinstance(diffs, str):
+        raise CaptureError(f"{type(root).__name__}'s forward takes different paths in training and in eval mode "
+                           f"({diffs}); moeify rewrites one traced path, so it looks inside this module instead")
+    per_node: dict[fx.Node, list[tuple[int, Any, Any]]] = {}
+    for node, i, value, other in diffs:
+        per_node.setdefault(node, []).append((i, value, other))
+    for node, changes in per_node.items():
+        args, spec = pytree.tree_flatten((node.args, node.kwargs))
+        for i, value, other in changes:
+            args[i] = _mode_node(graph, node, value, other, root)
         node.args, node.kwargs = pytree.tree_unflatten(args, spec)
 
 

@@ -69,12 +69,15 @@ def _matmul(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return _linear(a, w.T) if a.dim() == 2 else torch.matmul(a, w)
 
 
-def _linear_out(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, out: torch.Tensor | None) -> torch.Tensor:
-    """x @ w.T + b for one expert (2-D; written to `out` when given, else returned) or for a batch of
-    experts at once (3-D, padded rows, into `out`)."""
+def _linear_out(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ w.T + b for one expert (2-D) or for a batch of experts at once (3-D, padded rows), written
+    to `out` when given."""
     if x.dim() == 2:
         y = _linear(x, w, b)
         return y if out is None else out.copy_(y)
+    if out is None:
+        out = x.new_empty(*x.shape[:2], w.shape[1])
     if x.shape[1] <= TRANSPOSED_MAX_ROWS:  # (w @ x.T).T: see TRANSPOSED_MAX_ROWS
         wx = torch.bmm(w, x.mT) if b is None else torch.baddbmm(b.unsqueeze(-1), w, x.mT)
         return out.copy_(wx.mT)
@@ -161,11 +164,6 @@ class _Layout:
     def rows(self, N: int, *trailing: int) -> tuple[int, ...]:
         return (len(self.batch), self.capacity, *trailing) if self.padded else (N, *trailing)
 
-    def block_shape(self, rows: slice, *trailing: int) -> tuple[int, ...]:
-        if self.padded:
-            return (len(self.batch), self.capacity, *trailing)
-        return (rows.stop - rows.start, *trailing)
-
     def pad(self, t_NX: torch.Tensor) -> torch.Tensor:
         if not self.padded:
             return t_NX.contiguous()
@@ -207,20 +205,18 @@ class ExpertFFNLoop(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_ND, sizes, activation, dropout, buffers, w1_EFD, b1_EF, w2_EOF, b2_EO, w3_EFD, b3_EF):  # noqa: D102
-        N, E, d_ff, d_out = x_ND.shape[0], w1_EFD.shape[0], w1_EFD.shape[1], w2_EOF.shape[1]
+        N, E, d_out = x_ND.shape[0], w1_EFD.shape[0], w2_EOF.shape[1]
         layout = _Layout(list(sizes), E, x_ND.device)
         x = layout.pad(x_ND)
         y = x.new_empty(layout.rows(N, d_out))
         saved = []  # per block: (a1, a3, h, keep)
         for e, rows, _ in layout.blocks:
             x_b = x[rows]
-            a_out = x.new_empty(layout.block_shape(rows, d_ff)) if layout.padded else None
-            a1_b = _linear_out(x_b, _pick(w1_EFD, e), _pick(b1_EF, e), a_out)
+            a1_b = _linear_out(x_b, _pick(w1_EFD, e), _pick(b1_EF, e))
             h_b = _act_forward(activation, a1_b, torch.empty_like(a1_b))
             a3_b = keep_b = None
             if w3_EFD is not None:
-                a3_out = None if a_out is None else torch.empty_like(a1_b)
-                a3_b = _linear_out(x_b, _pick(w3_EFD, e), _pick(b3_EF, e), a3_out)
+                a3_b = _linear_out(x_b, _pick(w3_EFD, e), _pick(b3_EF, e))
                 h_b.mul_(a3_b)
             if dropout > 0:
                 keep_b = torch.bernoulli(torch.full_like(h_b, 1.0 - dropout)).bool()
@@ -275,12 +271,7 @@ class ExpertFFNLoop(torch.autograd.Function):
             if gated and grad_b3 is not None:
                 _sum_into(_pick(grad_b3, e), da3_b, acc)
             if grad_x is not None:
-                if layout.padded:
-                    torch.matmul(da1_b, _pick(w1_EFD, e), out=grad_x[rows])
-                    if gated:
-                        _add_matmul_(grad_x[rows], da3_b, _pick(w3_EFD, e))
-                else:
-                    dx_b = _matmul(da1_b, _pick(w1_EFD, e))
-                    grad_x[rows] = dx_b.add_(_matmul(da3_b, _pick(w3_EFD, e))) if gated else dx_b
+                dx_b = _matmul(da1_b, _pick(w1_EFD, e))
+                grad_x[rows] = dx_b.add_(_matmul(da3_b, _pick(w3_EFD, e))) if gated else dx_b
         return (None if grad_x is None else layout.unpad(grad_x), None, None, None, None,
                 grad_w1, grad_b1, grad_w2, grad_b2, grad_w3, grad_b3)
