@@ -35,6 +35,7 @@ as `.generate()` or `.config` stay), its untouched parameters keep their names.
 from __future__ import annotations
 
 import inspect
+import itertools
 import operator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -63,7 +64,8 @@ class MoeifyTracer(fx.Tracer):
     """
 
     def __init__(self, linear_subclasses: frozenset[int] = frozenset(), opaque: frozenset[int] = frozenset(),
-                 none_params: frozenset[str] = frozenset(), inline: bool = False) -> None:
+                 none_params: frozenset[str] = frozenset(), inline: bool = False,
+                 flags: dict[str, bool] | None = None) -> None:
         super().__init__()
         # ids of the nn.Linear subclass instances that compute a Linear, probed before tracing (a probe
         # while tracing would see fx's proxies instead of the weights)
@@ -71,6 +73,7 @@ class MoeifyTracer(fx.Tracer):
         self.opaque = opaque
         self.none_params = none_params  # optional parameters traced as None instead of as inputs
         self.inline = inline
+        self.flags = flags or {}  # flag parameters traced as these constants (`trace_paths`)
         self.failed_in: str | None = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
@@ -112,9 +115,12 @@ class MoeifyTracer(fx.Tracer):
         code = inspect.unwrap(root_fn).__code__
         if self.inline and code.co_flags & inspect.CO_VARKEYWORDS and isinstance(args[-1], fx.Proxy):
             args = [*args[:-1], _HandedOn({KWARGS_KEY: args[-1]})]
-        for i, arg in enumerate(args):  # the parameter stays in the signature; the body sees None
-            if isinstance(arg, fx.Proxy) and arg.node.op == "placeholder" and arg.node.target in self.none_params:
-                args[i] = None
+        for i, arg in enumerate(args):  # the parameter stays in the signature; the body sees the constant
+            if isinstance(arg, fx.Proxy) and arg.node.op == "placeholder":
+                if arg.node.target in self.none_params:
+                    args[i] = None
+                elif arg.node.target in self.flags:
+                    args[i] = self.flags[arg.node.target]
         return fn, args
 
 
@@ -215,8 +221,9 @@ def _linear_children(module: nn.Module) -> int:
 
 @dataclass
 class _Attempt:
-    inline: bool  # the module may hold an FFN inline (two Linear children)
+    inline: bool  # the module may hold an FFN inline (two Linear children), or wires one (`trace_paths`)
     none: frozenset[str]  # optional inputs traced as None (None in the example inputs)
+    flags: dict[str, bool] = field(default_factory=dict)  # flag inputs traced as these constants
     opaque: set[int] = field(default_factory=set)  # ids of the children called as they are
     failed_in: str | None = None  # where the last trace failed: the innermost module
 
@@ -225,7 +232,7 @@ def _trace_graph(module: nn.Module, attempt: _Attempt, none: frozenset[str] | No
                  ) -> tuple[MoeifyTracer, fx.Graph]:
     subclasses = (m for m in module.modules() if isinstance(m, nn.Linear) and type(m) is not nn.Linear)
     tracer = MoeifyTracer(frozenset(id(m) for m in subclasses if ops.computes_linear(m)), frozenset(attempt.opaque),
-                          attempt.none if none is None else none, attempt.inline)
+                          attempt.none if none is None else none, attempt.inline, attempt.flags)
     try:
         return tracer, tracer.trace(module)
     except Exception:
@@ -343,13 +350,17 @@ def _mode_node(graph: fx.Graph, node: fx.Node, value: Any, flipped: Any, root: n
         return graph.call_function(ops.by_training, (mode, when_training, when_eval))
 
 
-def trace(module: nn.Module, none_inputs: frozenset[str] = frozenset()) -> fx.GraphModule:
+def trace(module: nn.Module, none_inputs: frozenset[str] = frozenset(), *,
+          flags: dict[str, bool] | None = None) -> fx.GraphModule:
     """fx-trace `module` (see the module docstring for what is traced beyond plain fx).
 
     `none_inputs`: optional inputs to trace as None (`observe_none_inputs` finds those the example
-    inputs leave None); the others are traced as given.
+    inputs leave None); the others are traced as given. `flags`: trace these inputs as these
+    constants, and trace the module as one that wires an FFN (see `trace_paths`); the result is for
+    analysis only: nothing checks the flags when it runs.
     """
-    attempt = _Attempt(inline=_linear_children(module) >= 2, none=frozenset(none_inputs))
+    wired = flags is not None
+    attempt = _Attempt(inline=wired or _linear_children(module) >= 2, none=frozenset(none_inputs), flags=flags or {})
     inner = _rewrapped_forward(type(module)) if attempt.inline else None
     root = module if inner is None else _view(module, inner)
     while True:
@@ -438,6 +449,8 @@ class CaptureUnit:
     how: str  # e.g. "fx: whole model" or "fx: submodule transformer.h.0.mlp"
     method: str | None = None  # set when a method other than forward was traced (see `capture_methods`)
     in_place: bool = False  # the method holds a whole FFN and is rewritten itself (`capture_ff_blocks`)
+    # the same forward traced on its other paths (`trace_paths`): a split FFN counts where all show it
+    paths: list[fx.GraphModule] = field(default_factory=list)
 
 
 @dataclass
@@ -523,6 +536,52 @@ def capture_methods(model: nn.Module, capture: Capture) -> None:
                 continue
             capture.units.append(CaptureUnit("" if path == "<model>" else path, gm,
                                              f"fx: method {where}", method))
+
+
+# `trace_paths` traces each combination of at most this many flag inputs; more count as untraceable
+MAX_FLAGS = 3
+
+
+def trace_paths(module: nn.Module, none_inputs: frozenset[str] = frozenset()) -> list[fx.GraphModule]:
+    """`module`'s forward traced for analysis, with the children that do not trace called as they are:
+    once per combination of its flag inputs (parameters with a bool default, such as DeBERTa's
+    `output_attentions`), the defaults first. The traces are never installed; a split FFN found on
+    them is rewritten in its two halves (`FindSplitFFN`), which holds only if every path shows it."""
+    signature = inspect.signature(inspect.unwrap(type(module).forward))
+    flags = {name: p.default for name, p in signature.parameters.items() if isinstance(p.default, bool)}
+    if len(flags) > MAX_FLAGS:
+        raise CaptureError(f"{type(module).__name__}.forward takes {len(flags)} flag inputs; moeify traces every "
+                           f"combination of at most {MAX_FLAGS}")
+    return [trace(module, none_inputs, flags=dict(zip(flags, values, strict=True)))
+            for values in itertools.product(*[(default, not default) for default in flags.values()])]
+
+
+def _wires_children(module: nn.Module) -> bool:
+    """Whether the forward calls two or more children that hold a Linear: it may wire an FFN across them."""
+    called = set(module._modules) & set(inspect.unwrap(type(module).forward).__code__.co_names)
+    return sum(any(isinstance(m, nn.Linear) or ops.is_conv1d(m) for m in module.get_submodule(name).modules())
+               for name in called) >= 2
+
+
+def capture_wired(model: nn.Module, capture: Capture, none_inputs: dict[str, frozenset[str]] | None = None) -> None:
+    """Add a unit for each module whose forward did not trace, has no helper method unit, and calls two
+    children that hold Linears (DeBERTa's and MPNet's layers wire `intermediate` into `output` in the
+    forward itself): the forward traced on its paths with the untraceable children opaque (`trace_paths`)."""
+    with_method = {unit.path for unit in capture.units if unit.method is not None}
+    for where, _ in list(capture.failures):
+        path = "" if where == "<model>" else where
+        if where.endswith(")") or path in with_method:  # a method's failure, or the method shows the wiring
+            continue
+        module = model.get_submodule(path)
+        if _is_container(module) or _linear_children(module) >= 2 or not _wires_children(module):
+            continue  # (two Linear children: its trace already called what does not trace as it is)
+        try:
+            graphs = trace_paths(module, (none_inputs or {}).get(path, frozenset()))
+        except Exception as exc:  # noqa: BLE001 - one failed candidate
+            capture.failures.append((f"{where}.forward(opaque children)", _first_line(exc)))
+            continue
+        capture.units.append(CaptureUnit(path, graphs[0], f"fx: forward of {where}, children that do not trace opaque",
+                                         "forward", paths=graphs[1:]))
 
 
 # PyTorch's own Transformer layers keep their FFN in `_ff_block(x)`. As torch.nn modules they are

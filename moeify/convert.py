@@ -92,12 +92,14 @@ def find_regions(model: nn.Module, none_inputs: dict[str, frozenset[str]] | None
     cap = capture_mod.capture_units(model, none_inputs)
     capture_mod.capture_methods(model, cap)  # helper methods of untraceable modules: split FFNs (BERT)
     capture_mod.capture_ff_blocks(model, cap)  # nn.TransformerEncoderLayer / DecoderLayer: their _ff_block
+    capture_mod.capture_wired(model, cap, none_inputs)  # forwards wiring split FFNs (DeBERTa, MPNet)
     found: list[FoundRegion] = []
     skipped: list[Skip] = []
     for unit in cap.units:
         if unit.method is not None and not unit.in_place:
             parent = model.get_submodule(unit.path) if unit.path else model
-            result = FindSplitFFN(parent, unit.method, capture_mod.trace, prefix=unit.path)(unit.graph_module)
+            result = FindSplitFFN(parent, unit.method, capture_mod.trace, prefix=unit.path,
+                                  paths=unit.paths)(unit.graph_module)
         else:
             result = FindFFNRegions(prefix=unit.path)(unit.graph_module)
         found += [FoundRegion(r, unit) for r in result.analysis]

@@ -20,7 +20,7 @@ the tail's own traces ready to rewrite; every near-match is reported with the re
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch.fx as fx
@@ -92,20 +92,26 @@ class FindSplitFFN(GraphPass):
     """Analysis pass over the trace of `parent.<method>`; `result.analysis` = [SplitFFNRegion]."""
 
     def __init__(self, parent: nn.Module, method: str, trace: Callable[[nn.Module], fx.GraphModule],
-                 prefix: str = "") -> None:
+                 prefix: str = "", paths: Sequence[fx.GraphModule] = ()) -> None:
         self.parent, self.method, self.trace, self.prefix = parent, method, trace, prefix
+        self.paths = paths  # the method's other traced paths (flag inputs set otherwise)
 
     def _where(self, name: str) -> str:
         return f"{self.prefix}.{name}" if self.prefix else name
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         found = FindFFNRegions(prefix=self.prefix)(gm).analysis
+        on_other_paths = [{r.key for r in FindFFNRegions(prefix=self.prefix)(p).analysis} for p in self.paths]
         regions, skipped = [], []
         for ffn in found:
             first, last = next(iter(ffn.linears.values())), ffn.linears.get("fc2", ffn.linears.get("down"))
             head, tail = _module_of(first), _module_of(last)
             if last is None or head == tail:
                 continue  # the whole FFN sits in one module: its own trace converts it
+            if not all(ffn.key in keys for keys in on_other_paths):
+                reason = f"{self.method} wires {head} into {tail} differently when a flag input is set otherwise"
+                skipped.append(Skip(self._where(first), reason, f"wire {head} into {tail} the same way on every path"))
+                continue
             result = self.check(ffn, head, tail)
             if isinstance(result, Skip):
                 skipped.append(result)

@@ -11,7 +11,8 @@ from conftest import load_example
 from torch import nn
 
 import moeify
-from moeify.capture import capture_methods, capture_units, helper_methods, trace, trace_method
+from moeify.capture import MAX_FLAGS, capture_methods, capture_units, helper_methods, trace, trace_method, trace_paths
+from moeify.errors import CaptureError, NoFFNRegionError
 from moeify.passes.find_split_ffn import FindSplitFFN
 
 
@@ -125,3 +126,64 @@ def test_bert_split_regions_and_residual_layernorm_kept():
     assert (split.head, split.tail, split.activation, split.d_ff) == ("intermediate", "output", "gelu", 128)
     tail_ops = [n.target for n in split.tail_gm.graph.nodes if n.op == "call_module"]
     assert tail_ops == ["dense", "dropout", "LayerNorm"]
+
+
+class Attention(nn.Module):
+    """A child whose forward does not fx-trace (data-dependent branch), as HF attention."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.proj(x * 0 if x.sum() > 1e9 else x)
+
+
+class WiredLayer(nn.Module):
+    """DeBERTa's and MPNet's shape: no helper method, the forward itself wires head into tail, and a
+    flag input chooses what else it returns; with `leak`, the head's output is one of those."""
+
+    def __init__(self, leak: bool = False):
+        super().__init__()
+        self.attention, self.intermediate, self.output, self.leak = Attention(), Head(), Tail(), leak
+
+    def forward(self, x, return_hidden: bool = False):
+        a = self.attention(x)
+        h = self.intermediate(a)
+        out = self.output(h, a)
+        if return_hidden:
+            return out, (h if self.leak else a)
+        return out
+
+
+def test_a_forward_wiring_the_halves_is_traced_with_untraceable_children_opaque():
+    torch.manual_seed(0)
+    dense = WiredLayer().eval()
+    x = torch.randn(3, 5, 8)
+    result = moeify.convert(dense, moeify.MoEConfig(num_experts=4, top_k=2), example_inputs=(x,))
+    (region,) = result.report.regions
+    assert region.name == "output.moe"
+    assert region.capture.startswith("fx: forward of <model>, children that do not trace opaque; split")
+    with torch.no_grad():  # the forward itself is not rewritten: both paths run as before
+        torch.testing.assert_close(result.model(x), dense(x), atol=1e-5, rtol=1e-5)
+        for got, want in zip(result.model(x, return_hidden=True), dense(x, return_hidden=True), strict=True):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_trace_paths_traces_every_combination_of_flags():
+    graphs = trace_paths(WiredLayer())
+    outputs = [next(n for n in gm.graph.nodes if n.op == "output").args[0] for gm in graphs]
+    assert isinstance(outputs[0], torch.fx.Node) and isinstance(outputs[1], tuple)  # default first, then set
+
+    class ManyFlags(WiredLayer):
+        def forward(self, x, a: bool = False, b: bool = False, c: bool = True, d: bool = False):
+            return super().forward(x)
+
+    with pytest.raises(CaptureError, match=f"takes {MAX_FLAGS + 1} flag inputs"):
+        trace_paths(ManyFlags())
+
+
+def test_a_split_wired_otherwise_when_a_flag_is_set_is_refused():
+    with pytest.raises(NoFFNRegionError, match="wires intermediate into output differently when a flag input is set"):
+        moeify.convert(WiredLayer(leak=True), moeify.MoEConfig(num_experts=4, top_k=2),
+                       example_inputs=(torch.randn(3, 5, 8),))

@@ -202,6 +202,10 @@ def _hf_families():
         "qwen2": (lambda: T.Qwen2ForCausalLM(T.Qwen2Config(**small, num_key_value_heads=2)), "gated", 2, "ids"),
         "gemma": (lambda: T.GemmaForCausalLM(T.GemmaConfig(**small, num_key_value_heads=2, head_dim=16)),
                   "gated", 2, "ids"),
+        # the layer forward wires intermediate into output itself (no helper method), DeBERTa's with a flag
+        "deberta-v2": (lambda: T.DebertaV2Model(T.DebertaV2Config(**small, max_position_embeddings=64)), "mlp", 2,
+                       "ids"),
+        "mpnet": (lambda: T.MPNetModel(T.MPNetConfig(**small, max_position_embeddings=64)), "mlp", 2, "ids"),
         "distilbert": (lambda: T.DistilBertModel(T.DistilBertConfig(dim=64, hidden_dim=128, n_heads=4, n_layers=2,
                                                                     vocab_size=128)), "mlp", 2, "ids"),
         "clip-text": (lambda: T.CLIPTextModel(T.CLIPTextConfig(**clip, vocab_size=128)), "mlp", 2, "ids"),
