@@ -4,8 +4,10 @@
         => SplitFFNRegion(head, tail):  head(x) -> x (identity);  tail.dense(h) -> MoE(h)
 
 The parent's forward does not fx-trace (HF attention), but a method that wires the two siblings
-together does (`moeify.capture.capture_methods`); on that flattened trace `MLPRule` / `GatedRule`
-see the whole `dense -> act -> dense` path. This pass keeps the regions whose first and last Linear
+together does (`moeify.capture.capture_methods`), or the forward itself does with the children
+that do not trace called opaque (`moeify.capture.capture_wired`: DeBERTa, MPNet; one trace per
+flag value, `paths`); on that flattened trace `MLPRule` / `GatedRule` see the whole
+`dense -> act -> dense` path. A region must show on every path. This pass keeps the regions whose first and last Linear
 belong to different modules and checks that the two halves can be rewritten separately:
 
 - the head module's own forward is exactly `x -> dense -> act [-> dropout]` (it becomes identity);
