@@ -9,7 +9,8 @@ from moeify.moe.experts import GroupedExperts, grouped_mm_usable
 from moeify.moe.losses import count_indices
 
 ACT = {"gelu": F.gelu, "gelu_tanh": lambda v: F.gelu(v, approximate="tanh"), "silu": F.silu, "relu": F.relu,
-       "quick_gelu": lambda v: v / (1 + torch.exp(-1.702 * v))}  # CLIP's, written out
+       "quick_gelu": lambda v: v / (1 + torch.exp(-1.702 * v)),  # CLIP's, written out
+       "relu2": lambda v: torch.where(v > 0, v * v, 0.0)}  # Primer's squared ReLU
 
 
 def reference(experts: GroupedExperts, x_ND, counts_E):
@@ -45,6 +46,9 @@ EXPERTS = [  # (backend, gated, activation, bias)
     ("expert_loop", True, "gelu", True),
     ("expert_loop", False, "quick_gelu", True),
     ("grouped_mm", False, "quick_gelu", False),
+    ("expert_loop", False, "relu2", True),
+    ("expert_loop", True, "relu2", False),
+    ("grouped_mm", False, "relu2", False),
 ]
 
 
@@ -173,7 +177,7 @@ def test_grouped_mm_usable_checks_alignment_and_dtype():
 
 @pytest.mark.parametrize("mode", list(LOOP_MODES))
 @pytest.mark.parametrize("gated,activation", [(False, "gelu"), (True, "silu"), (False, "quick_gelu"),
-                                             (True, "quick_gelu")])
+                                             (True, "quick_gelu"), (False, "relu2")])
 @pytest.mark.parametrize("counts", [[2, 0, 3], [1, 0, 2]])
 def test_expert_loop_backward_passes_gradcheck(mode, gated, activation, counts, monkeypatch):
     """The hand-written backward against finite differences, in float64, with an idle expert."""

@@ -46,6 +46,8 @@ def np_act(h, name):
         return 0.5 * h * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (h + 0.044715 * h ** 3)))
     if name == "quick_gelu":
         return h / (1.0 + np.exp(-1.702 * h))
+    if name == "relu2":
+        return np.maximum(h, 0.0) ** 2
     raise ValueError(name)
 
 
@@ -112,6 +114,7 @@ PORTABLE_ONLY_LAYERS = [
     ("exact-gelu", dict(top_k=2), "gelu", False, True, "renorm"),
     ("geglu", dict(top_k=2), "gelu", True, True, "renorm"),
     ("quick-gelu", dict(top_k=2), "quick_gelu", False, True, "renorm"),  # CLIP's; no com.microsoft.MoE type
+    ("relu2", dict(top_k=2), "relu2", False, False, "renorm"),  # Nemotron's squared ReLU; neither
 ]
 
 
@@ -379,10 +382,11 @@ def test_the_same_tensor_given_for_two_inputs_exports_two_inputs(tmp_path):
     np.testing.assert_allclose(session.run({"a": a.numpy(), "b": b.numpy()})[0], want, atol=1e-4, rtol=0)
 
 
-def test_quick_gelu_is_refused_by_the_fused_op_and_lowered_by_fallback(tmp_path):
-    layer = make_layer(dict(top_k=2), "quick_gelu", False, True, seed=0)
+@pytest.mark.parametrize("activation", ["quick_gelu", "relu2"])
+def test_activations_without_an_op_type_are_refused_by_the_fused_op_and_lowered_by_fallback(activation, tmp_path):
+    layer = make_layer(dict(top_k=2), activation, False, True, seed=0)
     x = torch.randn(5, D)
-    with pytest.raises(ExportError, match="cannot express activation 'quick_gelu'"):
+    with pytest.raises(ExportError, match=f"cannot express activation '{activation}'"):
         export_onnx(layer, (x,), tmp_path / "q.onnx", mode="fused")
     assert list(tmp_path.iterdir()) == []
     report = export_onnx(layer, (x,), tmp_path / "q.onnx", mode="fused", fallback="portable")

@@ -206,6 +206,9 @@ def _hf_families():
         "deberta-v2": (lambda: T.DebertaV2Model(T.DebertaV2Config(**small, max_position_embeddings=64)), "mlp", 2,
                        "ids"),
         "mpnet": (lambda: T.MPNetModel(T.MPNetConfig(**small, max_position_embeddings=64)), "mlp", 2, "ids"),
+        # squared-ReLU experts (Primer's relu(x)^2)
+        "nemotron": (lambda: T.NemotronForCausalLM(T.NemotronConfig(**small, num_key_value_heads=2, head_dim=16)),
+                     "mlp", 2, "ids"),
         "distilbert": (lambda: T.DistilBertModel(T.DistilBertConfig(dim=64, hidden_dim=128, n_heads=4, n_layers=2,
                                                                     vocab_size=128)), "mlp", 2, "ids"),
         "clip-text": (lambda: T.CLIPTextModel(T.CLIPTextConfig(**clip, vocab_size=128)), "mlp", 2, "ids"),

@@ -34,6 +34,8 @@ def _act_forward(name: str, a: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten.silu.out(a, out=out)
     if name == "quick_gelu":  # a * sigmoid(1.702 a)
         return torch.sigmoid(a * QUICK_GELU_SCALE, out=out).mul_(a)
+    if name == "relu2":
+        return torch.clamp_min(a, 0, out=out).square_()
     return torch.clamp_min(a, 0, out=out)  # relu
 
 
@@ -47,6 +49,8 @@ def _act_backward(name: str, grad: torch.Tensor, a: torch.Tensor) -> torch.Tenso
     if name == "quick_gelu":  # d/da a s(ka) = s(ka) (1 + k a (1 - s(ka)))
         s = torch.sigmoid(a * QUICK_GELU_SCALE)
         return grad * s * (1.0 + QUICK_GELU_SCALE * a * (1.0 - s))
+    if name == "relu2":  # d/da relu(a)^2 = 2 relu(a)
+        return grad * a.clamp_min(0).mul_(2.0)
     return torch.ops.aten.threshold_backward(grad, a, 0)  # relu
 
 

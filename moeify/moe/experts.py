@@ -35,7 +35,13 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(QUICK_GELU_SCALE * x)
 
 
-ACTIVATIONS = {"relu": F.relu, "gelu": _gelu, "gelu_tanh": _gelu_tanh, "silu": F.silu, "quick_gelu": quick_gelu}
+def relu2(x: torch.Tensor) -> torch.Tensor:
+    """relu(x)^2: Primer's squared ReLU (HF `ReLUSquaredActivation`: Nemotron, Persimmon)."""
+    return F.relu(x).square()
+
+
+ACTIVATIONS = {"relu": F.relu, "gelu": _gelu, "gelu_tanh": _gelu_tanh, "silu": F.silu, "quick_gelu": quick_gelu,
+               "relu2": relu2}
 
 
 def activation_fn(name: str):
