@@ -70,6 +70,35 @@ def test_verification_catches_a_broken_conversion(monkeypatch):
         moeify.convert(ex.build_model(), moeify.MoEConfig(num_experts=2, top_k=1), example_inputs=ex.example_inputs())
 
 
+class ScaledFFN(torch.nn.Module):
+    """An FFN whose output is large (as mT5's logits) and, with `noise`, drawn at random (as ViT-MAE's mask)."""
+
+    def __init__(self, scale: float = 1.0, noise: bool = False):
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(16, 64), torch.nn.Linear(64, 16)
+        self.scale, self.noise = scale, noise
+
+    def forward(self, x):
+        y = self.fc2(torch.nn.functional.gelu(self.fc1(x))) * self.scale
+        return y + torch.rand_like(y) if self.noise else y
+
+
+def test_verification_tolerance_scales_with_the_outputs():
+    torch.manual_seed(0)
+    x = torch.randn(64, 16)
+    result = moeify.convert(ScaledFFN(scale=1e4), moeify.MoEConfig(num_experts=4, top_k=2), example_inputs=(x,))
+    assert result.report.max_abs_diff > 1e-5  # float32 rounding at this scale: above atol, within rtol
+
+
+def test_verification_runs_both_models_from_one_rng_state_and_restores_the_callers():
+    torch.manual_seed(0)
+    x, dense = torch.randn(8, 16), ScaledFFN(noise=True)
+    state = torch.get_rng_state()
+    result = moeify.convert(dense, moeify.MoEConfig(num_experts=4, top_k=2), example_inputs=(x,))
+    assert result.report.max_abs_diff <= 1e-5
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_copy_noise_is_reported_not_function_preserving():
     ex = load_example("mlp")
     cfg = moeify.MoEConfig(num_experts=4, top_k=2, init="copy_noise", init_noise=0.05)
