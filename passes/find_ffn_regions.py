@@ -8,7 +8,9 @@
                                                                      (find_lstm_projection)
 
 `Linear` is nn.Linear or Hugging Face `Conv1D`; `act` is ReLU, GELU (exact or tanh), SiLU, as a
-module, a function or a method, or any parameter-free module that computes one of them. Each rule
+module, a function or a method, or any parameter-free module that computes one of them, or one
+written out as elementwise operations (ESM's `x * 0.5 * (1 + torch.erf(x / sqrt(2)))`, probed the
+same way: `ops.inline_activation`; not yet for the gate of a gated FFN). Each rule
 has a `match` that returns the region, or a `Skip` saying why a near-match was refused and how to
 make it eligible. Every Linear-like node not claimed by a region is reported as refused.
 """
@@ -98,6 +100,11 @@ def _skip_passthrough(node: fx.Node, gm: fx.GraphModule) -> tuple[fx.Node | None
     return nxt, round(1.0 - keep, 12), stepped
 
 
+def _feeds_linear(node: fx.Node, gm: fx.GraphModule) -> bool:
+    nxt = _skip_passthrough(node, gm)[0]
+    return nxt is not None and ops.linear_of(nxt, gm) is not None
+
+
 def _users(node: fx.Node) -> str:
     return ", ".join(u.name for u in node.users) or "nothing"
 
@@ -113,10 +120,16 @@ class MLPRule:
             return entry
         p1, where, x = entry
         act_node = ops.single_user(fc1)
+        act, what = ops.activation_of(act_node, gm) if act_node is not None else (None, "")
+        act_nodes = [act_node]
+        if act is None or not _feeds_linear(act_node, gm):
+            inline = ops.inline_activation(fc1)  # written out: x * 0.5 * (1 + erf(x / sqrt(2)))
+            if inline is not None:
+                act, act_nodes = inline
+                act_node = act_nodes[-1]
         if act_node is None:
             return Skip(where, f"its output is used by {len(fc1.users)} nodes ({_users(fc1)}), not by one activation",
                         "an FFN's hidden state must feed only its activation")
-        act, what = ops.activation_of(act_node, gm)
         if act is None:
             return Skip(where, f"feeds {what}, not a supported activation",
                         f"FFN regions are Linear -> {'/'.join(ops.SUPPORTED_ACTIVATIONS)} -> Linear")
@@ -131,7 +144,7 @@ class MLPRule:
                                f"{p1.out_features}", "the two Linears must share the hidden size")
         if (p1.bias is None) != (p2.bias is None):
             return Skip(where, "one Linear has a bias and the other not", "use bias on both or neither")
-        nodes = [fc1, act_node, *drop_nodes, fc2]
+        nodes = [fc1, *act_nodes, *drop_nodes, fc2]
         return FFNRegion(self.kind, common_owner(nodes), x, fc2, nodes,
                          {"fc1": str(fc1.target), "fc2": str(fc2.target)}, act,
                          p1.in_features, p1.out_features, p2.out_features, p1.bias is not None, p)

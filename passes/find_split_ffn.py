@@ -135,7 +135,10 @@ class FindSplitFFN(GraphPass):
             return Skip(where, f"{head} is also called from {', '.join(others)}, so its output may reach more than "
                                f"{tail}", f"call {head} only from {self.method}")
         head_gm, tail_gm = self.trace(self.parent.get_submodule(head)), self.trace(self.parent.get_submodule(tail))
-        head_nodes = self._head_path(head_gm, _leaf(ffn.linears["fc1"], head))
+        in_head = [n for n in ffn.nodes if (ops.owner_of(n) or "") == head or n.target == ffn.linears["fc1"]]
+        head_nodes = self._head_path(head_gm, _leaf(ffn.linears["fc1"], head),
+                                     [(n.op, _leaf(n.target, head) if n.op == "call_module" else n.target)
+                                      for n in in_head])
         if isinstance(head_nodes, str):
             return Skip(where, f"{head}'s forward is not just dense -> act: {head_nodes}",
                         f"move the extra computation out of {head}")
@@ -147,8 +150,9 @@ class FindSplitFFN(GraphPass):
                               notes=[f"split FFN: {head} rewritten to identity, MoE installed in {tail}"])
 
     @staticmethod
-    def _head_path(gm: fx.GraphModule, fc1: str) -> list[fx.Node] | str:
-        """The head's nodes from its only input to its output, or why the head is more than that."""
+    def _head_path(gm: fx.GraphModule, fc1: str, expected: list[tuple[str, object]]) -> list[fx.Node] | str:
+        """The head's nodes from its only input to its output, or why the head is more than that.
+        `expected`: (op, target) of the region's nodes the parent's trace shows in the head."""
         inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
         output = next(n for n in gm.graph.nodes if n.op == "output")
         body = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
@@ -158,12 +162,11 @@ class FindSplitFFN(GraphPass):
             return f"it does not start with {fc1}(x)"
         if len(inputs[0].users) != 1:
             return "its input is used by more than its dense"
-        chain = [body[0]]
-        while len(chain[-1].users) == 1 and next(iter(chain[-1].users)) is not output:
-            chain.append(next(iter(chain[-1].users)))
-        if chain != body or output.args[0] is not chain[-1]:
-            return f"it computes {', '.join(n.name for n in body[len(chain):]) or 'a different output'} as well"
-        return chain
+        if [(n.op, n.target) for n in body] != expected or output.args[0] is not body[-1]:
+            return f"it computes {', '.join(n.name for n in body[len(expected):]) or 'a different output'} as well"
+        if any(u not in body for n in body[:-1] for u in n.users):
+            return "its hidden state is used outside dense -> act"
+        return body
 
     @staticmethod
     def _tail_linear(gm: fx.GraphModule, fc2: str) -> fx.Node | str:

@@ -141,6 +141,59 @@ def activation_of(node: fx.Node, gm: fx.GraphModule) -> tuple[str | None, str]:
     return None, f"activation {type(module).__name__} (not one of {', '.join(SUPPORTED_ACTIVATIONS)})"
 
 
+# What an activation written out inline may be made of (ESM's `x * 0.5 * (1.0 + torch.erf(x / sqrt(2)))`):
+# elementwise operations on tensors and Python numbers
+_ELEMENTWISE_FUNCTIONS = frozenset({
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.pow, operator.neg,
+    torch.add, torch.sub, torch.mul, torch.div, torch.pow, torch.neg, torch.square, torch.erf, torch.tanh,
+    torch.sigmoid, torch.exp, torch.relu, torch.clamp, torch.clamp_min,
+    F.relu, F.gelu, F.silu, F.sigmoid, F.tanh,
+})
+_ELEMENTWISE_METHODS = frozenset({"add", "sub", "mul", "div", "pow", "neg", "square", "erf", "tanh", "sigmoid",
+                                  "exp", "relu", "clamp", "clamp_min"})
+# nodes an inline activation may take (the tanh GELU written out takes 8)
+MAX_INLINE_ACTIVATION_NODES = 16
+
+
+def _elementwise(node: fx.Node) -> bool:
+    if node.op == "call_function":
+        known = node.target in _ELEMENTWISE_FUNCTIONS
+    else:
+        known = node.op == "call_method" and node.target in _ELEMENTWISE_METHODS
+    leaves = [*node.args, *node.kwargs.values()]
+    return known and all(isinstance(a, (fx.Node, int, float, bool, str)) or a is None for a in leaves)
+
+
+def inline_activation(start: fx.Node) -> tuple[str, list[fx.Node]] | None:
+    """(name, nodes in graph order, the last its output) of a supported activation written out as
+    elementwise operations on `start`'s output, or None.
+
+    The nodes are those after `start` that are elementwise and read only `start`, each other and
+    Python numbers; `start` and all of them but the last must be used only among them. What they
+    compute is probed like an activation module (`_probe_activation`), on a copy of the nodes.
+    """
+    inside: list[fx.Node] = []
+    node = start.next
+    for _ in range(4 * MAX_INLINE_ACTIVATION_NODES):  # they sit right after start in a trace
+        if node.op == "output" or len(inside) >= MAX_INLINE_ACTIVATION_NODES:
+            break
+        reads = node.all_input_nodes
+        if reads and _elementwise(node) and all(r is start or r in inside for r in reads):
+            inside.append(node)
+        node = node.next
+    members = {start, *inside}
+    exits = [n for n in inside if any(u not in members for u in n.users) or not n.users]
+    if not inside or len(exits) != 1 or exits[0] is not inside[-1] or any(u not in members for u in start.users):
+        return None
+    graph = fx.Graph()
+    copies = {start: graph.placeholder("x")}
+    for n in inside:
+        copies[n] = graph.node_copy(n, lambda a: copies[a])
+    graph.output(copies[inside[-1]])
+    name = _probe_activation(fx.GraphModule(nn.Module(), graph))
+    return None if name is None else (name, inside)
+
+
 def dropout_p(node: fx.Node, gm: fx.GraphModule) -> float | None:
     """The dropout probability if the node is a dropout, else None."""
     module = call_module(node, gm)

@@ -1,10 +1,13 @@
 """Golden checks of the FFN-region finder: what it finds on each example, and why it refuses near-misses."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import moeify
 from moeify.capture import trace
 from moeify.passes.find_ffn_regions import FindFFNRegions
 from tests.conftest import load_example
@@ -72,6 +75,31 @@ def test_activations(act, expected):
     assert [(r.kind, r.activation) for r in regions] == [("mlp", expected)]
 
 
+INLINE_ACTIVATIONS = {  # written out in the forward (fx traces them into elementwise nodes)
+    "esm-gelu": (lambda x: x * 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0))), "gelu"),
+    "mingpt-gelu": (lambda x: 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi)
+                                                          * (x + 0.044715 * torch.pow(x, 3.0)))), "gelu_tanh"),
+    "silu": (lambda x: x * torch.sigmoid(x), "silu"),
+    "quick-gelu": (lambda x: x * torch.sigmoid(1.702 * x), "quick_gelu"),
+    "relu-squared": (lambda x: torch.relu(x) ** 2, "relu2"),  # relu first: a supported act that feeds no Linear
+    "relu-square-method": (lambda x: F.relu(x).square(), "relu2"),
+}
+
+
+@pytest.mark.parametrize("name", list(INLINE_ACTIVATIONS))
+def test_activations_written_out_are_probed_and_convert(name):
+    act, expected = INLINE_ACTIVATIONS[name]
+    (region,) = find(Act(act)).analysis
+    assert (region.kind, region.activation) == ("mlp", expected)
+    assert region.nodes[0].name == "fc1" and region.nodes[-1].name == "fc2" and len(region.nodes) >= 3
+    torch.manual_seed(0)
+    dense, x = Act(act).eval(), torch.randn(5, 8)
+    model = moeify.convert(dense, moeify.MoEConfig(num_experts=4, top_k=2), example_inputs=(x,)).model
+    assert not any(n.op == "call_function" and n.target in (torch.erf, torch.tanh, torch.sigmoid, torch.relu)
+                   for n in model._moeify_graph_module.graph.nodes)  # every node of the activation replaced
+    torch.testing.assert_close(model(x), dense(x), atol=1e-5, rtol=1e-5)
+
+
 def test_dropout_between_is_part_of_region():
     (region,) = find(Act(nn.GELU(), dropout=True)).analysis
     assert region.dropout == pytest.approx(0.1)
@@ -81,6 +109,8 @@ def test_dropout_between_is_part_of_region():
 @pytest.mark.parametrize("module, reason", [
     (Act(nn.Tanh()), "not a supported activation"),
     (Act(nn.GELU(), second_use=True), "used by 2 nodes"),
+    (Act(lambda x: x * torch.sigmoid(x) * 2.0), "used by 2 nodes"),  # written out, but no activation
+    (Act(lambda x: x * torch.sigmoid(x), second_use=True), "used by 3 nodes"),  # its input read elsewhere too
 ])
 def test_refusals_say_why(module, reason):
     result = find(module)

@@ -206,6 +206,8 @@ def _hf_families():
         "deberta-v2": (lambda: T.DebertaV2Model(T.DebertaV2Config(**small, max_position_embeddings=64)), "mlp", 2,
                        "ids"),
         "mpnet": (lambda: T.MPNetModel(T.MPNetConfig(**small, max_position_embeddings=64)), "mlp", 2, "ids"),
+        # ESM (protein LM): a BERT-style split whose GELU is written out as erf arithmetic
+        "esm": (lambda: T.EsmModel(T.EsmConfig(**small, max_position_embeddings=64, pad_token_id=1)), "mlp", 2, "ids"),
         # squared-ReLU experts (Primer's relu(x)^2)
         "nemotron": (lambda: T.NemotronForCausalLM(T.NemotronConfig(**small, num_key_value_heads=2, head_dim=16)),
                      "mlp", 2, "ids"),
