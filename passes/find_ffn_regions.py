@@ -10,7 +10,7 @@
 `Linear` is nn.Linear or Hugging Face `Conv1D`; `act` is ReLU, GELU (exact or tanh), SiLU, as a
 module, a function or a method, or any parameter-free module that computes one of them, or one
 written out as elementwise operations (ESM's `x * 0.5 * (1 + torch.erf(x / sqrt(2)))`, probed the
-same way: `ops.inline_activation`; not yet for the gate of a gated FFN). Each rule
+same way: `ops.inline_activation`; also on the gate of a gated FFN, though not of a fused one). Each rule
 has a `match` that returns the region, or a `Skip` saying why a near-match was refused and how to
 make it eligible. Every Linear-like node not claimed by a region is reported as refused.
 """
@@ -150,14 +150,36 @@ class MLPRule:
                          p1.in_features, p1.out_features, p2.out_features, p1.bias is not None, p)
 
 
+def _inline_ending_at(node: fx.Node) -> tuple[str, list[fx.Node], fx.Node] | None:
+    """(activation, its nodes, its input) when `node` ends an activation written out inline
+    (`g * torch.sigmoid(g)`): its input is the one non-elementwise node the arithmetic reads."""
+    seen, pending, starts = set(), [node], []
+    while pending and len(seen) <= ops.MAX_INLINE_ACTIVATION_NODES:
+        n = pending.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op in ("call_function", "call_method") and ops.is_elementwise(n):
+            pending += n.all_input_nodes
+        else:
+            starts.append(n)
+    if pending or len(starts) != 1:
+        return None
+    found = ops.inline_activation(starts[0])
+    return (found[0], found[1], starts[0]) if found is not None and found[1][-1] is node else None
+
+
 def _act_products(mul: fx.Node, gm: fx.GraphModule):
-    """(activation, activation node, its input, the other factor) for each order of a two-node product."""
+    """(activation, its nodes (the last its output), its input, the other factor) for each order of
+    a two-node product; the activation is one node or written out inline (`_inline_ending_at`)."""
     if not ops.is_mul(mul) or len(mul.args) != 2 or not all(isinstance(a, fx.Node) for a in mul.args):
         return
     for act_node, other in (mul.args, mul.args[::-1]):
         act, _ = ops.activation_of(act_node, gm)
         if act and act_node.args and isinstance(act_node.args[0], fx.Node):
-            yield act, act_node, act_node.args[0], other
+            yield act, [act_node], act_node.args[0], other
+        elif (inline := _inline_ending_at(act_node)) is not None:
+            yield inline[0], inline[1], inline[2], other
 
 
 def _gated_down(mul: fx.Node, gm: fx.GraphModule, where: str, d_ff: int, bias: bool):
@@ -182,19 +204,19 @@ class GatedRule:
     kind = "gated"
 
     def match(self, mul: fx.Node, gm: fx.GraphModule) -> FFNRegion | Skip | None:
-        candidates = ((act, act_node, gate, up, ops.linear_of(gate, gm), ops.linear_of(up, gm))
-                      for act, act_node, gate, up in _act_products(mul, gm))
+        candidates = ((act, act_nodes, gate, up, ops.linear_of(gate, gm), ops.linear_of(up, gm))
+                      for act, act_nodes, gate, up in _act_products(mul, gm))
         found = next((c for c in candidates if c[4] is not None and c[5] is not None), None)
         if found is None:
             return None
-        act, act_node, gate, up, pg, pu = found
+        act, act_nodes, gate, up, pg, pu = found
         where = str(gate.target)
         x = _only_input(gate)
         if x is None or _only_input(up) is not x:
             return Skip(where, f"gate {gate.target} and up {up.target} do not read the same input",
                         "a gated FFN applies both projections to the same tensor")
-        for node in (gate, act_node, up):
-            if len(node.users) != 1:
+        for node, inside in ((gate, act_nodes), (act_nodes[-1], [mul]), (up, [mul])):
+            if not set(node.users) <= set(inside) or (len(inside) == 1 and len(node.users) != 1):
                 return Skip(where, f"{node.name} is used outside the gated FFN ({_users(node)})",
                             "the gated FFN's intermediates must not leak out")
         if pg.out_features != pu.out_features or pg.in_features != pu.in_features:
@@ -205,7 +227,7 @@ class GatedRule:
         if isinstance(tail, Skip):
             return tail
         down, pd, p, drop_nodes = tail
-        nodes = sorted({gate, up, act_node, mul, *drop_nodes, down}, key=_position(gm))
+        nodes = sorted({gate, up, *act_nodes, mul, *drop_nodes, down}, key=_position(gm))
         return FFNRegion(self.kind, common_owner(nodes), x, down, nodes,
                          {"gate": str(gate.target), "up": str(up.target), "down": str(down.target)}, act,
                          pg.in_features, pg.out_features, pd.out_features, pg.bias is not None, p)
@@ -221,8 +243,8 @@ class FusedGatedRule:
     kind = "gated"
 
     def match(self, mul: fx.Node, gm: fx.GraphModule) -> FFNRegion | Skip | None:
-        halves = ((act, act_node, ops.chunk_half(g), ops.chunk_half(u), u)
-                  for act, act_node, g, u in _act_products(mul, gm))
+        halves = ((act, act_nodes[0], ops.chunk_half(g), ops.chunk_half(u), u)
+                  for act, act_nodes, g, u in _act_products(mul, gm) if len(act_nodes) == 1)
         found = next((h for h in halves if h[2] and h[3] and h[2][0] is h[3][0] and h[2][1] != h[3][1]), None)
         if found is None:
             return None

@@ -155,7 +155,7 @@ _ELEMENTWISE_METHODS = frozenset({"add", "sub", "mul", "div", "pow", "neg", "squ
 MAX_INLINE_ACTIVATION_NODES = 16
 
 
-def _elementwise(node: fx.Node) -> bool:
+def is_elementwise(node: fx.Node) -> bool:
     if node.op == "call_function":
         known = node.target in _ELEMENTWISE_FUNCTIONS
     else:
@@ -178,7 +178,7 @@ def inline_activation(start: fx.Node) -> tuple[str, list[fx.Node]] | None:
         if node.op == "output" or len(inside) >= MAX_INLINE_ACTIVATION_NODES:
             break
         reads = node.all_input_nodes
-        if reads and _elementwise(node) and all(r is start or r in inside for r in reads):
+        if reads and is_elementwise(node) and all(r is start or r in inside for r in reads):
             inside.append(node)
         node = node.next
     members = {start, *inside}

@@ -106,6 +106,32 @@ def test_dropout_between_is_part_of_region():
     assert [n.name for n in region.nodes] == ["fc1", "act", "dropout", "fc2"]
 
 
+class WrittenOutGated(nn.Module):
+    """A gated FFN whose gate activation is written out (research code's `g * torch.sigmoid(g)`)."""
+
+    def __init__(self, act):
+        super().__init__()
+        self.gate, self.up = nn.Linear(8, 16, bias=False), nn.Linear(8, 16, bias=False)
+        self.down = nn.Linear(16, 8, bias=False)
+        self.act = act
+
+    def forward(self, x):
+        return self.down(self.act(self.gate(x)) * self.up(x))
+
+
+@pytest.mark.parametrize(("act", "expected"), [
+    (lambda g: g * torch.sigmoid(g), "silu"),
+    (lambda g: 0.5 * g * (1.0 + torch.erf(g / math.sqrt(2.0))), "gelu"),
+])
+def test_a_gate_activation_written_out_is_a_gated_region(act, expected):
+    (region,) = find(WrittenOutGated(act)).analysis
+    assert (region.kind, region.activation) == ("gated", expected)
+    torch.manual_seed(0)
+    dense, x = WrittenOutGated(act).eval(), torch.randn(5, 8)
+    model = moeify.convert(dense, moeify.MoEConfig(num_experts=4, top_k=2), example_inputs=(x,)).model
+    torch.testing.assert_close(model(x), dense(x), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("module, reason", [
     (Act(nn.Tanh()), "not a supported activation"),
     (Act(nn.GELU(), second_use=True), "used by 2 nodes"),
