@@ -27,6 +27,11 @@ gets past what stops plain fx there, so the FFN can be found:
 - `if x.dtype == torch.float16:` (BART's and Whisper's fp16 clamp): answered for the dtype of the
   module's parameters, and the rewritten forward checks the answer when it runs.
 
+A module whose forward does not trace but wires an FFN split across two children (DeBERTa's and
+MPNet's layers call `intermediate`, then `output`, with no helper method between) is traced for
+analysis the same way, its untraceable children opaque, once per value of each flag input
+(`trace_paths`, `capture_wired`); only the two halves are rewritten, never that forward.
+
 `install_forward` puts a rewritten graph back on the *user's* module: the module keeps its class
 (a subclass with the generated forward is swapped in, so `isinstance`, methods and attributes such
 as `.generate()` or `.config` stay), its untouched parameters keep their names.
