@@ -561,11 +561,38 @@ def trace_paths(module: nn.Module, none_inputs: frozenset[str] = frozenset()) ->
             for values in itertools.product(*[(default, not default) for default in flags.values()])]
 
 
-def _wires_children(module: nn.Module) -> bool:
-    """Whether the forward calls two or more children that hold a Linear: it may wire an FFN across them."""
+def _returns_activated_linear(gm: fx.GraphModule) -> bool:
+    """Whether the traced forward returns one Linear's output through parameter-free modules and
+    elementwise operations only (`dense -> act [-> dropout]`): it may be the first half of a split FFN."""
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    pending, seen, sources = [output.args[0]], set(), set()
+    while pending:
+        node = pending.pop()
+        if not isinstance(node, fx.Node):
+            return False  # a tuple or a constant, not one tensor
+        if node in seen:
+            continue
+        seen.add(node)
+        if len(seen) > ops.MAX_INLINE_ACTIVATION_NODES:
+            return False
+        module = ops.call_module(node, gm)
+        stateless = module is not None and not any(True for _ in module.parameters())
+        if ops.is_elementwise(node) or stateless or ops.dropout_p(node, gm) is not None:
+            pending += node.all_input_nodes
+        else:
+            sources.add(node)
+    return len(sources) == 1 and ops.linear_of(next(iter(sources)), gm) is not None
+
+
+def _wires_split_ffn(module: nn.Module, path: str, units: dict[str, CaptureUnit]) -> bool:
+    """Whether the forward calls a child that holds a Linear and a child whose own trace returns an
+    activated Linear (`_returns_activated_linear`): it may wire an FFN split across them."""
     called = set(module._modules) & set(inspect.unwrap(type(module).forward).__code__.co_names)
-    return sum(any(isinstance(m, nn.Linear) or ops.is_conv1d(m) for m in module.get_submodule(name).modules())
-               for name in called) >= 2
+    with_linear = [name for name in called
+                   if any(isinstance(m, nn.Linear) or ops.is_conv1d(m) for m in module.get_submodule(name).modules())]
+    heads = [name for name in with_linear if (unit := units.get(f"{path}.{name}" if path else name)) is not None
+             and _returns_activated_linear(unit.graph_module)]
+    return len(with_linear) >= 2 and bool(heads)
 
 
 def capture_wired(model: nn.Module, capture: Capture, none_inputs: dict[str, frozenset[str]] | None = None) -> None:
@@ -573,12 +600,13 @@ def capture_wired(model: nn.Module, capture: Capture, none_inputs: dict[str, fro
     children that hold Linears (DeBERTa's and MPNet's layers wire `intermediate` into `output` in the
     forward itself): the forward traced on its paths with the untraceable children opaque (`trace_paths`)."""
     with_method = {unit.path for unit in capture.units if unit.method is not None}
+    forwards = {unit.path: unit for unit in capture.units if unit.method is None}
     for where, _ in list(capture.failures):
         path = "" if where == "<model>" else where
         if where.endswith(")") or path in with_method:  # a method's failure, or the method shows the wiring
             continue
         module = model.get_submodule(path)
-        if _is_container(module) or _linear_children(module) >= 2 or not _wires_children(module):
+        if _is_container(module) or _linear_children(module) >= 2 or not _wires_split_ffn(module, path, forwards):
             continue  # (two Linear children: its trace already called what does not trace as it is)
         try:
             graphs = trace_paths(module, (none_inputs or {}).get(path, frozenset()))

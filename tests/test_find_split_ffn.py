@@ -11,7 +11,16 @@ from conftest import load_example
 from torch import nn
 
 import moeify
-from moeify.capture import MAX_FLAGS, capture_methods, capture_units, helper_methods, trace, trace_method, trace_paths
+from moeify.capture import (
+    MAX_FLAGS,
+    capture_methods,
+    capture_units,
+    capture_wired,
+    helper_methods,
+    trace,
+    trace_method,
+    trace_paths,
+)
 from moeify.errors import CaptureError, NoFFNRegionError
 from moeify.passes.find_split_ffn import FindSplitFFN
 
@@ -187,3 +196,27 @@ def test_a_split_wired_otherwise_when_a_flag_is_set_is_refused():
     with pytest.raises(NoFFNRegionError, match="wires intermediate into output differently when a flag input is set"):
         moeify.convert(WiredLayer(leak=True), moeify.MoEConfig(num_experts=4, top_k=2),
                        example_inputs=(torch.randn(3, 5, 8),))
+
+
+class NoHeadLayer(nn.Module):
+    """Wires two children that hold Linears, but neither returns an activated Linear (attention and
+    its output projection, as in BERT's attention block)."""
+
+    def __init__(self):
+        super().__init__()
+        self.attention, self.output = Attention(), Tail()
+
+    def forward(self, x):
+        a = self.attention(x)
+        return self.output(a.repeat(1, 1, 4), a)
+
+
+@pytest.mark.parametrize(("layer", "wired"), [(WiredLayer, True), (NoHeadLayer, False), (Layer, False)])
+def test_only_a_forward_calling_a_head_like_child_is_traced_wired(layer, wired):
+    """Tracing a forward around its untraceable children costs a trace per flag value: it is tried
+    only where a child's own trace returns `dense -> act` and no helper method shows the wiring."""
+    model = layer()
+    cap = capture_units(model)
+    capture_methods(model, cap)
+    capture_wired(model, cap)
+    assert any(u.method == "forward" for u in cap.units) is wired
