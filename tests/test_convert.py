@@ -61,12 +61,14 @@ def test_selection_that_matches_nothing_is_an_error():
         moeify.convert(dense, moeify.MoEConfig(num_experts=2, top_k=1, targets=("nothing-here",)))
 
 
-def test_verification_catches_a_broken_conversion(monkeypatch):
+@pytest.mark.parametrize("broken", [2.0, float("nan")])
+def test_verification_catches_a_broken_conversion(broken, monkeypatch):
     from moeify.passes import rewrite_to_moe
 
     ex = load_example("mlp")
-    monkeypatch.setattr(rewrite_to_moe, "unflatten_tokens", lambda y, x: 2 * y.reshape(*x.shape[:-1], y.shape[-1]))
-    with pytest.raises(VerificationError, match="differ"):
+    monkeypatch.setattr(rewrite_to_moe, "unflatten_tokens",
+                        lambda y, x: broken * y.reshape(*x.shape[:-1], y.shape[-1]))
+    with pytest.raises(VerificationError, match="dense model.s by (inf|[0-9])"):
         moeify.convert(ex.build_model(), moeify.MoEConfig(num_experts=2, top_k=1), example_inputs=ex.example_inputs())
 
 
