@@ -25,6 +25,7 @@ import torch.fx as fx
 from torch import nn
 
 from moeify import capture as capture_mod
+from moeify.compare import abs_diff
 from moeify.config import MoEConfig
 from moeify.errors import CaptureError, NoFFNRegionError, VerificationError
 from moeify.moe.build import DenseFFN, build_moe_layer
@@ -371,17 +372,15 @@ def _outputs(model: nn.Module, args: Sequence[Any], kwargs: dict[str, Any]) -> l
 def output_diffs(dense: nn.Module, converted: nn.Module, args: Sequence[Any], kwargs: dict[str, Any],
                  rtol: float = VERIFY_RTOL) -> tuple[float, float]:
     """(max |dense - converted|, max of |dense - converted| - rtol * |dense|) over all outputs, both
-    models in eval mode and run from the same RNG state (`_outputs`). Equal values (infinities
-    included) and NaN in both differ by 0; a NaN in one only differs by infinity."""
+    models in eval mode and run from the same RNG state (`_outputs`); NaN as in `compare.abs_diff`."""
     ya, yb = _outputs(dense, args, kwargs), _outputs(converted, args, kwargs)
     if len(ya) != len(yb):
         raise VerificationError(f"the converted model returns {len(yb)} tensors, the dense model {len(ya)}")
     diff, excess = 0.0, -math.inf
     for x, y in zip(ya, yb, strict=True):
         if x.numel():
-            x, y = x.float(), y.float()
-            d = torch.where((x == y) | (x.isnan() & y.isnan()), 0.0, (x - y).abs().nan_to_num(nan=math.inf))
-            diff, excess = max(diff, d.max().item()), max(excess, (d - rtol * x.abs()).max().item())
+            d = abs_diff(y, x)
+            diff, excess = max(diff, d.max().item()), max(excess, (d - rtol * x.double().cpu().abs()).max().item())
     return diff, excess
 
 

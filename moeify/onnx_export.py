@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeify.capture import eval_mode
+from moeify.compare import abs_diff
 from moeify.errors import ExportError
 from moeify.moe.experts import GroupedExperts, activation_fn
 from moeify.moe.layer import MoELayer
@@ -544,7 +545,7 @@ def _run_check(model_proto, model: nn.Module, bound_list: list[dict[str, Any]], 
             want = _flat_tensors(model(**bound))
         if len(got) != len(want):
             raise ExportError(f"the ONNX model returns {len(got)} outputs, PyTorch {len(want)}")
-        diff = max((float(abs(torch.from_numpy(g).double() - w.detach().double().cpu()).max()) if w.numel() else 0.0
+        diff = max((abs_diff(torch.from_numpy(g), w).max().item() if w.numel() else 0.0
                     for g, w in zip(got, want, strict=True)), default=0.0)
         shape = _shape_text(bound)
         report.checks.append((shape, diff))
