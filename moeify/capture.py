@@ -564,24 +564,14 @@ def trace_paths(module: nn.Module, none_inputs: frozenset[str] = frozenset()) ->
 def _returns_activated_linear(gm: fx.GraphModule) -> bool:
     """Whether the traced forward returns one Linear's output through parameter-free modules and
     elementwise operations only (`dense -> act [-> dropout]`): it may be the first half of a split FFN."""
-    output = next(n for n in gm.graph.nodes if n.op == "output")
-    pending, seen, sources = [output.args[0]], set(), set()
-    while pending:
-        node = pending.pop()
-        if not isinstance(node, fx.Node):
-            return False  # a tuple or a constant, not one tensor
-        if node in seen:
-            continue
-        seen.add(node)
-        if len(seen) > ops.MAX_INLINE_ACTIVATION_NODES:
-            return False
+    def through(node: fx.Node) -> bool:  # (a functional dropout reads the mode: a read passed too)
         module = ops.call_module(node, gm)
-        stateless = module is not None and not any(True for _ in module.parameters())
-        if ops.is_elementwise(node) or stateless or ops.dropout_p(node, gm) is not None:
-            pending += node.all_input_nodes
-        else:
-            sources.add(node)
-    return len(sources) == 1 and ops.linear_of(next(iter(sources)), gm) is not None
+        return (ops.is_elementwise(node) or ops.dropout_p(node, gm) is not None or ops.is_mode_read(node)
+                or (module is not None and not any(True for _ in module.parameters())))
+
+    output = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    source = ops.single_source(output, through) if isinstance(output, fx.Node) else None
+    return source is not None and ops.linear_of(source, gm) is not None
 
 
 def _wires_split_ffn(module: nn.Module, path: str, units: dict[str, CaptureUnit]) -> bool:
@@ -601,13 +591,13 @@ def capture_wired(model: nn.Module, capture: Capture, none_inputs: dict[str, fro
     forward itself): the forward traced on its paths with the untraceable children opaque (`trace_paths`)."""
     with_method = {unit.path for unit in capture.units if unit.method is not None}
     forwards = {unit.path: unit for unit in capture.units if unit.method is None}
-    for where, _ in list(capture.failures):
-        path = "" if where == "<model>" else where
-        if where.endswith(")") or path in with_method:  # a method's failure, or the method shows the wiring
+    failed = {"" if where == "<model>" else where for where, _ in capture.failures}
+    for path, module in model.named_modules():
+        if path not in failed or path in with_method:  # (a helper method shows the wiring)
             continue
-        module = model.get_submodule(path)
         if _is_container(module) or _linear_children(module) >= 2 or not _wires_split_ffn(module, path, forwards):
             continue  # (two Linear children: its trace already called what does not trace as it is)
+        where = path or "<model>"
         try:
             graphs = trace_paths(module, (none_inputs or {}).get(path, frozenset()))
         except Exception as exc:  # noqa: BLE001 - one failed candidate

@@ -10,8 +10,8 @@
 `Linear` is nn.Linear or Hugging Face `Conv1D`; `act` is ReLU, GELU (exact or tanh), SiLU, as a
 module, a function or a method, or any parameter-free module that computes one of them, or one
 written out as elementwise operations (ESM's `x * 0.5 * (1 + torch.erf(x / sqrt(2)))`, probed the
-same way: `ops.inline_activation`; also on the gate of a gated FFN, though not of a fused one). Each rule
-has a `match` that returns the region, or a `Skip` saying why a near-match was refused and how to
+same way: `ops.inline_activation`; also on the gate of a gated FFN, though not of a fused one).
+Each rule has a `match` that returns the region, or a `Skip` saying why a near-match was refused and how to
 make it eligible. Every Linear-like node not claimed by a region is reported as refused.
 """
 
@@ -153,20 +153,9 @@ class MLPRule:
 def _inline_ending_at(node: fx.Node) -> tuple[str, list[fx.Node], fx.Node] | None:
     """(activation, its nodes, its input) when `node` ends an activation written out inline
     (`g * torch.sigmoid(g)`): its input is the one non-elementwise node the arithmetic reads."""
-    seen, pending, starts = set(), [node], []
-    while pending and len(seen) <= ops.MAX_INLINE_ACTIVATION_NODES:
-        n = pending.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        if n.op in ("call_function", "call_method") and ops.is_elementwise(n):
-            pending += n.all_input_nodes
-        else:
-            starts.append(n)
-    if pending or len(starts) != 1:
-        return None
-    found = ops.inline_activation(starts[0])
-    return (found[0], found[1], starts[0]) if found is not None and found[1][-1] is node else None
+    start = ops.single_source(node, ops.is_elementwise)
+    found = None if start is None else ops.inline_activation(start)
+    return (found[0], found[1], start) if found is not None and found[1][-1] is node else None
 
 
 def _act_products(mul: fx.Node, gm: fx.GraphModule):

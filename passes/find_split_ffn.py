@@ -7,8 +7,9 @@ The parent's forward does not fx-trace (HF attention), but a method that wires t
 together does (`moeify.capture.capture_methods`), or the forward itself does with the children
 that do not trace called opaque (`moeify.capture.capture_wired`: DeBERTa, MPNet; one trace per
 flag value, `paths`); on that flattened trace `MLPRule` / `GatedRule` see the whole
-`dense -> act -> dense` path. A region must show on every path. This pass keeps the regions whose first and last Linear
-belong to different modules and checks that the two halves can be rewritten separately:
+`dense -> act -> dense` path, and a region must show on every path. This pass keeps the regions
+whose first and last Linear belong to different modules and checks that the two halves can be
+rewritten separately:
 
 - the head module's own forward is exactly `x -> dense -> act [-> dropout]` (it becomes identity);
 - the tail module's first input feeds only its dense (that call becomes the MoE, so dropout,
@@ -135,7 +136,7 @@ class FindSplitFFN(GraphPass):
             return Skip(where, f"{head} is also called from {', '.join(others)}, so its output may reach more than "
                                f"{tail}", f"call {head} only from {self.method}")
         head_gm, tail_gm = self.trace(self.parent.get_submodule(head)), self.trace(self.parent.get_submodule(tail))
-        in_head = [n for n in ffn.nodes if (ops.owner_of(n) or "") == head or n.target == ffn.linears["fc1"]]
+        in_head = [n for n in ffn.nodes if (ops.owner_of(n) or "") == head]
         head_nodes = self._head_path(head_gm, _leaf(ffn.linears["fc1"], head),
                                      [(n.op, _leaf(n.target, head) if n.op == "call_module" else n.target)
                                       for n in in_head])

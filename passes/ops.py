@@ -9,6 +9,7 @@ numerically against the supported ones, since model zoos carry many equivalent G
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -162,6 +163,25 @@ def is_elementwise(node: fx.Node) -> bool:
         known = node.op == "call_method" and node.target in _ELEMENTWISE_METHODS
     leaves = [*node.args, *node.kwargs.values()]
     return known and all(isinstance(a, (fx.Node, int, float, bool, str)) or a is None for a in leaves)
+
+
+def single_source(node: fx.Node, through: Callable[[fx.Node], bool],
+                  limit: int = MAX_INLINE_ACTIVATION_NODES) -> fx.Node | None:
+    """The one node `node` is computed from through nodes that `through` accepts (walking back over
+    their inputs, at most `limit` nodes), or None when there are several or the walk is longer."""
+    pending, seen, sources = [node], set(), set()
+    while pending:
+        n = pending.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if len(seen) > limit:
+            return None
+        if through(n):
+            pending += n.all_input_nodes
+        else:
+            sources.add(n)
+    return next(iter(sources)) if len(sources) == 1 else None
 
 
 def inline_activation(start: fx.Node) -> tuple[str, list[fx.Node]] | None:

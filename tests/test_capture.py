@@ -351,3 +351,22 @@ def test_an_input_the_example_leaves_none_that_only_flows_on_stays_an_input():
 def test_example_inputs_the_model_cannot_run_are_refused_saying_so():
     with pytest.raises(CaptureError, match="does not run on the example inputs .*pass example inputs"):
         moeify.convert(CrossOptional(cross=False), CFG, example_inputs=(torch.randn(4, 5),))
+
+
+class _Head(nn.Module):
+    def __init__(self, tail=None) -> None:
+        super().__init__()
+        self.dense, self.tail = nn.Linear(4, 8), tail
+
+    def forward(self, x):
+        h = F.dropout(F.gelu(self.dense(x)), 0.1, self.training)
+        return h if self.tail is None else self.tail(h)
+
+
+@pytest.mark.parametrize(("head", "looks_like_one"), [
+    (_Head(), True),  # dense -> act -> functional dropout (which reads the mode)
+    (_Head(nn.Identity()), True),  # a parameter-free module after it
+    (_Head(nn.LayerNorm(8)), False),  # a module with parameters after it: not a head
+])
+def test_a_split_head_is_recognised_on_its_own_trace(head, looks_like_one):
+    assert capture._returns_activated_linear(capture.trace(head)) is looks_like_one
