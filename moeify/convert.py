@@ -107,6 +107,8 @@ def find_regions(model: nn.Module, none_inputs: dict[str, frozenset[str]] | None
             result = FindFFNRegions(prefix=unit.path)(unit.graph_module)
         found += [FoundRegion(r, unit) for r in result.analysis]
         skipped += result.skipped
+    found, overlaps = _distinct_regions(found)
+    skipped += overlaps
     # a split FFN's halves were refused one by one on the siblings' own traces: drop those refusals
     claimed = {_join(f.unit.path, name) for f in found for name in f.region.linears.values()}
     skipped = [s for s in skipped if s.where not in claimed]
@@ -114,6 +116,34 @@ def find_regions(model: nn.Module, none_inputs: dict[str, frozenset[str]] | None
         order = {name: i for i, (name, _) in enumerate(model.named_modules())}
         found.sort(key=lambda f: order.get(f.owner, len(order)))
     return found, skipped, cap
+
+
+def _distinct_regions(found: list[FoundRegion]) -> tuple[list[FoundRegion], list[Skip]]:
+    """Each Linear converted once. A region can show on two traces: a child that traces on its own, and
+    its parent's forward traced around its untraceable children, which traces through that child
+    again (MobileBERT's FFN blocks inside its layers); it is kept on the unit found first (capture
+    lists forward traces before helper methods and wired forwards). Regions that share only some of
+    their Linears are both refused: converting one would take a Linear the other still calls."""
+    keys_of: dict[str, set[tuple[str, ...]]] = {}
+    for f in found:
+        for name in f.key:
+            keys_of.setdefault(name, set()).add(f.key)
+    kept: list[FoundRegion] = []
+    skipped: list[Skip] = []
+    seen: set[tuple[str, ...]] = set()
+    for f in found:
+        if f.key in seen:
+            continue
+        seen.add(f.key)
+        others = sorted({key for name in f.key for key in keys_of[name]} - {f.key})
+        if others:
+            skipped.append(Skip(f.owner, f"its Linears {', '.join(f.key)} also take part in the region "
+                                         f"{'; '.join(', '.join(key) for key in others)}: converting either would "
+                                         "take a Linear the other still calls",
+                                "exclude the owners of both with MoEConfig(exclude=...)"))
+        else:
+            kept.append(f)
+    return kept, skipped
 
 
 def _nearest(skipped: list[Skip], model: nn.Module | None = None, cap: capture_mod.Capture | None = None,
@@ -271,7 +301,12 @@ def _rewrite_owner(model: nn.Module, owner: str, group: list[FoundRegion], cfg: 
     regions = FindFFNRegions(prefix=prefix)(gm).analysis
     keys = {f.key for f in group}
     chosen = [r for r in regions if tuple(sorted(_join(prefix, n) for n in r.linears.values())) in keys]
-    if len(chosen) != len(group):
+    firsts: dict[tuple[str, ...], FFNRegion] = {}  # one per region, in order
+    calls: dict[tuple[str, ...], int] = {}  # its call sites: several where one FFN runs at every depth
+    for r in chosen:
+        firsts.setdefault(r.key, r)
+        calls[r.key] = calls.get(r.key, 0) + 1
+    if len(firsts) != len(group):
         raise CaptureError(f"{owner}: the region(s) found on the whole graph were not found again on the owner's own "
                            "trace; its forward may depend on its caller")
     rewrite = RewriteToMoE(chosen, _region_builder(cfg, generator))
@@ -284,12 +319,15 @@ def _rewrite_owner(model: nn.Module, owner: str, group: list[FoundRegion], cfg: 
         owner_module.activation_relu_or_gelu = False
     report.changes += [f"{owner or '<model>'}: {c}" for c in log.changes]
     report.skipped += log.skipped
-    for region, (name, layer) in zip(chosen, rewrite.installed.items(), strict=True):
+    for region, (name, layer) in zip(firsts.values(), rewrite.installed.items(), strict=True):
+        n = calls[region.key]
+        notes = list(region.notes) + ([f"called at {n} places of {owner or '<model>'}'s forward: one MoE layer, its "
+                                       "weights shared as the dense FFN's were"] if n > 1 else [])
         report.regions.append(RegionReport(
             name=_join(owner, name), owner=owner, kind=region.kind, activation=region.activation,
             d_model=region.d_model, d_ff=region.d_ff, linears=[_join(prefix, n) for n in region.linears.values()],
             capture=how, num_experts=layer.num_experts, top_k=getattr(layer.router, "top_k", cfg.top_k),
-            router=cfg.router, notes=list(region.notes), sharding=layer_sharding(gm, name)))
+            router=cfg.router, notes=notes, sharding=layer_sharding(gm, name)))
 
 
 def _rewrite_split(model: nn.Module, found: FoundRegion, cfg: MoEConfig, generator: torch.Generator,

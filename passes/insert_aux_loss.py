@@ -19,21 +19,34 @@ def _role(node: fx.Node) -> str | None:
     return node.meta.get("moeify", {}).get("role")
 
 
+def _site(node: fx.Node) -> tuple[str, int]:
+    info = node.meta["moeify"]
+    return info["layer"], info.get("site", 0)
+
+
 class InsertAuxLoss(GraphPass):
     def call(self, gm: fx.GraphModule) -> PassResult:
-        routers = {n.meta["moeify"]["layer"]: n for n in gm.graph.nodes if _role(n) == "router"}
+        routers = {_site(n): n for n in gm.graph.nodes if _role(n) == "router"}
+        combines = {_site(n): n for n in gm.graph.nodes if _role(n) == "combine"}
         have_aux = {n.meta["moeify"]["layer"] for n in gm.graph.nodes if _role(n) == "aux"}
+        sites_of: dict[str, int] = {}
+        for name, _ in routers:
+            sites_of[name] = sites_of.get(name, 0) + 1
         changes, skipped = [], []
-        for name, router in routers.items():
+        for (name, site), router in routers.items():
             if name in have_aux:
-                skipped.append(Skip(name, "already has an aux-loss node"))
+                if site == 0:
+                    skipped.append(Skip(name, "already has an aux-loss node"))
                 continue
-            combine = next(n for n in gm.graph.nodes if _role(n) == "combine" and n.meta["moeify"]["layer"] == name)
-            plan = combine.args[1]
-            with gm.graph.inserting_after(combine):
-                aux = gm.graph.call_module(f"{name}.aux", (router, plan))
-            aux.meta["moeify"] = {"layer": name, "role": "aux"}
-            changes.append(f"{name}: aux losses {sorted(gm.get_submodule(name).aux.coefs)} recorded on {name}.aux")
+            plan = combines[name, site].args[1]
+            # a layer called at several places records each call's losses under its site
+            args = (router, plan) if sites_of[name] == 1 else (router, plan, site)
+            with gm.graph.inserting_after(combines[name, site]):
+                aux = gm.graph.call_module(f"{name}.aux", args)
+            aux.meta["moeify"] = {"layer": name, "role": "aux", "site": site}
+            if site == 0:
+                changes.append(f"{name}: aux losses {sorted(gm.get_submodule(name).aux.coefs)} recorded on {name}.aux"
+                               + (f", summed over its {sites_of[name]} call sites" if sites_of[name] > 1 else ""))
         return PassResult(gm, modified=bool(changes), changes=changes, skipped=skipped)
 
     def ensures(self, gm: fx.GraphModule) -> None:

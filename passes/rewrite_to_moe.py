@@ -6,7 +6,9 @@
 The new `MoELayer` is installed at `<owner>.<name>` (`moe`, or `moe_<first linear>` when an owner
 holds several regions); its children are called one graph node each, so the graph shows routing,
 dispatch, expert compute and combine as separate steps. The dense Linear modules are removed.
-Every emitted node carries `node.meta["moeify"] = {"layer": name, "role": ...}`.
+Every emitted node carries `node.meta["moeify"] = {"layer": name, "role": ..., "site": ...}`. An FFN
+that the forward calls at several places (one FFN applied at every depth) becomes one layer called
+at each of them, numbered by `site`, so the MoE shares its weights as the dense FFN did.
 """
 
 from __future__ import annotations
@@ -32,11 +34,12 @@ def layer_name(region: FFNRegion, regions_in_owner: int) -> str:
     return f"{region.owner}.{leaf}" if region.owner else leaf
 
 
-def emit_moe_subgraph(graph: fx.Graph, name: str, layer: MoELayer, x: fx.Node) -> fx.Node:
-    """Append the MoE steps for `layer` (installed at `name`) reading `x`; returns the output node."""
+def emit_moe_subgraph(graph: fx.Graph, name: str, layer: MoELayer, x: fx.Node, site: int = 0) -> fx.Node:
+    """Append the MoE steps for `layer` (installed at `name`) reading `x`; returns the output node.
+    `site` numbers the places of one graph that call the same layer (its meta tells them apart)."""
 
     def tag(node: fx.Node, role: str) -> fx.Node:
-        node.meta["moeify"] = {"layer": name, "role": role}
+        node.meta["moeify"] = {"layer": name, "role": role, "site": site}
         return node
 
     x_TD = tag(graph.call_function(flatten_tokens, (x, layer.d_model)), "flatten")
@@ -76,31 +79,42 @@ class RewriteToMoE(GraphPass):
                                         "the graph you rewrite")
 
     def call(self, gm: fx.GraphModule) -> PassResult:
+        # a region called at several places of the graph (one FFN applied at every depth, its weights
+        # shared): one layer, called at each of them, so the MoE shares its weights as the dense FFN did
+        sites: dict[tuple[str, ...], list[FFNRegion]] = {}
+        for region in self.regions:
+            sites.setdefault(region.key, []).append(region)
         per_owner: dict[str, int] = {}
-        for region in self.regions:
-            per_owner[region.owner] = per_owner.get(region.owner, 0) + 1
+        for first, *_ in sites.values():
+            per_owner[first.owner] = per_owner.get(first.owner, 0) + 1
         changes = []
-        for region in self.regions:
-            name = layer_name(region, per_owner[region.owner])
-            layer = self.build_layer(region, gm)
+        for first, *others in sites.values():
+            name = layer_name(first, per_owner[first.owner])
+            layer = self.build_layer(first, gm)
             gm.add_submodule(name, layer)
-            with gm.graph.inserting_before(region.output):
-                out = emit_moe_subgraph(gm.graph, name, layer, region.input)
-            region.output.replace_all_uses_with(out)
-            inputs = [i for node in region.nodes for i in node.all_input_nodes if i not in region.nodes]
-            for node in reversed(region.nodes):
-                gm.graph.erase_node(node)
-            _erase_unused_mode_reads(gm.graph, inputs)
-            for target in region.linears.values():
+            for site, region in enumerate((first, *others)):
+                self._replace(gm, region, name, layer, site)
+            for target in first.linears.values():
                 for node in ops.reads_of(gm, target):  # reads the trace left unused (FindFFNRegions refuses used ones)
                     if not node.users:
                         gm.graph.erase_node(node)
                 _remove_submodule(gm, target)
             self.installed[name] = layer
-            linears = " + ".join(region.linears.values())
-            changes.append(f"{linears} ({region.describe()}) -> {name}: {layer.num_experts} experts, "
-                           f"top-{getattr(layer.router, 'top_k', '?')} {type(layer.router).__name__}")
+            linears = " + ".join(first.linears.values())
+            where = f", called at {1 + len(others)} places (weights shared as in the dense model)" if others else ""
+            changes.append(f"{linears} ({first.describe()}) -> {name}: {layer.num_experts} experts, "
+                           f"top-{getattr(layer.router, 'top_k', '?')} {type(layer.router).__name__}{where}")
         return PassResult(gm, modified=bool(self.regions), changes=changes)
+
+    @staticmethod
+    def _replace(gm: fx.GraphModule, region: FFNRegion, name: str, layer: MoELayer, site: int) -> None:
+        with gm.graph.inserting_before(region.output):
+            out = emit_moe_subgraph(gm.graph, name, layer, region.input, site)
+        region.output.replace_all_uses_with(out)
+        inputs = [i for node in region.nodes for i in node.all_input_nodes if i not in region.nodes]
+        for node in reversed(region.nodes):
+            gm.graph.erase_node(node)
+        _erase_unused_mode_reads(gm.graph, inputs)
 
     def ensures(self, gm: fx.GraphModule) -> None:
         targets = {n.target for n in gm.graph.nodes if n.op == "call_module"}

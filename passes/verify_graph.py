@@ -25,12 +25,13 @@ class VerifyGraph(GraphPass):
                 except AttributeError:
                     raise PostconditionError(f"node {node.name} calls missing module {node.target}") from None
             info = node.meta.get("moeify")
-            if info:
-                roles.setdefault(info["layer"], []).append(info["role"])
-        for name, seen in roles.items():
+            if info:  # (one list per call site of a layer)
+                roles.setdefault((info["layer"], info.get("site", 0)), []).append(info["role"])
+        for (name, _), seen in roles.items():
             ordered = [r for r in seen if r in REQUIRED_ORDER]
             if ordered != list(REQUIRED_ORDER):
                 raise PostconditionError(f"MoE layer {name} has steps {seen}; expected {list(REQUIRED_ORDER)}")
             if "aux" not in seen:
                 raise PostconditionError(f"MoE layer {name} has no aux-loss node: run InsertAuxLoss")
-        return PassResult(gm, modified=False, changes=[f"verified {len(roles)} MoE layer(s)"])
+        layers = {name for name, _ in roles}
+        return PassResult(gm, modified=False, changes=[f"verified {len(layers)} MoE layer(s)"])

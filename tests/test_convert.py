@@ -170,3 +170,22 @@ def test_the_callers_module_modes_are_left_as_they_were(example):
     assert set(before.values()) == {True, False}
     moeify.convert(model, moeify.MoEConfig(num_experts=4, top_k=2), example_inputs=ex.example_inputs())
     assert {name: m.training for name, m in model.named_modules()} == before
+
+
+def test_a_region_found_twice_is_kept_once_and_partial_overlaps_are_refused():
+    from types import SimpleNamespace
+
+    from moeify.convert import _distinct_regions
+
+    def region(owner, *linears, how="fx: submodule"):
+        return SimpleNamespace(owner=owner, key=tuple(sorted(linears)), unit=SimpleNamespace(how=how))
+
+    first, again = region("a", "a.fc1", "a.fc2"), region("b", "a.fc1", "a.fc2", how="wired")
+    other = region("d", "d.fc1")
+    kept, skipped = _distinct_regions([first, again, other])
+    assert (kept, skipped) == ([first, other], [])  # the same region found again is dropped without a word
+    partner = region("c", "a.fc2", "c.up")  # shares fc2: converting either takes a Linear the other calls
+    kept, skipped = _distinct_regions([first, again, partner, other])
+    assert kept == [other]
+    assert [s.where for s in skipped] == ["a", "c"]
+    assert "also take part in the region a.fc2, c.up" in skipped[0].reason

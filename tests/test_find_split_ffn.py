@@ -220,3 +220,51 @@ def test_only_a_forward_calling_a_head_like_child_is_traced_wired(layer, wired):
     capture_methods(model, cap)
     capture_wired(model, cap)
     assert any(u.method == "forward" for u in cap.units) is wired
+
+
+class FFNBlock(nn.Module):
+    """MobileBERT's FFNLayer: a split FFN whose own forward traces."""
+
+    def __init__(self):
+        super().__init__()
+        self.intermediate, self.output = Head(), Tail()
+
+    def forward(self, x):
+        return self.output(self.intermediate(x), x)
+
+
+class StackedLayer(nn.Module):
+    """MobileBERT's layer: an untraceable forward that runs FFN blocks and wires its own split FFN; its
+    wired trace traces through the blocks, so their regions show a second time there."""
+
+    def __init__(self):
+        super().__init__()
+        self.attention, self.ffn = Attention(), nn.ModuleList([FFNBlock(), FFNBlock()])
+        self.intermediate, self.output = Head(), Tail()
+
+    def forward(self, x):
+        a = self.attention(x)
+        for block in self.ffn:
+            a = block(a)
+        return self.output(self.intermediate(a), a)
+
+
+def test_a_region_seen_on_two_traces_is_converted_once():
+    torch.manual_seed(0)
+    dense = StackedLayer().eval()
+    x = torch.randn(3, 5, 8)
+    result = moeify.convert(dense, moeify.MoEConfig(num_experts=4, top_k=2), example_inputs=(x,))
+    layers = moeify.moe_layers(result.model)
+    assert sorted(layers) == ["ffn.0.moe", "ffn.1.moe", "output.moe"]
+    calls = {name: 0 for name in layers}
+    for name, layer in layers.items():  # every MoE layer runs (a second copy would sit unused)
+        layer.experts.register_forward_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(x), dense(x), atol=1e-5, rtol=1e-5)
+    assert calls == dict.fromkeys(layers, 1)
+    dense_params = sum(p.numel() for p in dense.parameters())
+    ffn_params = sum(p.numel() for p in dense.output.dense.parameters()) + sum(
+        p.numel() for p in dense.intermediate.dense.parameters())
+    assert sum(p.numel() for p in result.model.parameters()) == dense_params + 3 * (
+        (4 - 1) * ffn_params + 8 * 4)  # 3 FFNs: 4 experts each instead of one, plus a router (8 x 4)
+

@@ -38,3 +38,47 @@ def test_inserts_one_aux_node_per_layer_and_losses_reach_the_router():
     assert len(seen) == 2 and loss.item() == pytest.approx(want, rel=1e-5)
     loss.backward()
     assert gm.get_submodule("moe_fc1.router.gate").weight.grad.abs().sum() > 0
+
+
+class SharedDepth(torch.nn.Module):
+    """One FFN applied at every depth (weights shared across layers)."""
+
+    def __init__(self, depth: int = 3):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 8)
+        self.depth = depth
+
+    def forward(self, x):
+        for _ in range(self.depth):
+            x = x + self.fc2(self.act(self.fc1(x)))
+        return x
+
+
+def test_a_layer_called_at_every_depth_sums_its_losses_over_the_calls():
+    torch.manual_seed(0)
+    gm = trace(SharedDepth())
+    cfg = MoEConfig(num_experts=4, top_k=2, load_balance_coef=0.5, z_loss_coef=0.1)
+    rewrite = RewriteToMoE(FindFFNRegions()(gm).analysis, lambda r, g: build_moe_layer(cfg, dense_ffn(r, g)))
+    rewrite(gm)
+    result = InsertAuxLoss()(gm)
+    assert list(rewrite.installed) == ["moe"] and "summed over its 3 call sites" in result.changes[0]
+    aux_nodes = [n for n in gm.graph.nodes if n.meta.get("moeify", {}).get("role") == "aux"]
+    assert [n.args[2] for n in aux_nodes] == [0, 1, 2]
+    inputs = []
+    gm.get_submodule("moe.router").register_forward_pre_hook(lambda m, args: inputs.append(args[0].detach()))
+    x = torch.randn(5, 8)
+    for _ in range(2):  # a second forward replaces the first one's records, it does not add to them
+        inputs.clear()
+        gm(x)
+    loss = aux_loss(gm)
+    want = 0.0  # each call's losses from its own router input (Switch eq. 4 + z-loss), summed
+    weight = gm.get_submodule("moe.router.gate").weight.detach().double()
+    for x_TD in inputs:
+        logits = x_TD.double() @ weight.T
+        probs = logits.softmax(-1)
+        chosen = probs.topk(2, dim=-1).indices
+        f = torch.bincount(chosen.flatten(), minlength=4) / chosen.numel()
+        want += 0.5 * 4 * (f * probs.mean(0)).sum().item() + 0.1 * logits.logsumexp(-1).pow(2).mean().item()
+    assert len(inputs) == 3 and loss.item() == pytest.approx(want, rel=1e-5)
+    stats = gm.get_submodule("moe.aux").last_stats
+    assert int(stats["num_tokens"]) == 15 and int(stats["tokens_per_expert"].sum()) == 30

@@ -48,23 +48,45 @@ class AuxLossRecorder(nn.Module):
         self.coefs = dict(coefs)
         self.last_losses: dict[str, torch.Tensor] = {}
         self.last_stats: dict[str, torch.Tensor] = {}
+        self.site_records: dict[int, tuple[dict, dict]] = {}  # per call site of a layer called at several
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.coefs.items())
 
-    def forward(self, routing: Routing, plan: DispatchPlan | None = None) -> None:
-        self.last_losses = {name: coef * routing.losses[name]
-                            for name, coef in self.coefs.items() if coef > 0 and name in routing.losses}
+    def forward(self, routing: Routing, plan: DispatchPlan | None = None, site: int | None = None) -> None:
+        """Record one call's losses and statistics. A layer that its graph calls at several places gets
+        a `site` per place: the last forward's losses are then summed over the sites (each call's are
+        replaced by its next call's, so nothing piles up) and its statistics pooled."""
+        losses = {name: coef * routing.losses[name]
+                  for name, coef in self.coefs.items() if coef > 0 and name in routing.losses}
         with torch.no_grad():
             num_tokens = routing.logits_TE.shape[0]
             counts_E = count_indices(routing.expert_N, self.num_experts)
             p = routing.probs_TE.clamp_min(1e-12)
-            self.last_stats = {
+            stats = {
                 "tokens_per_expert": counts_E,
                 "num_tokens": torch.tensor(num_tokens),
                 "dropped_fraction": routing.losses.get("dropped_fraction", torch.zeros(())).detach(),
                 "gate_entropy": -(p * p.log()).sum(-1).mean(),
             }
+        if site is None:
+            self.last_losses, self.last_stats = losses, stats
+            return
+        self.site_records[site] = (losses, stats)
+        records = list(self.site_records.values())
+        self.last_losses = {name: sum(found[name] for found, _ in records) for name in losses}
+        with torch.no_grad():
+            tokens = sum(found["num_tokens"] for _, found in records)
+            self.last_stats = {
+                "tokens_per_expert": sum(found["tokens_per_expert"] for _, found in records),
+                "num_tokens": tokens,
+                **{key: sum(found[key] * found["num_tokens"] for _, found in records) / tokens.clamp_min(1)
+                   for key in ("dropped_fraction", "gate_entropy")},
+            }
+
+    def clear(self) -> None:
+        """Forget the last forward's losses and statistics."""
+        self.last_losses, self.last_stats, self.site_records = {}, {}, {}
 
     def total(self) -> torch.Tensor | None:
         if not self.last_losses:
