@@ -608,9 +608,8 @@ def export_onnx(model: nn.Module, example_inputs: Sequence[Any] = (), path: str 
     except ExportError:
         raise
     except Exception as exc:  # noqa: BLE001 - the exporter raises many types; one line says which
-        first = (str(exc).strip().splitlines() or [""])[0][:300]
         raise ExportError(f"torch.onnx.export failed on {type(model).__name__} in {mode} mode "
-                          f"({type(exc).__name__}: {first}); try mode='portable' or dynamic=False") from exc
+                          f"({_root_cause(exc)}); {_export_hint(exc, mode, dynamic)}") from exc
     model_proto = program.model_proto
     if table is not None and not any(o.domain == MSFT_DOMAIN for o in model_proto.opset_import):
         import onnx
@@ -618,7 +617,7 @@ def export_onnx(model: nn.Module, example_inputs: Sequence[Any] = (), path: str 
         model_proto.opset_import.append(onnx.helper.make_opsetid(MSFT_DOMAIN, 1))
     report.node_counts = _count_nodes(model_proto)
     _check_dynamic_axes(model_proto, report)
-    _validate_graph(model_proto, plans, report)
+    _validate_graph(model_proto, _fused_calls(model, bound, plans), report)
 
     if check:
         inputs = [bound]
@@ -666,7 +665,41 @@ def _check_dynamic_axes(model_proto, report: ExportReport) -> None:
                               "--static), or export in a fresh process")
 
 
-def _validate_graph(model_proto, plans, report: ExportReport) -> None:
+def _root_cause(exc: BaseException) -> str:
+    """`Type: first line` of the innermost exception behind `exc` (the exporter wraps the one that says
+    what went wrong in several of its own)."""
+    while (exc.__cause__ or exc.__context__) is not None:
+        exc = exc.__cause__ or exc.__context__
+    return f"{type(exc).__name__}: " + (str(exc).strip().splitlines() or [""])[0][:300]
+
+
+def _export_hint(exc: BaseException, mode: str, dynamic: bool) -> str:
+    if "cache_utils" in _root_cause(exc):  # a transformers Cache among the outputs: torch.export cannot flatten it
+        return "the model returns a transformers cache: pass use_cache=False in example_kwargs"
+    tries = (["mode='portable'"] if mode != "portable" else []) + (["dynamic=False"] if dynamic else [])
+    return f"try {' or '.join(tries)}" if tries else "please report it with the model"
+
+
+def _fused_calls(model: nn.Module, bound: dict[str, Any], plans) -> int:
+    """The com.microsoft.MoE nodes the fused graph must hold: calls of fused layers in one forward at the
+    example inputs (a layer that runs more than once, as ALBERT's layer shared across depth, is one
+    node per call)."""
+    fused = [stand_in for _, _, stand_in, _ in plans if stand_in.fused]
+    if not fused:
+        return 0
+    calls: list[nn.Module] = []
+    handles = [stand_in.register_forward_hook(lambda module, *_: calls.append(module)) for stand_in in fused]
+    try:
+        with torch.no_grad(), eval_mode(model), _lowered_layers(plans):
+            model(**bound)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return len(calls)
+
+
+def _validate_graph(model_proto, want: int, report: ExportReport) -> None:
+    """onnx.checker passes, the graph holds `want` com.microsoft.MoE nodes, and portable means portable."""
     import onnx
 
     try:
@@ -674,9 +707,9 @@ def _validate_graph(model_proto, plans, report: ExportReport) -> None:
     except onnx.checker.ValidationError as exc:
         raise ExportError(f"the exported graph fails onnx.checker ({str(exc).splitlines()[0]}); nothing was written") \
             from exc
-    want = sum(p[2].fused for p in plans)
     if report.num_moe_nodes != want:
-        raise ExportError(f"expected {want} com.microsoft.MoE node(s), the graph has {report.num_moe_nodes}")
+        raise ExportError(f"expected {want} com.microsoft.MoE node(s), one per call of a fused layer, the graph has "
+                          f"{report.num_moe_nodes}; please report this with the model")
     if report.mode == "portable" and any(k.startswith(f"{MSFT_DOMAIN}.") for k in report.node_counts):
         raise ExportError("the portable graph contains com.microsoft operators; please report this")
 

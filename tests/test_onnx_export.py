@@ -428,3 +428,69 @@ def test_export_saved_conversion(tmp_path):
     report = export_saved(tmp_path / "out", tmp_path / "model.onnx", mode="fused")
     assert report.num_moe_nodes == 2 and len(report.checks) == 2
     assert (tmp_path / "model.onnx").is_file()
+
+
+class SharedDepth(nn.Module):
+    """ALBERT's shape: one FFN block applied at every depth (weights shared across layers)."""
+
+    def __init__(self, depth: int = 3):
+        super().__init__()
+        self.fc1, self.act, self.fc2, self.depth = nn.Linear(D, FF), nn.ReLU(), nn.Linear(FF, D), depth
+
+    def forward(self, x):
+        for _ in range(self.depth):
+            x = x + self.fc2(self.act(self.fc1(x)))
+        return x
+
+
+def test_a_layer_run_at_every_depth_exports_one_fused_node_per_call(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, D)
+    model = moeify.convert(SharedDepth(), MoEConfig(num_experts=E, top_k=2), example_inputs=(x,)).model.eval()
+    with torch.no_grad():  # experts that differ, so routing matters
+        for p in model.moe.experts.parameters():
+            p.add_(torch.randn(p.shape) * 0.3 * float(p.std()))
+    assert len(moeify.moe_layers(model)) == 1
+    report = export_onnx(model, (x,), tmp_path / "shared.onnx", mode="fused")
+    assert report.num_moe_nodes == 3 and all(d <= ATOL_MODEL for _, d in report.checks)
+    session = open_session(str(tmp_path / "shared.onnx")).session
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        np.testing.assert_allclose(got, model(x).numpy(), atol=ATOL_LAYER, rtol=0)
+
+
+class _Box:  # not a pytree: torch.export cannot flatten an output holding it
+    def __init__(self, t):
+        self.t = t
+
+
+class ReturnsBox(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(D, FF), nn.ReLU(), nn.Linear(FF, D))
+
+    def forward(self, x):
+        return self.mlp(x), _Box(x)
+
+
+@pytest.mark.parametrize(("mode", "dynamic", "hint"), [("fused", True, "try mode='portable' or dynamic=False"),
+                                                       ("portable", True, "try dynamic=False"),
+                                                       ("portable", False, "please report it with the model")])
+def test_an_export_failure_names_its_root_cause_and_only_untried_options(mode, dynamic, hint, tmp_path):
+    x = torch.randn(2, 5, D)
+    model = moeify.convert(ReturnsBox(), MoEConfig(num_experts=E, top_k=2), example_inputs=(x,)).model
+    with pytest.raises(ExportError) as info:
+        export_onnx(model, (x,), tmp_path / "box.onnx", mode=mode, dynamic=dynamic)
+    message = str(info.value)
+    assert "_Box" in message and message.endswith(hint)  # the innermost error, not the exporter's "step 1/3"
+    assert not (tmp_path / "box.onnx").exists()
+
+
+@pytest.mark.slow
+def test_a_transformers_cache_among_the_outputs_is_named_with_its_fix(tmp_path):
+    ex = load_example("hf_causal_lm")
+    model = moeify.convert(ex.build_model(num_layers=1), MoEConfig(num_experts=E, top_k=2),
+                           example_inputs=ex.example_inputs()).model
+    with pytest.raises(ExportError, match="returns a transformers cache: pass use_cache=False in example_kwargs"):
+        export_onnx(model, ex.example_inputs(), tmp_path / "m.onnx", example_kwargs={"use_cache": True})
+    assert not (tmp_path / "m.onnx").exists()
