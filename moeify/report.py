@@ -24,6 +24,7 @@ class RegionReport:
     router: str
     notes: list[str] = field(default_factory=list)
     sharding: dict[str, Any] = field(default_factory=dict)
+    calls_per_forward: int = 1  # >1: its module runs several times per forward (reused across depth)
 
 
 def describe_sharding(sharding: dict[str, Any]) -> str:

@@ -102,7 +102,7 @@ def rebuild_dense(out_dir: str | os.PathLike, plan: dict[str, Any]) -> nn.Module
 
 def load(out_dir: str | os.PathLike, model: nn.Module | None = None):
     """Rebuild a saved conversion. Returns a `ConversionResult` whose `.model` holds the saved weights."""
-    from moeify.convert import convert  # local: convert imports this package's siblings
+    from moeify.convert import convert, set_calls_per_forward  # local: convert imports this package's siblings
 
     plan = read_plan(out_dir)
     cfg = MoEConfig.from_dict(plan["config"])
@@ -119,5 +119,6 @@ def load(out_dir: str | os.PathLike, model: nn.Module | None = None):
         raise SerializationError(f"{weights} does not fit the re-applied plan (missing {list(missing)[:5]}, "
                                  f"unexpected {list(unexpected)[:5]}): was the dense model built with the same sizes?")
     result.report = ConversionReport.from_dict(plan["report"])
+    set_calls_per_forward(result.model, result.report)
     result.source = plan.get("source")
     return result

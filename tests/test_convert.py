@@ -189,3 +189,51 @@ def test_a_region_found_twice_is_kept_once_and_partial_overlaps_are_refused():
     assert kept == [other]
     assert [s.where for s in skipped] == ["a", "c"]
     assert "also take part in the region a.fc2, c.up" in skipped[0].reason
+
+
+class _Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 8)
+
+    def forward(self, x):
+        return x + self.fc2(self.act(self.fc1(x)))
+
+
+class _Reused(torch.nn.Module):
+    """ALBERT's shape: one block module run at every depth by a forward that does not trace."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = _Block()
+
+    def forward(self, x):
+        if x.sum() > 1e9:  # breaks symbolic tracing
+            x = x * 0
+        for _ in range(3):
+            x = self.block(x)
+        return x
+
+
+def test_a_module_run_at_every_depth_sums_its_aux_losses_over_its_calls(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 8)
+    cfg = moeify.MoEConfig(num_experts=4, top_k=2, load_balance_coef=0.5, z_loss_coef=0.1)
+    result = moeify.convert(_Reused(), cfg, example_inputs=(x,))
+    (region,) = result.report.regions
+    assert region.calls_per_forward == 3 and "runs 3 times per forward" in region.notes[-1]
+    moeify.save(result, tmp_path / "out")
+    for model in (result.model, moeify.load(tmp_path / "out", model=_Reused()).model):
+        layer = model.block.moe
+        inputs = []
+        layer.router.register_forward_pre_hook(lambda m, args, seen=inputs: seen.append(args[0].detach()))
+        for _ in range(2):  # the second forward's calls replace the first one's
+            inputs.clear()
+            model(x)
+        want = 0.0  # each call's Switch eq. 4 + z-loss from its own router input, summed
+        for x_TD in inputs:
+            logits = x_TD.double() @ layer.router.gate.weight.detach().double().T
+            probs = logits.softmax(-1)
+            f = torch.bincount(probs.topk(2, dim=-1).indices.flatten(), minlength=4) / (2 * len(x_TD))
+            want += 0.5 * 4 * (f * probs.mean(0)).sum().item() + 0.1 * logits.logsumexp(-1).pow(2).mean().item()
+        assert len(inputs) == 3 and moeify.aux_loss(model).item() == pytest.approx(want, rel=1e-5)

@@ -49,14 +49,21 @@ class AuxLossRecorder(nn.Module):
         self.last_losses: dict[str, torch.Tensor] = {}
         self.last_stats: dict[str, torch.Tensor] = {}
         self.site_records: dict[int, tuple[dict, dict]] = {}  # per call site of a layer called at several
+        # a module run this many times per forward (reused across depth, as ALBERT's layer): its calls
+        # take the sites 0..n-1 in turn; set by the conversion, which counts them on the example inputs
+        self.calls_per_forward = 1
+        self._calls = 0
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.coefs.items())
 
     def forward(self, routing: Routing, plan: DispatchPlan | None = None, site: int | None = None) -> None:
         """Record one call's losses and statistics. A layer that its graph calls at several places gets
-        a `site` per place: the last forward's losses are then summed over the sites (each call's are
-        replaced by its next call's, so nothing piles up) and its statistics pooled."""
+        a `site` per place, and a module run several times per forward numbers its calls itself
+        (`calls_per_forward`): the last forward's losses are then summed over the sites (each call's
+        are replaced by its next call's, so nothing piles up) and its statistics pooled."""
+        if site is None and self.calls_per_forward > 1:
+            site, self._calls = self._calls % self.calls_per_forward, self._calls + 1
         losses = {name: coef * routing.losses[name]
                   for name, coef in self.coefs.items() if coef > 0 and name in routing.losses}
         with torch.no_grad():
@@ -86,7 +93,7 @@ class AuxLossRecorder(nn.Module):
 
     def clear(self) -> None:
         """Forget the last forward's losses and statistics."""
-        self.last_losses, self.last_stats, self.site_records = {}, {}, {}
+        self.last_losses, self.last_stats, self.site_records, self._calls = {}, {}, {}, 0
 
     def total(self) -> torch.Tensor | None:
         if not self.last_losses:
