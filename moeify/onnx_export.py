@@ -524,6 +524,11 @@ def _count_nodes(model_proto) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
+# ONNX operators that draw random numbers: an export check cannot match PyTorch through them
+RANDOM_OPS = frozenset({"RandomUniform", "RandomUniformLike", "RandomNormal", "RandomNormalLike", "Multinomial",
+                        "Bernoulli"})
+
+
 def _run_check(model_proto, model: nn.Module, bound_list: list[dict[str, Any]], plans, report: ExportReport) -> None:
     from moeify.inference import open_session
 
@@ -550,9 +555,12 @@ def _run_check(model_proto, model: nn.Module, bound_list: list[dict[str, Any]], 
         shape = _shape_text(bound)
         report.checks.append((shape, diff))
         if not diff <= report.atol:
+            random = sorted({n.op_type for n in model_proto.graph.node if n.op_type in RANDOM_OPS})
+            hint = (f"the graph draws random numbers ({', '.join(random)}), and onnxruntime draws other ones than "
+                    "PyTorch: make the forward deterministic in eval mode, or pass the randomness as an input "
+                    "(ViT-MAE: noise=...)" if random else "Try the other mode, or report it with the model")
             raise ExportError(f"onnxruntime's outputs differ from PyTorch's by {diff:.3g} (> atol {report.atol:g}) "
-                              f"at {shape} in {report.mode} mode; nothing was written. Try the other mode, or "
-                              "report it with the model")
+                              f"at {shape} in {report.mode} mode; nothing was written. {hint}")
 
 
 def export_onnx(model: nn.Module, example_inputs: Sequence[Any] = (), path: str | os.PathLike = "model.onnx", *,

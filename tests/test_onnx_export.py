@@ -494,3 +494,22 @@ def test_a_transformers_cache_among_the_outputs_is_named_with_its_fix(tmp_path):
     with pytest.raises(ExportError, match="returns a transformers cache: pass use_cache=False in example_kwargs"):
         export_onnx(model, ex.example_inputs(), tmp_path / "m.onnx", example_kwargs={"use_cache": True})
     assert not (tmp_path / "m.onnx").exists()
+
+
+class RandomMask(nn.Module):
+    """ViT-MAE's shape: the forward draws a random mask even in eval mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(D, FF), nn.ReLU(), nn.Linear(FF, D))
+
+    def forward(self, x):
+        return self.mlp(x) * (torch.rand(x.shape[:-1]) > 0.5).unsqueeze(-1)
+
+
+def test_a_check_failing_on_random_ops_says_so(tmp_path):
+    x = torch.randn(2, 5, D)
+    model = moeify.convert(RandomMask(), MoEConfig(num_experts=E, top_k=2), example_inputs=(x,)).model
+    with pytest.raises(ExportError, match=r"the graph draws random numbers \(RandomUniform"):
+        export_onnx(model, (x,), tmp_path / "r.onnx", mode="portable")
+    assert not (tmp_path / "r.onnx").exists()
