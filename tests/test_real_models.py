@@ -211,6 +211,13 @@ def _hf_families():
         # squared-ReLU experts (Primer's relu(x)^2)
         "nemotron": (lambda: T.NemotronForCausalLM(T.NemotronConfig(**small, num_key_value_heads=2, head_dim=16)),
                      "mlp", 2, "ids"),
+        # one layer module run at every depth: one MoE layer, its aux losses over both calls
+        "albert": (lambda: T.AlbertModel(T.AlbertConfig(**small, embedding_size=32, max_position_embeddings=64)),
+                   "mlp", 1, "ids"),
+        # FFN blocks that trace on their own and again inside the layer's wired trace: each converted once
+        "mobilebert": (lambda: T.MobileBertModel(T.MobileBertConfig(
+            **small, embedding_size=32, intra_bottleneck_size=32, true_hidden_size=32, max_position_embeddings=64)),
+                       "mlp", 8, "ids"),
         "distilbert": (lambda: T.DistilBertModel(T.DistilBertConfig(dim=64, hidden_dim=128, n_heads=4, n_layers=2,
                                                                     vocab_size=128)), "mlp", 2, "ids"),
         "clip-text": (lambda: T.CLIPTextModel(T.CLIPTextConfig(**clip, vocab_size=128)), "mlp", 2, "ids"),
@@ -248,6 +255,9 @@ def test_more_hf_families_convert_function_preserving(family):
     result = moeify.convert(dense, moeify.MoEConfig(num_experts=4, top_k=2), example_inputs=args,
                             example_kwargs=kwargs)
     assert [r.kind for r in result.report.regions] == [kind] * count
+    assert len(moeify.moe_layers(result.model)) == count  # and no second copy of any
+    calls = [r.calls_per_forward for r in result.report.regions]
+    assert calls == ([dense.config.num_hidden_layers] if family == "albert" else [1] * count)
     with torch.no_grad():
         want, got = dense(*args, **kwargs), result.model(*args, **kwargs)
     key = "logits" if "logits" in want else "last_hidden_state"
