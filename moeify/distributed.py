@@ -346,14 +346,12 @@ def _copy_model(model: nn.Module) -> nn.Module:
     layers = [m for m in model.modules() if isinstance(m, MoELayer)]
     memo: dict[int, Any] = {id(m.dispatch.group): m.dispatch.group for m in layers
                             if isinstance(m.dispatch, AllToAllDispatch)}
-    kept = [(m.aux, m.aux.last_losses, m.aux.last_stats, m.aux.site_records) for m in layers]
-    for aux, *_ in kept:
-        aux.clear()
+    kept = [(m.aux, m.aux.take_records()) for m in layers]
     try:
         return copy.deepcopy(model, memo)
     finally:
-        for aux, losses, stats, records in kept:
-            aux.last_losses, aux.last_stats, aux.site_records = losses, stats, records
+        for aux, records in kept:
+            aux.put_records(records)
 
 
 def _all_reduce_mean(grads: list[torch.Tensor], group, size: int) -> None:

@@ -16,8 +16,9 @@ def aux_losses(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
 def aux_loss(model: nn.Module) -> torch.Tensor:
     """Weighted sum of every MoE layer's aux losses from the last forward (a scalar with grad).
 
-    Add it to the task loss. Zero (without grad) when the model has no MoE layer or all
-    coefficients are zero.
+    Add it to the task loss. Zero (without grad) when the model has no MoE layer, all
+    coefficients are zero, or the forward ran with autograd off (`torch.no_grad()`, as in
+    inference): routers then compute no losses, since nothing can train on them.
     """
     total = None
     for losses in aux_losses(model).values():

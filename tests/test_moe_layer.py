@@ -120,3 +120,35 @@ def test_backends_agree_in_forward_and_backward(backend, D):
     assert got.keys() == want.keys()
     for name in want:  # backward through the per-token loop's autograd is the reference
         torch.testing.assert_close(got[name], want[name], atol=1e-4, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_a_layer_computes_only_the_losses_it_weighs_and_none_without_autograd():
+    layer = random_layer(4, 2, 8, 16, "gelu", False, True, "topk")
+    layer.router.loss_names = None  # a router on its own: every loss
+    seen = []
+    layer.router.register_forward_hook(lambda m, args, out: seen.append(set(out.losses)))
+    x = torch.randn(6, 8)
+    layer(x)
+    assert seen[-1] == {"load_balance", "z_loss", "importance"}
+    layer = random_layer(4, 2, 8, 16, "gelu", False, True, "topk")  # default coefficients: importance 0
+    layer.router.register_forward_hook(lambda m, args, out: seen.append(set(out.losses)))
+    layer(x)
+    assert seen[-1] == {"load_balance", "z_loss"} and set(layer.aux.last_losses) == {"load_balance", "z_loss"}
+    with torch.no_grad():
+        layer(x)
+    assert seen[-1] == set() and layer.aux.last_losses == {}
+    assert int(layer.aux.last_stats["tokens_per_expert"].sum()) == 12  # the statistics are still kept
+
+
+def test_statistics_are_those_of_the_last_forward():
+    layer = random_layer(4, 2, 8, 16, "gelu", False, True, "topk")
+    routed = []
+    layer.router.register_forward_hook(lambda m, args, out: routed.append(out))
+    for T in (5, 9):  # read after each forward: the second read is not the first one's cached answer
+        layer(torch.randn(T, 8))
+        stats, routing = layer.aux.last_stats, routed[-1]
+        want_E = torch.bincount(routing.expert_N, minlength=4)
+        p = routing.probs_TE.double()
+        entropy = -(p * p.log()).sum(-1).mean()
+        assert torch.equal(stats["tokens_per_expert"], want_E) and int(stats["num_tokens"]) == T
+        assert stats["gate_entropy"].item() == pytest.approx(entropy.item(), rel=1e-6)

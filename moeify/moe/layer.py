@@ -10,6 +10,8 @@ Auxiliary losses are kept on the layer's `aux` child (never in module globals) a
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
@@ -37,63 +39,108 @@ LOSS_COEF_FIELDS = {
 }
 
 
+class _StatsInputs(NamedTuple):
+    """What one call's router statistics are computed from, detached (computed when first read)."""
+    expert_N: torch.Tensor
+    probs_TE: torch.Tensor
+    dropped: torch.Tensor | None
+
+
 class AuxLossRecorder(nn.Module):
-    """Keeps the weighted aux losses and router statistics of the layer's last forward."""
+    """Keeps the weighted aux losses and router statistics of the layer's last forward.
+
+    The losses are the router's, weighted by `coefs`; the router computes only those with a
+    coefficient above 0, and none while autograd is off (see `_RouterBase.wants`). The statistics
+    are computed when `last_stats` is first read, so a forward that nobody inspects pays nothing
+    for them (at one token per step, as in decoding, they cost 5% of the layer).
+    """
 
     _is_impure = True  # a graph node calling it has no users: keep it through dead-code elimination
 
     def __init__(self, num_experts: int, coefs: dict[str, float]) -> None:
         super().__init__()
         self.num_experts = num_experts
-        self.coefs = dict(coefs)
+        self._coefs = tuple(coefs.items())  # fixed: the router was told which losses to compute
         self.last_losses: dict[str, torch.Tensor] = {}
-        self.last_stats: dict[str, torch.Tensor] = {}
-        self.site_records: dict[int, tuple[dict, dict]] = {}  # per call site of a layer called at several
+        # per call site of a layer called at several (one entry otherwise): (weighted losses, stats inputs)
+        self.site_records: dict[int, tuple[dict[str, torch.Tensor], _StatsInputs]] = {}
+        self._stats: dict[str, torch.Tensor] | None = None
         # a module run this many times per forward (reused across depth, as ALBERT's layer): its calls
         # take the sites 0..n-1 in turn; set by the conversion, which counts them on the example inputs
         self.calls_per_forward = 1
         self._calls = 0
 
+    @property
+    def coefs(self) -> dict[str, float]:
+        return dict(self._coefs)
+
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v}" for k, v in self.coefs.items())
+        return ", ".join(f"{k}={v}" for k, v in self._coefs)
 
     def forward(self, routing: Routing, plan: DispatchPlan | None = None, site: int | None = None) -> None:
-        """Record one call's losses and statistics. A layer that its graph calls at several places gets
-        a `site` per place, and a module run several times per forward numbers its calls itself
-        (`calls_per_forward`): the last forward's losses are then summed over the sites (each call's
-        are replaced by its next call's, so nothing piles up) and its statistics pooled."""
+        """Record one call's losses and what its statistics come from. A layer that its graph calls at
+        several places gets a `site` per place, and a module run several times per forward numbers
+        its calls itself (`calls_per_forward`): the last forward's losses are then summed over the
+        sites (each call's are replaced by its next call's, so nothing piles up) and its statistics
+        pooled."""
         if site is None and self.calls_per_forward > 1:
             site, self._calls = self._calls % self.calls_per_forward, self._calls + 1
-        losses = {name: coef * routing.losses[name]
-                  for name, coef in self.coefs.items() if coef > 0 and name in routing.losses}
-        with torch.no_grad():
-            num_tokens = routing.logits_TE.shape[0]
-            counts_E = count_indices(routing.expert_N, self.num_experts)
-            p = routing.probs_TE.clamp_min(1e-12)
-            stats = {
-                "tokens_per_expert": counts_E,
-                "num_tokens": torch.tensor(num_tokens),
-                "dropped_fraction": routing.losses.get("dropped_fraction", torch.zeros(())).detach(),
-                "gate_entropy": -(p * p.log()).sum(-1).mean(),
-            }
+        losses = {name: coef * routing.losses[name] for name, coef in self._coefs
+                  if coef > 0 and name in routing.losses}
+        dropped = routing.losses.get("dropped_fraction")
+        record = (losses, _StatsInputs(routing.expert_N.detach(), routing.probs_TE.detach(),
+                                       None if dropped is None else dropped.detach()))
         if site is None:
-            self.last_losses, self.last_stats = losses, stats
-            return
-        self.site_records[site] = (losses, stats)
-        records = list(self.site_records.values())
-        self.last_losses = {name: sum(found[name] for found, _ in records) for name in losses}
-        with torch.no_grad():
-            tokens = sum(found["num_tokens"] for _, found in records)
-            self.last_stats = {
-                "tokens_per_expert": sum(found["tokens_per_expert"] for _, found in records),
-                "num_tokens": tokens,
-                **{key: sum(found[key] * found["num_tokens"] for _, found in records) / tokens.clamp_min(1)
-                   for key in ("dropped_fraction", "gate_entropy")},
-            }
+            self.site_records = {0: record}
+            self.last_losses = losses
+        else:
+            self.site_records[site] = record
+            self.last_losses = {name: sum(found[name] for found, _ in self.site_records.values()) for name in losses}
+        self._stats = None
+
+    @property
+    def last_stats(self) -> dict[str, torch.Tensor]:
+        """Tokens per expert, tokens, dropped fraction and mean gate entropy of the last forward
+        (pooled over call sites); {} before the first."""
+        if self._stats is None and self.site_records:
+            self._stats = self._pooled([self._stats_of(inputs) for _, inputs in self.site_records.values()])
+        return self._stats or {}
+
+    @torch.no_grad()
+    def _stats_of(self, inputs: _StatsInputs) -> dict[str, torch.Tensor]:
+        p = inputs.probs_TE.clamp_min(1e-12)
+        return {
+            "tokens_per_expert": count_indices(inputs.expert_N, self.num_experts),
+            "num_tokens": torch.tensor(inputs.probs_TE.shape[0]),
+            "dropped_fraction": torch.zeros(()) if inputs.dropped is None else inputs.dropped,
+            "gate_entropy": -(p * p.log()).sum(-1).mean(),
+        }
+
+    @staticmethod
+    def _pooled(stats: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        if len(stats) == 1:
+            return stats[0]
+        tokens = sum(found["num_tokens"] for found in stats)
+        return {
+            "tokens_per_expert": sum(found["tokens_per_expert"] for found in stats),
+            "num_tokens": tokens,
+            **{key: sum(found[key] * found["num_tokens"] for found in stats) / tokens.clamp_min(1)
+               for key in ("dropped_fraction", "gate_entropy")},
+        }
+
+    def take_records(self) -> tuple:
+        """The last forward's records, removed (for a deepcopy, which refuses non-leaf tensors);
+        `put_records` gives them back."""
+        state = (self.last_losses, self.site_records, self._stats, self._calls)
+        self.clear()
+        return state
+
+    def put_records(self, state: tuple) -> None:
+        self.last_losses, self.site_records, self._stats, self._calls = state
 
     def clear(self) -> None:
         """Forget the last forward's losses and statistics."""
-        self.last_losses, self.last_stats, self.site_records, self._calls = {}, {}, {}, 0
+        self.last_losses, self.site_records, self._stats, self._calls = {}, {}, None, 0
 
     def total(self) -> torch.Tensor | None:
         if not self.last_losses:
@@ -116,6 +163,8 @@ class MoELayer(nn.Module):
         self.shared = shared
         self.shared_scale, self.routed_scale = shared_scale, routed_scale
         self.aux = AuxLossRecorder(experts.num_experts, coefs)
+        if hasattr(router, "loss_names"):  # compute only the losses this layer weighs
+            router.loss_names = frozenset(name for name, coef in coefs.items() if coef > 0)
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, num_experts={self.num_experts}, top_k={getattr(self.router, 'top_k', None)}"

@@ -22,6 +22,7 @@ the eager layer and in the rewritten graph alike.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -117,6 +118,13 @@ class _RouterBase(nn.Module):
         self.d_model, self.num_experts = d_model, num_experts
         self.gate = nn.Linear(d_model, num_experts, bias=bias, dtype=torch.float32)
         self.capacity: nn.Module | None = None  # a CapacityLimit, set by make_router
+        self.loss_names: frozenset[str] | None = None  # set by MoELayer from its coefficients; None: all
+
+    def wants(self, name: str) -> bool:
+        """Whether to compute the loss `name`. A router on its own computes every loss; inside an
+        MoE layer it computes only those the layer weighs (coefficient > 0), and none while autograd
+        is off, as in inference: nothing can train on them there."""
+        return self.loss_names is None or (name in self.loss_names and torch.is_grad_enabled())
 
     def init_weights(self, scale: float, generator: torch.Generator | None) -> None:
         init_router_weight(self.gate.weight, scale, generator)
@@ -136,17 +144,21 @@ class _RouterBase(nn.Module):
         plus `extra_losses`, then the capacity limit."""
         gate_TK = fill_gates(gate_TK, self.preserve_scale)
         token_N, expert_N, weight_N = token_major(idx_TK, gate_TK)
-        importance_E = torch.zeros_like(probs_TE).scatter(1, idx_TK, gate_TK).sum(0)
-        found = self.standard_losses(logits_TE, probs_TE, expert_N, importance_E) | extra_losses
-        return self.finish(Routing(token_N, expert_N, weight_N, logits_TE, probs_TE, found))
+        found = self.standard_losses(logits_TE, probs_TE, expert_N,
+                                     lambda: torch.zeros_like(probs_TE).scatter(1, idx_TK, gate_TK).sum(0))
+        return self.finish(Routing(token_N, expert_N, weight_N, logits_TE, probs_TE, found | extra_losses))
 
     def standard_losses(self, logits_TE: torch.Tensor, probs_TE: torch.Tensor, expert_N: torch.Tensor,
-                        importance_E: torch.Tensor) -> dict:
-        return {
-            "load_balance": losses.load_balancing_loss(probs_TE, expert_N, self.num_experts),
-            "z_loss": losses.router_z_loss(logits_TE),
-            "importance": losses.cv_squared(importance_E),
-        }
+                        importance_E: Callable[[], torch.Tensor]) -> dict:
+        """The losses every router has that `wants` asks for (`importance_E` is computed only if so)."""
+        found = {}
+        if self.wants("load_balance"):
+            found["load_balance"] = losses.load_balancing_loss(probs_TE, expert_N, self.num_experts)
+        if self.wants("z_loss"):
+            found["z_loss"] = losses.router_z_loss(logits_TE)
+        if self.wants("importance"):
+            found["importance"] = losses.cv_squared(importance_E())
+        return found
 
 
 class TopKRouter(_RouterBase):
@@ -223,11 +235,12 @@ class NoisyTopKRouter(_RouterBase):
         clean_TE, noisy_TE, std_TE = noisy_logits(x_TD, self.gate, self.noise, self.noise_eps, self.training)
         gate_TK, idx_TK = keep_topk_softmax(noisy_TE, self.top_k)
         probs_TE = noisy_TE.softmax(dim=-1)
-        if self.training:
-            load = losses.load_loss(clean_TE, noisy_TE, std_TE, self.top_k)
-        else:
-            load = losses.cv_squared(gates_to_load(idx_TK, self.num_experts, clean_TE.dtype))
-        return self.token_choice(idx_TK, gate_TK, clean_TE, probs_TE, load=load)
+        extra = {}
+        if self.wants("load") and self.training:
+            extra["load"] = losses.load_loss(clean_TE, noisy_TE, std_TE, self.top_k)
+        elif self.wants("load"):
+            extra["load"] = losses.cv_squared(gates_to_load(idx_TK, self.num_experts, clean_TE.dtype))
+        return self.token_choice(idx_TK, gate_TK, clean_TE, probs_TE, **extra)
 
 
 def expert_choice_capacity(num_tokens: int, top_k: int, factor: float, num_experts: int) -> int:
@@ -268,8 +281,8 @@ class ExpertChoiceRouter(_RouterBase):
             sum_T = weight_N.new_zeros(T).index_add(0, token_N, weight_N)
             deficit_T = (1.0 - sum_T) / chosen_T.clamp_min(1).to(sum_T.dtype)
             weight_N = weight_N + deficit_T.detach()[token_N]
-        gates_TE = torch.zeros_like(probs_TE).index_put((token_N, expert_N), weight_N)
-        found = self.standard_losses(logits_TE, probs_TE, expert_N, gates_TE.sum(0))
+        found = self.standard_losses(logits_TE, probs_TE, expert_N,
+                                     lambda: torch.zeros_like(probs_TE).index_put((token_N, expert_N), weight_N).sum(0))
         found["dropped_fraction"] = (chosen_T == 0).to(probs_TE.dtype).mean().detach()
         return self.finish(Routing(token_N, expert_N, weight_N, logits_TE, probs_TE, found))
 
@@ -347,13 +360,15 @@ class HierarchicalRouter(_RouterBase):
 
         probs_TE = (p_probs_TG.unsqueeze(-1) * s_probs.reshape(T, G, M)).reshape(T, -1)
         logits_TE = (p_clean_TG.log_softmax(-1).unsqueeze(-1) + s_clean.log_softmax(-1).reshape(T, G, M)).reshape(T, -1)
-        gates_TE = torch.zeros_like(probs_TE).index_put((token_N, expert_N), weight_N, accumulate=True)
-        found = {
-            "load_balance": losses.load_balancing_loss(probs_TE, expert_N, self.num_experts),
-            "z_loss": losses.router_z_loss(p_clean_TG) + losses.router_z_loss(s_clean),
-            "importance": losses.importance_loss(gates_TE),
-        }
-        if self.noisy:
+        found = {}
+        if self.wants("load_balance"):
+            found["load_balance"] = losses.load_balancing_loss(probs_TE, expert_N, self.num_experts)
+        if self.wants("z_loss"):
+            found["z_loss"] = losses.router_z_loss(p_clean_TG) + losses.router_z_loss(s_clean)
+        if self.wants("importance"):
+            found["importance"] = losses.importance_loss(
+                torch.zeros_like(probs_TE).index_put((token_N, expert_N), weight_N, accumulate=True))
+        if self.noisy and self.wants("load"):
             in_group_TG = torch.zeros_like(p_probs_TG).scatter(1, p_idx_TJ, 1.0)  # X^(g) membership
             load_G = p_load_TG.sum(0)
             sub_load_GM = (in_group_TG.unsqueeze(-1) * s_load.reshape(T, G, M)).sum(0)
