@@ -351,9 +351,9 @@ def _rewrite_owner(model: nn.Module, owner: str, group: list[FoundRegion], cfg: 
     report.changes += [f"{owner or '<model>'}: {c}" for c in log.changes]
     report.skipped += log.skipped
     for region, (name, layer) in zip(firsts.values(), rewrite.installed.items(), strict=True):
-        n = calls[region.key]
-        notes = list(region.notes) + ([f"called at {n} places of {owner or '<model>'}'s forward: one MoE layer, its "
-                                       "weights shared as the dense FFN's were"] if n > 1 else [])
+        sites = calls[region.key]
+        notes = list(region.notes) + ([f"called at {sites} places of {owner or '<model>'}'s forward: one MoE layer, "
+                                       "its weights shared as the dense FFN's were"] if sites > 1 else [])
         report.regions.append(RegionReport(
             name=_join(owner, name), owner=owner, kind=region.kind, activation=region.activation,
             d_model=region.d_model, d_ff=region.d_ff, linears=[_join(prefix, n) for n in region.linears.values()],
