@@ -29,7 +29,7 @@ from moeify.compare import abs_diff
 from moeify.config import MoEConfig
 from moeify.errors import CaptureError, NoFFNRegionError, VerificationError
 from moeify.moe.build import DenseFFN, build_moe_layer
-from moeify.moe.layer import MoELayer
+from moeify.moe.layer import MoELayer, install_forward_marker
 from moeify.moe.projection import build_projection_layer
 from moeify.passes import ops
 from moeify.passes.annotate_sharding import AnnotateSharding, layer_sharding
@@ -274,6 +274,7 @@ def _convert(model: nn.Module, cfg: MoEConfig, example_inputs: tuple, example_kw
         for child in module.children():
             if isinstance(child, MoELayer):
                 child.train(module.training)
+    install_forward_marker(converted)
     report.params_after = count_params(converted)
     report.active_params_per_token = active_params(converted)
     result = ConversionResult(converted, report, cfg, source=source_record,

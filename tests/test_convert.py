@@ -237,3 +237,37 @@ def test_a_module_run_at_every_depth_sums_its_aux_losses_over_its_calls(tmp_path
             f = torch.bincount(probs.topk(2, dim=-1).indices.flatten(), minlength=4) / (2 * len(x_TD))
             want += 0.5 * 4 * (f * probs.mean(0)).sum().item() + 0.1 * logits.logsumexp(-1).pow(2).mean().item()
         assert len(inputs) == 3 and moeify.aux_loss(model).item() == pytest.approx(want, rel=1e-5)
+
+
+class _LayerDrop(torch.nn.Module):
+    """wav2vec2's and HuBERT's shape: training skips each layer with some probability (LayerDrop)."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([_Block(), _Block()])
+        self.skip: set[int] = set()  # the layers this forward drops (drawn at random in the real models)
+
+    def forward(self, x):
+        for i, block in enumerate(self.blocks):
+            if not (self.training and i in self.skip):
+                x = block(x)
+        return x
+
+
+def test_a_layer_the_forward_skips_adds_no_loss_of_an_earlier_step():
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 8)
+    model = moeify.convert(_LayerDrop(), moeify.MoEConfig(num_experts=4, top_k=2), example_inputs=(x,)).model.train()
+    model(x).square().mean().add(moeify.aux_loss(model)).backward()  # frees the step's graph
+    assert [r.layer for r in moeify.router_stats(model)] == ["blocks.0.moe", "blocks.1.moe"]
+    model.skip = {0}
+    model(x)
+    assert set(moeify.aux_losses(model)["blocks.0.moe"]) == set()  # not the first step's losses
+    assert [r.layer for r in moeify.router_stats(model)] == ["blocks.1.moe"]
+    loss = moeify.aux_loss(model)
+    loss.backward()  # the first step's graph is not reached again
+    want = sum(moeify.aux_losses(model)["blocks.1.moe"].values())
+    assert loss.item() == pytest.approx(want.item())
+    model.skip = set()
+    model(x)  # the skipped layer reports again once it runs
+    assert all(moeify.aux_losses(model).values())

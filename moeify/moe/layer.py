@@ -61,7 +61,11 @@ class AuxLossRecorder(nn.Module):
         super().__init__()
         self.num_experts = num_experts
         self._coefs = tuple(coefs.items())  # fixed: the router was told which losses to compute
-        self.last_losses: dict[str, torch.Tensor] = {}
+        self._losses: dict[str, torch.Tensor] = {}
+        # False from the start of a forward of the converted model (`mark_new_forward`) until this
+        # layer records: a layer the forward skipped (LayerDrop) then reports nothing, rather than
+        # an earlier step's losses whose graph a backward has already freed
+        self.fresh = True
         # per call site of a layer called at several (one entry otherwise): (weighted losses, stats inputs)
         self.site_records: dict[int, tuple[dict[str, torch.Tensor], _StatsInputs]] = {}
         self._stats: dict[str, torch.Tensor] | None = None
@@ -83,6 +87,8 @@ class AuxLossRecorder(nn.Module):
         its calls itself (`calls_per_forward`): the last forward's losses are then summed over the
         sites (each call's are replaced by its next call's, so nothing piles up) and its statistics
         pooled."""
+        if not self.fresh:  # the first call of this forward
+            self.site_records, self._calls, self.fresh = {}, 0, True
         if site is None and self.calls_per_forward > 1:
             site, self._calls = self._calls % self.calls_per_forward, self._calls + 1
         losses = {name: coef * routing.losses[name] for name, coef in self._coefs
@@ -92,16 +98,23 @@ class AuxLossRecorder(nn.Module):
                                        None if dropped is None else dropped.detach()))
         if site is None:
             self.site_records = {0: record}
-            self.last_losses = losses
+            self._losses = losses
         else:
             self.site_records[site] = record
-            self.last_losses = {name: sum(found[name] for found, _ in self.site_records.values()) for name in losses}
+            self._losses = {name: sum(found[name] for found, _ in self.site_records.values()) for name in losses}
         self._stats = None
+
+    @property
+    def last_losses(self) -> dict[str, torch.Tensor]:
+        """The weighted losses of the last forward (summed over call sites); {} if it did not run."""
+        return self._losses if self.fresh else {}
 
     @property
     def last_stats(self) -> dict[str, torch.Tensor]:
         """Tokens per expert, tokens, dropped fraction and mean gate entropy of the last forward
-        (pooled over call sites); {} before the first."""
+        (pooled over call sites); {} before the first, or if the last forward did not run it."""
+        if not self.fresh:
+            return {}
         if self._stats is None and self.site_records:
             self._stats = self._pooled([self._stats_of(inputs) for _, inputs in self.site_records.values()])
         return self._stats or {}
@@ -131,16 +144,32 @@ class AuxLossRecorder(nn.Module):
     def take_records(self) -> tuple:
         """The last forward's records, removed (for a deepcopy, which refuses non-leaf tensors);
         `put_records` gives them back."""
-        state = (self.last_losses, self.site_records, self._stats, self._calls)
+        state = (self._losses, self.site_records, self._stats, self._calls)
         self.clear()
         return state
 
     def put_records(self, state: tuple) -> None:
-        self.last_losses, self.site_records, self._stats, self._calls = state
+        self._losses, self.site_records, self._stats, self._calls = state
 
     def clear(self) -> None:
         """Forget the last forward's losses and statistics."""
-        self.last_losses, self.site_records, self._stats, self._calls = {}, {}, None, 0
+        self._losses, self.site_records, self._stats, self._calls = {}, {}, None, 0
+
+
+def mark_new_forward(model: nn.Module, args: tuple) -> None:
+    """Forward pre-hook of a converted model: a forward begins, so every MoE layer's records are the
+    previous forward's until the layer runs again (`AuxLossRecorder.fresh`)."""
+    for recorder in model._moeify_recorders:
+        recorder.fresh = False
+
+
+def install_forward_marker(model: nn.Module) -> None:
+    """Have `model`'s forward mark its MoE layers' records as the previous forward's when it begins
+    (`mark_new_forward`), so a layer the forward skips, as LayerDrop does, adds no loss of an earlier
+    step to `moeify.aux_loss`. The hook is a module-level function and the recorders a plain list
+    on the model: deepcopy, pickling and `torch.compile` (which only writes the flags) keep working."""
+    model._moeify_recorders = [m for m in model.modules() if isinstance(m, AuxLossRecorder)]
+    model.register_forward_pre_hook(mark_new_forward)
 
     def total(self) -> torch.Tensor | None:
         if not self.last_losses:
