@@ -82,6 +82,9 @@ def test_grouped_experts_match_per_token_loop(backend, gated, activation, bias, 
     grad_ND = torch.randn(x_ND.shape[0], 16)
 
     y = experts(x_ND, counts_E)
+    with torch.no_grad():  # inference runs the same products without an autograd node or saved state
+        y_inference = experts(x_ND, counts_E)
+    assert y_inference.grad_fn is None and torch.equal(y_inference, y.detach())
     y.backward(grad_ND)
     got = {"x": x_ND.grad.clone(), **{n: p.grad.clone() for n, p in experts.named_parameters()}}
     x_ND.grad = None

@@ -15,9 +15,11 @@ smaller matmuls, and the weight gradient accumulated over blocks). When every ex
 few rows, the experts run as one padded batched matmul instead (see PAD_MAX_ROWS). On accelerators
 `grouped_mm` stays the better choice (one kernel, no host sync).
 
-Saved for backward, per row: the pre-activation, the up projection (gated), the fc2 input, and the
-dropout mask when expert dropout is active: what nn.Linear + activation would save, minus act(a1)
-of gated experts, which is recomputed from the cached block in backward.
+Without a gradient to compute (inference), `expert_ffn` runs the same blocks with no autograd node and
+nothing kept for a backward. Saved for backward, per row: the pre-activation, the up projection
+(gated), the fc2 input, and the dropout mask when expert dropout is active: what nn.Linear +
+activation would save, minus act(a1) of gated experts, which is recomputed from the cached block in
+backward.
 """
 
 from __future__ import annotations
@@ -146,12 +148,12 @@ class _Layout:
                  if 0 < capacity <= PAD_MAX_ROWS else None)
         self.batch = None if batch is None else range(num_experts)[batch]  # the padded batch's experts
         self.blocks: list[tuple[int | slice, slice, bool]] = []
-        if batch is not None:
-            sizes_E = torch.tensor(sizes, device=device)
-            expert_N = torch.repeat_interleave(torch.arange(num_experts, device=device), sizes_E)
-            starts_E = torch.cumsum(sizes_E, 0) - sizes_E
-            self.index = ((expert_N - batch.start) // batch.step,
-                          torch.arange(expert_N.shape[0], device=device) - starts_E[expert_N])
+        if batch is not None:  # each row's (expert in the batch, row in it): at most 32 per expert, on the host
+            expert_N, row_N = [], []
+            for e, n in enumerate(sizes):
+                expert_N += [(e - batch.start) // batch.step] * n
+                row_N += range(n)
+            self.index = (torch.tensor(expert_N, device=device), torch.tensor(row_N, device=device))
             self.capacity = capacity
             self.blocks.append((batch, slice(None), True))
             return
@@ -204,34 +206,53 @@ def _sum_into(out: torch.Tensor, a: torch.Tensor, accumulate: bool) -> None:
         torch.sum(a, -2, out=out)
 
 
+def _run_blocks(x: torch.Tensor, layout: _Layout, activation: str, dropout: float, params: tuple,
+                saved: list | None) -> torch.Tensor:
+    """The experts over the layout's blocks of `x` (padded or not); returns the unpadded (N, O) output.
+    Each block's (a1, a3, h, keep) is appended to `saved` when given (what the backward reads)."""
+    w1_EFD, b1_EF, w2_EOF, b2_EO, w3_EFD, b3_EF = params
+    N = sum(layout.sizes)
+    y = x.new_empty(layout.rows(N, w2_EOF.shape[1]))
+    for e, rows, _ in layout.blocks:
+        x_b = x[rows]
+        a1_b = _linear_out(x_b, _pick(w1_EFD, e), _pick(b1_EF, e))
+        h_b = _act_forward(activation, a1_b, torch.empty_like(a1_b))
+        a3_b = keep_b = None
+        if w3_EFD is not None:
+            a3_b = _linear_out(x_b, _pick(w3_EFD, e), _pick(b3_EF, e))
+            h_b.mul_(a3_b)
+        if dropout > 0:
+            keep_b = torch.bernoulli(torch.full_like(h_b, 1.0 - dropout)).bool()
+            h_b.mul_(keep_b).div_(1.0 - dropout)
+        _linear_out(h_b, _pick(w2_EOF, e), _pick(b2_EO, e), y[rows])
+        if saved is not None:
+            saved.append((a1_b, a3_b, h_b, keep_b))
+    return layout.unpad(y)
+
+
+def expert_ffn(x_ND: torch.Tensor, sizes: list[int], activation: str, dropout: float, buffers, *params) -> torch.Tensor:
+    """The experts of `ExpertFFNLoop` on expert-sorted rows: through the autograd function when a
+    gradient will be asked for, else straight (no state kept for a backward, no autograd node)."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x_ND, *params)):
+        return ExpertFFNLoop.apply(x_ND, sizes, activation, dropout, buffers, *params)
+    layout = _Layout(list(sizes), params[0].shape[0], x_ND.device)
+    return _run_blocks(layout.pad(x_ND), layout, activation, dropout, params, None)
+
+
 class ExpertFFNLoop(torch.autograd.Function):
     """y = w2(drop(act(w1 x + b1) [* (w3 x + b3)])) + b2 per expert group of rows."""
 
     @staticmethod
     def forward(ctx, x_ND, sizes, activation, dropout, buffers, w1_EFD, b1_EF, w2_EOF, b2_EO, w3_EFD, b3_EF):  # noqa: D102
-        N, E, d_out = x_ND.shape[0], w1_EFD.shape[0], w2_EOF.shape[1]
-        layout = _Layout(list(sizes), E, x_ND.device)
+        layout = _Layout(list(sizes), w1_EFD.shape[0], x_ND.device)
         x = layout.pad(x_ND)
-        y = x.new_empty(layout.rows(N, d_out))
         saved = []  # per block: (a1, a3, h, keep)
-        for e, rows, _ in layout.blocks:
-            x_b = x[rows]
-            a1_b = _linear_out(x_b, _pick(w1_EFD, e), _pick(b1_EF, e))
-            h_b = _act_forward(activation, a1_b, torch.empty_like(a1_b))
-            a3_b = keep_b = None
-            if w3_EFD is not None:
-                a3_b = _linear_out(x_b, _pick(w3_EFD, e), _pick(b3_EF, e))
-                h_b.mul_(a3_b)
-            if dropout > 0:
-                keep_b = torch.bernoulli(torch.full_like(h_b, 1.0 - dropout)).bool()
-                h_b.mul_(keep_b).div_(1.0 - dropout)
-            _linear_out(h_b, _pick(w2_EOF, e), _pick(b2_EO, e), y[rows])
-            saved.append((a1_b, a3_b, h_b, keep_b))
+        y = _run_blocks(x, layout, activation, dropout, (w1_EFD, b1_EF, w2_EOF, b2_EO, w3_EFD, b3_EF), saved)
         ctx.layout, ctx.activation, ctx.dropout, ctx.saved_blocks = layout, activation, dropout, saved
         ctx.buffers = buffers
         ctx.has_bias = (b1_EF is not None, b2_EO is not None, b3_EF is not None)
         ctx.save_for_backward(x, w1_EFD, w2_EOF, w3_EFD)  # x: the rows as the blocks read them (padded or not)
-        return layout.unpad(y)
+        return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # hand-written: no gradient of the gradient

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeify.errors import ConfigError
-from moeify.moe.expert_loop import QUICK_GELU_SCALE, ExpertFFNLoop
+from moeify.moe.expert_loop import QUICK_GELU_SCALE, expert_ffn
 from moeify.moe.grad_buffers import GradBuffers
 
 
@@ -239,8 +239,7 @@ class GroupedExperts(nn.Module):
             params = [None if p is None else p.to(dtype) for p in (self.w1_EFD, self.b1_EF, self.w2_EDF,
                                                                   self.b2_ED, self.w3_EFD, self.b3_EF)]
             dropout = self.dropout if self.training else 0.0
-            return ExpertFFNLoop.apply(x_ND.to(dtype), counts_E.tolist(), self.activation, dropout,
-                                       self.grad_buffers, *params)
+            return expert_ffn(x_ND.to(dtype), counts_E.tolist(), self.activation, dropout, self.grad_buffers, *params)
         offs_E = torch.cumsum(counts_E, 0).to(torch.int32)
         act = activation_fn(self.activation)
         h_NF = act(grouped_linear(x_ND, self.w1_EFD, self.b1_EF, counts_E, offs_E, backend))
