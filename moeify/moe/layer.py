@@ -167,7 +167,8 @@ def install_forward_marker(model: nn.Module) -> None:
     """Have `model`'s forward mark its MoE layers' records as the previous forward's when it begins
     (`mark_new_forward`), so a layer the forward skips, as LayerDrop does, adds no loss of an earlier
     step to `moeify.aux_loss`. The hook is a module-level function and the recorders a plain list
-    on the model: deepcopy, pickling and `torch.compile` (which only writes the flags) keep working."""
+    on the model, so a deepcopy of the model marks its own copies; under `torch.compile` the hook
+    only writes the flags (no guard on them, no recompile)."""
     model._moeify_recorders = [m for m in model.modules() if isinstance(m, AuxLossRecorder)]
     model.register_forward_pre_hook(mark_new_forward)
 
