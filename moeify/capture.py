@@ -436,6 +436,19 @@ def observe_none_inputs(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -
 
 
 @contextmanager
+def counting_calls(modules: dict[str, nn.Module]):
+    """{name: calls of that module} while the block runs (forward hooks, removed afterwards)."""
+    calls = dict.fromkeys(modules, 0)
+    handles = [module.register_forward_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
+               for name, module in modules.items()]
+    try:
+        yield calls
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
 def eval_mode(model: nn.Module):
     """Run `model` in eval mode; afterwards every module has its own mode back."""
     modes = {m: m.training for m in model.modules()}

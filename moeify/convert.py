@@ -281,33 +281,20 @@ def _convert(model: nn.Module, cfg: MoEConfig, example_inputs: tuple, example_kw
                               regions=[list(found[i].key) for i in selected],
                               none_inputs=none_inputs)
     if verify and (example_inputs or example_kwargs):
-        with _counting_calls(converted) as calls:
+        with capture_mod.counting_calls({name: layer.aux for name, layer in moe_layers(converted).items()}) as calls:
             check_outputs(model, converted, example_inputs, example_kwargs, report, atol)
         set_calls_per_forward(converted, report, calls)
     return result
 
 
-@contextmanager
-def _counting_calls(model: nn.Module):
-    """{MoE layer name: calls of its aux recorder without a site} while the block runs."""
-    calls: dict[str, int] = {}
-    handles = [layer.aux.register_forward_hook(
-        lambda module, args, out, name=name: calls.__setitem__(name, calls.get(name, 0) + (len(args) < 3)))
-        for name, layer in moe_layers(model).items()]
-    try:
-        yield calls
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 def set_calls_per_forward(model: nn.Module, report: ConversionReport, calls: dict[str, int] | None = None) -> None:
-    """Tell each MoE layer whose module runs several times per forward (a layer reused across depth, as
-    ALBERT's) how many, so its aux losses sum over all of them: counted on the example forward
-    (`calls`), or, for a loaded model, read back from the report."""
+    """Tell each MoE layer that runs several times per forward how many, so its aux losses sum over all
+    of them: the places its graph calls it (already in the report), times the uses of a module
+    reused across depth (ALBERT's layer), counted on the example forward (`calls`); for a loaded
+    model, read back from the report."""
     layers = moe_layers(model)
     for region in report.regions:
-        if calls is not None and calls.get(region.name, 1) > 1:
+        if calls is not None and calls.get(region.name, 1) > region.calls_per_forward:
             region.calls_per_forward = calls[region.name]
             region.notes.append(f"its module runs {region.calls_per_forward} times per forward on the example "
                                 "inputs: aux losses summed over the last that many calls")
@@ -359,7 +346,7 @@ def _rewrite_owner(model: nn.Module, owner: str, group: list[FoundRegion], cfg: 
             name=_join(owner, name), owner=owner, kind=region.kind, activation=region.activation,
             d_model=region.d_model, d_ff=region.d_ff, linears=[_join(prefix, n) for n in region.linears.values()],
             capture=how, num_experts=layer.num_experts, top_k=getattr(layer.router, "top_k", cfg.top_k),
-            router=cfg.router, notes=notes, sharding=layer_sharding(gm, name)))
+            router=cfg.router, notes=notes, sharding=layer_sharding(gm, name), calls_per_forward=sites))
 
 
 def _rewrite_split(model: nn.Module, found: FoundRegion, cfg: MoEConfig, generator: torch.Generator,

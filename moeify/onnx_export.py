@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moeify.capture import eval_mode
+from moeify.capture import counting_calls, eval_mode
 from moeify.compare import abs_diff
 from moeify.errors import ExportError
 from moeify.moe.experts import GroupedExperts, activation_fn
@@ -616,8 +616,9 @@ def export_onnx(model: nn.Module, example_inputs: Sequence[Any] = (), path: str 
     except ExportError:
         raise
     except Exception as exc:  # noqa: BLE001 - the exporter raises many types; one line says which
+        root = _root_cause(exc)
         raise ExportError(f"torch.onnx.export failed on {type(model).__name__} in {mode} mode "
-                          f"({_root_cause(exc)}); {_export_hint(exc, mode, dynamic)}") from exc
+                          f"({root}); {_export_hint(root, mode, dynamic)}") from exc
     model_proto = program.model_proto
     if table is not None and not any(o.domain == MSFT_DOMAIN for o in model_proto.opset_import):
         import onnx
@@ -681,8 +682,9 @@ def _root_cause(exc: BaseException) -> str:
     return f"{type(exc).__name__}: " + (str(exc).strip().splitlines() or [""])[0][:300]
 
 
-def _export_hint(exc: BaseException, mode: str, dynamic: bool) -> str:
-    if "cache_utils" in _root_cause(exc):  # a transformers Cache among the outputs: torch.export cannot flatten it
+def _export_hint(root: str, mode: str, dynamic: bool) -> str:
+    """What to try after the export failed with `root` (`_root_cause`), given the options in use."""
+    if "cache_utils" in root:  # a transformers Cache among the outputs: torch.export cannot flatten it
         return "the model returns a transformers cache: pass use_cache=False in example_kwargs"
     tries = (["mode='portable'"] if mode != "portable" else []) + (["dynamic=False"] if dynamic else [])
     return f"try {' or '.join(tries)}" if tries else "please report it with the model"
@@ -692,18 +694,12 @@ def _fused_calls(model: nn.Module, bound: dict[str, Any], plans) -> int:
     """The com.microsoft.MoE nodes the fused graph must hold: calls of fused layers in one forward at the
     example inputs (a layer that runs more than once, as ALBERT's layer shared across depth, is one
     node per call)."""
-    fused = [stand_in for _, _, stand_in, _ in plans if stand_in.fused]
+    fused = {name: stand_in for name, _, stand_in, _ in plans if stand_in.fused}
     if not fused:
         return 0
-    calls: list[nn.Module] = []
-    handles = [stand_in.register_forward_hook(lambda module, *_: calls.append(module)) for stand_in in fused]
-    try:
-        with torch.no_grad(), eval_mode(model), _lowered_layers(plans):
-            model(**bound)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return len(calls)
+    with counting_calls(fused) as calls, torch.no_grad(), eval_mode(model), _lowered_layers(plans):
+        model(**bound)
+    return sum(calls.values())
 
 
 def _validate_graph(model_proto, want: int, report: ExportReport) -> None:

@@ -26,27 +26,21 @@ def _site(node: fx.Node) -> tuple[str, int]:
 
 class InsertAuxLoss(GraphPass):
     def call(self, gm: fx.GraphModule) -> PassResult:
+        # (layer, site): a layer the graph calls at several places gets an aux node after each
         routers = {_site(n): n for n in gm.graph.nodes if _role(n) == "router"}
         combines = {_site(n): n for n in gm.graph.nodes if _role(n) == "combine"}
         have_aux = {n.meta["moeify"]["layer"] for n in gm.graph.nodes if _role(n) == "aux"}
-        sites_of: dict[str, int] = {}
-        for name, _ in routers:
-            sites_of[name] = sites_of.get(name, 0) + 1
         changes, skipped = [], []
         for (name, site), router in routers.items():
             if name in have_aux:
                 if site == 0:
                     skipped.append(Skip(name, "already has an aux-loss node"))
                 continue
-            plan = combines[name, site].args[1]
-            # a layer called at several places records each call's losses under its site
-            args = (router, plan) if sites_of[name] == 1 else (router, plan, site)
             with gm.graph.inserting_after(combines[name, site]):
-                aux = gm.graph.call_module(f"{name}.aux", args)
+                aux = gm.graph.call_module(f"{name}.aux", (router, combines[name, site].args[1]))
             aux.meta["moeify"] = {"layer": name, "role": "aux", "site": site}
             if site == 0:
-                changes.append(f"{name}: aux losses {sorted(gm.get_submodule(name).aux.coefs)} recorded on {name}.aux"
-                               + (f", summed over its {sites_of[name]} call sites" if sites_of[name] > 1 else ""))
+                changes.append(f"{name}: aux losses {sorted(gm.get_submodule(name).aux.coefs)} recorded on {name}.aux")
         return PassResult(gm, modified=bool(changes), changes=changes, skipped=skipped)
 
     def ensures(self, gm: fx.GraphModule) -> None:

@@ -91,6 +91,7 @@ class RewriteToMoE(GraphPass):
         for first, *others in sites.values():
             name = layer_name(first, per_owner[first.owner])
             layer = self.build_layer(first, gm)
+            layer.aux.calls_per_forward = 1 + len(others)  # its aux losses: summed over every place
             gm.add_submodule(name, layer)
             for site, region in enumerate((first, *others)):
                 self._replace(gm, region, name, layer, site)

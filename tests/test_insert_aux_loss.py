@@ -61,9 +61,9 @@ def test_a_layer_called_at_every_depth_sums_its_losses_over_the_calls():
     rewrite = RewriteToMoE(FindFFNRegions()(gm).analysis, lambda r, g: build_moe_layer(cfg, dense_ffn(r, g)))
     rewrite(gm)
     result = InsertAuxLoss()(gm)
-    assert list(rewrite.installed) == ["moe"] and "summed over its 3 call sites" in result.changes[0]
+    assert list(rewrite.installed) == ["moe"] and len(result.changes) == 1
     aux_nodes = [n for n in gm.graph.nodes if n.meta.get("moeify", {}).get("role") == "aux"]
-    assert [n.args[2] for n in aux_nodes] == [0, 1, 2]
+    assert len(aux_nodes) == 3 and gm.get_submodule("moe.aux").calls_per_forward == 3
     inputs = []
     gm.get_submodule("moe.router").register_forward_pre_hook(lambda m, args: inputs.append(args[0].detach()))
     x = torch.randn(5, 8)

@@ -61,16 +61,16 @@ class AuxLossRecorder(nn.Module):
         super().__init__()
         self.num_experts = num_experts
         self._coefs = tuple(coefs.items())  # fixed: the router was told which losses to compute
-        self._losses: dict[str, torch.Tensor] = {}
         # False from the start of a forward of the converted model (`mark_new_forward`) until this
         # layer records: a layer the forward skipped (LayerDrop) then reports nothing, rather than
         # an earlier step's losses whose graph a backward has already freed
         self.fresh = True
-        # per call site of a layer called at several (one entry otherwise): (weighted losses, stats inputs)
-        self.site_records: dict[int, tuple[dict[str, torch.Tensor], _StatsInputs]] = {}
+        # per call of this forward (one entry unless the layer runs several times per forward)
+        self._records: dict[int, tuple[dict[str, torch.Tensor], _StatsInputs]] = {}
         self._stats: dict[str, torch.Tensor] | None = None
-        # a module run this many times per forward (reused across depth, as ALBERT's layer): its calls
-        # take the sites 0..n-1 in turn; set by the conversion, which counts them on the example inputs
+        # how many times the layer runs per forward: several where one graph calls it at several places
+        # (set by the rewrite) or its module is reused across depth (ALBERT; counted by the conversion
+        # on the example forward). Its calls take the records 0..n-1 in turn.
         self.calls_per_forward = 1
         self._calls = 0
 
@@ -81,42 +81,36 @@ class AuxLossRecorder(nn.Module):
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self._coefs)
 
-    def forward(self, routing: Routing, plan: DispatchPlan | None = None, site: int | None = None) -> None:
-        """Record one call's losses and what its statistics come from. A layer that its graph calls at
-        several places gets a `site` per place, and a module run several times per forward numbers
-        its calls itself (`calls_per_forward`): the last forward's losses are then summed over the
-        sites (each call's are replaced by its next call's, so nothing piles up) and its statistics
-        pooled."""
+    def forward(self, routing: Routing, plan: DispatchPlan | None = None) -> None:
+        """Record one call's losses and what its statistics come from. The last forward's losses are
+        summed over its calls (each call's record is replaced by the same call's in the next
+        forward, so nothing piles up) and its statistics pooled."""
         if not self.fresh:  # the first call of this forward
-            self.site_records, self._calls, self.fresh = {}, 0, True
-        if site is None and self.calls_per_forward > 1:
-            site, self._calls = self._calls % self.calls_per_forward, self._calls + 1
+            self._records, self._calls, self.fresh = {}, 0, True
+        call, self._calls = self._calls % self.calls_per_forward, self._calls + 1
         losses = {name: coef * routing.losses[name] for name, coef in self._coefs
                   if coef > 0 and name in routing.losses}
         dropped = routing.losses.get("dropped_fraction")
-        record = (losses, _StatsInputs(routing.expert_N.detach(), routing.probs_TE.detach(),
-                                       None if dropped is None else dropped.detach()))
-        if site is None:
-            self.site_records = {0: record}
-            self._losses = losses
-        else:
-            self.site_records[site] = record
-            self._losses = {name: sum(found[name] for found, _ in self.site_records.values()) for name in losses}
+        self._records[call] = (losses, _StatsInputs(routing.expert_N.detach(), routing.probs_TE.detach(),
+                                                    None if dropped is None else dropped.detach()))
         self._stats = None
 
     @property
     def last_losses(self) -> dict[str, torch.Tensor]:
-        """The weighted losses of the last forward (summed over call sites); {} if it did not run."""
-        return self._losses if self.fresh else {}
+        """The weighted losses of the last forward (summed over its calls); {} if it did not run."""
+        if not self.fresh or not self._records:
+            return {}
+        calls = [losses for losses, _ in self._records.values()]
+        return calls[0] if len(calls) == 1 else {name: sum(losses[name] for losses in calls) for name in calls[0]}
 
     @property
     def last_stats(self) -> dict[str, torch.Tensor]:
         """Tokens per expert, tokens, dropped fraction and mean gate entropy of the last forward
-        (pooled over call sites); {} before the first, or if the last forward did not run it."""
+        (pooled over its calls); {} before the first, or if the last forward did not run it."""
         if not self.fresh:
             return {}
-        if self._stats is None and self.site_records:
-            self._stats = self._pooled([self._stats_of(inputs) for _, inputs in self.site_records.values()])
+        if self._stats is None and self._records:
+            self._stats = self._pooled([self._stats_of(inputs) for _, inputs in self._records.values()])
         return self._stats or {}
 
     @torch.no_grad()
@@ -144,16 +138,16 @@ class AuxLossRecorder(nn.Module):
     def take_records(self) -> tuple:
         """The last forward's records, removed (for a deepcopy, which refuses non-leaf tensors);
         `put_records` gives them back."""
-        state = (self._losses, self.site_records, self._stats, self._calls)
+        state = (self._records, self._stats, self._calls)
         self.clear()
         return state
 
     def put_records(self, state: tuple) -> None:
-        self._losses, self.site_records, self._stats, self._calls = state
+        self._records, self._stats, self._calls = state
 
     def clear(self) -> None:
         """Forget the last forward's losses and statistics."""
-        self._losses, self.site_records, self._stats, self._calls = {}, {}, None, 0
+        self._records, self._stats, self._calls = {}, None, 0
 
 
 def mark_new_forward(model: nn.Module, args: tuple) -> None:
@@ -171,11 +165,6 @@ def install_forward_marker(model: nn.Module) -> None:
     only writes the flags (no guard on them, no recompile)."""
     model._moeify_recorders = [m for m in model.modules() if isinstance(m, AuxLossRecorder)]
     model.register_forward_pre_hook(mark_new_forward)
-
-    def total(self) -> torch.Tensor | None:
-        if not self.last_losses:
-            return None
-        return sum(self.last_losses.values())
 
 
 class MoELayer(nn.Module):
