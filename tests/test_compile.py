@@ -60,3 +60,48 @@ def test_compiled_layer_matches_eager(backend, gated):
     for name in want[2]:
         torch.testing.assert_close(got[2][name], want[2][name], rtol=1e-5, atol=1e-5,
                                    msg=lambda m, name=name: f"{name}: {m}")
+
+
+class _Inner(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.ffn = torch.nn.Sequential(torch.nn.Linear(D, FF), torch.nn.GELU(), torch.nn.Linear(FF, D))
+
+    def forward(self, x):
+        return x + self.ffn(x)
+
+
+class _ReusedModule(torch.nn.Module):
+    """One FFN module run at every depth (ALBERT's shape), traceable as a whole."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = _Inner()
+
+    def forward(self, x):
+        for _ in range(3):
+            x = self.layer(x)
+        return x
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_compiled_converted_model_keeps_every_call_of_a_reused_layer_without_recompiling(verify):
+    """The forward hooks that delimit a layer's records (and, with no example forward at conversion,
+    teach it its call count on the first step) leave one graph and no recompile over 5 steps."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, D)
+    cfg = moeify.MoEConfig(num_experts=4, top_k=2, load_balance_coef=0.5, z_loss_coef=0.0)
+    model = moeify.convert(_ReusedModule(), cfg, example_inputs=(x,), verify=verify).model.train()
+    recorder = model.layer.ffn.moe.aux
+    compiled = torch.compile(model, backend="aot_eager")
+    with torch._dynamo.config.patch(error_on_recompile=True, capture_dynamic_output_shape_ops=True):
+        for _ in range(5):
+            losses = []
+            hook = recorder.register_forward_pre_hook(lambda m, args: losses.append(args[0].losses["load_balance"]))
+            compiled(x).sum().add(moeify.aux_loss(model)).backward()
+            hook.remove()
+            assert len(losses) == 3 and len(recorder._records) == 3
+            torch.testing.assert_close(moeify.aux_loss(model).detach(), 0.5 * sum(losses).detach())
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1

@@ -224,19 +224,48 @@ def test_a_module_run_at_every_depth_sums_its_aux_losses_over_its_calls(tmp_path
     assert region.calls_per_forward == 3 and "runs 3 times per forward" in region.notes[-1]
     moeify.save(result, tmp_path / "out")
     for model in (result.model, moeify.load(tmp_path / "out", model=_Reused()).model):
-        layer = model.block.moe
-        inputs = []
-        layer.router.register_forward_pre_hook(lambda m, args, seen=inputs: seen.append(args[0].detach()))
         for _ in range(2):  # the second forward's calls replace the first one's
-            inputs.clear()
-            model(x)
-        want = 0.0  # each call's Switch eq. 4 + z-loss from its own router input, summed
-        for x_TD in inputs:
-            logits = x_TD.double() @ layer.router.gate.weight.detach().double().T
-            probs = logits.softmax(-1)
-            f = torch.bincount(probs.topk(2, dim=-1).indices.flatten(), minlength=4) / (2 * len(x_TD))
-            want += 0.5 * 4 * (f * probs.mean(0)).sum().item() + 0.1 * logits.logsumexp(-1).pow(2).mean().item()
-        assert len(inputs) == 3 and moeify.aux_loss(model).item() == pytest.approx(want, rel=1e-5)
+            loss, want = _aux_loss_and_reference(model, lambda: model(x))
+            assert loss == pytest.approx(want, rel=1e-5)
+
+
+def _aux_loss_and_reference(model, run) -> tuple[float, float]:
+    """moeify.aux_loss after `run()` (one or more forwards of `model`, or of its `block` alone),
+    against each of the layer's router calls since the last forward of `model` began: its Switch
+    eq. 4 (coef 0.5) + z-loss (coef 0.1) from its own router input, summed."""
+    layer = model.block.moe
+    inputs = []
+    hook = layer.router.register_forward_pre_hook(lambda m, args: inputs.append(args[0].detach()))
+    try:
+        run()
+    finally:
+        hook.remove()
+    want = 0.0
+    for x_TD in inputs[-3:]:
+        logits = x_TD.double() @ layer.router.gate.weight.detach().double().T
+        probs = logits.softmax(-1)
+        f = torch.bincount(probs.topk(2, dim=-1).indices.flatten(), minlength=4) / (2 * len(x_TD))
+        want += 0.5 * 4 * (f * probs.mean(0)).sum().item() + 0.1 * logits.logsumexp(-1).pow(2).mean().item()
+    assert len(inputs) >= 3
+    return moeify.aux_loss(model).item(), want
+
+
+def test_a_module_run_at_every_depth_counts_its_calls_without_an_example_forward():
+    """verify=False (and the out-of-core conversion) run no example forward: the first forward of the
+    converted model still sums over all its calls, and teaches the layer its count for calls of the
+    block made outside a forward of the model."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 8)
+    cfg = moeify.MoEConfig(num_experts=4, top_k=2, load_balance_coef=0.5, z_loss_coef=0.1)
+    model = moeify.convert(_Reused(), cfg, example_inputs=(x,), verify=False).model
+    recorder = model.block.moe.aux
+    assert recorder.calls_per_forward == 1
+    loss, want = _aux_loss_and_reference(model, lambda: model(x))
+    assert loss == pytest.approx(want, rel=1e-5) and recorder.calls_per_forward == 3
+    # the block called on its own, 5 times: the records wrap at 3 calls, the last 3 count
+    y = x.clone()
+    loss, want = _aux_loss_and_reference(model, lambda: [model.block(y) for _ in range(5)])
+    assert loss == pytest.approx(want, rel=1e-5) and len(recorder._records) == 3
 
 
 class _LayerDrop(torch.nn.Module):

@@ -10,7 +10,7 @@ Auxiliary losses are kept on the layer's `aux` child (never in module globals) a
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -68,9 +68,13 @@ class AuxLossRecorder(nn.Module):
         # per call of this forward (one entry unless the layer runs several times per forward)
         self._records: dict[int, tuple[dict[str, torch.Tensor], _StatsInputs]] = {}
         self._stats: dict[str, torch.Tensor] | None = None
+        # True while a forward of the converted model runs (`mark_new_forward` .. `mark_forward_done`):
+        # each call of the layer then adds a record, however many calls the forward makes
+        self.in_forward = False
         # how many times the layer runs per forward: several where one graph calls it at several places
         # (set by the rewrite) or its module is reused across depth (ALBERT; counted by the conversion
-        # on the example forward). Its calls take the records 0..n-1 in turn.
+        # on the example forward, and after every forward of the converted model). A call outside
+        # such a forward (a submodule called directly) takes the records 0..n-1 in turn.
         self.calls_per_forward = 1
         self._calls = 0
 
@@ -87,7 +91,8 @@ class AuxLossRecorder(nn.Module):
         forward, so nothing piles up) and its statistics pooled."""
         if not self.fresh:  # the first call of this forward
             self._records, self._calls, self.fresh = {}, 0, True
-        call, self._calls = self._calls % self.calls_per_forward, self._calls + 1
+        call = self._calls if self.in_forward else self._calls % self.calls_per_forward
+        self._calls += 1
         losses = {name: coef * routing.losses[name] for name, coef in self._coefs
                   if coef > 0 and name in routing.losses}
         dropped = routing.losses.get("dropped_fraction")
@@ -152,19 +157,32 @@ class AuxLossRecorder(nn.Module):
 
 def mark_new_forward(model: nn.Module, args: tuple) -> None:
     """Forward pre-hook of a converted model: a forward begins, so every MoE layer's records are the
-    previous forward's until the layer runs again (`AuxLossRecorder.fresh`)."""
+    previous forward's until the layer runs again (`AuxLossRecorder.fresh`), and each of its calls
+    in this forward adds a record."""
     for recorder in model._moeify_recorders:
-        recorder.fresh = False
+        recorder.fresh, recorder.in_forward = False, True
+
+
+def mark_forward_done(model: nn.Module, args: tuple, output: Any) -> None:
+    """Forward hook of a converted model (run on an exception too): the forward is over. A layer that
+    ran more often than it was told (its module reused across depth, in a conversion that ran no
+    example forward) learns its count, for calls made outside a forward of the model."""
+    for recorder in model._moeify_recorders:
+        recorder.in_forward = False
+        if recorder.fresh and recorder._calls > recorder.calls_per_forward:
+            recorder.calls_per_forward = recorder._calls
 
 
 def install_forward_marker(model: nn.Module) -> None:
-    """Have `model`'s forward mark its MoE layers' records as the previous forward's when it begins
-    (`mark_new_forward`), so a layer the forward skips, as LayerDrop does, adds no loss of an earlier
-    step to `moeify.aux_loss`. The hook is a module-level function and the recorders a plain list
-    on the model, so a deepcopy of the model marks its own copies; under `torch.compile` the hook
-    only writes the flags (no guard on them, no recompile)."""
+    """Have `model`'s forward delimit its MoE layers' records (`mark_new_forward`, `mark_forward_done`):
+    the losses `moeify.aux_loss` sums are those of every call the last forward made, however many
+    (a module reused across depth runs several times), and a layer the forward skips, as LayerDrop
+    does, adds no loss of an earlier step. The hooks are module-level functions and the recorders a
+    plain list on the model, so a deepcopy of the model marks its own copies; under `torch.compile`
+    the flags read the same on every step (no recompile)."""
     model._moeify_recorders = [m for m in model.modules() if isinstance(m, AuxLossRecorder)]
     model.register_forward_pre_hook(mark_new_forward)
+    model.register_forward_hook(mark_forward_done, always_call=True)
 
 
 class MoELayer(nn.Module):
