@@ -226,36 +226,38 @@ class FusedGatedRule:
     """g, u = Linear_gate_up(x).chunk(2, dim=-1); act(g) * u -> [Dropout/Identity] -> Linear_down.
 
     One Linear computes gate and up together (Phi-3's `gate_up_proj`); its output rows split into
-    the gate half and the up half, which become the experts' gate and up weights.
+    the gate half and the up half, which become the experts' gate and up weights. The halves may
+    also come from `.split(F, dim=-1)` or from the slices `[..., :F]` and `[..., F:]`.
     """
 
     kind = "gated"
 
     def match(self, mul: fx.Node, gm: fx.GraphModule) -> FFNRegion | Skip | None:
-        halves = ((act, act_nodes[0], ops.chunk_half(g), ops.chunk_half(u), u)
+        halves = ((act, act_nodes[0], ops.feature_half(g), ops.feature_half(u), u)
                   for act, act_nodes, g, u in _act_products(mul, gm) if len(act_nodes) == 1)
-        found = next((h for h in halves if h[2] and h[3] and h[2][0] is h[3][0] and h[2][1] != h[3][1]), None)
+        found = next((h for h in halves if h[2] and h[3] and h[2][:2] == h[3][:2] and h[2][2] != h[3][2]), None)
         if found is None:
             return None
-        act, act_node, gate_half, _, up_half = found
-        chunk, gate_index = gate_half
-        gate_up = chunk.args[0]
+        act, act_node, (split, gate_up, gate_index, gate_size), (_, _, _, up_size), up_half = found
         entry = _entry_linear(gate_up, gm)
         if not isinstance(entry, tuple):
             return entry
         pgu, where, x = entry
-        for node, want in ((gate_up, 1), (chunk, 2), (act_node.args[0], 1), (act_node, 1), (up_half, 1)):
+        sizes = {size for size in (gate_size, up_size) if size is not None}
+        if pgu.out_features % 2 or sizes - {pgu.out_features // 2}:
+            return Skip(where, f"{gate_up.target}'s {pgu.out_features} output features are not split in two "
+                               f"equal halves (parts of {sorted(sizes)})", "gate_up maps D->2F, down maps F->D")
+        splits = [] if split is None else [split]
+        uses = [(gate_up, 1), (split, 2)] if split is not None else [(gate_up, 2)]
+        for node, want in (*uses, (act_node.args[0], 1), (act_node, 1), (up_half, 1)):
             if len(node.users) != want:
                 return Skip(where, f"{node.name} is used outside the gated FFN ({_users(node)})",
                             "the gated FFN's intermediates must not leak out")
-        if pgu.out_features % 2:
-            return Skip(where, f"{gate_up.target}.out_features={pgu.out_features} is odd",
-                        "gate_up maps D->2F, down maps F->D")
         tail = _gated_down(mul, gm, where, pgu.out_features // 2, pgu.bias is not None)
         if isinstance(tail, Skip):
             return tail
         down, pd, p, stepped = tail
-        nodes = sorted({gate_up, chunk, act_node.args[0], up_half, act_node, mul, *stepped, down}, key=_position(gm))
+        nodes = sorted({gate_up, *splits, act_node.args[0], up_half, act_node, mul, *stepped, down}, key=_position(gm))
         return FFNRegion(self.kind, common_owner(nodes), x, down, nodes,
                          {"gate_up": str(gate_up.target), "down": str(down.target)}, act,
                          pgu.in_features, pd.in_features, pd.out_features, pgu.bias is not None, p,

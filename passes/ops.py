@@ -225,20 +225,41 @@ def dropout_p(node: fx.Node, gm: fx.GraphModule) -> float | None:
     return None
 
 
-def chunk_half(node: fx.Node) -> tuple[fx.Node, int] | None:
-    """(the chunk node, i) when `node` is half i of `t.chunk(2, dim=-1)` / `torch.chunk(t, 2, -1)`."""
+def feature_half(node: fx.Node) -> tuple[fx.Node | None, fx.Node, int, int | None] | None:
+    """(split node, split tensor, i, size) when `node` takes part i of a tensor split in two along its
+    last dim: `t.chunk(2, dim=-1)` (size None: halves by construction), `t.split(size, dim=-1)` /
+    `torch.split`, or the slices `t[..., :size]` (i=0) and `t[..., size:]` (i=1, split node None).
+    The caller checks that two equal parts cover the tensor (`size` is half its features)."""
     if node.op != "call_function" or node.target is not operator.getitem or len(node.args) != 2:
         return None
     src, index = node.args
-    if not isinstance(src, fx.Node) or index not in (0, 1):
+    if not isinstance(src, fx.Node):
         return None
-    is_chunk = (src.op == "call_method" and src.target == "chunk") or (
-        src.op == "call_function" and src.target is torch.chunk)
-    if not is_chunk or not src.args or not isinstance(src.args[0], fx.Node):
+    if isinstance(index, tuple):  # t[..., :size] / t[..., size:]
+        if len(index) != 2 or index[0] is not Ellipsis or not isinstance(index[1], slice) or index[1].step not in (None, 1):
+            return None
+        start, stop = index[1].start, index[1].stop
+        if start in (None, 0) and isinstance(stop, int) and stop > 0:
+            return None, src, 0, stop
+        if isinstance(start, int) and start > 0 and stop is None:
+            return None, src, 1, start
         return None
-    chunks = src.kwargs.get("chunks", src.args[1] if len(src.args) > 1 else None)
+    if index not in (0, 1) or not src.args or not isinstance(src.args[0], fx.Node):
+        return None
+    method = src.target if src.op == "call_method" else {torch.chunk: "chunk", torch.split: "split"}.get(
+        src.target) if src.op == "call_function" else None
+    if method not in ("chunk", "split"):
+        return None
+    arg = "chunks" if method == "chunk" else "split_size_or_sections"
+    parts = src.kwargs.get(arg, src.kwargs.get("split_size", src.args[1] if len(src.args) > 1 else None))
     dim = src.kwargs.get("dim", src.args[2] if len(src.args) > 2 else 0)
-    return (src, index) if chunks == 2 and dim == -1 else None
+    if dim != -1:
+        return None
+    if method == "chunk":
+        return (src, src.args[0], index, None) if parts == 2 else None
+    if isinstance(parts, (list, tuple)) and len(parts) == 2 and parts[0] == parts[1]:
+        parts = parts[0]
+    return (src, src.args[0], index, parts) if isinstance(parts, int) and parts > 0 else None
 
 
 def reads_of(gm: fx.GraphModule, target: str) -> list[fx.Node]:

@@ -177,33 +177,59 @@ def test_identity_and_dropout_between_are_stepped_over():
 
 
 class FusedGateUp(nn.Module):
-    """Phi-3's MLP: one Linear for gate and up, split with chunk."""
+    """Phi-3's MLP: one Linear for gate and up, its output split in two halves (`form`)."""
 
-    def __init__(self, gate_second=False, function=False, dim=-1, leak=False):
+    FORMS = {
+        "chunk": lambda h, dim: h.chunk(2, dim=dim),
+        "torch.chunk": lambda h, dim: torch.chunk(h, 2, dim=dim),
+        "split": lambda h, dim: h.split(16, dim=dim),
+        "torch.split": lambda h, dim: torch.split(h, [16, 16], dim),
+        "slices": lambda h, dim: (h[..., :16], h[..., 16:]),
+    }
+
+    def __init__(self, gate_second=False, form="chunk", dim=-1, leak=False):
         super().__init__()
         self.gate_up_proj, self.down_proj = nn.Linear(8, 32, bias=False), nn.Linear(16, 8, bias=False)
-        self.gate_second, self.function, self.dim, self.leak = gate_second, function, dim, leak
+        self.gate_second, self.form, self.dim, self.leak = gate_second, form, dim, leak
 
     def forward(self, x):
         h = self.gate_up_proj(x)
-        a, b = torch.chunk(h, 2, dim=self.dim) if self.function else h.chunk(2, dim=self.dim)
+        a, b = self.FORMS[self.form](h, self.dim)
         gate, up = (b, a) if self.gate_second else (a, b)
         y = self.down_proj(F.silu(gate) * up)
         return y + up.sum() if self.leak else y
 
 
 @pytest.mark.parametrize("gate_second", [False, True])
-@pytest.mark.parametrize("function", [False, True])
-def test_fused_gate_up_is_a_gated_region(gate_second, function):
-    (region,) = find(FusedGateUp(gate_second, function)).analysis
+@pytest.mark.parametrize("form", list(FusedGateUp.FORMS))
+def test_fused_gate_up_is_a_gated_region(gate_second, form):
+    (region,) = find(FusedGateUp(gate_second, form)).analysis
     assert (region.kind, region.activation, region.gate_half) == ("gated", "silu", int(gate_second))
     assert region.linears == {"gate_up": "gate_up_proj", "down": "down_proj"}
     assert (region.d_model, region.d_ff, region.d_out) == (8, 16, 8)
 
 
+@pytest.mark.parametrize("form", list(FusedGateUp.FORMS))
+def test_fused_gate_up_converts_function_preserving(form):
+    torch.manual_seed(0)
+    dense, x = FusedGateUp(gate_second=True, form=form).eval(), torch.randn(3, 5, 8)
+    result = moeify.convert(dense, moeify.MoEConfig(num_experts=4, top_k=2), example_inputs=(x,))
+    assert [r.name for r in result.report.regions] == ["moe"]
+    torch.testing.assert_close(result.model.eval()(x), dense(x), rtol=1e-5, atol=1e-6)
+
+
+class SlicedBadly(FusedGateUp):
+    def forward(self, x):  # the gate's rows overlap the up's: not two halves
+        h = self.gate_up_proj(x)
+        return self.down_proj(F.silu(h[..., :16]) * h[..., 8:])
+
+
 @pytest.mark.parametrize("module, where, reason", [
     (FusedGateUp(dim=0), "gate_up_proj", "feeds method .chunk()"),  # halves of the batch, not of the features
+    (FusedGateUp(form="split", dim=0), "gate_up_proj", "feeds method .split()"),
     (FusedGateUp(leak=True), "gate_up_proj", "used outside the gated FFN"),
+    (FusedGateUp(leak=True, form="slices"), "gate_up_proj", "used outside the gated FFN"),
+    (SlicedBadly(), "gate_up_proj", "not split in two equal halves (parts of [8, 16])"),
 ])
 def test_fused_gate_up_refusals(module, where, reason):
     result = find(module)
