@@ -236,9 +236,10 @@ def feature_half(node: fx.Node) -> tuple[fx.Node | None, fx.Node, int, int | Non
     if not isinstance(src, fx.Node):
         return None
     if isinstance(index, tuple):  # t[..., :size] / t[..., size:]
-        if len(index) != 2 or index[0] is not Ellipsis or not isinstance(index[1], slice) or index[1].step not in (None, 1):
+        last = index[-1] if len(index) == 2 and index[0] is Ellipsis else None
+        if not isinstance(last, slice) or last.step not in (None, 1):
             return None
-        start, stop = index[1].start, index[1].stop
+        start, stop = last.start, last.stop
         if start in (None, 0) and isinstance(stop, int) and stop > 0:
             return None, src, 0, stop
         if isinstance(start, int) and start > 0 and stop is None:

@@ -99,7 +99,8 @@ def test_compiled_converted_model_keeps_every_call_of_a_reused_layer_without_rec
     with torch._dynamo.config.patch(error_on_recompile=True, capture_dynamic_output_shape_ops=True):
         for _ in range(5):
             losses = []
-            hook = recorder.register_forward_pre_hook(lambda m, args: losses.append(args[0].losses["load_balance"]))
+            hook = recorder.register_forward_pre_hook(
+                lambda m, args, seen=losses: seen.append(args[0].losses["load_balance"]))
             compiled(x).sum().add(moeify.aux_loss(model)).backward()
             hook.remove()
             assert len(losses) == 3 and len(recorder._records) == 3

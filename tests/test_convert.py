@@ -225,7 +225,7 @@ def test_a_module_run_at_every_depth_sums_its_aux_losses_over_its_calls(tmp_path
     moeify.save(result, tmp_path / "out")
     for model in (result.model, moeify.load(tmp_path / "out", model=_Reused()).model):
         for _ in range(2):  # the second forward's calls replace the first one's
-            loss, want = _aux_loss_and_reference(model, lambda: model(x))
+            loss, want = _aux_loss_and_reference(model, lambda model=model: model(x))
             assert loss == pytest.approx(want, rel=1e-5)
 
 
