@@ -36,6 +36,19 @@ def test_moe_layer_has_no_graph_break_per_expert(gated):
     assert (many.graph_count, many.graph_break_count) == (1, 0), many.break_reasons
 
 
+def test_compiled_layer_runs_step_after_step_without_recompiling():
+    """The layer's aux recorder counts its calls: a count that grew with every call made
+    torch.compile recompile on every step until its limit, then run the layer eagerly."""
+    torch._dynamo.reset()
+    layer = make_layer(4, gated=True)
+    compiled = torch.compile(layer, backend="aot_eager")
+    with torch._dynamo.config.patch(error_on_recompile=True, capture_dynamic_output_shape_ops=True):
+        for step in range(4):
+            x = torch.randn(2, 8, D, requires_grad=True)
+            compiled(x).sum().add(moeify.aux_loss(layer)).backward()
+            assert x.grad is not None and layer.router.gate.weight.grad is not None, step
+
+
 def _fwd_bwd(layer, x, grad, run=None):
     x = x.clone().requires_grad_()
     layer.zero_grad(set_to_none=True)

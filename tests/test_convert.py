@@ -262,10 +262,12 @@ def test_a_module_run_at_every_depth_counts_its_calls_without_an_example_forward
     assert recorder.calls_per_forward == 1
     loss, want = _aux_loss_and_reference(model, lambda: model(x))
     assert loss == pytest.approx(want, rel=1e-5) and recorder.calls_per_forward == 3
-    # the block called on its own, 5 times: the records wrap at 3 calls, the last 3 count
+    # outside a forward of the model (a submodule called directly), every 3 calls make one forward
     y = x.clone()
-    loss, want = _aux_loss_and_reference(model, lambda: [model.block(y) for _ in range(5)])
+    loss, want = _aux_loss_and_reference(model, lambda: [model.block(y) for _ in range(6)])
     assert loss == pytest.approx(want, rel=1e-5) and len(recorder._records) == 3
+    model.block(y)  # the first call of the next 3 starts over
+    assert len(recorder._records) == 1
 
 
 class _LayerDrop(torch.nn.Module):

@@ -87,12 +87,22 @@ class AuxLossRecorder(nn.Module):
 
     def forward(self, routing: Routing, plan: DispatchPlan | None = None) -> None:
         """Record one call's losses and what its statistics come from. The last forward's losses are
-        summed over its calls (each call's record is replaced by the same call's in the next
-        forward, so nothing piles up) and its statistics pooled."""
-        if not self.fresh:  # the first call of this forward
-            self._records, self._calls, self.fresh = {}, 0, True
-        call = self._calls if self.in_forward else self._calls % self.calls_per_forward
-        self._calls += 1
+        summed over its calls and its statistics pooled; its first call drops the records before.
+
+        Outside a forward of the converted model (a standalone layer, a submodule called directly)
+        every `calls_per_forward` calls make one forward. The call count then repeats from step to
+        step, as does the records' emptiness at each call: torch.compile guards on both, and a
+        count that grew with every call recompiled the layer on every step."""
+        if not self.fresh:  # the first call of a forward of the converted model
+            self._calls, self.fresh = 0, True
+        if self.in_forward:
+            call = self._calls
+            self._calls += 1
+        else:
+            call = self._calls % self.calls_per_forward
+            self._calls = (call + 1) % self.calls_per_forward
+        if call == 0:
+            self._records = {}
         losses = {name: coef * routing.losses[name] for name, coef in self._coefs
                   if coef > 0 and name in routing.losses}
         dropped = routing.losses.get("dropped_fraction")
