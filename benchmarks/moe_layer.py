@@ -527,7 +527,8 @@ def time_table(setup: Setup, name: str, res: dict) -> list[str]:
                      f"{r['moeify_ratio']:>7.2f} {r['loop_ratio']:>6.2f} {r['moeify_vs_loop']:>8.2f}")
     lines.append(f"load average at the end (1/5/15 min): {tuple(round(v, 2) for v in res['loadavg'])}")
     if res["compiled"]:
-        lines.append("torch.compile of the moeify layer (fwd+bwd; compiled runs the grouped_linear custom ops, eager the expert loop):")
+        lines.append("torch.compile of the moeify layer (fwd+bwd; compiled runs the grouped_linear custom ops, "
+                     "eager the expert loop):")
         for c in res["compiled"]:
             lines.append(f"  {c['kind']:7} T={c['T']:>5}: eager {c['eager_s'] * 1e3:8.2f} ms, compiled "
                          f"{c['compiled_s'] * 1e3:8.2f} ms ({c['ratio']:.2f}x eager; first call incl. compile "
