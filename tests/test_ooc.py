@@ -159,3 +159,20 @@ def test_ooc_fused_gate_up_equals_in_memory(tmp_path, fast):
     gate_up = dense.model.layers[0].mlp.gate_up_proj.weight
     assert torch.equal(want["model.layers.0.mlp.moe.experts.w1_EFD"][1], gate_up[:128])  # the gate half
     assert torch.equal(want["model.layers.0.mlp.moe.experts.w3_EFD"][1], gate_up[128:])  # the up half
+
+
+def test_ooc_module_reused_across_depth_sums_every_call(tmp_path):
+    """The out-of-core conversion runs no forward, so it cannot count how often ALBERT's one layer runs:
+    the loaded model's first forward sums the aux losses over all of its calls all the same."""
+    from tests.test_convert import _aux_loss_and_reference, _Reused
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "dense.safetensors"
+    save_model(_Reused(), str(ckpt))
+    cfg = moeify.MoEConfig(num_experts=4, top_k=2, load_balance_coef=0.5, z_loss_coef=0.1)
+    convert_checkpoint(ckpt, tmp_path / "out", cfg, model=_Reused)
+    model = moeify.load(tmp_path / "out", model=_Reused()).model
+    assert model.block.moe.aux.calls_per_forward == 1  # nothing counted it
+    x = torch.randn(2, 5, 8)
+    loss, want = _aux_loss_and_reference(model, lambda: model(x))
+    assert loss == pytest.approx(want, rel=1e-5)
