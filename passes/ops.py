@@ -228,7 +228,8 @@ def dropout_p(node: fx.Node, gm: fx.GraphModule) -> float | None:
 def feature_half(node: fx.Node) -> tuple[fx.Node | None, fx.Node, int, int | None] | None:
     """(split node, split tensor, i, size) when `node` takes part i of a tensor split in two along its
     last dim: `t.chunk(2, dim=-1)` (size None: halves by construction), `t.split(size, dim=-1)` /
-    `torch.split`, or the slices `t[..., :size]` (i=0) and `t[..., size:]` (i=1, split node None).
+    `torch.split`, or the slices `t[..., :size]` (i=0) and `t[..., size:]` or `t[..., size:2*size]`
+    (i=1, split node None).
     The caller checks that two equal parts cover the tensor (`size` is half its features)."""
     if node.op != "call_function" or node.target is not operator.getitem or len(node.args) != 2:
         return None
@@ -242,7 +243,7 @@ def feature_half(node: fx.Node) -> tuple[fx.Node | None, fx.Node, int, int | Non
         start, stop = last.start, last.stop
         if start in (None, 0) and isinstance(stop, int) and stop > 0:
             return None, src, 0, stop
-        if isinstance(start, int) and start > 0 and stop is None:
+        if isinstance(start, int) and start > 0 and stop in (None, 2 * start):  # [F:] or [F:2F]
             return None, src, 1, start
         return None
     if index not in (0, 1) or not src.args or not isinstance(src.args[0], fx.Node):

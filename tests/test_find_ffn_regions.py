@@ -185,6 +185,7 @@ class FusedGateUp(nn.Module):
         "split": lambda h, dim: h.split(16, dim=dim),
         "torch.split": lambda h, dim: torch.split(h, [16, 16], dim),
         "slices": lambda h, dim: (h[..., :16], h[..., 16:]),
+        "bounded slices": lambda h, dim: (h[..., 0:16], h[..., 16:32]),
     }
 
     def __init__(self, gate_second=False, form="chunk", dim=-1, leak=False):
