@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from moeify.moe import expert_loop, grad_buffers
+from moeify.moe import experts as experts_mod
 from moeify.moe.experts import GroupedExperts, grouped_mm_usable
 from moeify.moe.losses import count_indices
 
@@ -58,18 +59,23 @@ EXPERTS = [  # (backend, gated, activation, bias)
 LOOP_MODES = {"blocks": {"PAD_MAX_ROWS": 0, "ROW_BLOCK": 2}, "blocks-aten": {"PAD_MAX_ROWS": 0, "ROW_BLOCK": 2,
                                                                            "ONEDNN": False},
               "padded": {"PAD_MAX_ROWS": 32}}
+# grouped_mm's modes on the CPU: per-expert oneDNN products (the default), or torch's grouped_mm
+# kernel, the one accelerators run
+GROUPED_MODES = {"onednn": {}, "kernel": {"GROUPED_ONEDNN": False}}
 
 
-def set_loop_mode(monkeypatch, mode):
-    for name, value in LOOP_MODES[mode].items():
+def set_mode(monkeypatch, mode):
+    for name, value in LOOP_MODES.get(mode, {}).items():
         monkeypatch.setattr(expert_loop, name, value)
+    for name, value in GROUPED_MODES.get(mode, {}).items():
+        monkeypatch.setattr(experts_mod, name, value)
 
 
-@pytest.mark.parametrize("backend,gated,activation,bias,mode", [  # the modes are expert_loop's
-    (*experts, mode) for experts in EXPERTS for mode in (LOOP_MODES if experts[0] == "expert_loop" else ["blocks"])])
+@pytest.mark.parametrize("backend,gated,activation,bias,mode", [
+    (*experts, mode) for experts in EXPERTS for mode in (LOOP_MODES if experts[0] == "expert_loop" else GROUPED_MODES)])
 @pytest.mark.parametrize("counts", COUNTS)
 def test_grouped_experts_match_per_token_loop(backend, gated, activation, bias, counts, mode, monkeypatch):
-    set_loop_mode(monkeypatch, mode)
+    set_mode(monkeypatch, mode)
     torch.manual_seed(0)
     experts = GroupedExperts(4, 16, 32, activation, gated=gated, bias=bias, backend=backend)
     if bias:
@@ -108,7 +114,7 @@ def test_count_indices_match_bincount():
                                           ("expert_loop", "padded")])
 def test_expert_dropout_drops_hidden_units_and_rescales(backend, mode, monkeypatch):
     """Switch expert dropout: in training each hidden unit is zeroed with probability p, survivors x 1/(1-p)."""
-    set_loop_mode(monkeypatch, mode)
+    set_mode(monkeypatch, mode)
     torch.manual_seed(0)
     E, D, Fd, p = 2, 8, 512, 0.25
     experts = GroupedExperts(E, D, Fd, "relu", bias=True, dropout=p, d_out=Fd, backend=backend)
@@ -184,7 +190,7 @@ def test_grouped_mm_usable_checks_alignment_and_dtype():
 @pytest.mark.parametrize("counts", [[2, 0, 3], [1, 0, 2]])
 def test_expert_loop_backward_passes_gradcheck(mode, gated, activation, counts, monkeypatch):
     """The hand-written backward against finite differences, in float64, with an idle expert."""
-    set_loop_mode(monkeypatch, mode)
+    set_mode(monkeypatch, mode)
     torch.manual_seed(0)
     experts = GroupedExperts(3, 4, 6, activation, gated=gated, bias=True, backend="expert_loop",
                              dtype=torch.float64)
