@@ -281,26 +281,35 @@ def _convert(model: nn.Module, cfg: MoEConfig, example_inputs: tuple, example_kw
                               regions=[list(found[i].key) for i in selected],
                               none_inputs=none_inputs)
     if verify and (example_inputs or example_kwargs):
-        with capture_mod.counting_calls({name: layer.aux for name, layer in moe_layers(converted).items()}) as calls:
-            check_outputs(model, converted, example_inputs, example_kwargs, report, atol)
-        set_calls_per_forward(converted, report, calls)
+        check_outputs(model, converted, example_inputs, example_kwargs, report, atol)
+        _report_calls_per_forward(converted, report)
     return result
 
 
-def set_calls_per_forward(model: nn.Module, report: ConversionReport, calls: dict[str, int] | None = None) -> None:
-    """Tell each MoE layer that runs several times per forward how many, so its aux losses sum over all
-    of them: the places its graph calls it (already in the report), times the uses of a module
-    reused across depth (ALBERT's layer), counted on the example forward (`calls`); for a loaded
-    model, read back from the report."""
+def _report_calls_per_forward(model: nn.Module, report: ConversionReport) -> None:
+    """After the example forward: a layer whose module ran more often than its graph calls it (a module
+    reused across depth, ALBERT's layer) has learned how often (`moe.layer.mark_forward_done`). The
+    report keeps the count, so that `moeify.load` restores it (`set_calls_per_forward`); the
+    example's records are dropped."""
     layers = moe_layers(model)
     for region in report.regions:
-        if calls is not None and calls.get(region.name, 1) > region.calls_per_forward:
-            region.calls_per_forward = calls[region.name]
+        if region.name not in layers:
+            continue
+        aux = layers[region.name].aux
+        if aux.calls_per_forward > region.calls_per_forward:
+            region.calls_per_forward = aux.calls_per_forward
             region.notes.append(f"its module runs {region.calls_per_forward} times per forward on the example "
-                                "inputs: aux losses summed over the last that many calls")
+                                "inputs: one MoE layer, its aux losses summed over every call")
+        aux.clear()
+
+
+def set_calls_per_forward(model: nn.Module, report: ConversionReport) -> None:
+    """Give a loaded model's MoE layers the calls per forward its report recorded (what they use for
+    calls made outside a forward of the model, such as a submodule called on its own)."""
+    layers = moe_layers(model)
+    for region in report.regions:
         if region.name in layers:
             layers[region.name].aux.calls_per_forward = region.calls_per_forward
-            layers[region.name].aux.clear()
 
 
 def _rewrite_owner(model: nn.Module, owner: str, group: list[FoundRegion], cfg: MoEConfig,

@@ -248,8 +248,10 @@ def feature_half(node: fx.Node) -> tuple[fx.Node | None, fx.Node, int, int | Non
         return None
     if index not in (0, 1) or not src.args or not isinstance(src.args[0], fx.Node):
         return None
-    method = src.target if src.op == "call_method" else {torch.chunk: "chunk", torch.split: "split"}.get(
-        src.target) if src.op == "call_function" else None
+    if src.op == "call_method":
+        method = src.target
+    else:
+        method = {torch.chunk: "chunk", torch.split: "split"}.get(src.target) if src.op == "call_function" else None
     if method not in ("chunk", "split"):
         return None
     arg = "chunks" if method == "chunk" else "split_size_or_sections"
