@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
 import shutil
 import weakref
@@ -53,15 +54,14 @@ COPY_CHUNK = 64 << 20
 
 
 def _nbytes(dtype: torch.dtype, shape) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n * torch.empty((), dtype=dtype).element_size()
+    return math.prod(int(s) for s in shape) * dtype.itemsize
 
 
 class SafetensorsReader:
     """Reads single tensors (or raw byte ranges) of a safetensors file without loading the rest.
 
+    Every tensor's byte range is checked against its dtype and shape and against the file's size when
+    the file is opened, so a truncated or corrupt file fails there, before anything is written.
     `live_bytes` / `peak_live_bytes` count the bytes of tensors handed out and still referenced:
     a bound on what conversion holds from the dense checkpoint at any moment.
     """
@@ -83,8 +83,36 @@ class SafetensorsReader:
         self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
         self.entries: dict[str, dict[str, Any]] = header
         self.data_start = 8 + size
+        self.file_bytes = os.fstat(self._file.fileno()).st_size
         self.live_bytes = 0
         self.peak_live_bytes = 0
+        try:
+            for name, entry in self.entries.items():
+                self._check_entry(name, entry)
+        except BaseException:
+            self._file.close()
+            raise
+
+    def _check_entry(self, name: str, entry: Any) -> None:
+        try:
+            begin, end = (int(v) for v in entry["data_offsets"])
+            shape = [int(s) for s in entry["shape"]]
+            dtype = entry["dtype"]
+        except (TypeError, KeyError, ValueError):
+            raise SerializationError(f"{self.path} is not a safetensors file (bad header entry for tensor {name!r}); "
+                                     "pass a .safetensors file") from None
+        if not 0 <= begin <= end or any(s < 0 for s in shape) or \
+                (dtype in DTYPE_OF and end - begin != _nbytes(DTYPE_OF[dtype], shape)):
+            raise SerializationError(f"{self.path} is corrupt: tensor {name!r} is {dtype} {shape} but its data_offsets "
+                                     f"{begin}..{end} do not hold that; re-save the checkpoint")
+        if self.data_start + end > self.file_bytes:
+            raise self.truncation_error(name, self.file_bytes)
+
+    def truncation_error(self, name: str, has: int) -> SerializationError:
+        """The error for tensor `name` whose bytes run past `has`, where the file ends."""
+        start, end = self.span(name)
+        return SerializationError(f"{self.path} is truncated: tensor {name!r} needs bytes {start}..{end} but the file "
+                                  f"has {has}; re-save the checkpoint")
 
     def __enter__(self) -> SafetensorsReader:
         return self
@@ -99,7 +127,11 @@ class SafetensorsReader:
         return list(self.entries)
 
     def dtype(self, name: str) -> torch.dtype:
-        return DTYPE_OF[self.entries[name]["dtype"]]
+        dtype = self.entries[name]["dtype"]
+        if dtype not in DTYPE_OF:
+            raise SerializationError(f"{self.path}: tensor {name!r} has dtype {dtype}, which moeify cannot read; save "
+                                     f"it as one of {', '.join(DTYPE_OF)}")
+        return DTYPE_OF[dtype]
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.entries[name]["shape"])
@@ -119,7 +151,9 @@ class SafetensorsReader:
             return torch.empty(shape, dtype=dtype)
         buf = bytearray(end - start)
         self._file.seek(start)
-        self._file.readinto(buf)
+        got = self._file.readinto(buf)
+        if got != len(buf):  # the file shrank after it was opened
+            raise self.truncation_error(name, start + got)
         tensor = torch.frombuffer(buf, dtype=dtype).reshape(shape)
         self.live_bytes += len(buf)
         self.peak_live_bytes = max(self.peak_live_bytes, self.live_bytes)
@@ -182,15 +216,16 @@ class StreamingWriter:
                     done = os.copy_file_range(in_fd, out_fd, size, pos)
                 except OSError:  # e.g. EXDEV (another file system) or no kernel support: copy through user space
                     done = os.write(out_fd, os.pread(in_fd, size, pos))
-                if done <= 0:
-                    raise SerializationError(f"copying {src!r} from {reader.path} stopped early: disk full?")
+                if done <= 0:  # end of the input (a full disk raises OSError): the file shrank after it was opened
+                    raise reader.truncation_error(src, pos)
                 pos += done
         # copy_file_range moved the fd's offset; keep Python's buffered file object in step
         self._file.seek(os.lseek(out_fd, 0, os.SEEK_CUR))
 
-    def close(self) -> None:
+    def close(self, check: bool = True) -> None:
+        """Close the file; `check=False` while another error propagates (it, not this one, is the cause)."""
         try:
-            if self._next != len(self.order):
+            if check and self._next != len(self.order):
                 raise SerializationError(f"streaming writer closed after {self._next} of {len(self.order)} tensors")
         finally:
             self._file.close()
@@ -204,6 +239,17 @@ class _Unit:
     name: str  # state-dict key (dense) or MoE layer name (moe)
     keys: list[str]  # state-dict keys written by this unit, in file order
     fast: bool = False
+    found: Any = None  # moe: the region (from `find_regions`) the layer is built from
+
+
+@dataclass
+class _Plan:
+    """What `_write` writes, all of it checked against the checkpoint before the output is created."""
+
+    units: list[_Unit]
+    entries: list[tuple[str, torch.dtype, tuple[int, ...]]]  # the output's header, in file order
+    metadata: dict[str, str]
+    sources: dict[str, str]  # every name the write reads -> its name in the checkpoint (a tied alias maybe)
 
 
 class _Modules:
@@ -231,7 +277,7 @@ def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], di
     """Shared (tied) tensors stored once, as `safetensors.torch.save_model` does: the sorted-first name is kept.
 
     Meta tensors have no storage to compare, so sharing is read from object identity (tied parameters
-    are the same object). Returns (kept state, metadata removed->kept, aliases kept->all names).
+    are the same object). Returns (kept state, metadata removed->kept, aliases name->all its tied names).
     """
     groups: dict[int, list[str]] = {}
     for name, t in state.items():
@@ -242,8 +288,8 @@ def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], di
     keep_of = {}
     for names in groups.values():
         keep = sorted(names)[0]
-        aliases[keep] = sorted(names)
         for n in names:
+            aliases[n] = sorted(names)
             keep_of[n] = keep
             if n != keep:
                 metadata[n] = keep
@@ -279,22 +325,26 @@ def convert_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike
     region_of = {f.key: f for f in found}
     layers = moe_layers(result.model)
 
-    def fill(tmp: Path) -> None:
-        with reader_factory(Path(checkpoint)) as reader:
-            _write(reader, tmp / "model.safetensors", result, dense, region_of, layers, cfg, fast)
-        plan = plan_of(result)
-        if source is not None and source.kind == "file":
-            shutil.copyfile(source.target, tmp / "model_source.py")
-            plan["source"]["copied_to"] = "model_source.py"
-        (tmp / "plan.json").write_text(json.dumps(plan, indent=2, sort_keys=True))
+    with reader_factory(Path(checkpoint)) as reader:
+        # every check (file size, names, dtypes, shapes) is done here, before the output is created
+        write_plan = _plan(reader, result, dense, region_of, layers, cfg, fast)
 
-    write_atomically(out_dir, fill, force=force)
+        def fill(tmp: Path) -> None:
+            _write(reader, tmp / "model.safetensors", write_plan, dense, cfg)
+            plan = plan_of(result)
+            if source is not None and source.kind == "file":
+                shutil.copyfile(source.target, tmp / "model_source.py")
+                plan["source"]["copied_to"] = "model_source.py"
+            (tmp / "plan.json").write_text(json.dumps(plan, indent=2, sort_keys=True))
+
+        write_atomically(out_dir, fill, force=force)
     return result
 
 
-def _write(reader: SafetensorsReader, path: Path, result: ConversionResult, dense: nn.Module,
-           region_of: dict, layers: dict[str, nn.Module], cfg: MoEConfig, fast: bool) -> None:
+def _plan(reader: SafetensorsReader, result: ConversionResult, dense: nn.Module, region_of: dict,
+          layers: dict[str, nn.Module], cfg: MoEConfig, fast: bool) -> _Plan:
     state, metadata, aliases = _dedupe(result.model.state_dict(keep_vars=True))
+    dense_aliases = _dedupe(dense.state_dict(keep_vars=True))[2]
     regions = result.report.regions  # in build order: the order the generator is consumed in
     build_order = [r.name for r in regions]
     for name in build_order:
@@ -322,52 +372,64 @@ def _write(reader: SafetensorsReader, path: Path, result: ConversionResult, dens
         if unit.kind == "moe":
             unit.name = next(moe_iter)
             local = [k[len(unit.name) + 1:] for k in state if k.startswith(unit.name + ".")]
-            region = region_of[tuple(sorted(next(r.linears for r in regions if r.name == unit.name)))]
-            unit.fast = fast and _fast_ok(cfg, local, region, dense)
+            unit.found = region_of[tuple(sorted(next(r.linears for r in regions if r.name == unit.name)))]
+            unit.fast = fast and _fast_ok(cfg, local, unit.found, dense)
             if unit.fast:  # file order = the order the values are produced in
                 local = [f"experts.{k}" for k in FAST_EXPERT_KEYS if f"experts.{k}" in local] + \
                         [k for k in FAST_ROUTER_KEYS if k in local]
             unit.keys = [f"{unit.name}.{k}" for k in local]
 
-    entries = []
+    entries = [(key, state[key].dtype, tuple(state[key].shape)) for unit in units for key in unit.keys]
+    sources = {}  # dense tensors copied through, and the dense FFN tensors every MoE layer is built from
     for unit in units:
-        for key in unit.keys:
-            t = state[key]
-            if unit.kind == "dense":
-                src = _source_name(reader, key, aliases)
-                if reader.dtype(src) != t.dtype or reader.shape(src) != tuple(t.shape):
-                    raise SerializationError(
-                        f"{reader.path}: {src} is {reader.dtype(src)} {list(reader.shape(src))} but the model built on "
-                        f"meta has {t.dtype} {list(t.shape)}: build the model with the checkpoint's sizes and dtype")
-            entries.append((key, t.dtype, tuple(t.shape)))
+        if unit.kind == "dense":
+            sources[unit.name] = _source_name(reader, unit.name, state[unit.name], aliases.get(unit.name, [unit.name]))
+        else:
+            for name, t in _region_tensors(unit.found, dense).items():
+                sources[name] = _source_name(reader, name, t, dense_aliases.get(name, [name]))
+    return _Plan(units, entries, metadata, sources)
 
-    writer = StreamingWriter(path, entries, metadata or None)
+
+def _write(reader: SafetensorsReader, path: Path, plan: _Plan, dense: nn.Module, cfg: MoEConfig) -> None:
+    writer = StreamingWriter(path, plan.entries, plan.metadata or None)
     generator = torch.Generator().manual_seed(cfg.seed)
     try:
-        for unit in units:
+        for unit in plan.units:
             if unit.kind == "dense":
-                writer.copy_range(unit.name, reader, _source_name(reader, unit.name, aliases))
-                continue
-            spec = next(r for r in regions if r.name == unit.name)
-            found = region_of[tuple(sorted(spec.linears))]
-            if unit.fast:
-                _write_fast(writer, reader, unit, found, cfg, generator)
+                writer.copy_range(unit.name, reader, plan.sources[unit.name])
+            elif unit.fast:
+                _write_fast(writer, reader, unit, plan.sources, cfg, generator)
             else:
-                _write_built(writer, reader, unit, found, dense, cfg, generator)
-    finally:
-        writer.close()
+                _write_built(writer, reader, unit, plan.sources, dense, cfg, generator)
+    except BaseException:
+        writer.close(check=False)  # the error in flight is the cause; the caller removes the half-written output
+        raise
+    writer.close()
 
 
-def _source_name(reader: SafetensorsReader, key: str, aliases: dict[str, list[str]]) -> str:
-    for name in aliases.get(key, [key]):
-        if name in reader.entries:
-            return name
-    raise SerializationError(f"{reader.path} has no tensor {key!r}: pass the dense model's checkpoint "
-                             "(saved from the same architecture, e.g. with safetensors.torch.save_model)")
+def _source_name(reader: SafetensorsReader, key: str, meta: torch.Tensor, names: list[str]) -> str:
+    """The checkpoint's name of `key` (or of a tensor tied to it), checked against the meta model's `meta`."""
+    src = next((name for name in names if name in reader.entries), None)
+    if src is None:
+        raise SerializationError(f"checkpoint {reader.path} has no tensor {key!r} that the model needs: pass the "
+                                 "dense model's checkpoint (saved from the same architecture, e.g. with "
+                                 "safetensors.torch.save_model)")
+    if reader.dtype(src) != meta.dtype or reader.shape(src) != tuple(meta.shape):
+        raise SerializationError(
+            f"{reader.path}: {src} is {reader.dtype(src)} {list(reader.shape(src))} but the model built on meta has "
+            f"{meta.dtype} {list(meta.shape)}: build the model with the checkpoint's sizes and dtype, or pass this "
+            "model's checkpoint")
+    return src
 
 
 def _linear_names(found) -> dict[str, str]:
     return {role: _join(found.unit.path, name) for role, name in found.region.linears.items()}
+
+
+def _region_tensors(found, dense: nn.Module) -> dict[str, torch.Tensor]:
+    """The dense tensors a region's MoE layer is made from, by full name: what both write paths read."""
+    return {f"{full}.{k}": p for full in _linear_names(found).values()
+            for k, p in dense.get_submodule(full).named_parameters(recurse=False)}
 
 
 def _fast_ok(cfg: MoEConfig, local: list[str], found, dense: nn.Module) -> bool:
@@ -378,10 +440,10 @@ def _fast_ok(cfg: MoEConfig, local: list[str], found, dense: nn.Module) -> bool:
     return all(type(m) is nn.Linear for m in mods) and len({m.weight.dtype for m in mods}) == 1
 
 
-def _write_fast(writer: StreamingWriter, reader: SafetensorsReader, unit: _Unit, found, cfg: MoEConfig,
-                generator: torch.Generator) -> None:
-    names = _linear_names(found)
-    gated = found.region.kind == "gated"
+def _write_fast(writer: StreamingWriter, reader: SafetensorsReader, unit: _Unit, sources: dict[str, str],
+                cfg: MoEConfig, generator: torch.Generator) -> None:
+    names = _linear_names(unit.found)
+    gated = unit.found.region.kind == "gated"
     src = {"w1_EFD": (names["gate"] if gated else names["fc1"], "weight"),
            "w2_EDF": (names["down"] if gated else names["fc2"], "weight"),
            "w3_EFD": (names.get("up"), "weight"),
@@ -393,23 +455,24 @@ def _write_fast(writer: StreamingWriter, reader: SafetensorsReader, unit: _Unit,
         local = key[len(unit.name) + 1:]
         if local.startswith("experts."):
             linear, what = src[local.removeprefix("experts.")]
-            writer.copy_range(key, reader, f"{linear}.{what}", repeat=cfg.num_experts)
+            writer.copy_range(key, reader, sources[f"{linear}.{what}"], repeat=cfg.num_experts)
         else:
             if router is None:  # built after the experts, as build_moe_layer does (copy draws nothing)
-                d_model = reader.shape(f"{src['w1_EFD'][0]}.weight")[1]
+                d_model = reader.shape(sources[f"{src['w1_EFD'][0]}.weight"])[1]
                 router = make_router(cfg, d_model, generator)
             writer.write_tensor(key, router.get_parameter(local.removeprefix("router.")))
     if router is None:
         raise SerializationError(f"{unit.name}: no router parameters to write; the fast path expects a router")
 
 
-def _write_built(writer: StreamingWriter, reader: SafetensorsReader, unit: _Unit, found, dense: nn.Module,
-                 cfg: MoEConfig, generator: torch.Generator) -> None:
+def _write_built(writer: StreamingWriter, reader: SafetensorsReader, unit: _Unit, sources: dict[str, str],
+                 dense: nn.Module, cfg: MoEConfig, generator: torch.Generator) -> None:
+    found = unit.found
     modules = {}
     for name in found.region.linears.values():
         full = _join(found.unit.path, name)
         sub = copy.deepcopy(dense.get_submodule(full))
-        values = {k: reader.get_tensor(f"{full}.{k}") for k, _ in sub.named_parameters(recurse=False)}
+        values = {k: reader.get_tensor(sources[f"{full}.{k}"]) for k, _ in sub.named_parameters(recurse=False)}
         sub.load_state_dict(values, assign=True, strict=False)
         modules[name] = sub
     layer = build_moe_layer(cfg, dense_ffn(found.region, _Modules(modules)), generator=generator)

@@ -176,3 +176,85 @@ def test_ooc_module_reused_across_depth_sums_every_call(tmp_path):
     x = torch.randn(2, 5, 8)
     loss, want = _aux_loss_and_reference(model, lambda: model(x))
     assert loss == pytest.approx(want, rel=1e-5)
+
+
+def _small():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8))
+
+
+def _header(path):
+    raw = path.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    return size, json.loads(raw[8:8 + size])
+
+
+def _last_tensor(path):
+    _, header = _header(path)
+    header.pop("__metadata__", None)
+    return max(header, key=lambda k: header[k]["data_offsets"][1])
+
+
+def _truncate(path, keep):
+    with open(path, "r+b") as f:
+        f.truncate(keep)
+
+
+def _save_altered(path, name, value):
+    state = load_file(path)
+    if value is None:
+        del state[name]
+    else:
+        state[name] = value
+    save_file(state, path)
+
+
+BROKEN = {
+    # case: (break the checkpoint at path, what the error must say)
+    "truncated": (lambda p: _truncate(p, p.stat().st_size - 4),
+                  lambda p: rf"is truncated: tensor '{re.escape(_last_tensor(p))}' needs bytes \d+\.\.\d+ but the file "
+                            rf"has \d+; re-save"),
+    "header_only": (lambda p: _truncate(p, 8 + _header(p)[0]),
+                    lambda p: r"is truncated: tensor '[\w.]+' needs bytes \d+\.\.\d+ but the file has \d+; re-save"),
+    "ffn_shape": (lambda p: _save_altered(p, "2.weight", torch.randn(4, 32)),
+                  lambda p: r"2\.weight is torch\.float32 \[4, 32\] but the model built on meta has torch\.float32 "
+                            r"\[8, 16\]"),
+    "ffn_dtype": (lambda p: _save_altered(p, "2.weight", torch.ones(8, 16, dtype=torch.int32)),
+                  lambda p: r"2\.weight is torch\.int32 \[8, 16\] but the model built on meta has torch\.float32"),
+    "missing": (lambda p: _save_altered(p, "2.bias", None),
+                lambda p: r"has no tensor '2\.bias' that the model needs"),
+}
+
+
+@pytest.mark.parametrize("init", ["copy", "copy_noise", "split"])  # copy: the fast path; the others build layers
+@pytest.mark.parametrize("case", list(BROKEN))
+def test_ooc_broken_checkpoint_fails_before_writing(tmp_path, case, init):
+    """A truncated or mismatched checkpoint is refused with one typed line naming the tensor; nothing is left."""
+    ckpt = tmp_path / "dense.safetensors"
+    save_model(_small(), str(ckpt))
+    breaks, says = BROKEN[case]
+    breaks(ckpt)
+    with pytest.raises(SerializationError, match=says(ckpt)) as err:
+        convert_checkpoint(ckpt, tmp_path / "out", moeify.MoEConfig(num_experts=2, init=init), model=_small)
+    assert "\n" not in str(err.value) and "streaming writer" not in str(err.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dense.safetensors"]  # no output, no temporary sibling
+
+
+@pytest.mark.parametrize("init", ["copy", "copy_noise"])
+def test_ooc_checkpoint_shrinking_while_read_is_not_masked(tmp_path, init):
+    """A file cut short after it was opened (checked at open) fails on the read, with that error, not the
+    writer's 'closed after N of M tensors'; the temporary output is removed."""
+    ckpt = tmp_path / "dense.safetensors"
+    save_model(_small(), str(ckpt))
+
+    def shrinking(path):
+        reader = SafetensorsReader(path)
+        _truncate(path, reader.data_start)
+        return reader
+
+    with pytest.raises(SerializationError, match=r"is truncated: tensor '[\w.]+' needs bytes \d+\.\.\d+ but the file "
+                                                 r"(has|ends at) \d+; re-save") as err:
+        convert_checkpoint(ckpt, tmp_path / "out", moeify.MoEConfig(num_experts=2, init=init), model=_small,
+                           reader_factory=shrinking)
+    assert "streaming writer" not in str(err.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dense.safetensors"]
