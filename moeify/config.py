@@ -10,6 +10,9 @@ import dataclasses
 import json
 import math
 import re
+import types
+import typing
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,8 +26,74 @@ SPLIT_METHODS = ("random", "cluster")
 DROP_POLICIES = ("position", "gate")
 
 
+# torch.Generator.manual_seed takes any integer in [-2**63, 2**64) (negatives wrap modulo 2**64)
+SEED_RANGE = (-(2**63), 2**64)
+
+
 def _fail(field_name: str, value: Any, fix: str) -> None:
     raise ConfigError(f"MoEConfig.{field_name}={value!r} is invalid: {fix}")
+
+
+def _is_finite(value: int | float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+def _options(hint: Any) -> tuple:
+    """The alternatives of a union annotation (`X | None` -> (X, None)); (hint,) otherwise."""
+    return typing.get_args(hint) if typing.get_origin(hint) in (types.UnionType, typing.Union) else (hint,)
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether `value` has the type `hint` (a field annotation): bool is not an int, an int is a
+    float, floats are finite (no field has a use for inf or nan), tuples are checked element-wise."""
+    if len(_options(hint)) > 1:
+        return any(_fits(value, option) for option in _options(hint))
+    if hint is type(None):
+        return value is None
+    if typing.get_origin(hint) is tuple:
+        inner, _ = typing.get_args(hint)  # tuple[X, ...]
+        return isinstance(value, tuple) and all(_fits(item, inner) for item in value)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and _is_finite(value)
+    if hint is str:
+        return isinstance(value, str)
+    raise TypeError(f"MoEConfig cannot check fields of type {hint}: teach _fits about it")
+
+
+_WORDS = {bool: "a bool (true/false)", int: "an integer", float: "a finite number", str: "a string"}
+_PLURALS = {int: "integers", str: "strings"}
+
+
+def _describe(hint: Any) -> str:
+    """`hint` in words for an error message's fix (JSON spellings in brackets)."""
+    words = []
+    for option in _options(hint):
+        if option is type(None):
+            continue
+        if typing.get_origin(option) is tuple:
+            words.append(f"a list of {_PLURALS[typing.get_args(option)[0]]}")
+        else:
+            words.append(_WORDS[option])
+    return " or ".join(words) + (", or None (null)" if type(None) in _options(hint) else "")
+
+
+def _type_fix(value: Any, hint: Any) -> str:
+    """How to fix a `value` that does not fit the annotation `hint`."""
+    wanted = f"use {_describe(hint)}"
+    items = [typing.get_args(option)[0] for option in _options(hint) if typing.get_origin(option) is tuple]
+    if isinstance(value, tuple) and items:
+        bad = next(item for item in value if not any(_fits(item, inner) for inner in items))
+        return f"{wanted}; {bad!r} is {type(bad).__name__}"
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and float in _options(hint):
+        return wanted  # a number of the right type, but inf, nan or too large for a float
+    return f"{wanted}, not {type(value).__name__}"
 
 
 @dataclass(frozen=True)
@@ -89,37 +158,53 @@ class MoEConfig:
     version: int = field(default=CONFIG_VERSION)
 
     def __post_init__(self) -> None:
-        # tuples may arrive as lists (from JSON or a CLI); normalise before validating
-        for name in ("targets", "exclude"):
-            value = getattr(self, name)
-            if isinstance(value, str):
-                value = (value,)
-            object.__setattr__(self, name, tuple(value))
-        if self.layers is not None:
-            object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
+        # tuples may arrive as lists (from JSON or a CLI), a lone target as a string; normalise
+        # them before validating, and leave anything else as it is for the type check to refuse
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not any(typing.get_origin(option) is tuple for option in _options(hints[f.name])):
+                continue
+            if isinstance(value, str) and f.name in ("targets", "exclude"):
+                object.__setattr__(self, f.name, (value,))
+            elif isinstance(value, Iterable) and not isinstance(value, (str, bytes, Mapping)):
+                object.__setattr__(self, f.name, tuple(value))
         self._validate()
 
     def _validate(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not _fits(value, hints[f.name]):
+                _fail(f.name, value, _type_fix(value, hints[f.name]))
+        # every field has its declared type from here on: the checks below are about values
         if self.version != CONFIG_VERSION:
             _fail("version", self.version, f"this moeify reads config version {CONFIG_VERSION}; re-create the config")
-        if not isinstance(self.num_experts, int) or self.num_experts < 2:
+        if self.num_experts < 2:
             _fail("num_experts", self.num_experts, "use an integer >= 2 (one expert is the dense model)")
-        if not isinstance(self.top_k, int) or self.top_k < 1:
+        if self.top_k < 1:
             _fail("top_k", self.top_k, "use an integer >= 1")
+        if not SEED_RANGE[0] <= self.seed < SEED_RANGE[1]:
+            _fail("seed", self.seed, "use an integer in [-2**63, 2**64) (what torch.Generator.manual_seed takes)")
         if self.router not in ROUTERS:
             _fail("router", self.router, f"choose one of {', '.join(ROUTERS)}")
         if self.router == "switch" and self.top_k != 1:
             _fail("top_k", self.top_k, "the switch router is top-1: set top_k=1 or use router='topk'")
+        if self.group_top_k < 1:
+            _fail("group_top_k", self.group_top_k, "use an integer >= 1 (groups kept per token with num_groups)")
         if self.num_groups is None:
             if self.top_k > self.num_experts:
                 _fail("top_k", self.top_k, f"top_k must be <= num_experts ({self.num_experts})")
+            if self.group_top_k != 1:
+                _fail("group_top_k", self.group_top_k, "it only applies to hierarchical MoE: set num_groups, "
+                      "or leave group_top_k=1")
         else:
-            if not isinstance(self.num_groups, int) or self.num_groups < 2:
+            if self.num_groups < 2:
                 _fail("num_groups", self.num_groups, "use an integer >= 2, or None for a flat MoE")
             if self.num_experts % self.num_groups:
                 _fail("num_groups", self.num_groups, f"it must divide num_experts ({self.num_experts})")
             per_group = self.num_experts // self.num_groups
-            if not 1 <= self.group_top_k <= self.num_groups:
+            if self.group_top_k > self.num_groups:
                 _fail("group_top_k", self.group_top_k, f"use 1..num_groups ({self.num_groups})")
             if self.top_k > per_group:
                 _fail("top_k", self.top_k, f"with groups, top_k counts experts per group; use <= {per_group}")
@@ -129,22 +214,30 @@ class MoEConfig:
             _fail("init", self.init, f"choose one of {', '.join(INITS)}")
         if self.split_method not in SPLIT_METHODS:
             _fail("split_method", self.split_method, f"choose one of {', '.join(SPLIT_METHODS)}")
+        if self.split_method != "random" and self.init != "split":
+            _fail("split_method", self.split_method, "it only applies to init='split': set init='split', "
+                  "or leave split_method='random'")
         if self.drop_policy not in DROP_POLICIES:
             _fail("drop_policy", self.drop_policy, f"choose one of {', '.join(DROP_POLICIES)}")
-        if not isinstance(self.every_n, int) or self.every_n < 1:
+        if self.every_n < 1:
             _fail("every_n", self.every_n, "use an integer >= 1 (1 converts every selected region)")
         if self.layers is not None and any(i < 0 for i in self.layers):
             _fail("layers", self.layers, "layer indices count from 0 over the matched FFN regions")
         if self.num_shared_experts < 0:
             _fail("num_shared_experts", self.num_shared_experts, "use an integer >= 0")
         for name in ("init_noise", "router_jitter", "load_balance_coef", "z_loss_coef", "importance_coef", "load_coef"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                _fail(name, value, "use a finite number >= 0")
-        if not self.router_init_scale > 0:
-            _fail("router_init_scale", self.router_init_scale, "use a number > 0")
-        if not self.expert_choice_capacity > 0:
-            _fail("expert_choice_capacity", self.expert_choice_capacity, "use a number > 0")
+            if getattr(self, name) < 0:
+                _fail(name, getattr(self, name), "use a finite number >= 0")
+        if self.router_jitter > 0 and self.router != "switch":
+            _fail("router_jitter", self.router_jitter, "input jitter is part of router='switch' only: "
+                  "use router='switch', or leave router_jitter=0")
+        if self.router_init_scale <= 0:
+            _fail("router_init_scale", self.router_init_scale, "use a finite number > 0")
+        if self.expert_choice_capacity <= 0:
+            _fail("expert_choice_capacity", self.expert_choice_capacity, "use a finite number > 0")
+        if self.expert_choice_capacity != 1.0 and self.router != "expert_choice":
+            _fail("expert_choice_capacity", self.expert_choice_capacity, "it only applies to router='expert_choice': "
+                  "use capacity_factor to limit other routers, or leave expert_choice_capacity=1.0")
         if self.router == "expert_choice" and (self.capacity_factor, self.eval_capacity_factor) != (None, None):
             _fail("capacity_factor", self.capacity_factor,
                   "expert_choice sets each expert's capacity itself: use expert_choice_capacity and leave "
@@ -154,8 +247,8 @@ class MoEConfig:
                   "use load_balance_coef for other routers")
         for name in ("capacity_factor", "eval_capacity_factor"):
             value = getattr(self, name)
-            if value is not None and not (isinstance(value, (int, float)) and value > 0):
-                _fail(name, value, "use a number > 0, or None for dropless routing")
+            if value is not None and value <= 0:
+                _fail(name, value, "use a finite number > 0, or None for dropless routing")
         if self.expert_dropout is not None and not 0.0 <= self.expert_dropout < 1.0:
             _fail("expert_dropout", self.expert_dropout, "use a probability in [0, 1), or None")
         for name in ("targets", "exclude"):
@@ -178,6 +271,9 @@ class MoEConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MoEConfig:
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"MoEConfig needs a JSON object of fields, not {type(data).__name__}: "
+                              'write {"num_experts": 8, ...}')
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
