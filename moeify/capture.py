@@ -51,7 +51,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch import nn
 
-from moeify.errors import CaptureError, TracedPathError
+from moeify.errors import CaptureError, TracedPathError, one_line
 from moeify.passes import ops
 
 # children made opaque, one per failed attempt, before a module counts as untraceable
@@ -423,12 +423,9 @@ def observe_none_inputs(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -
             handles.append(module.register_forward_pre_hook(watch(path, signature, optional), with_kwargs=True))
     if not handles:
         return {}
-    try:
+    try:  # (what the model raises here, `convert.example_errors` reports)
         with torch.no_grad(), eval_mode(model):
             model(*args, **kwargs)
-    except Exception as exc:  # noqa: BLE001 - whatever the model raises, the example inputs are at fault
-        raise CaptureError(f"{type(model).__name__} does not run on the example inputs ({_first_line(exc)}); pass "
-                           "example inputs its forward accepts") from exc
     finally:
         for handle in handles:
             handle.remove()
@@ -477,11 +474,6 @@ class Capture:
     failures: list[tuple[str, str]] = field(default_factory=list)  # (module, reason)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:200]
-
-
 def _is_container(module: nn.Module) -> bool:
     return isinstance(module, (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict))
 
@@ -496,7 +488,7 @@ def capture_units(model: nn.Module, none_inputs: dict[str, frozenset[str]] | Non
             try:
                 gm = trace(module, (none_inputs or {}).get(path, frozenset()))
             except Exception as exc:  # noqa: BLE001 - any trace failure means: look inside
-                capture.failures.append((path or "<model>", _first_line(exc)))
+                capture.failures.append((path or "<model>", one_line(exc)))
             else:
                 how = "fx: whole model" if not path else f"fx: submodule {path}"
                 capture.units.append(CaptureUnit(path, gm, how))
@@ -550,7 +542,7 @@ def capture_methods(model: nn.Module, capture: Capture) -> None:
             try:
                 gm = trace_method(module, method)
             except Exception as exc:  # noqa: BLE001 - a method that does not trace is only a failed candidate
-                capture.failures.append((where, _first_line(exc)))
+                capture.failures.append((where, one_line(exc)))
                 continue
             capture.units.append(CaptureUnit("" if path == "<model>" else path, gm,
                                              f"fx: method {where}", method))
@@ -614,7 +606,7 @@ def capture_wired(model: nn.Module, capture: Capture, none_inputs: dict[str, fro
         try:
             graphs = trace_paths(module, (none_inputs or {}).get(path, frozenset()))
         except Exception as exc:  # noqa: BLE001 - one failed candidate
-            capture.failures.append((f"{where}.forward(opaque children)", _first_line(exc)))
+            capture.failures.append((f"{where}.forward(opaque children)", one_line(exc)))
             continue
         capture.units.append(CaptureUnit(path, graphs[0], f"fx: forward of {where}, children that do not trace opaque",
                                          "forward", paths=graphs[1:]))
@@ -635,7 +627,7 @@ def capture_ff_blocks(model: nn.Module, capture: Capture) -> None:
         try:
             gm = trace_method(module, "_ff_block")
         except Exception as exc:  # noqa: BLE001 - a subclass may have changed it: one failed candidate
-            capture.failures.append((where, _first_line(exc)))
+            capture.failures.append((where, one_line(exc)))
             continue
         capture.units.append(CaptureUnit(path, gm, f"fx: method {where}", "_ff_block", in_place=True))
 

@@ -23,7 +23,7 @@ from typing import Any
 import click
 
 from moeify.config import MoEConfig
-from moeify.errors import ConfigError, MoeifyError
+from moeify.errors import ConfigError, MoeifyError, one_line
 
 _SCALAR = {"int": int, "float": float, "str": str}
 
@@ -63,8 +63,11 @@ def build_config(config_file: str | None, options: dict[str, Any]) -> MoEConfig:
             raise ConfigError(f"config file {config_file} does not exist: pass a JSON file of MoEConfig fields")
         try:
             data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"config file {config_file} is not valid JSON ({exc})") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {config_file} holds a JSON {type(data).__name__}: write one object "
+                              'of MoEConfig fields, such as {"num_experts": 8}')
     for f in dataclasses.fields(MoEConfig):
         value = options.get(f.name)
         if value is None or (isinstance(value, tuple) and not value):
@@ -74,18 +77,25 @@ def build_config(config_file: str | None, options: dict[str, Any]) -> MoEConfig:
 
 
 def handle_errors(fn):
-    """Print a MoeifyError as one line and exit 2; `--debug` re-raises with the traceback."""
+    """Print a MoeifyError as one line and exit 2; anything else that escapes (a bug, or input moeify
+    did not foresee) as one line naming its type, and exit 1. `--debug` re-raises with the traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         ctx = click.get_current_context()
         try:
             return fn(*args, **kwargs)
-        except MoeifyError as exc:
+        except (click.exceptions.Exit, click.ClickException, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the last resort: one line, not a traceback
             if ctx.find_root().params.get("debug"):
                 raise
-            click.echo(f"error: {exc}", err=True)
-            ctx.exit(2)
+            if isinstance(exc, MoeifyError):
+                click.echo(f"error: {exc}", err=True)
+                ctx.exit(2)
+            click.echo(f"error: {one_line(exc)} (moeify --debug {ctx.info_name} ... shows the traceback)",
+                       err=True)
+            ctx.exit(1)
 
     return wrapper
 
@@ -141,12 +151,11 @@ def inspect(model_spec: str) -> None:
 def convert(model_spec: str, output: str, force: bool, verify: bool, config_file: str | None, **options) -> None:
     """Convert MODEL_SPEC (model.py[:NAME]) into an MoE model, verify it, and save it to OUTPUT."""
     import moeify
-    from moeify.errors import SerializationError
+    from moeify.serialization import check_output
     from moeify.source import example_inputs_of
 
     cfg = build_config(config_file, options)
-    if Path(output).exists() and not force:
-        raise SerializationError(f"{output} already exists: choose another output or pass --force")
+    check_output(output, force=force)
     model, module, source = load_model(model_spec)
     args, kwargs = example_inputs_of(module, model_spec) if verify else ((), {})
     result = moeify.convert(model, cfg, example_inputs=args, example_kwargs=kwargs, verify=verify)
@@ -167,9 +176,11 @@ def convert_checkpoint(model_spec: str, checkpoint: str, output: str, force: boo
                        **options) -> None:
     """Upcycle CHECKPOINT (dense .safetensors of MODEL_SPEC) out of core: one layer in memory at a time."""
     from moeify.ooc import convert_checkpoint as ooc_convert
+    from moeify.serialization import check_output
     from moeify.source import ModelSource
 
     cfg = build_config(config_file, options)
+    check_output(output, force=force)
     source = ModelSource.parse(model_spec)
     result = ooc_convert(checkpoint, output, cfg, model=lambda: source.build()[0], source=source, force=force)
     click.echo(str(result.report))
@@ -208,16 +219,18 @@ def stats(out_dir: str, plot_path: str | None) -> None:
 @click.option("--allow-approximate-gelu", is_flag=True,
               help="fused mode: accept the op's tanh GELU for exact-GELU experts (about 5e-4 off)")
 @click.option("--static", is_flag=True, help="fixed batch and sequence axes (default: dynamic)")
+@click.option("--force", is_flag=True, help="replace an existing ONNX file")
 @click.option("--check/--no-check", default=True, show_default=True,
               help="compare onnxruntime with PyTorch at two input shapes before writing")
 @handle_errors
 def export(out_dir: str, output: str, mode: str, fallback: str, allow_approximate_gelu: bool, static: bool,
-           check: bool) -> None:
+           force: bool, check: bool) -> None:
     """Export the saved conversion OUT_DIR to ONNX (example inputs from its saved model_source.py)."""
     from moeify.onnx_export import export_saved
 
     report = export_saved(out_dir, output, mode=mode, fallback=None if fallback == "none" else fallback,
-                          allow_approximate_gelu=allow_approximate_gelu, dynamic=not static, check=check)
+                          allow_approximate_gelu=allow_approximate_gelu, dynamic=not static, check=check,
+                          force=force)
     click.echo(report.format())
 
 

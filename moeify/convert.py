@@ -27,7 +27,7 @@ from torch import nn
 from moeify import capture as capture_mod
 from moeify.compare import abs_diff
 from moeify.config import MoEConfig
-from moeify.errors import CaptureError, NoFFNRegionError, VerificationError
+from moeify.errors import CaptureError, ExampleInputsError, MoeifyError, NoFFNRegionError, VerificationError, one_line
 from moeify.moe.build import DenseFFN, build_moe_layer
 from moeify.moe.layer import MoELayer, install_forward_marker
 from moeify.moe.projection import build_projection_layer
@@ -185,17 +185,30 @@ def moe_layers(model: nn.Module) -> dict[str, MoELayer]:
     return {name: m for name, m in model.named_modules() if isinstance(m, MoELayer)}
 
 
+def preservation_gap(cfg: MoEConfig) -> str | None:
+    """Why `cfg` does not promise that a freshly converted model computes the dense function; None when
+    it does."""
+    if cfg.init == "copy_noise":
+        return f"init='copy_noise' adds noise of std {cfg.init_noise:g} to each expert's copy"
+    if cfg.router == "expert_choice":  # every token is chosen by some expert only when capacity * k >= E
+        if cfg.expert_choice_capacity * cfg.top_k < cfg.num_experts:
+            return "expert choice with expert_choice_capacity x top_k < num_experts leaves some tokens unpicked"
+        if cfg.init != "copy" or not cfg.preserve_scale:
+            return "expert choice preserves the function only with init='copy' and preserve_scale=True"
+        return None
+    if cfg.init == "split" and cfg.top_k < cfg.num_experts:
+        return "init='split' with top_k < num_experts runs only part of the FFN's neurons per token"
+    if cfg.capacity_factor is not None or cfg.eval_capacity_factor is not None:
+        factor = cfg.capacity_factor if cfg.capacity_factor is not None else cfg.eval_capacity_factor
+        return f"tokens over an expert's capacity (capacity factor {factor:g}) are dropped"
+    if not (cfg.preserve_scale or (cfg.router == "topk" and cfg.normalize_gates)):
+        return "preserve_scale=False: the gate values scale the experts' outputs"
+    return None
+
+
 def function_preserving(cfg: MoEConfig) -> bool:
     """Whether `cfg` promises that a freshly converted model computes the dense function."""
-    if cfg.init == "copy_noise":
-        return False
-    if cfg.router == "expert_choice":  # every token is chosen by some expert only when capacity * k >= E
-        return cfg.init == "copy" and cfg.preserve_scale and cfg.expert_choice_capacity * cfg.top_k >= cfg.num_experts
-    if cfg.init == "split" and cfg.top_k < cfg.num_experts:
-        return False
-    if cfg.capacity_factor is not None or cfg.eval_capacity_factor is not None:
-        return False
-    return cfg.preserve_scale or (cfg.router == "topk" and cfg.normalize_gates)
+    return preservation_gap(cfg) is None
 
 
 def convert(model: nn.Module, config: MoEConfig | None = None, *, example_inputs: Sequence[Any] = (),
@@ -218,6 +231,8 @@ def convert(model: nn.Module, config: MoEConfig | None = None, *, example_inputs
     from moeify.source import ModelSource
 
     source_record = ModelSource.parse(source).to_dict() if source is not None else None
+    if isinstance(example_inputs, torch.Tensor):  # one input given bare, as to export_onnx
+        example_inputs = (example_inputs,)
     with rng_kept(model, example_inputs, example_kwargs or {}):
         return _convert(model, config or MoEConfig(), tuple(example_inputs), example_kwargs or {}, only, verify,
                         atol, source_record, none_inputs)
@@ -226,11 +241,29 @@ def convert(model: nn.Module, config: MoEConfig | None = None, *, example_inputs
 def _convert(model: nn.Module, cfg: MoEConfig, example_inputs: tuple, example_kwargs: dict[str, Any],
              only: Sequence[Sequence[str]] | None, verify: bool, atol: float, source_record: dict | None,
              none_inputs: dict[str, Sequence[str]] | None) -> ConversionResult:
+    checked = verify and bool(example_inputs or example_kwargs)
+    with example_errors(model):  # the dense outputs first: bad inputs fail before any work is done
+        dense_out = _outputs(model, example_inputs, example_kwargs) if checked else []
+    # the converted model's check runs from the RNG state the dense run started from: what the rewrite
+    # draws (the observing forward, layer constructors) is undone
+    with rng_kept(model, example_inputs, example_kwargs):
+        result = _rewrite(model, cfg, example_inputs, example_kwargs, only, source_record, none_inputs)
+    if checked:
+        check_outputs(dense_out, result.model, example_inputs, example_kwargs, result.report, cfg, atol)
+        _report_calls_per_forward(result.model, result.report)
+    return result
+
+
+def _rewrite(model: nn.Module, cfg: MoEConfig, example_inputs: tuple, example_kwargs: dict[str, Any],
+             only: Sequence[Sequence[str]] | None, source_record: dict | None,
+             none_inputs: dict[str, Sequence[str]] | None) -> ConversionResult:
+    """`_convert` without the check: capture, find, plan and rewrite on a copy of `model`."""
     converted = copy.deepcopy(model)
+    if none_inputs is None and (example_inputs or example_kwargs):
+        with example_errors(model):
+            none_inputs = capture_mod.observe_none_inputs(converted, example_inputs, example_kwargs)
     if none_inputs is not None:
         none_inputs = {path: frozenset(names) for path, names in none_inputs.items()}
-    elif example_inputs or example_kwargs:
-        none_inputs = capture_mod.observe_none_inputs(converted, example_inputs, example_kwargs)
     else:
         none_inputs = {}
     found, skipped, cap = find_regions(converted, none_inputs)
@@ -277,13 +310,8 @@ def _convert(model: nn.Module, cfg: MoEConfig, example_inputs: tuple, example_kw
     install_forward_marker(converted)
     report.params_after = count_params(converted)
     report.active_params_per_token = active_params(converted)
-    result = ConversionResult(converted, report, cfg, source=source_record,
-                              regions=[list(found[i].key) for i in selected],
-                              none_inputs=none_inputs)
-    if verify and (example_inputs or example_kwargs):
-        check_outputs(model, converted, example_inputs, example_kwargs, report, atol)
-        _report_calls_per_forward(converted, report)
-    return result
+    return ConversionResult(converted, report, cfg, source=source_record,
+                            regions=[list(found[i].key) for i in selected], none_inputs=none_inputs)
 
 
 def _report_calls_per_forward(model: nn.Module, report: ConversionReport) -> None:
@@ -414,6 +442,8 @@ def flatten_outputs(out: Any) -> list[torch.Tensor]:
 # output of magnitude m is about 1e-7 m, so large outputs (mT5's logits reach 45) move by more than
 # atol under any reordering of their sums; a wrong conversion moves them by about m.
 VERIFY_RTOL = 1e-5
+# Outputs in bfloat16 / float16 are compared within this many epsilons of their dtype (see output_diffs).
+LOW_PRECISION_ULPS = 4
 
 
 @contextmanager
@@ -435,29 +465,51 @@ def _outputs(model: nn.Module, args: Sequence[Any], kwargs: dict[str, Any]) -> l
         return flatten_outputs(model(*args, **kwargs))
 
 
-def output_diffs(dense: nn.Module, converted: nn.Module, args: Sequence[Any], kwargs: dict[str, Any],
-                 rtol: float = VERIFY_RTOL) -> tuple[float, float]:
-    """(max |dense - converted|, max of |dense - converted| - rtol * |dense|) over all outputs, both
-    models in eval mode and run from the same RNG state (`_outputs`); NaN as in `compare.abs_diff`."""
-    ya, yb = _outputs(dense, args, kwargs), _outputs(converted, args, kwargs)
-    if len(ya) != len(yb):
-        raise VerificationError(f"the converted model returns {len(yb)} tensors, the dense model {len(ya)}")
+@contextmanager
+def example_errors(model: nn.Module):
+    """Inside, a failure of the model's forward on the example inputs is an ExampleInputsError."""
+    try:
+        yield
+    except MoeifyError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure of the user's forward: one line naming it
+        raise ExampleInputsError(f"the example inputs do not run on the dense {type(model).__name__} "
+                                 f"({one_line(exc)}); fix example_inputs() so that model(*inputs) runs") from exc
+
+
+def output_diffs(dense_out: list[torch.Tensor], converted: nn.Module, args: Sequence[Any], kwargs: dict[str, Any],
+                 atol: float, rtol: float = VERIFY_RTOL) -> tuple[float, float]:
+    """(max |dense - converted|, max of |dense - converted| - tolerance) over all outputs, the
+    converted model run as `_outputs` ran the dense one; NaN as in `compare.abs_diff`.
+
+    The tolerance is atol + rtol * |dense|, widened for outputs of a low-precision dtype (bfloat16,
+    float16) to LOW_PRECISION_ULPS of its epsilon relative to the output's largest magnitude:
+    there the same sums in another order round differently by that much."""
+    got = _outputs(converted, args, kwargs)
+    if len(dense_out) != len(got):
+        raise VerificationError(f"the converted model returns {len(got)} tensors, the dense model {len(dense_out)}")
     diff, excess = 0.0, -math.inf
-    for x, y in zip(ya, yb, strict=True):
+    for x, y in zip(dense_out, got, strict=True):
         if x.numel():
             d = abs_diff(y, x)
-            diff, excess = max(diff, d.max().item()), max(excess, (d - rtol * x.double().cpu().abs()).max().item())
+            x_abs = x.double().cpu().abs()
+            a, r = atol, rtol
+            if x.is_floating_point() and torch.finfo(x.dtype).eps > torch.finfo(torch.float32).eps:
+                eps = LOW_PRECISION_ULPS * torch.finfo(x.dtype).eps
+                a, r = max(a, eps * x_abs.max().item()), max(r, eps)
+            diff, excess = max(diff, d.max().item()), max(excess, (d - a - r * x_abs).max().item())
     return diff, excess
 
 
-def check_outputs(dense: nn.Module, converted: nn.Module, args: Sequence[Any], kwargs: dict[str, Any],
-                  report: ConversionReport, atol: float) -> None:
-    diff, excess = output_diffs(dense, converted, args, kwargs)
+def check_outputs(dense_out: list[torch.Tensor], converted: nn.Module, args: Sequence[Any], kwargs: dict[str, Any],
+                  report: ConversionReport, cfg: MoEConfig, atol: float) -> None:
+    diff, excess = output_diffs(dense_out, converted, args, kwargs, atol)
     report.max_abs_diff = diff
-    if report.function_preserving and excess > atol:
+    if report.function_preserving and excess > 0:
         raise VerificationError(f"the converted model's outputs differ from the dense model's by {diff:.3g} "
                                 f"(> {atol} + {VERIFY_RTOL} x |output|) although the config is function preserving; "
-                                "please report this with the model, or pass verify=False to inspect it")
+                                "please report this with the model, or pass verify=False (--no-verify) to inspect "
+                                "it")
     if not report.function_preserving:
-        report.notes.append(f"this config is not function preserving: outputs at init moved by max |diff| "
-                            f"{diff:.3g} on the example inputs")
+        report.notes.append(f"this config does not promise the dense function ({preservation_gap(cfg)}): outputs "
+                            f"at init moved by max |diff| {diff:.3g} on the example inputs")

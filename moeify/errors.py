@@ -6,6 +6,8 @@ on one line, so the CLI can print it as is.
 
 from __future__ import annotations
 
+import textwrap
+
 
 class MoeifyError(Exception):
     """Root of every error moeify raises on purpose."""
@@ -48,6 +50,10 @@ class ModelSourceError(MoeifyError):
     """A model file or factory could not be loaded (missing file, missing function, it raised)."""
 
 
+class ExampleInputsError(MoeifyError, ValueError):
+    """The example inputs do not run on the dense model."""
+
+
 class SerializationError(MoeifyError):
     """A saved conversion could not be written or read."""
 
@@ -58,3 +64,11 @@ class ExportError(MoeifyError):
 
 class DistributedError(MoeifyError):
     """Expert parallelism was set up wrongly (sizes, process groups)."""
+
+
+def one_line(exc: BaseException, limit: int = 200) -> str:
+    """`Type: message` of an exception moeify did not raise, on one line: its first non-empty line, and
+    the next one too when the first only announces it (ends with ':'), cut at a word within `limit`."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = " ".join(lines[:2]) if len(lines) > 1 and lines[0].endswith(":") else (lines[0] if lines else "")
+    return textwrap.shorten(f"{type(exc).__name__}: {text}", width=limit, placeholder=" ...")

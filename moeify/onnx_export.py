@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import inspect
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -58,11 +57,12 @@ from torch import nn
 
 from moeify.capture import counting_calls, eval_mode
 from moeify.compare import abs_diff
-from moeify.errors import ExportError
+from moeify.errors import ExportError, one_line
 from moeify.moe.experts import GroupedExperts, activation_fn
 from moeify.moe.layer import MoELayer
 from moeify.moe.projection import ProjectionExperts
 from moeify.moe.router import ExpertChoiceRouter, HierarchicalRouter, NoisyTopKRouter, SwitchRouter, TopKRouter
+from moeify.serialization import check_output, write_file_atomically
 
 MODES = ("fused", "portable")
 MSFT_DOMAIN = "com.microsoft"
@@ -567,7 +567,7 @@ def export_onnx(model: nn.Module, example_inputs: Sequence[Any] = (), path: str 
                 mode: str = "fused", dynamic: bool = True, check: bool = True,
                 example_kwargs: dict[str, Any] | None = None, allow_approximate_gelu: bool = False,
                 fallback: str | None = None, atol: float = 1e-4,
-                dynamic_axes: dict[str, dict[int, str]] | None = None) -> ExportReport:
+                dynamic_axes: dict[str, dict[int, str]] | None = None, force: bool = False) -> ExportReport:
     """Export an MoE model (from `moeify.convert`/`moeify.load`, or a `ConversionResult`) to ONNX at `path`.
 
     mode="fused": every MoE layer becomes one com.microsoft.MoE node (onnxruntime CPU and CUDA);
@@ -579,6 +579,7 @@ def export_onnx(model: nn.Module, example_inputs: Sequence[Any] = (), path: str 
     inputs that share an axis name share its size ({} makes an input static). `check`: run
     onnxruntime on the example inputs and on inputs with batch + 1 and
     sequence + 3, compare with PyTorch, and raise ExportError beyond `atol` (nothing written).
+    An existing file at `path` is replaced only with `force`.
     The model is never changed: its MoE layers are lowered only while the exporter traces.
     """
     if mode not in MODES:
@@ -590,8 +591,9 @@ def export_onnx(model: nn.Module, example_inputs: Sequence[Any] = (), path: str 
     example_inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     kwargs = dict(example_kwargs or {})
     path = Path(path)
-    if not path.parent.exists():
+    if not path.parent.is_dir():
         raise ExportError(f"cannot write {path}: directory {path.parent} does not exist")
+    check_output(path, force=force, directory=False)
 
     plans = _plan_layers(model, mode, fallback, allow_approximate_gelu)
     bound = _bind(model, example_inputs, kwargs)
@@ -636,7 +638,7 @@ def export_onnx(model: nn.Module, example_inputs: Sequence[Any] = (), path: str 
         else:
             report.notes.append("no dynamic axis: checked at the example shape only")
         _run_check(model_proto, model, inputs, plans, report)
-    _write_atomic(model_proto, path)
+    write_file_atomically(path, lambda tmp: _save(model_proto, tmp), force=force)
     return report
 
 
@@ -679,7 +681,7 @@ def _root_cause(exc: BaseException) -> str:
     what went wrong in several of its own)."""
     while (exc.__cause__ or exc.__context__) is not None:
         exc = exc.__cause__ or exc.__context__
-    return f"{type(exc).__name__}: " + (str(exc).strip().splitlines() or [""])[0][:300]
+    return one_line(exc, limit=300)
 
 
 def _export_hint(root: str, mode: str, dynamic: bool) -> str:
@@ -718,18 +720,10 @@ def _validate_graph(model_proto, want: int, report: ExportReport) -> None:
         raise ExportError("the portable graph contains com.microsoft operators; please report this")
 
 
-def _write_atomic(model_proto, path: Path) -> None:
+def _save(model_proto, path: Path) -> None:
     import onnx
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        onnx.save(model_proto, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    onnx.save(model_proto, str(path))
 
 
 __all__ = ["ExportReport", "Gating", "LayerExport", "MODES", "export_onnx", "export_saved", "router_gating",

@@ -100,8 +100,10 @@ class ConversionReport:
                    f"({self.params_after / max(self.params_before, 1):.2f}x); "
                    f"active per token: {self.active_params_per_token:,}")
         if self.max_abs_diff is not None:
-            promise = "function preserving" if self.function_preserving else "not function preserving by design"
+            promise = "function preserving" if self.function_preserving else "not promised by the config: see note"
             out.append(f"outputs at init vs dense: max |diff| = {self.max_abs_diff:.3g} ({promise})")
+        else:
+            out.append("outputs at init vs dense: not checked (no example inputs, or verify=False)")
         sharding = self.sharding_lines()
         if sharding:
             out.append("expert-parallel sharding:")

@@ -30,22 +30,102 @@ PLAN_FORMAT = "moeify-plan"
 PLAN_VERSION = 1
 
 
-def write_atomically(out_dir: str | os.PathLike, fill, *, force: bool = False) -> Path:
-    """Create `out_dir` by filling a temporary sibling directory and renaming it at the end."""
-    out = Path(out_dir)
-    if out.exists() and not force:
+def check_output(out_path: str | os.PathLike, *, force: bool = False, directory: bool = True) -> Path:
+    """Refuse an output path moeify may not create or replace (before any work is done).
+
+    `force` replaces an existing output only where that cannot destroy anything else: a directory
+    output must be a moeify output (it holds plan.json) or empty, a file output must be a file, and
+    neither may be a symbolic link, the working directory or one of its parents.
+    """
+    out = Path(out_path)
+    what = "directory" if directory else "file"
+    if out.is_symlink():
+        raise SerializationError(f"{out} is a symbolic link: pass the path it points to, or another output {what}")
+    if not out.exists():
+        base = next((p for p in out.parents if p.exists()), Path("."))
+        if not base.is_dir():
+            raise SerializationError(f"{base} is a file, so {out} cannot be created under it: choose another output")
+        return out
+    if not force:
         raise SerializationError(f"{out} already exists: choose another output or pass --force (force=True)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    resolved, cwd = out.resolve(), Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        raise SerializationError(f"{out} is the working directory or one of its parents, which --force will not "
+                                 f"replace: choose a new output {what}")
+    if directory and not out.is_dir():
+        raise SerializationError(f"{out} is a file, not an output directory: remove it yourself or choose another "
+                                 "output")
+    if not directory and out.is_dir():
+        raise SerializationError(f"{out} is a directory: pass a file path for the output")
+    if directory and not (out / "plan.json").is_file() and any(out.iterdir()):
+        raise SerializationError(f"{out} is not empty and holds no plan.json, so it is no moeify output: --force "
+                                 "replaces only a moeify output or an empty directory; choose another output")
+    return out
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where /proc says it (Linux)."""
     try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: the classic read, which sets it for an instant
+    os.umask(mask)
+    return mask
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Give `tmp` (a directory tree or a file) the modes a plain write would have (temporary names are
+    private), then rename it to `out`, replacing what `check_output` allowed."""
+    mask = _umask()
+    for path in [tmp, *(tmp.rglob("*") if tmp.is_dir() else [])]:
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+    if out.is_dir() and not out.is_symlink():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+def _write(out_path: str | os.PathLike, fill, force: bool, directory: bool) -> Path:
+    out = check_output(out_path, force=force, directory=directory)
+    created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
+    tmp = None
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if directory:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        else:
+            fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+            os.close(fd)
+            tmp = Path(name)
         fill(tmp)
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _publish(tmp, out)
+    except BaseException as exc:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        for parent in created:  # innermost first; only the directories this call made, and only if empty
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+        if isinstance(exc, OSError) and not isinstance(exc, MoeifyError):
+            raise SerializationError(f"cannot write {out}: {exc.strerror or exc}; choose a writable output "
+                                     "path") from exc
         raise
     return out
+
+
+def write_atomically(out_dir: str | os.PathLike, fill, *, force: bool = False) -> Path:
+    """Create the directory `out_dir` by filling (`fill(tmp)`) a temporary sibling and renaming it at the end;
+    on any failure nothing is left (not even the parents this call created)."""
+    return _write(out_dir, fill, force, directory=True)
+
+
+def write_file_atomically(path: str | os.PathLike, fill, *, force: bool = False) -> Path:
+    """`write_atomically` for a single file: `fill(tmp)` writes the temporary file."""
+    return _write(path, fill, force, directory=False)
 
 
 def plan_of(result) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from torch import nn
 
 import moeify
 from moeify import capture
-from moeify.errors import CaptureError, NoFFNRegionError, TracedPathError
+from moeify.errors import CaptureError, ExampleInputsError, NoFFNRegionError, TracedPathError
 from moeify.passes import ops
 
 CFG = moeify.MoEConfig(num_experts=4, top_k=2)
@@ -349,7 +349,7 @@ def test_an_input_the_example_leaves_none_that_only_flows_on_stays_an_input():
 
 
 def test_example_inputs_the_model_cannot_run_are_refused_saying_so():
-    with pytest.raises(CaptureError, match="does not run on the example inputs .*pass example inputs"):
+    with pytest.raises(ExampleInputsError, match="example inputs do not run on the dense .*fix example_inputs"):
         moeify.convert(CrossOptional(cross=False), CFG, example_inputs=(torch.randn(4, 5),))
 
 

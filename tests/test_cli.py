@@ -73,14 +73,57 @@ def test_bad_input_is_one_line_nonzero_and_writes_nothing(tmp_path, source, extr
 def test_existing_output_needs_force(tmp_path):
     model = write(tmp_path, "model.py", NO_EXAMPLES)
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
-    r = run("convert", model, "-o", str(out), "--no-verify")
+    args = ("convert", model, "-o", str(out), "--no-verify", "--num-experts", "2", "--top-k", "1")
+    assert run(*args).exit_code == 0
+    (out / "extra.txt").write_text("left by the user")
+    r = run(*args)
     assert r.exit_code == 2 and "--force" in r.output
-    assert (out / "keep.txt").read_text() == "mine"
-    r = run("convert", model, "-o", str(out), "--no-verify", "--force", "--num-experts", "2", "--top-k", "1")
+    assert (out / "extra.txt").exists()
+    r = run(*args, "--force")
     assert r.exit_code == 0, r.output
-    assert not (out / "keep.txt").exists() and (out / "plan.json").exists()
+    assert not (out / "extra.txt").exists() and (out / "plan.json").exists()
+
+
+@pytest.mark.parametrize("target, needle", [
+    ("other", "holds no plan.json, so it is no moeify output"),
+    (".", "the working directory or one of its parents"),
+    ("..", "the working directory or one of its parents"),
+    ("link", "is a symbolic link"),
+    ("afile/out", "is a file, so afile/out cannot be created under it"),
+])
+def test_force_replaces_only_a_moeify_output(tmp_path, monkeypatch, target, needle):
+    model = write(tmp_path, "model.py", NO_EXAMPLES)
+    work = tmp_path / "work"
+    (work / "other").mkdir(parents=True)
+    (work / "other" / "data.txt").write_text("precious")
+    (work / "afile").write_text("a file")
+    (work / "link").symlink_to(work / "other")
+    monkeypatch.chdir(work)
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    r = run("convert", model, "-o", target, "--no-verify", "--force")
+    assert r.exit_code == 2, r.output
+    assert needle in r.output and r.output.count("\n") == 1
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before  # nothing deleted, nothing left
+
+
+def test_outputs_get_the_umask_modes(tmp_path):
+    import os
+
+    model = write(tmp_path, "model.py", NO_EXAMPLES)
+    old = os.umask(0o027)
+    try:
+        assert run("convert", model, "-o", str(tmp_path / "out"), "--no-verify", "--num-experts", "2").exit_code == 0
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o750  # mkdtemp made it 0o700
+    assert {p.stat().st_mode & 0o777 for p in (tmp_path / "out").iterdir()} == {0o640}
+
+
+def test_unexpected_error_is_one_line_exit_1(tmp_path):
+    bad_inputs = NO_EXAMPLES + "def example_inputs():\n    return (torch.randn(2, 7),)\n"
+    r = run("convert", write(tmp_path, "model.py", bad_inputs), "-o", str(tmp_path / "out"))
+    assert r.exit_code in (1, 2) and r.output.startswith("error: ") and r.output.count("\n") == 1, r.output
+    assert not (tmp_path / "out").exists()
 
 
 def test_debug_shows_traceback(tmp_path):

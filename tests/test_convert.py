@@ -107,7 +107,7 @@ def test_copy_noise_is_reported_not_function_preserving():
     result = moeify.convert(ex.build_model(), cfg,
                             example_inputs=ex.example_inputs())
     assert result.report.function_preserving is False and result.report.max_abs_diff > 0
-    assert any("not function preserving" in n for n in result.report.notes)
+    assert any("does not promise the dense function" in n for n in result.report.notes)
 
 
 def test_report_counts_parameters():

@@ -58,6 +58,16 @@ def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(serialization, "save_model", broken)
-    with pytest.raises(OSError):
-        moeify.save(result, tmp_path / "o")
-    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(SerializationError, match="cannot write .*deeper: disk full"):
+        moeify.save(result, tmp_path / "o" / "deeper")
+    assert list(tmp_path.iterdir()) == []  # not even the parent the save created
+
+
+def test_force_never_replaces_a_file_or_a_foreign_directory(tmp_path):
+    result = moeify.convert(load_example("mlp").build_model(), moeify.MoEConfig(num_experts=2, top_k=1))
+    (tmp_path / "afile").write_text("mine")
+    with pytest.raises(SerializationError, match="is a file, not an output directory"):
+        moeify.save(result, tmp_path / "afile", force=True)
+    (tmp_path / "empty").mkdir()
+    moeify.save(result, tmp_path / "empty", force=True)  # an empty directory may be filled
+    assert (tmp_path / "afile").read_text() == "mine" and (tmp_path / "empty" / "plan.json").is_file()
