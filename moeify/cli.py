@@ -22,7 +22,7 @@ from typing import Any
 
 import click
 
-from moeify.config import MoEConfig
+from moeify.config import DROP_POLICIES, INITS, ROUTERS, SPLIT_METHODS, MoEConfig
 from moeify.errors import ConfigError, MoeifyError, one_line
 
 _SCALAR = {"int": int, "float": float, "str": str}
@@ -35,6 +35,9 @@ def _option_for(f: dataclasses.Field):
     flag = "--" + f.name.replace("_", "-")
     kind = str(f.type).replace(" ", "")
     help_text = f"MoEConfig.{f.name} (default {f.default!r})"
+    choices = {"router": ROUTERS, "init": INITS, "split_method": SPLIT_METHODS, "drop_policy": DROP_POLICIES}
+    if f.name in choices:
+        help_text += f": one of {', '.join(choices[f.name])}"
     if kind == "bool":
         return click.option(f"{flag}/--no-{f.name.replace('_', '-')}", f.name, default=None, help=help_text)
     if kind.startswith("tuple["):
@@ -127,8 +130,8 @@ def inspect(model_spec: str) -> None:
     found, skipped, cap = find_regions(model)
     click.echo(f"{type(model).__name__}: {len(found)} FFN region(s)")
     rows = [("owner", "kind", "activation", "d_model", "d_ff", "linears", "captured by")]
-    rows += [(f.owner or "<model>", f.region.kind, str(f.region.activation), str(f.region.d_model),
-              str(f.region.d_ff), ", ".join(f.key), f.unit.how) for f in found]
+    rows += [(f.owner or "<model>", f.region.kind, f.region.activation or "-", str(f.region.d_model),
+              str(f.region.d_ff or "-"), ", ".join(f.key), f.unit.how) for f in found]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())

@@ -7,6 +7,7 @@ round-trip through the JSON plan that `moeify.save` writes.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import re
@@ -277,7 +278,9 @@ class MoEConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ConfigError(f"MoEConfig has no field(s) {', '.join(unknown)}: remove them or upgrade moeify")
+            near = [f"{name} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(name, known, n=1))
+                    else name for name in map(str, unknown)]
+            raise ConfigError(f"MoEConfig has no field(s) {', '.join(near)}: fix or remove them, or upgrade moeify")
         return cls(**data)
 
     def replace(self, **changes: Any) -> MoEConfig:

@@ -3,10 +3,66 @@ the reason, parameter counts, and the function-preservation check."""
 
 from __future__ import annotations
 
+import dataclasses
+import types
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
+from moeify.errors import SerializationError
 from moeify.passes.infra import Skip
+
+
+def describe_json(value: Any) -> str:
+    """What a JSON value is, in words, for a message: `an array`, `the number 5`, `the string 'x'`."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int | float):
+        return f"the number {value!r}"
+    if isinstance(value, str):
+        return f"the string {value if len(value) <= 40 else value[:37] + '...'!r}"
+    return "an array" if isinstance(value, list | tuple) else "an object" if isinstance(value, dict) else \
+        type(value).__name__
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a JSON value can stand for a field annotated `hint` (dataclass fields: an object, checked
+    when that dataclass is built from it)."""
+    origin, args = get_origin(hint), get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint in (int, float):  # JSON writes 1.0 as 1.0, but a float field may hold an int; bools are no numbers
+        return isinstance(value, hint if hint is int else int | float) and not isinstance(value, bool)
+    if origin is list:
+        return isinstance(value, list) and all(_fits(v, args[0]) for v in value)
+    if origin is tuple:
+        return isinstance(value, list | tuple) and len(value) == len(args) and all(map(_fits, value, args))
+    if origin is dict or dataclasses.is_dataclass(hint):
+        return isinstance(value, dict)
+    return isinstance(value, hint)
+
+
+def _fields_from(cls: type, data: Any, where: str) -> dict[str, Any]:
+    """The fields of dataclass `cls` found in the JSON object `data`, each checked against its annotation;
+    keys `cls` does not have are left out (see `ConversionReport.from_dict`)."""
+    if not isinstance(data, dict):
+        raise SerializationError(f"{where} is {describe_json(data)}, not an object: re-run the conversion")
+    fields = dataclasses.fields(cls)
+    missing = [f.name for f in fields if f.name not in data
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise SerializationError(f"{where} has no {', '.join(map(repr, missing))}: re-run the conversion")
+    hints = get_type_hints(cls)
+    for f in fields:
+        if f.name in data and not _fits(data[f.name], hints[f.name]):
+            raise SerializationError(f"{where}'s {f.name!r} is {describe_json(data[f.name])}, not {f.type}: "
+                                     "re-run the conversion")
+    return {f.name: data[f.name] for f in fields if f.name in data}
 
 
 @dataclass
@@ -48,6 +104,11 @@ def describe_sharding(sharding: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
+# The printed report names this many modules that did not trace as a whole (an expected event in
+# transformers models, where each module class fails for its own reason); the rest are counted.
+SHOWN_CAPTURE_FAILURES = 3
+
+
 @dataclass
 class ConversionReport:
     model_class: str
@@ -69,12 +130,17 @@ class ConversionReport:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ConversionReport:
-        data = dict(data)
-        data["regions"] = [RegionReport(**r) for r in data.get("regions", [])]
-        data["skipped"] = [Skip(**s) for s in data.get("skipped", [])]
-        data["capture_failures"] = [tuple(f) for f in data.get("capture_failures", [])]
-        return cls(**data)
+    def from_dict(cls, data: Any) -> ConversionReport:
+        """The report `to_dict` wrote. A missing or mistyped field is a SerializationError; a key this
+        moeify does not know is ignored, so that a report a later moeify wrote with one more fact still
+        loads (a report only describes the conversion; the config, which decides what is built, is strict)."""
+        kept = _fields_from(cls, data, "the report")
+        kept["regions"] = [RegionReport(**_fields_from(RegionReport, r, f"the report's regions[{i}]"))
+                           for i, r in enumerate(kept.get("regions", []))]
+        kept["skipped"] = [Skip(**_fields_from(Skip, s, f"the report's skipped[{i}]"))
+                           for i, s in enumerate(kept.get("skipped", []))]
+        kept["capture_failures"] = [tuple(f) for f in kept.get("capture_failures", [])]
+        return cls(**kept)
 
     def table(self) -> str:
         rows = [("MoE layer", "kind", "d_model", "d_ff", "experts", "top-k", "router", "captured by")]
@@ -114,6 +180,11 @@ class ConversionReport:
             out.append(f"skipped ({len(self.skipped)}):")
             out += [f"  - {s}" for s in self.skipped]
         if self.capture_failures:
-            out.append("not traceable as a whole (their children were traced instead):")
-            out += [f"  - {m}: {why}" for m, why in self.capture_failures]
+            shown = self.capture_failures[:SHOWN_CAPTURE_FAILURES]
+            out.append(f"not traceable as a whole ({len(self.capture_failures)}; their children were traced "
+                       "instead):")
+            out += [f"  - {m}: {why}" for m, why in shown]
+            if len(self.capture_failures) > len(shown):
+                out.append(f"  ... and {len(self.capture_failures) - len(shown)} more (`moeify inspect` lists "
+                           "them all, as does report.capture_failures)")
         return "\n".join(out)

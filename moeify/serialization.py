@@ -18,12 +18,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
 
 from moeify.config import MoEConfig
-from moeify.errors import MoeifyError, SerializationError
-from moeify.report import ConversionReport
+from moeify.errors import MoeifyError, SerializationError, one_line
+from moeify.report import ConversionReport, describe_json
 from moeify.source import ModelSource
 
 PLAN_FORMAT = "moeify-plan"
@@ -141,6 +142,11 @@ def plan_of(result) -> dict[str, Any]:
 def save(result, out_dir: str | os.PathLike, *, force: bool = False) -> Path:
     """Save a `ConversionResult` (from `moeify.convert`)."""
     source = result.source
+    meta = next((name for name, t in result.model.state_dict().items() if t.is_meta), None)
+    if meta is not None:
+        raise SerializationError(f"the model's parameters are on the meta device (such as {meta!r}), which holds "
+                                 "no values to save: materialise the weights first, or upcycle a dense checkpoint "
+                                 "with `moeify convert-checkpoint` (moeify.ooc.convert_checkpoint)")
 
     def fill(tmp: Path) -> None:
         plan = plan_of(result)
@@ -155,17 +161,64 @@ def save(result, out_dir: str | os.PathLike, *, force: bool = False) -> Path:
 
 
 def read_plan(out_dir: str | os.PathLike) -> dict[str, Any]:
+    """plan.json of a saved conversion, its layout checked (`check_plan`)."""
     path = Path(out_dir) / "plan.json"
     if not path.is_file():
         raise SerializationError(f"{out_dir} has no plan.json: pass a directory written by moeify.save or "
                                  "moeify convert")
     try:
-        plan = json.loads(path.read_text())
+        plan = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise SerializationError(f"{path} is not UTF-8 text (byte {exc.start} is not): the file was damaged; "
+                                 "re-run the conversion") from exc
     except json.JSONDecodeError as exc:
         raise SerializationError(f"{path} is not valid JSON ({exc}); re-run the conversion") from exc
+    except OSError as exc:
+        raise SerializationError(f"cannot read {path}: {exc.strerror or exc}; make it readable") from exc
+    check_plan(path, plan)
+    return plan
+
+
+def _is_names(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def check_plan(path: Path, plan: Any) -> None:
+    """Refuse a plan whose layout is not what `plan_of` writes: a JSON object of this format and version
+    whose keys have their JSON types (the report's own fields are checked by `ConversionReport.from_dict`).
+    `none_inputs` may be absent (plans written before it was recorded); `source` may be absent or null."""
+    if not isinstance(plan, dict):
+        raise SerializationError(f"{path} holds {describe_json(plan)}, not a JSON object: re-run the conversion")
     if plan.get("format") != PLAN_FORMAT or plan.get("version") != PLAN_VERSION:
         raise SerializationError(f"{path} is not a moeify plan of version {PLAN_VERSION}; re-run the conversion")
-    return plan
+
+    def refuse(key: str, expected: str) -> None:
+        found = f" has no {key!r}" if key not in plan else f": {key!r} is {describe_json(plan[key])}"
+        raise SerializationError(f"{path}{found} (expected {expected}): the plan was damaged; re-run the "
+                                 "conversion")
+
+    for key in ("config", "report"):
+        if not isinstance(plan.get(key), dict):
+            refuse(key, "an object")
+    regions = plan.get("regions")
+    if not isinstance(regions, list) or not all(_is_names(r) and r for r in regions):
+        refuse("regions", "a list of regions, each a list of module names")
+    none_inputs = plan.get("none_inputs", {})
+    if not isinstance(none_inputs, dict) or not all(map(_is_names, none_inputs.values())):
+        refuse("none_inputs", "an object of module path to a list of input names")
+    source = plan.get("source")
+    if source is not None:
+        if not isinstance(source, dict):
+            refuse("source", "null or an object with kind, target and name")
+        for key in ("kind", "target", "name"):
+            if not isinstance(source.get(key), str):
+                refuse("source", f"an object whose {key!r} is a string (it has {describe_json(source.get(key))})")
+        if source["kind"] not in ("file", "import"):
+            refuse("source", f"an object whose 'kind' is 'file' or 'import' (it has {source['kind']!r})")
+        copied = source.get("copied_to")
+        if copied is not None and (not isinstance(copied, str) or Path(copied).name != copied or not copied):
+            refuse("source", f"an object whose 'copied_to' is a file name in {path.parent} (it has "
+                             f"{describe_json(copied)})")
 
 
 def rebuild_dense(out_dir: str | os.PathLike, plan: dict[str, Any]) -> nn.Module:
@@ -180,25 +233,53 @@ def rebuild_dense(out_dir: str | os.PathLike, plan: dict[str, Any]) -> nn.Module
     return model
 
 
+def _file_shapes(weights: Path) -> dict[str, list[int]]:
+    """Name -> shape of every tensor in a safetensors file, from its header (checked to cover the file)."""
+    if not weights.is_file():
+        raise SerializationError(f"{weights.parent} has no model.safetensors: the save did not finish; save again")
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            return {name: list(f.get_slice(name).get_shape()) for name in f.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise SerializationError(f"{weights} is not a readable safetensors file ({one_line(exc)}): it was cut "
+                                 "short or damaged; re-run the conversion") from exc
+
+
 def load(out_dir: str | os.PathLike, model: nn.Module | None = None):
-    """Rebuild a saved conversion. Returns a `ConversionResult` whose `.model` holds the saved weights."""
+    """Rebuild a saved conversion. Returns a `ConversionResult` whose `.model` holds the saved weights.
+
+    Everything that can be checked without running the model source is checked first: the plan, its
+    config and report, and the weights file's header."""
     from moeify.convert import convert, set_calls_per_forward  # local: convert imports this package's siblings
 
     plan = read_plan(out_dir)
-    cfg = MoEConfig.from_dict(plan["config"])
+    plan_path = Path(out_dir) / "plan.json"
+    try:
+        cfg = MoEConfig.from_dict(plan["config"])
+        report = ConversionReport.from_dict(plan["report"])
+    except MoeifyError as exc:
+        raise SerializationError(f"{plan_path}: {exc}") from exc
+    weights = Path(out_dir) / "model.safetensors"
+    shapes = _file_shapes(weights)
     dense = model if model is not None else rebuild_dense(out_dir, plan)
     try:
         result = convert(dense, cfg, only=plan["regions"], none_inputs=plan.get("none_inputs", {}), verify=False)
     except MoeifyError as exc:
         raise SerializationError(f"cannot re-apply the plan in {out_dir}: {exc}") from exc
-    weights = Path(out_dir) / "model.safetensors"
-    if not weights.is_file():
-        raise SerializationError(f"{out_dir} has no model.safetensors: the save did not finish; save again")
-    missing, unexpected = load_model(result.model, str(weights), strict=False)
+    for name, tensor in result.model.state_dict().items():
+        if name in shapes and list(tensor.shape) != shapes[name]:
+            raise SerializationError(f"{weights} does not fit the re-applied plan: {name!r} is {shapes[name]} in "
+                                     f"the file but {list(tensor.shape)} in the model rebuilt from the plan: was "
+                                     "the dense model built with the same sizes (and plan.json left as saved)?")
+    try:
+        missing, unexpected = load_model(result.model, str(weights), strict=False)
+    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+        raise SerializationError(f"cannot load {weights} into the re-applied plan ({one_line(exc)}): re-run the "
+                                 "conversion") from exc
     if missing or unexpected:
         raise SerializationError(f"{weights} does not fit the re-applied plan (missing {list(missing)[:5]}, "
                                  f"unexpected {list(unexpected)[:5]}): was the dense model built with the same sizes?")
-    result.report = ConversionReport.from_dict(plan["report"])
+    result.report = report
     set_calls_per_forward(result.model, result.report)
     result.source = plan.get("source")
     return result

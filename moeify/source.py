@@ -10,6 +10,7 @@ import hashlib
 import importlib
 import importlib.util
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,36 @@ class ModelSource:
     def to_dict(self) -> dict[str, str]:
         return {"kind": self.kind, "target": self.target, "name": self.name}
 
+    def check(self) -> ModelSource:
+        """Refuse a source that cannot be loaded later (a missing file, a module that is not importable),
+        without running it."""
+        if self.kind == "file" and not Path(self.target).is_file():
+            raise ModelSourceError(f"model file {self.target} does not exist: pass the path to a .py file "
+                                   "that defines build_model()")
+        if self.kind == "import":
+            try:
+                found = importlib.util.find_spec(self.target) is not None
+            except (ImportError, ValueError):
+                found = False
+            if not found:
+                raise ModelSourceError(f"cannot import {self.target}: no such module; pass model.py[:NAME] or an "
+                                       "importable package.module:factory")
+        return self
+
+    @contextmanager
+    def importable_siblings(self):
+        """Inside, a model file imports the modules next to it, as `python model.py` would."""
+        folder = str(Path(self.target).resolve().parent) if self.kind == "file" else None
+        if folder is None or folder in sys.path:
+            yield
+            return
+        sys.path.insert(0, folder)
+        try:
+            yield
+        finally:
+            if folder in sys.path:
+                sys.path.remove(folder)
+
     def load_module(self):
         if self.kind == "import":
             try:
@@ -54,7 +85,8 @@ class ModelSource:
         module = importlib.util.module_from_spec(spec)
         sys.modules[mod_name] = module  # dataclasses and pickling-free introspection need it registered
         try:
-            spec.loader.exec_module(module)
+            with self.importable_siblings():
+                spec.loader.exec_module(module)
         except Exception as exc:
             sys.modules.pop(mod_name, None)
             raise ModelSourceError(f"{self.target} raised while loading: {type(exc).__name__}: {exc}; fix the file "
@@ -75,7 +107,8 @@ class ModelSource:
         if not callable(obj):
             raise ModelSourceError(f"{where} is neither an nn.Module nor a callable returning one")
         try:
-            model = obj()
+            with self.importable_siblings():
+                model = obj()
         except Exception as exc:
             raise ModelSourceError(f"{where}() raised: {type(exc).__name__}: {exc}") from exc
         if not isinstance(model, nn.Module):

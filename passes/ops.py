@@ -139,7 +139,7 @@ def activation_of(node: fx.Node, gm: fx.GraphModule) -> tuple[str | None, str]:
     probed = _probe_activation(module)
     if probed:
         return probed, ""
-    return None, f"activation {type(module).__name__} (not one of {', '.join(SUPPORTED_ACTIVATIONS)})"
+    return None, f"module {type(module).__name__}, which computes none of {', '.join(SUPPORTED_ACTIVATIONS)}"
 
 
 # What an activation written out inline may be made of (ESM's `x * 0.5 * (1.0 + torch.erf(x / sqrt(2)))`):

@@ -91,3 +91,13 @@ def test_postcondition_names_the_unannotated_node(example):
         node.meta.pop(META_KEY, None)
     with pytest.raises(PostconditionError, match="moe_dispatch"):
         AnnotateSharding().ensures(gm)
+
+
+def test_split_ffn_layers_are_annotated_too(example):
+    """BERT's FFN split across `intermediate` and `output`: the MoE lives in the tail's rewritten graph."""
+    result = _converted(example, "hf_bert", {})
+    golden = expected_annotations(["w1_EFD", "w2_EDF", "b1_EF", "b2_ED"], ["gate.weight"])
+    assert result.report.regions and all(r.sharding == golden for r in result.report.regions)
+    tail = result.model.get_submodule(result.report.regions[0].owner).__dict__["_moeify_graph_module"]
+    assert {n.meta["moeify"]["role"]: n.meta[META_KEY] for n in tail.graph.nodes if "moeify" in n.meta} == golden
+    assert "expert-parallel sharding:" in str(result.report)

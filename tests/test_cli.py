@@ -161,6 +161,11 @@ def test_export_fused_and_refusal_without_file(tmp_path):
 
     ops = [n.op_type for n in onnx.load(str(onnx_path)).graph.node if n.domain == "com.microsoft"]
     assert ops == ["MoE", "MoE"]
+    before = onnx_path.stat().st_mtime_ns
+    r = run("export", str(out), "-o", str(onnx_path), "--mode", "fused")  # an existing file needs --force
+    assert r.exit_code == 2 and "--force" in r.output and onnx_path.stat().st_mtime_ns == before
+    assert run("export", str(out), "-o", str(onnx_path), "--mode", "fused", "--force").exit_code == 0
+    assert onnx_path.stat().st_mtime_ns != before
     gelu = tmp_path / "gpt"
     assert run("convert", GPT, "-o", str(gelu), "--num-experts", "2", "--top-k", "1").exit_code == 0
     r = run("export", str(gelu), "-o", str(tmp_path / "g.onnx"), "--mode", "fused")
@@ -185,3 +190,15 @@ def test_convert_checkpoint_out_of_core_matches_in_memory(tmp_path):
     a = load_file(str(tmp_path / "ooc" / "model.safetensors"))
     b = load_file(str(tmp_path / "mem" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_model_file_imports_its_siblings(tmp_path):
+    (tmp_path / "layers.py").write_text("import torch\nclass MLP(torch.nn.Sequential):\n    def __init__(self):\n"
+                                        "        super().__init__(torch.nn.Linear(4, 8), torch.nn.ReLU(), "
+                                        "torch.nn.Linear(8, 4))\n")
+    model = write(tmp_path, "model.py", "from layers import MLP\ndef build_model():\n    return MLP()\n")
+    r = run("convert", model, "-o", str(tmp_path / "out"), "--no-verify", "--num-experts", "2")
+    assert r.exit_code == 0, r.output
+    import sys
+
+    assert str(tmp_path) not in sys.path  # only while the file loads and builds

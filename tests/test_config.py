@@ -116,3 +116,8 @@ def test_valid_values_are_kept_and_round_trip(kwargs, field_name, stored):
     assert getattr(cfg, field_name) == stored
     assert MoEConfig.from_dict(json.loads(cfg.to_json())) == cfg
     hash(cfg)
+
+
+def test_unknown_field_suggests_the_nearest():
+    with pytest.raises(ConfigError, match=r"num_expert \(did you mean num_experts\?\)"):
+        MoEConfig.from_dict({"num_expert": 4})

@@ -302,3 +302,47 @@ def test_a_layer_the_forward_skips_adds_no_loss_of_an_earlier_step():
     model.skip = set()
     model(x)  # the skipped layer reports again once it runs
     assert all(moeify.aux_losses(model).values())
+
+
+def test_bf16_model_verifies_within_its_precision_and_a_real_difference_still_fails():
+    from moeify.convert import output_diffs
+
+    torch.manual_seed(0)
+    dense = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Linear(64, 16)).bfloat16()
+    x = torch.randn(32, 16).bfloat16()
+    result = moeify.convert(dense, moeify.MoEConfig(num_experts=4, top_k=2), example_inputs=(x,))
+    assert result.report.max_abs_diff is not None  # checked, and within bf16's rounding
+    with torch.no_grad():
+        y = dense(x)
+    scaled = torch.nn.Sequential(dense, ScaleBy(1.1))  # off by 10%: some 13 bf16 epsilons
+    assert output_diffs([y], scaled, (x,), {}, atol=1e-5)[1] > 0
+    assert output_diffs([y], dense, (x,), {}, atol=1e-5)[1] <= 0
+
+
+class ScaleBy(torch.nn.Module):
+    def __init__(self, s: float) -> None:
+        super().__init__()
+        self.s = s
+
+    def forward(self, x):
+        return x * self.s
+
+
+def test_example_inputs_may_be_one_bare_tensor_and_must_run():
+    from moeify.errors import ExampleInputsError
+
+    ex = load_example("mlp")
+    (x,) = ex.example_inputs()
+    result = moeify.convert(ex.build_model(), moeify.MoEConfig(num_experts=2, top_k=1), example_inputs=x)
+    assert result.report.max_abs_diff <= 1e-5
+    with pytest.raises(ExampleInputsError, match=r"example inputs do not run on the dense .*RuntimeError"):
+        moeify.convert(ex.build_model(), moeify.MoEConfig(num_experts=2, top_k=1), example_inputs=(x[:, :3],))
+
+
+@pytest.mark.parametrize("source, needle", [("nosuch.py", "does not exist"),
+                                            ("nosuch_pkg.models:build", "cannot import nosuch_pkg.models")])
+def test_a_source_that_cannot_load_is_refused_at_convert(source, needle):
+    from moeify.errors import ModelSourceError
+
+    with pytest.raises(ModelSourceError, match=needle):
+        moeify.convert(load_example("mlp").build_model(), moeify.MoEConfig(num_experts=2, top_k=1), source=source)
