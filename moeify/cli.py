@@ -200,10 +200,11 @@ def stats(out_dir: str, plot_path: str | None) -> None:
     import torch
 
     import moeify
-    from moeify.plots import example_inputs_from_dir, plot_utilization
+    from moeify.plots import plot_utilization
+    from moeify.serialization import saved_example_inputs
 
     model = moeify.load(out_dir).model.eval()
-    args, kwargs = example_inputs_from_dir(out_dir)
+    args, kwargs = saved_example_inputs(out_dir)
     with torch.no_grad():
         model(*args, **kwargs)
     click.echo(moeify.format_stats(moeify.router_stats(model)))

@@ -242,6 +242,10 @@ def _convert(model: nn.Module, cfg: MoEConfig, example_inputs: tuple, example_kw
              only: Sequence[Sequence[str]] | None, verify: bool, atol: float, source_record: dict | None,
              none_inputs: dict[str, Sequence[str]] | None) -> ConversionResult:
     checked = verify and bool(example_inputs or example_kwargs)
+    if checked and any(p.device.type == "meta" for p in model.parameters()):
+        raise ExampleInputsError(f"{type(model).__name__} has parameters on the meta device, so it cannot run to "
+                                 "verify the conversion: load its weights first, pass verify=False (--no-verify), or "
+                                 "upcycle its checkpoint out of core (moeify convert-checkpoint)")
     with example_errors(model):  # the dense outputs first: bad inputs fail before any work is done
         dense_out = _outputs(model, example_inputs, example_kwargs) if checked else []
     # the converted model's check runs from the RNG state the dense run started from: what the rewrite

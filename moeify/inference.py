@@ -6,7 +6,10 @@
 
 onnxruntime-gpu silently falls back to the CPU when CUDA cannot be loaded; `open_session` reads back
 the providers the session really got, so `provider` is the truth, and `fallback_reason` says why
-the preferred provider was not used.
+the preferred provider was not used. onnxruntime also logs that failed load (a red
+"Failed to load library libonnxruntime_providers_cuda.so" line) through its process-wide default
+logger, whatever the session options say; with `quiet` that logger is raised to FATAL while the
+session is created.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from typing import Any
 from moeify.errors import ExportError
 
 DEFAULT_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
+ORT_DEFAULT_SEVERITY = 2  # onnxruntime's default logger level (WARNING); it has no getter to read it back
+ORT_FATAL = 4
 
 
 @dataclass
@@ -58,15 +63,24 @@ def open_session(model: str | os.PathLike | bytes, *, providers: Sequence[str] =
         options.intra_op_num_threads = threads
     if quiet:
         options.log_severity_level = 3  # the CUDA-provider load failure is reported via fallback_reason
+    # a provider library that fails to load is logged (as an ERROR) by the default logger, not the session's
+    silence_load = quiet and any(p != "CPUExecutionProvider" for p in wanted)
     source = model if isinstance(model, bytes) else os.fspath(model)
-    session = ort.InferenceSession(source, options, providers=wanted)
+    if silence_load:
+        ort.set_default_logger_severity(ORT_FATAL)
+    try:
+        session = ort.InferenceSession(source, options, providers=wanted)
+    finally:
+        if silence_load:
+            ort.set_default_logger_severity(ORT_DEFAULT_SEVERITY)
     got = session.get_providers()[0]
     reason = None
     if providers and got != providers[0]:
         if providers[0] not in available:
             reason = f"{providers[0]} is not in this onnxruntime build"
         else:
-            reason = f"{providers[0]} could not be loaded (no GPU or CUDA/cuDNN libraries missing)"
+            reason = (f"{providers[0]} could not be loaded (no GPU or CUDA/cuDNN libraries missing"
+                      + ("; quiet=False shows onnxruntime's error" if silence_load else "") + ")")
     return Session(session, got, reason)
 
 

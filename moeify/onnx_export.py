@@ -44,7 +44,9 @@ or, for exact GELU only, `allow_approximate_gelu=True` (the op's tanh GELU; the 
 from __future__ import annotations
 
 import inspect
+import logging
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -597,6 +599,7 @@ def export_onnx(model: nn.Module, example_inputs: Sequence[Any] = (), path: str 
 
     plans = _plan_layers(model, mode, fallback, allow_approximate_gelu)
     bound = _bind(model, example_inputs, kwargs)
+    _check_inputs_run(model, bound)
     report = ExportReport(str(path), mode, [p[3] for p in plans], atol=atol)
     dynamic_shapes = None
     dims: dict[str, dict[int, str]] = {}
@@ -611,7 +614,7 @@ def export_onnx(model: nn.Module, example_inputs: Sequence[Any] = (), path: str 
 
     table = fused_translation_table(allow_approximate_gelu) if any(p[2].fused for p in plans) else None
     try:
-        with torch.no_grad(), eval_mode(model), _lowered_layers(plans):
+        with torch.no_grad(), eval_mode(model), _lowered_layers(plans), _quiet_torch_internals():
             program = torch.onnx.export(model, (), kwargs=bound, dynamo=True, dynamic_shapes=dynamic_shapes,
                                         custom_translation_table=table, opset_version=OPSET, optimize=True,
                                         external_data=False, verbose=False)
@@ -645,18 +648,9 @@ def export_onnx(model: nn.Module, example_inputs: Sequence[Any] = (), path: str 
 def export_saved(out_dir: str | os.PathLike, path: str | os.PathLike, **options: Any) -> ExportReport:
     """`moeify export OUT_DIR -o PATH`: load a saved conversion and export it with the example inputs of
     its saved model source (`example_inputs()` in model_source.py). `options` go to `export_onnx`."""
-    from moeify.serialization import load, read_plan
-    from moeify.source import ModelSource, example_inputs_of
+    from moeify.serialization import load, saved_example_inputs
 
-    source = read_plan(out_dir).get("source")
-    if not source:
-        raise ExportError(f"{out_dir} records no model source to take example inputs from: call "
-                          "moeify.export_onnx(moeify.load(out_dir, model=dense).model, example_inputs, path) instead")
-    if source.get("copied_to"):
-        spec = ModelSource("file", str(Path(out_dir) / source["copied_to"]), source["name"])
-    else:
-        spec = ModelSource(source["kind"], source["target"], source["name"])
-    args, kwargs = example_inputs_of(spec.load_module(), spec.target)
+    args, kwargs = saved_example_inputs(out_dir)
     return export_onnx(load(out_dir).model, args, path, example_kwargs=kwargs, **options)
 
 
@@ -674,6 +668,50 @@ def _check_dynamic_axes(model_proto, report: ExportReport) -> None:
                               "as a constant (or, with nn.LSTM, one process exported twice, a torch issue); pass "
                               f"dynamic_axes={{{name!r}: {{...}}}} naming only the axes that vary (from the CLI: "
                               "--static), or export in a fresh process")
+
+
+def _check_inputs_run(model: nn.Module, bound: dict[str, Any]) -> None:
+    """The model runs on the example inputs: inputs it cannot take fail deep inside torch.export, with an
+    error about the export and a hint (another mode) that cannot help."""
+    try:
+        with torch.no_grad(), eval_mode(model):
+            model(**bound)
+    except Exception as exc:  # noqa: BLE001 - whatever the forward raises, the inputs are the cause
+        shapes = _shape_text(bound)
+        raise ExportError(f"the example inputs{f' ({shapes})' if shapes else ''} do not run on "
+                          f"{type(model).__name__} ({one_line(exc, limit=300)}): pass inputs its forward accepts") \
+            from exc
+
+
+# What torch's exporter prints that no user can act on (torch 2.9-2.13): (category, message regex).
+# Silenced during torch.onnx.export only; any other warning still shows.
+TORCH_NOISE_WARNINGS = (
+    (FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated"),  # torch.utils._pytree, on copy
+    (FutureWarning, r"_check_is_size will be removed"),  # torch's own decompositions (nn.LSTM)
+    # nn.LSTM rebuilds its _flat_weights list in forward; only a message naming nothing else is silenced
+    (UserWarning, r"The tensor attributes (self\.[\w.]*_flat_weights\[\d+\](, )?)+ were assigned during export"),
+)
+# logs "torchvision is not installed. Skipping torchvision::nms" (and 3 more ops) at every export
+TORCH_REGISTRY_LOGGER = "torch.onnx._internal.exporter._registration"
+
+
+def _not_torchvision_skip(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("torchvision is not installed")
+
+
+@contextmanager
+def _quiet_torch_internals():
+    """Silence TORCH_NOISE_WARNINGS and the registry's torchvision lines (moeify never needs torchvision
+    ops); the registry's other log lines, and every other warning, still show. Restored on exit."""
+    logger = logging.getLogger(TORCH_REGISTRY_LOGGER)
+    logger.addFilter(_not_torchvision_skip)
+    try:
+        with warnings.catch_warnings():
+            for category, pattern in TORCH_NOISE_WARNINGS:
+                warnings.filterwarnings("ignore", pattern, category)
+            yield
+    finally:
+        logger.removeFilter(_not_torchvision_skip)
 
 
 def _root_cause(exc: BaseException) -> str:

@@ -24,7 +24,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ from moeify.config import MoEConfig
 from moeify.convert import ConversionResult, convert, dense_ffn, find_regions, function_preserving, moe_layers
 from moeify.errors import SerializationError
 from moeify.moe.build import build_moe_layer, make_router
-from moeify.serialization import plan_of, write_atomically
+from moeify.serialization import write_atomically, write_plan
 from moeify.source import ModelSource
 
 DTYPES = {
@@ -327,15 +326,11 @@ def convert_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike
 
     with reader_factory(Path(checkpoint)) as reader:
         # every check (file size, names, dtypes, shapes) is done here, before the output is created
-        write_plan = _plan(reader, result, dense, region_of, layers, cfg, fast)
+        planned = _plan(reader, result, dense, region_of, layers, cfg, fast)
 
         def fill(tmp: Path) -> None:
-            _write(reader, tmp / "model.safetensors", write_plan, dense, cfg)
-            plan = plan_of(result)
-            if source is not None and source.kind == "file":
-                shutil.copyfile(source.target, tmp / "model_source.py")
-                plan["source"]["copied_to"] = "model_source.py"
-            (tmp / "plan.json").write_text(json.dumps(plan, indent=2, sort_keys=True))
+            _write(reader, tmp / "model.safetensors", planned, dense, cfg)
+            write_plan(result, tmp)
 
         write_atomically(out_dir, fill, force=force)
     return result

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from moeify.errors import ConfigError, ModelSourceError, MoeifyError
+from moeify.errors import ConfigError, MoeifyError
 from moeify.stats import LayerStats, router_stats
 
 
@@ -131,19 +131,6 @@ def plot_loss_curves(curves: Mapping[str, Mapping[str, Sequence]], path: str | o
     return _save(fig, path)
 
 
-def example_inputs_from_dir(out_dir: str | os.PathLike) -> tuple[tuple, dict]:
-    """(args, kwargs) from ``example_inputs()`` of a saved conversion's model source (model_source.py)."""
-    from moeify.serialization import read_plan
-    from moeify.source import ModelSource, example_inputs_of
-
-    source = read_plan(out_dir).get("source")
-    if not source:
-        raise ModelSourceError(f"{out_dir} records no model source to take example_inputs() from: pass inputs")
-    target = str(Path(out_dir) / source["copied_to"]) if source.get("copied_to") else source["target"]
-    module = ModelSource(source["kind"], target, source["name"]).load_module()
-    return example_inputs_of(module, target)
-
-
 def plot_utilization_from_dir(out_dir: str | os.PathLike, path: str | os.PathLike,
                               inputs: tuple | None = None, kwargs: dict | None = None) -> Path:
     """Load a saved conversion, run one forward (eval, no grad) and plot its utilisation heatmap.
@@ -151,11 +138,11 @@ def plot_utilization_from_dir(out_dir: str | os.PathLike, path: str | os.PathLik
     `inputs`/`kwargs` default to ``example_inputs()`` of the saved ``model_source.py`` (or of the
     recorded source module).
     """
-    from moeify.serialization import load
+    from moeify.serialization import load, saved_example_inputs
 
     result = load(out_dir)
     if inputs is None and kwargs is None:
-        inputs, kwargs = example_inputs_from_dir(out_dir)
+        inputs, kwargs = saved_example_inputs(out_dir)
     model = result.model.eval()
     with torch.no_grad():
         model(*(inputs or ()), **(kwargs or {}))

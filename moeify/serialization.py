@@ -16,14 +16,14 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
 
 from moeify.config import MoEConfig
-from moeify.errors import MoeifyError, SerializationError, one_line
+from moeify.errors import ModelSourceError, MoeifyError, SerializationError, one_line
 from moeify.report import ConversionReport, describe_json
 from moeify.source import ModelSource
 
@@ -141,7 +141,6 @@ def plan_of(result) -> dict[str, Any]:
 
 def save(result, out_dir: str | os.PathLike, *, force: bool = False) -> Path:
     """Save a `ConversionResult` (from `moeify.convert`)."""
-    source = result.source
     meta = next((name for name, t in result.model.state_dict().items() if t.is_meta), None)
     if meta is not None:
         raise SerializationError(f"the model's parameters are on the meta device (such as {meta!r}), which holds "
@@ -149,15 +148,37 @@ def save(result, out_dir: str | os.PathLike, *, force: bool = False) -> Path:
                                  "with `moeify convert-checkpoint` (moeify.ooc.convert_checkpoint)")
 
     def fill(tmp: Path) -> None:
-        plan = plan_of(result)
-        if source is not None:
-            if source["kind"] == "file":
-                shutil.copyfile(source["target"], tmp / "model_source.py")
-                plan["source"]["copied_to"] = "model_source.py"
         save_model(result.model, str(tmp / "model.safetensors"))
-        (tmp / "plan.json").write_text(json.dumps(plan, indent=2, sort_keys=True))
+        write_plan(result, tmp)
 
     return write_atomically(out_dir, fill, force=force)
+
+
+SOURCE_COPY = "model_source.py"
+
+
+def write_plan(result, tmp: Path) -> None:
+    """plan.json into the directory being filled, with a copy of the model file the conversion came from
+    (when it came from one) and the folder it was in, whose modules the copy may import."""
+    plan = plan_of(result)
+    source = plan["source"]
+    if source is not None and source["kind"] == "file":
+        shutil.copyfile(source["target"], tmp / SOURCE_COPY)
+        source["copied_to"] = SOURCE_COPY
+        source["folder"] = str(Path(source["target"]).resolve().parent)
+    (tmp / "plan.json").write_text(json.dumps(plan, indent=2, sort_keys=True))
+
+
+def saved_source(out_dir: str | os.PathLike, plan: dict[str, Any]) -> ModelSource | None:
+    """Where a saved conversion's dense model comes from: its copy of the model file (importing modules
+    beside the original, when that folder still exists), or the recorded import; None if nowhere."""
+    source = plan.get("source")
+    if not source:
+        return None
+    if source.get("copied_to"):
+        return ModelSource("file", str(Path(out_dir) / source["copied_to"]), source["name"],
+                           beside=source.get("folder"))
+    return ModelSource(source["kind"], source["target"], source["name"])
 
 
 def read_plan(out_dir: str | os.PathLike) -> dict[str, Any]:
@@ -169,14 +190,17 @@ def read_plan(out_dir: str | os.PathLike) -> dict[str, Any]:
     try:
         plan = json.loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as exc:
-        raise SerializationError(f"{path} is not UTF-8 text (byte {exc.start} is not): the file was damaged; "
-                                 "re-run the conversion") from exc
+        raise SerializationError(f"{path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+                                 f"{exc.start}): the file was damaged; re-run the conversion") from exc
     except json.JSONDecodeError as exc:
         raise SerializationError(f"{path} is not valid JSON ({exc}); re-run the conversion") from exc
     except OSError as exc:
         raise SerializationError(f"cannot read {path}: {exc.strerror or exc}; make it readable") from exc
     check_plan(path, plan)
     return plan
+
+
+_MISSING = object()
 
 
 def _is_names(value: Any) -> bool:
@@ -192,43 +216,57 @@ def check_plan(path: Path, plan: Any) -> None:
     if plan.get("format") != PLAN_FORMAT or plan.get("version") != PLAN_VERSION:
         raise SerializationError(f"{path} is not a moeify plan of version {PLAN_VERSION}; re-run the conversion")
 
-    def refuse(key: str, expected: str) -> None:
-        found = f" has no {key!r}" if key not in plan else f": {key!r} is {describe_json(plan[key])}"
-        raise SerializationError(f"{path}{found} (expected {expected}): the plan was damaged; re-run the "
-                                 "conversion")
+    def refuse(where: str, value: Any, expected: str) -> NoReturn:
+        found = "missing" if value is _MISSING else describe_json(value)
+        raise SerializationError(f"{path}: {where} is {found} (expected {expected}): the plan was damaged; "
+                                 "re-run the conversion")
 
     for key in ("config", "report"):
         if not isinstance(plan.get(key), dict):
-            refuse(key, "an object")
-    regions = plan.get("regions")
-    if not isinstance(regions, list) or not all(_is_names(r) and r for r in regions):
-        refuse("regions", "a list of regions, each a list of module names")
+            refuse(repr(key), plan.get(key, _MISSING), "an object")
+    regions = plan.get("regions", _MISSING)
+    if not isinstance(regions, list):
+        refuse("'regions'", regions, "a list of regions, each a list of module names")
+    for i, names in enumerate(regions):
+        if not names or not _is_names(names):
+            refuse(f"'regions'[{i}]", names, "a non-empty list of module names")
     none_inputs = plan.get("none_inputs", {})
-    if not isinstance(none_inputs, dict) or not all(map(_is_names, none_inputs.values())):
-        refuse("none_inputs", "an object of module path to a list of input names")
+    if not isinstance(none_inputs, dict):
+        refuse("'none_inputs'", none_inputs, "an object of module path to a list of input names")
+    for owner, names in none_inputs.items():
+        if not _is_names(names):
+            refuse(f"'none_inputs'[{owner!r}]", names, "a list of input names")
     source = plan.get("source")
-    if source is not None:
-        if not isinstance(source, dict):
-            refuse("source", "null or an object with kind, target and name")
-        for key in ("kind", "target", "name"):
-            if not isinstance(source.get(key), str):
-                refuse("source", f"an object whose {key!r} is a string (it has {describe_json(source.get(key))})")
-        if source["kind"] not in ("file", "import"):
-            refuse("source", f"an object whose 'kind' is 'file' or 'import' (it has {source['kind']!r})")
-        copied = source.get("copied_to")
-        if copied is not None and (not isinstance(copied, str) or Path(copied).name != copied or not copied):
-            refuse("source", f"an object whose 'copied_to' is a file name in {path.parent} (it has "
-                             f"{describe_json(copied)})")
+    if source is None:
+        return
+    if not isinstance(source, dict):
+        refuse("'source'", source, "null or an object with kind, target and name")
+    for key in ("kind", "target", "name"):
+        if not isinstance(source.get(key), str):
+            refuse(f"'source'[{key!r}]", source.get(key, _MISSING), "a string")
+    if source["kind"] not in ("file", "import"):
+        refuse("'source'['kind']", source["kind"], "'file' or 'import'")
+    copied = source.get("copied_to")
+    if copied is not None and not (isinstance(copied, str) and copied and Path(copied).name == copied):
+        refuse("'source'['copied_to']", copied, f"the name of a file in {path.parent}")
+
+
+def saved_example_inputs(out_dir: str | os.PathLike) -> tuple[tuple, dict]:
+    """(args, kwargs) from ``example_inputs()`` of a saved conversion's model source (its model_source.py)."""
+    from moeify.source import example_inputs_of
+
+    source = saved_source(out_dir, read_plan(out_dir))
+    if source is None:
+        raise ModelSourceError(f"{out_dir} records no model source to take example_inputs() from: run "
+                               "moeify.router_stats or moeify.export_onnx on moeify.load(out_dir, model=dense).model "
+                               "with inputs of your own")
+    return example_inputs_of(source.load_module(), source.target)
 
 
 def rebuild_dense(out_dir: str | os.PathLike, plan: dict[str, Any]) -> nn.Module:
-    source = plan.get("source")
-    if not source:
+    spec = saved_source(out_dir, plan)
+    if spec is None:
         raise SerializationError(f"{out_dir} records no model source: call moeify.load(path, model=dense_model)")
-    if source.get("copied_to"):
-        spec = ModelSource("file", str(Path(out_dir) / source["copied_to"]), source["name"])
-    else:
-        spec = ModelSource(source["kind"], source["target"], source["name"])
     model, _ = spec.build()
     return model
 

@@ -25,6 +25,7 @@ class ModelSource:
     kind: str  # "file" | "import"
     target: str  # file path or "package.module"
     name: str  # the factory / module attribute
+    beside: str | None = None  # another folder whose modules the file imports (a saved copy's original one)
 
     @classmethod
     def parse(cls, spec: str) -> ModelSource:
@@ -58,16 +59,15 @@ class ModelSource:
     @contextmanager
     def importable_siblings(self):
         """Inside, a model file imports the modules next to it, as `python model.py` would."""
-        folder = str(Path(self.target).resolve().parent) if self.kind == "file" else None
-        if folder is None or folder in sys.path:
-            yield
-            return
-        sys.path.insert(0, folder)
+        folders = [str(Path(self.target).resolve().parent), self.beside] if self.kind == "file" else []
+        added = [f for f in dict.fromkeys(folders) if f is not None and f not in sys.path and Path(f).is_dir()]
+        sys.path[:0] = added
         try:
             yield
         finally:
-            if folder in sys.path:
-                sys.path.remove(folder)
+            for folder in added:
+                if folder in sys.path:
+                    sys.path.remove(folder)
 
     def load_module(self):
         if self.kind == "import":

@@ -201,4 +201,10 @@ def test_model_file_imports_its_siblings(tmp_path):
     assert r.exit_code == 0, r.output
     import sys
 
+    import moeify
+
     assert str(tmp_path) not in sys.path  # only while the file loads and builds
+    sys.modules.pop("layers", None)
+    # the saved copy (out/model_source.py) imports them from the original's folder
+    assert moeify.load(tmp_path / "out").model is not None
+    sys.modules.pop("layers", None)

@@ -346,3 +346,14 @@ def test_a_source_that_cannot_load_is_refused_at_convert(source, needle):
 
     with pytest.raises(ModelSourceError, match=needle):
         moeify.convert(load_example("mlp").build_model(), moeify.MoEConfig(num_experts=2, top_k=1), source=source)
+
+
+def test_a_meta_model_cannot_be_verified_and_says_what_to_do():
+    from moeify.errors import ExampleInputsError
+
+    with torch.device("meta"):
+        dense = load_example("mlp").build_model()
+    x = torch.randn(2, 16)
+    with pytest.raises(ExampleInputsError, match="meta device.*convert-checkpoint"):
+        moeify.convert(dense, moeify.MoEConfig(num_experts=2, top_k=1), example_inputs=(x,))
+    assert moeify.convert(dense, moeify.MoEConfig(num_experts=2, top_k=1), verify=False).report.regions

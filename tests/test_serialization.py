@@ -71,3 +71,129 @@ def test_force_never_replaces_a_file_or_a_foreign_directory(tmp_path):
     (tmp_path / "empty").mkdir()
     moeify.save(result, tmp_path / "empty", force=True)  # an empty directory may be filled
     assert (tmp_path / "afile").read_text() == "mine" and (tmp_path / "empty" / "plan.json").is_file()
+
+
+# A saved directory damaged after the fact: `moeify.load` and `moeify stats` say so in one SerializationError
+# line naming what is wrong, never a traceback from json, safetensors or load_state_dict.
+SMALL = ("import torch\nfrom torch import nn\n\n\ndef build_model():\n"
+         "    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8))\n\n\n"
+         "def example_inputs():\n    return (torch.randn(2, 8),)\n")
+
+
+@pytest.fixture(scope="module")
+def saved_small(tmp_path_factory):
+    """`moeify convert small.py -o good` (8 experts, top-2)."""
+    from click.testing import CliRunner
+
+    from moeify.cli import main
+
+    root = tmp_path_factory.mktemp("small")
+    (root / "small.py").write_text(SMALL)
+    r = CliRunner().invoke(main, ["convert", str(root / "small.py"), "-o", str(root / "good")])
+    assert r.exit_code == 0, r.output
+    return root / "good"
+
+
+def _edit_plan(change):
+    def damage(out):
+        plan = json.loads((out / "plan.json").read_text())
+        plan = change(plan)
+        (out / "plan.json").write_text(json.dumps(plan))
+    return damage
+
+
+def _without(key):
+    return _edit_plan(lambda plan: {k: v for k, v in plan.items() if k != key})
+
+
+def _with(key, value):
+    return _edit_plan(lambda plan: {**plan, key: value})
+
+
+def _fewer_experts(plan):
+    plan["config"]["num_experts"] = 4
+    return plan
+
+
+def _cut(keep):
+    def damage(out):
+        data = (out / "model.safetensors").read_bytes()
+        (out / "model.safetensors").write_bytes(keep(data))
+    return damage
+
+
+@pytest.mark.parametrize("damage, needle", [
+    (_edit_plan(lambda plan: [1, 2]), "plan.json holds an array, not a JSON object"),
+    (_without("config"), "plan.json: 'config' is missing (expected an object)"),
+    (_with("config", [1]), "'config' is an array (expected an object)"),
+    (_with("config", {"num_experts": "8"}), "MoEConfig.num_experts"),
+    (_with("regions", 5), "'regions' is the number 5 (expected a list of regions"),
+    (_with("regions", [["0", 2]]), "'regions'[0] is an array (expected a non-empty list of module names)"),
+    (_with("report", {"x": 1}), "the report has no 'model_class'"),
+    (_with("report", "r"), "'report' is the string 'r' (expected an object)"),
+    (_edit_plan(lambda p: {**p, "report": {**p["report"], "params_after": "many"}}),
+     "the report's 'params_after' is the string 'many', not int"),
+    (_edit_plan(lambda p: {**p, "report": {**p["report"], "regions": [{"name": "moe"}]}}),
+     "the report's regions[0] has no 'owner'"),
+    (_with("source", "small.py"), "'source' is the string 'small.py' (expected null or an object"),
+    (_edit_plan(lambda p: {**p, "source": {**p["source"], "kind": "url"}}),
+     "'source'['kind'] is the string 'url' (expected 'file' or 'import')"),
+    (_edit_plan(lambda p: {**p, "source": {**p["source"], "name": None}}),
+     "'source'['name'] is null (expected a string)"),
+    (_with("none_inputs", 5), "'none_inputs' is the number 5 (expected an object"),
+    (_with("none_inputs", {"": "attention_mask"}), "'none_inputs'[''] is the string 'attention_mask' (expected a list"),
+    (lambda out: (out / "plan.json").write_bytes(b'{"format": "\xff"}'), "plan.json is not UTF-8 text"),
+    (_cut(lambda data: data[:-10]), "model.safetensors is not a readable safetensors file (SafetensorError: "
+                                    "Error while deserializing header: incomplete metadata"),
+    (_cut(lambda data: b""), "model.safetensors is not a readable safetensors file (SafetensorError: "
+                             "Error while deserializing header: header too small"),
+    (_edit_plan(_fewer_experts), "model.safetensors does not fit the re-applied plan: 'moe.router.gate.weight' "
+                                 "is [8, 8] in the file but [4, 8] in the model rebuilt from the plan"),
+], ids=["plan-is-array", "no-config", "config-array", "config-bad-field", "regions-number", "region-not-names",
+        "report-unknown-key", "report-string", "report-field-type", "report-region-missing-field", "source-string",
+        "source-kind", "source-name-null", "none-inputs-number", "none-inputs-not-lists", "plan-not-utf8",
+        "weights-truncated", "weights-empty", "plan-experts-edited"])
+def test_damaged_directory_is_one_line_serialization_error(saved_small, tmp_path, damage, needle):
+    import shutil
+
+    from click.testing import CliRunner
+
+    from moeify.cli import main
+
+    out = tmp_path / "damaged"
+    shutil.copytree(saved_small, out)
+    damage(out)
+    with pytest.raises(SerializationError) as err:
+        moeify.load(out)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+    r = CliRunner().invoke(main, ["stats", str(out)])
+    assert r.exit_code == 2 and r.output == f"error: {err.value}\n", r.output
+
+
+def test_report_keys_from_a_later_moeify_are_ignored(saved_small, tmp_path):
+    import shutil
+
+    out = tmp_path / "later"
+    shutil.copytree(saved_small, out)
+    _edit_plan(lambda p: {**p, "report": {**p["report"], "new_fact": 1,
+                                          "regions": [{**p["report"]["regions"][0], "new_fact": 2}]}})(out)
+    assert moeify.load(out).report.regions[0].d_ff == 16
+
+
+def test_load_into_a_model_of_other_sizes_names_the_tensor(saved_small):
+    other = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    with pytest.raises(SerializationError, match=r"^\S+ does not fit the re-applied plan: 'moe\.experts\.w1_EFD' is "
+                                                 r"\[8, 16, 8\] in the file but \[8, 32, 8\] in the model rebuilt "
+                                                 r"from the plan: was the dense model built with the same sizes") as e:
+        moeify.load(saved_small, model=other)
+    assert "\n" not in str(e.value)
+
+
+def test_save_of_a_meta_model_says_to_materialise_the_weights(tmp_path):
+    with torch.device("meta"):
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8))
+    result = moeify.convert(model, moeify.MoEConfig(num_experts=2, top_k=1), verify=False)
+    with pytest.raises(SerializationError, match="parameters are on the meta device .*materialise the weights.*"
+                                                 "moeify convert-checkpoint") as e:
+        moeify.save(result, tmp_path / "o")
+    assert "\n" not in str(e.value) and not (tmp_path / "o").exists()
