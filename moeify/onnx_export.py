@@ -594,7 +594,8 @@ def export_onnx(model: nn.Module, example_inputs: Sequence[Any] = (), path: str 
     kwargs = dict(example_kwargs or {})
     path = Path(path)
     if not path.parent.is_dir():
-        raise ExportError(f"cannot write {path}: directory {path.parent} does not exist")
+        what = "is not a directory" if path.parent.exists() else "does not exist"
+        raise ExportError(f"cannot write {path}: {path.parent} {what}")
     check_output(path, force=force, directory=False)
 
     plans = _plan_layers(model, mode, fallback, allow_approximate_gelu)

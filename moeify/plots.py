@@ -28,17 +28,14 @@ def _figure(**kwargs):
 
 
 def _save(fig, path: str | os.PathLike) -> Path:
+    """Write the figure as a PNG, atomically; an existing image at `path` is replaced."""
+    from moeify.serialization import write_file_atomically
+
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise ConfigError(f"plot path {path} must end in .png: moeify writes PNG images")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    try:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_file_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"),
+                                 force=True)
 
 
 def utilization_matrix(model_or_stats: nn.Module | Sequence[LayerStats]) -> tuple[list[str], list[list[float]]]:

@@ -39,6 +39,13 @@ def check_output(out_path: str | os.PathLike, *, force: bool = False, directory:
     neither may be a symbolic link, the working directory or one of its parents.
     """
     out = Path(out_path)
+    try:
+        return _check_output(out, force, directory)
+    except OSError as exc:  # the path itself is unusable (too long a name, no permission to look)
+        raise SerializationError(f"cannot use {out} as an output: {exc.strerror or exc}; choose another path") from exc
+
+
+def _check_output(out: Path, force: bool, directory: bool) -> Path:
     what = "directory" if directory else "file"
     if out.is_symlink():
         raise SerializationError(f"{out} is a symbolic link: pass the path it points to, or another output {what}")

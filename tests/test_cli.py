@@ -90,6 +90,7 @@ def test_existing_output_needs_force(tmp_path):
     ("..", "the working directory or one of its parents"),
     ("link", "is a symbolic link"),
     ("afile/out", "is a file, so afile/out cannot be created under it"),
+    ("a" * 300, "File name too long"),
 ])
 def test_force_replaces_only_a_moeify_output(tmp_path, monkeypatch, target, needle):
     model = write(tmp_path, "model.py", NO_EXAMPLES)

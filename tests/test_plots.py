@@ -100,3 +100,14 @@ def test_missing_matplotlib_is_a_typed_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # makes the import raise ImportError
     with pytest.raises(moeify.MoeifyError, match="pip install matplotlib"):
         plot_loss_curves({"a": {"steps": [0], "values": [1.0]}}, tmp_path / "x.png")
+
+
+def test_unwritable_plot_path_is_a_typed_error_and_leaves_nothing(tmp_path):
+    from moeify.errors import SerializationError
+
+    (tmp_path / "afile").write_text("a file")
+    curves = {"a": {"steps": [0, 1], "values": [1.0, 0.5]}}
+    with pytest.raises(SerializationError, match="afile is a file, so .* cannot be created under it"):
+        plot_loss_curves(curves, tmp_path / "afile" / "x.png")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+    assert plot_loss_curves(curves, tmp_path / "new" / "x.png").stat().st_size > 0
