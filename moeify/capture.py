@@ -39,6 +39,7 @@ as `.generate()` or `.config` stay), its untouched parameters keep their names.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import itertools
 import operator
@@ -642,19 +643,49 @@ def install_forward(module: nn.Module, gm: fx.GraphModule, method: str = "forwar
     for node in gm.graph.nodes:
         if node.op in ("call_module", "get_attr"):
             _ensure_attr(module, gm, node.target)
-    python_code = gm.graph.python_code(root_module="self")
-    forward = fx.graph_module._forward_from_src(python_code.src, python_code.globals, None)
-    base = dense_class(module)
-    subclass = type(base.__name__, (base,), {
-        method: forward,
+    module.__class__ = _rewritten_class(dense_class(module), gm.graph, method)
+    # plain attributes, not submodules: the graph is for inspection and passes, not for state_dict
+    module.__dict__["_moeify_code"] = gm.graph.python_code(root_module="self").src
+    module.__dict__["_moeify_graph_module"] = gm
+
+
+def _rewritten_class(base: type, graph: fx.Graph, method: str) -> type:
+    """A subclass of `base` whose `method` runs `graph`. It bears `base`'s names, so it cannot be found
+    by name: pickle and deepcopy rebuild it from `base` and the graph (`_reduce_rewritten`)."""
+    python_code = graph.python_code(root_module="self")
+    return type(base.__name__, (base,), {
+        method: fx.graph_module._forward_from_src(python_code.src, python_code.globals, None),
         "_moeify_dense_class": base,
+        "_moeify_method": method,
         "__module__": base.__module__,
         "__qualname__": base.__qualname__,
+        "__reduce_ex__": _reduce_rewritten,
+        "__setstate__": _setstate_rewritten,
     })
-    module.__class__ = subclass
-    # plain attributes, not submodules: the graph is for inspection and passes, not for state_dict
-    module.__dict__["_moeify_code"] = python_code.src
-    module.__dict__["_moeify_graph_module"] = gm
+
+
+def _reduce_rewritten(module: nn.Module, protocol: int) -> tuple:
+    """(rebuild, args, state) of a rewritten module for pickle and deepcopy: its dense class, method and
+    graph (an owner-less copy that keeps the nodes' annotations; fx would re-trace a GraphModule on
+    unpickling, and that trace breaks on the MoE helpers), and its state with that graph in place of
+    the GraphModule."""
+    cls = type(module)
+    graph = copy.deepcopy(module.__dict__["_moeify_graph_module"].graph)
+    state = {k: v for k, v in module.__dict__.items() if k != "_moeify_graph_module"}
+    return _new_rewritten, (cls._moeify_dense_class, graph, cls._moeify_method), {**state, "_moeify_graph": graph}
+
+
+def _new_rewritten(base: type, graph: fx.Graph, method: str) -> nn.Module:
+    """An empty instance of the rewritten class, for `_setstate_rewritten` to fill."""
+    cls = _rewritten_class(base, graph, method)
+    return cls.__new__(cls)
+
+
+def _setstate_rewritten(module: nn.Module, state: dict) -> None:
+    state = dict(state)
+    graph = state.pop("_moeify_graph")
+    nn.Module.__setstate__(module, state)
+    module.__dict__["_moeify_graph_module"] = fx.GraphModule(module, graph)
 
 
 def _ensure_attr(module: nn.Module, gm: fx.GraphModule, target: str) -> None:

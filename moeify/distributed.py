@@ -341,17 +341,12 @@ def _device_of(model: nn.Module) -> torch.device:
 
 
 def _copy_model(model: nn.Module) -> nn.Module:
-    """deepcopy that shares process groups (they cannot be copied) and leaves out the last forward's
-    aux losses (non-leaf tensors, which deepcopy refuses)."""
+    """deepcopy that shares process groups (they cannot be copied); the copy starts without the last
+    forward's aux losses (`AuxLossRecorder.__getstate__`)."""
     layers = [m for m in model.modules() if isinstance(m, MoELayer)]
     memo: dict[int, Any] = {id(m.dispatch.group): m.dispatch.group for m in layers
                             if isinstance(m.dispatch, AllToAllDispatch)}
-    kept = [(m.aux, m.aux.take_records()) for m in layers]
-    try:
-        return copy.deepcopy(model, memo)
-    finally:
-        for aux, records in kept:
-            aux.put_records(records)
+    return copy.deepcopy(model, memo)
 
 
 def _all_reduce_mean(grads: list[torch.Tensor], group, size: int) -> None:

@@ -54,6 +54,10 @@ class ExampleInputsError(MoeifyError, ValueError):
     """The example inputs do not run on the dense model."""
 
 
+class CheckpointingError(MoeifyError, RuntimeError):
+    """The MoE layers ran under a gradient checkpointing that their aux losses cannot train through."""
+
+
 class SerializationError(MoeifyError):
     """A saved conversion could not be written or read."""
 

@@ -357,3 +357,52 @@ def test_a_meta_model_cannot_be_verified_and_says_what_to_do():
     with pytest.raises(ExampleInputsError, match="meta device.*convert-checkpoint"):
         moeify.convert(dense, moeify.MoEConfig(num_experts=2, top_k=1), example_inputs=(x,))
     assert moeify.convert(dense, moeify.MoEConfig(num_experts=2, top_k=1), verify=False).report.regions
+
+
+@pytest.mark.parametrize("name, build", [("gpt", "build_model"), ("hf_causal_lm", "build_opt")])
+def test_a_trained_model_deepcopies_and_pickles(name, build):
+    """After a training step (the layers hold graph tensors of their losses); the rewritten owners'
+    classes are made at conversion, so pickle rebuilds them from the dense class and the graph."""
+    import pickle
+
+    from moeify.distributed import sharding_annotations
+
+    ex = load_example(name)
+    model = moeify.convert(getattr(ex, build)(), moeify.MoEConfig(num_experts=4, top_k=2)).model
+    x = torch.randint(0, 64, (2, 8))
+    out = model(x)
+    logits = out if isinstance(out, torch.Tensor) else out.logits
+    (loss_of(logits) + moeify.aux_loss(model)).backward()
+    for again in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert moeify.aux_loss(again) == 0  # a copy starts without the original's last forward
+        model.eval(), again.eval()
+        with torch.no_grad():
+            want, got = model(x), again(x)
+        want, got = (want, got) if isinstance(want, torch.Tensor) else (want.logits, got.logits)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        assert sharding_annotations(again) == sharding_annotations(model) != {}
+        again.train()
+        out = again(x)
+        (loss_of(out if isinstance(out, torch.Tensor) else out.logits) + moeify.aux_loss(again)).backward()
+        assert all(p.grad is not None for n, p in again.named_parameters() if "router" in n)
+        model.train()
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_reentrant_checkpointing_is_refused_not_trained_without_aux_losses(reentrant):
+    """Reentrant checkpointing runs the layers with autograd off (no losses) and again in backward:
+    the balancing losses would silently read 0 and never train the router."""
+    from moeify.errors import CheckpointingError
+
+    model = moeify.convert(load_example("hf_causal_lm").build_llama(), moeify.MoEConfig(num_experts=4, top_k=2)).model
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    model.train()
+    x = torch.randint(0, 64, (2, 8))
+    loss = loss_of(model(x, use_cache=False).logits) + moeify.aux_loss(model)
+    if reentrant:
+        with pytest.raises(CheckpointingError, match="use_reentrant=False"):
+            loss.backward()
+    else:
+        assert moeify.aux_loss(model).item() > 0
+        loss.backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "router" in n)

@@ -299,3 +299,24 @@ def test_router_stats_against_independent_counts(example, cfg):
         entropy = -(probs * probs.log()).sum(-1).mean().item()
         assert row.gate_entropy == pytest.approx(entropy, rel=1e-4)
     assert "dropped" in moeify.format_stats(rows)
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(router="topk", top_k=2), dict(router="switch", top_k=1, capacity_factor=1.0),
+    dict(router="noisy_topk", top_k=2, importance_coef=0.1, load_coef=0.1), dict(router="expert_choice", top_k=2),
+    dict(top_k=2, num_groups=2, group_top_k=1), dict(top_k=2, num_groups=2, group_top_k=1, router="noisy_topk"),
+], ids=lambda c: "-".join(f"{v}" for v in c.values()))
+def test_an_empty_batch_runs_and_adds_nothing(example, cfg):
+    """No tokens (a dense model takes them): an empty output, losses and statistics 0, not NaN or a crash."""
+    model = moeify.convert(example("gpt").build_model(), moeify.MoEConfig(num_experts=4, **cfg), verify=False).model
+    x = torch.randint(0, 64, (0, 8))
+    for train in (True, False):
+        model.train(train)
+        out = model(x)
+        assert out.shape == (0, 8, 256)
+        aux = moeify.aux_loss(model)
+        assert torch.isfinite(aux) and aux.item() == 0
+        if train:
+            (out.sum() + aux).backward()
+        for row in moeify.router_stats(model):
+            assert row.num_tokens == 0 and row.dropped_fraction == 0 and row.gate_entropy == 0

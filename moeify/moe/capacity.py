@@ -88,7 +88,7 @@ class CapacityLimit(nn.Module):
             found.setdefault("dropped_fraction", routing.logits_TE.new_zeros(()))
             return routing._replace(losses=found)
         keep_N = keep_within_capacity(routing, self.num_experts, capacity, self.policy)
-        N = max(int(keep_N.numel()), 1)
-        found["dropped_fraction"] = (1.0 - keep_N.sum().to(routing.logits_TE.dtype) / N).detach()
+        dropped_N = ~keep_N  # (an empty batch drops nothing: a fraction of 0, not 1 - 0/1)
+        found["dropped_fraction"] = (dropped_N.sum().to(routing.logits_TE.dtype) / max(keep_N.numel(), 1)).detach()
         return routing._replace(token_N=routing.token_N[keep_N], expert_N=routing.expert_N[keep_N],
                                 weight_N=routing.weight_N[keep_N], losses=found)

@@ -15,9 +15,10 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from moeify.errors import CheckpointingError
 from moeify.moe.dispatch import DispatchPlan, LocalCombine, LocalDispatch
 from moeify.moe.experts import GroupedExperts
-from moeify.moe.losses import count_indices
+from moeify.moe.losses import count_indices, token_mean
 from moeify.moe.router import Routing
 
 
@@ -77,6 +78,9 @@ class AuxLossRecorder(nn.Module):
         # such a forward (a submodule called directly) takes the records 0..n-1 in turn.
         self.calls_per_forward = 1
         self._calls = 0
+        # the last forward ran in training mode with autograd off, so the router computed no losses
+        # (see `_check_graded`)
+        self._ungraded = False
 
     @property
     def coefs(self) -> dict[str, float]:
@@ -93,6 +97,7 @@ class AuxLossRecorder(nn.Module):
         every `calls_per_forward` calls make one forward. The call count then repeats from step to
         step, as does the records' emptiness at each call: torch.compile guards on both, and a
         count that grew with every call recompiled the layer on every step."""
+        self._check_graded()
         if not self.fresh:  # the first call of a forward of the converted model
             self._calls, self.fresh = 0, True
         if self.in_forward:
@@ -109,6 +114,25 @@ class AuxLossRecorder(nn.Module):
         self._records[call] = (losses, _StatsInputs(routing.expert_N.detach(), routing.probs_TE.detach(),
                                                     None if dropped is None else dropped.detach()))
         self._stats = None
+
+    def _check_graded(self) -> None:
+        """Refuse reentrant gradient checkpointing, which would silently train without the aux losses:
+        it runs the layer with autograd off (the router then computes no loss, as in inference, and
+        `moeify.aux_loss` reads 0), and again with autograd on inside the backward, where the losses
+        it computes reach no optimiser."""
+        if not self.training or not any(coef > 0 for _, coef in self._coefs):
+            return
+        if not torch.is_grad_enabled():
+            self._ungraded = True
+        elif self._ungraded and torch._C._current_graph_task_id() != -1:
+            self._ungraded = False
+            raise CheckpointingError(
+                "an MoE layer ran without autograd in training and then again inside backward: reentrant "
+                "gradient checkpointing (torch.utils.checkpoint(..., use_reentrant=True), or transformers' "
+                "gradient_checkpointing_kwargs={'use_reentrant': True}) leaves its aux losses without gradient; "
+                "use use_reentrant=False")
+        else:
+            self._ungraded = False
 
     @property
     def last_losses(self) -> dict[str, torch.Tensor]:
@@ -135,7 +159,7 @@ class AuxLossRecorder(nn.Module):
             "tokens_per_expert": count_indices(inputs.expert_N, self.num_experts),
             "num_tokens": torch.tensor(inputs.probs_TE.shape[0]),
             "dropped_fraction": torch.zeros(()) if inputs.dropped is None else inputs.dropped,
-            "gate_entropy": -(p * p.log()).sum(-1).mean(),
+            "gate_entropy": token_mean(-(p * p.log()).sum(-1)),
         }
 
     @staticmethod
@@ -150,15 +174,12 @@ class AuxLossRecorder(nn.Module):
                for key in ("dropped_fraction", "gate_entropy")},
         }
 
-    def take_records(self) -> tuple:
-        """The last forward's records, removed (for a deepcopy, which refuses non-leaf tensors);
-        `put_records` gives them back."""
-        state = (self._records, self._stats, self._calls)
-        self.clear()
+    def __getstate__(self) -> dict[str, Any]:
+        """A copy or a pickle starts without the last forward's records: their losses are graph tensors,
+        which deepcopy refuses, and belong to the original's step."""
+        state = dict(self.__dict__)
+        state.update(_records={}, _stats=None, _calls=0)
         return state
-
-    def put_records(self, state: tuple) -> None:
-        self._records, self._stats, self._calls = state
 
     def clear(self) -> None:
         """Forget the last forward's losses and statistics."""

@@ -26,13 +26,18 @@ def load_balancing_loss(probs_TE: torch.Tensor, expert_N: torch.Tensor, num_expe
     """
     counts_E = count_indices(expert_N, num_experts).to(probs_TE.dtype)
     f_E = counts_E / counts_E.sum().clamp_min(1)
-    P_E = probs_TE.mean(dim=0)
+    P_E = token_mean(probs_TE)
     return num_experts * torch.sum(f_E * P_E)
+
+
+def token_mean(x_T: torch.Tensor) -> torch.Tensor:
+    """The mean over tokens (dim 0), 0 for no tokens (an empty batch adds no loss, not NaN)."""
+    return x_T.sum(dim=0) / max(x_T.shape[0], 1)
 
 
 def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
     """ST-MoE router z-loss: mean over tokens of logsumexp(logits)^2."""
-    return torch.logsumexp(logits_TE, dim=-1).square().mean()
+    return token_mean(torch.logsumexp(logits_TE, dim=-1).square())
 
 
 def cv_squared(x_E: torch.Tensor) -> torch.Tensor:

@@ -245,7 +245,7 @@ class NoisyTopKRouter(_RouterBase):
 
 def expert_choice_capacity(num_tokens: int, top_k: int, factor: float, num_experts: int) -> int:
     """Tokens each expert takes under expert choice: ceil(factor * T * k / E), at most T."""
-    return max(1, min(num_tokens, math.ceil(round(factor * num_tokens * top_k / num_experts, 9))))
+    return min(num_tokens, max(1, math.ceil(round(factor * num_tokens * top_k / num_experts, 9))))
 
 
 class ExpertChoiceRouter(_RouterBase):
@@ -283,7 +283,7 @@ class ExpertChoiceRouter(_RouterBase):
             weight_N = weight_N + deficit_T.detach()[token_N]
         found = self.standard_losses(logits_TE, probs_TE, expert_N,
                                      lambda: torch.zeros_like(probs_TE).index_put((token_N, expert_N), weight_N).sum(0))
-        found["dropped_fraction"] = (chosen_T == 0).to(probs_TE.dtype).mean().detach()
+        found["dropped_fraction"] = losses.token_mean((chosen_T == 0).to(probs_TE.dtype)).detach()
         return self.finish(Routing(token_N, expert_N, weight_N, logits_TE, probs_TE, found))
 
 
@@ -331,14 +331,14 @@ class HierarchicalRouter(_RouterBase):
 
     def _level(self, x_TD: torch.Tensor, gate: nn.Linear, noise: nn.Linear | None, k: int, blocks: int):
         """One gating level over `blocks` independent softmaxes of the gate's columns."""
-        T = x_TD.shape[0]
+        T, width = x_TD.shape[0], gate.out_features // blocks  # (width named: T may be 0)
         if noise is None:
-            clean = router_linear(gate, x_TD).reshape(T * blocks, -1)
+            clean = router_linear(gate, x_TD).reshape(T * blocks, width)
             g, idx, probs = topk_gates(clean, k, self.softmax_before_topk, self.normalize)
             load = None
         else:
             clean, noisy, std = noisy_logits(x_TD, gate, noise, self.noise_eps, self.training)
-            clean, noisy, std = (t.reshape(T * blocks, -1) for t in (clean, noisy, std))
+            clean, noisy, std = (t.reshape(T * blocks, width) for t in (clean, noisy, std))
             g, idx = keep_topk_softmax(noisy, k)
             probs = noisy.softmax(dim=-1)
             # P(x, i) of appendix A per token (summed over the tokens later, per group for level 2)
@@ -358,8 +358,9 @@ class HierarchicalRouter(_RouterBase):
         token_N = torch.arange(T, device=x_TD.device).repeat_interleave(J * K)
         expert_N, weight_N = expert_TJK.reshape(-1), weight_TJK.reshape(-1)
 
-        probs_TE = (p_probs_TG.unsqueeze(-1) * s_probs.reshape(T, G, M)).reshape(T, -1)
-        logits_TE = (p_clean_TG.log_softmax(-1).unsqueeze(-1) + s_clean.log_softmax(-1).reshape(T, G, M)).reshape(T, -1)
+        probs_TE = (p_probs_TG.unsqueeze(-1) * s_probs.reshape(T, G, M)).reshape(T, G * M)
+        logits_TGM = p_clean_TG.log_softmax(-1).unsqueeze(-1) + s_clean.log_softmax(-1).reshape(T, G, M)
+        logits_TE = logits_TGM.reshape(T, G * M)
         found = {}
         if self.wants("load_balance"):
             found["load_balance"] = losses.load_balancing_loss(probs_TE, expert_N, self.num_experts)
