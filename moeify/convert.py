@@ -112,6 +112,10 @@ def find_regions(model: nn.Module, none_inputs: dict[str, frozenset[str]] | None
     # a split FFN's halves were refused one by one on the siblings' own traces: drop those refusals
     claimed = {_join(f.unit.path, name) for f in found for name in f.region.linears.values()}
     skipped = [s for s in skipped if s.where not in claimed]
+    scripted = [path for path, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule)]
+    skipped += [Skip(path, "is a TorchScript module (torch.jit.script / trace), which fx cannot look into",
+                     "convert the model before scripting it") for path in scripted
+                if not any(path.startswith(f"{outer}.") for outer in scripted)]
     if any(f.unit.method is not None for f in found):  # method units come last from capture: put them in place
         order = {name: i for i, (name, _) in enumerate(model.named_modules())}
         found.sort(key=lambda f: order.get(f.owner, len(order)))
@@ -289,6 +293,7 @@ def _rewrite(model: nn.Module, cfg: MoEConfig, example_inputs: tuple, example_kw
         raise NoFFNRegionError(f"{len(found)} FFN region(s) found ({', '.join(f.owner or '<model>' for f in found)}) "
                                f"but the config selected none: {_nearest(plan_skips)}")
 
+    tied = _tied_weights(converted, [found[i] for i in selected])  # read before the rewrite removes the Linears
     report = ConversionReport(model_class=type(model).__name__, skipped=skipped + plan_skips,
                               capture_failures=cap.failures, params_before=count_params(model),
                               function_preserving=function_preserving(cfg))
@@ -307,15 +312,43 @@ def _rewrite(model: nn.Module, cfg: MoEConfig, example_inputs: tuple, example_kw
             for f in group:  # the traced units still hold the dense Linears: let them go before the next owner
                 capture_mod.remove_modules(f.unit.graph_module, list(f.region.linears.values()))
 
+    for region in report.regions:
+        region.notes += [tied[name] for name in region.linears if name in tied]
     for module in converted.modules():  # a new layer is born in training mode: give it its parent's mode
         for child in module.children():
             if isinstance(child, MoELayer):
                 child.train(module.training)
+        if isinstance(module, nn.TransformerEncoder) and any(capture_mod.dense_class(layer) is not type(layer)
+                                                             for layer in module.layers):
+            # its nested-tensor fast path (eval, with a padding mask) reads layers[0].linear1 and runs fused
+            # kernels: a rewritten layer has neither; this attribute is the switch torch checks first
+            module.use_nested_tensor = False
     install_forward_marker(converted)
     report.params_after = count_params(converted)
     report.active_params_per_token = active_params(converted)
     return ConversionResult(converted, report, cfg, source=source_record,
                             regions=[list(found[i].key) for i in selected], none_inputs=none_inputs)
+
+
+def _tied_weights(model: nn.Module, selected: list[FoundRegion]) -> dict[str, str]:
+    """{Linear: note} for the selected regions' Linears that share a parameter with a module outside
+    their region (weights tied across layers): the MoE layer gets copies, and the tie is gone."""
+    notes: dict[str, str] = {}
+    holders: dict[int, list[str]] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        for name, param in module._parameters.items():
+            if param is not None:
+                holders.setdefault(id(param), []).append(_join(path, name))
+    for f in selected:
+        own = {_join(f.unit.path, n) for n in f.region.linears.values()}
+        for linear in sorted(own):
+            module = model.get_submodule(linear)
+            others = sorted({h for p in module._parameters.values() if p is not None for h in holders[id(p)]
+                             if h.rpartition(".")[0] not in own})
+            if others:
+                notes[linear] = (f"{linear} shares parameters with {', '.join(others[:3])}: its experts are copies, "
+                                 "so that tie is not kept")
+    return notes
 
 
 def _report_calls_per_forward(model: nn.Module, report: ConversionReport) -> None:
@@ -466,8 +499,21 @@ def rng_kept(model: nn.Module, args: Sequence[Any], kwargs: dict[str, Any]):
 def _outputs(model: nn.Module, args: Sequence[Any], kwargs: dict[str, Any]) -> list[torch.Tensor]:
     """The model's output tensors in eval mode, drawn from the caller's RNG state, which is kept: the
     dense and the converted model draw the same random numbers (ViT-MAE's masking)."""
-    with rng_kept(model, args, kwargs), capture_mod.eval_mode(model):
+    with rng_kept(model, args, kwargs), capture_mod.eval_mode(model), _no_fused_fast_path():
         return flatten_outputs(model(*args, **kwargs))
+
+
+@contextmanager
+def _no_fused_fast_path():
+    """torch's fused inference path of nn.MultiheadAttention and nn.TransformerEncoder off: with a padding
+    mask it computes nested tensors and returns zeros at padded positions, where the layer-by-layer
+    path (the one a converted layer takes) computes values; the positions that count agree."""
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
 
 
 @contextmanager

@@ -174,6 +174,8 @@ class ConversionReport:
         if sharding:
             out.append("expert-parallel sharding:")
             out += [f"  - {line}" for line in sharding]
+        for region in self.regions:
+            out += [f"note: {region.name}: {note}" for note in region.notes]
         for note in self.notes:
             out.append(f"note: {note}")
         if self.skipped:

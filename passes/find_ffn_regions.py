@@ -75,6 +75,12 @@ def _entry_linear(node: fx.Node, gm: fx.GraphModule) -> tuple[ops.LinearParams, 
     """(params, where, input) of the Linear a region starts at; None if `node` is no Linear, a Skip
     if it is called with more than one tensor."""
     params = ops.linear_of(node, gm)
+    module = ops.call_module(node, gm)
+    if params is None and isinstance(module, nn.Linear):
+        extra = sorted({*module._parameters, *module._buffers, *module._modules} - {"weight", "bias"})
+        holds = f" (it holds {', '.join(extra)})" if extra else ""
+        return Skip(str(node.target), f"is a {type(module).__name__}, an nn.Linear that computes or holds more than "
+                    f"F.linear{holds}", "merge adapters or remove parametrizations first, or keep it dense")
     if params is None:
         return None
     where = str(node.target)
@@ -318,6 +324,16 @@ class FindFFNRegions(GraphPass):
                     claimed.update(found.nodes)
                 elif isinstance(found, Skip):
                     refusals.setdefault(node, found)
+        for region in list(regions):  # the rewrite removes the region's Linears: no other call may use them
+            names = set(region.linears.values())
+            other = next((n for n in gm.graph.nodes
+                          if n.op == "call_module" and n.target in names and n not in claimed), None)
+            if other is not None:
+                regions.remove(region)
+                claimed.difference_update(region.nodes)
+                refusals.setdefault(region.output, Skip(
+                    str(next(iter(region.linears.values()))), f"{other.target} is also called outside the FFN (by "
+                    f"{other.name})", "give the other call its own Linear, or keep this FFN dense"))
         skipped = []
         for node, skip in refusals.items():
             if node not in claimed:
@@ -329,6 +345,10 @@ class FindFFNRegions(GraphPass):
                     where = f"{self.prefix}.{node.target}" if self.prefix else str(node.target)
                     skipped.append(Skip(where, f"Linear not followed by an activation (feeds {_users(node)})",
                                         "only Linear -> act -> Linear and gated FFNs are converted"))
+        for region in regions:
+            if region.kind != "projection" and region.d_out != region.d_model:
+                region.notes.append(f"it maps {region.d_model} features to {region.d_out}, which a transformer FFN "
+                                    "does not: it may be a head; MoEConfig(exclude=...) keeps it dense")
         regions.sort(key=lambda r: _position(gm)(r.output))
         return PassResult(gm, modified=False, skipped=skipped, analysis=regions,
                           changes=[f"found {len(regions)} FFN region(s)"])

@@ -25,7 +25,7 @@ class Skip:
     fix: str = ""
 
     def __str__(self) -> str:
-        return f"{self.where}: {self.reason}" + (f" ({self.fix})" if self.fix else "")
+        return f"{self.where or '<model>'}: {self.reason}" + (f" ({self.fix})" if self.fix else "")
 
 
 @dataclass

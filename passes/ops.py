@@ -46,15 +46,20 @@ def is_conv1d(module: nn.Module) -> bool:
 
 def computes_linear(module: nn.Module) -> bool:
     """nn.Linear itself, or a subclass whose forward is F.linear (Falcon's `FalconLinear` rewrites it as
-    `x @ W.T + b`); a subclass that computes something else (scaled, quantized, adapters) is not one.
+    `x @ W.T + b`); a subclass that computes something else (scaled, quantized) or holds more than its
+    weight and bias (LoRA adapters, whose zero-initialised B computes F.linear at first; a
+    parametrization such as weight_norm) is not one: converting it would drop what it adds.
 
     A subclass with its own forward is probed on two random rows; on the meta device, where nothing
     can be computed, only subclasses that keep nn.Linear's forward count.
     """
-    if type(module) is nn.Linear or (isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward):
+    if type(module) is nn.Linear:
         return True
-    if not isinstance(module, nn.Linear) or any(True for _ in module.children()):
-        return False
+    if not isinstance(module, nn.Linear) or any(True for _ in module.children()) or \
+            set(module._parameters) - {"weight", "bias"} or set(module._buffers):
+        return False  # adapters (LoRA's A and B), parametrizations (weight_norm), quantization state
+    if type(module).forward is nn.Linear.forward:
+        return True
     weight = module._parameters.get("weight")  # not `module.weight`: see is_conv1d
     if weight is None or not weight.is_floating_point() or weight.device.type == "meta":
         return False
@@ -93,23 +98,41 @@ def linear_of(node: fx.Node, gm: fx.GraphModule) -> LinearParams | None:
     return None if module is None else linear_params(module)
 
 
+# Where an activation module is probed: densely on [-6, 6], where the supported activations differ,
+# and out to large magnitudes, where capped ones (ReLU6, Hardtanh, HF's ClippedGELU) part from them.
+PROBE_FAR = (10.0, 30.0, 100.0, 1e3, 1e4)
+
+
 def _probe_activation(module: nn.Module) -> str | None:
-    """The supported activation `module` computes, from its values on [-6, 6] in float32.
+    """The supported activation `module` computes, from its values on [-6, 6] and at +-PROBE_FAR in
+    float32, in training and in eval mode (an activation that also drops out is none of them).
 
     The tolerance (1e-5) passes re-implementations with rounded constants (BLOOM's tanh GELU uses
     0.79788456 for sqrt(2/pi)) and still separates exact from tanh GELU, which differ by up to
-    4.7e-4. The module is called as it is: never converted, so the user's model is left untouched.
+    4.7e-4. The module is called as it is (its modes restored afterwards): never converted, so the
+    user's model is left untouched.
     """
-    x = torch.linspace(-6, 6, 241)
+    if list(module.parameters()):
+        return None
+    far = torch.tensor(PROBE_FAR)
+    x = torch.cat([torch.linspace(-6, 6, 241), far, -far])
+    modes = {m: m.training for m in module.modules()}
     try:
-        with torch.no_grad():
-            y = module(x) if not list(module.parameters()) else None
+        ys = []
+        for training in (True, False):
+            module.train(training)
+            with torch.no_grad():
+                ys.append(module(x))
     except Exception:  # noqa: BLE001 - any failure means "not a plain activation"
         return None
-    if y is None or not isinstance(y, torch.Tensor) or y.shape != x.shape or y.dtype != x.dtype:
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    if not all(isinstance(y, torch.Tensor) and y.shape == x.shape and y.dtype == x.dtype for y in ys):
         return None
     for name, fn in ACTIVATIONS.items():
-        if torch.allclose(y, fn(x), atol=1e-5, rtol=1e-5):
+        want = fn(x)
+        if all(torch.allclose(y, want, atol=1e-5, rtol=1e-5) for y in ys):
             return name
     return None
 
@@ -125,7 +148,12 @@ def activation_of(node: fx.Node, gm: fx.GraphModule) -> tuple[str | None, str]:
         return None, f"function {getattr(node.target, '__name__', node.target)}"
     if node.op == "call_method":
         name = _ACT_METHODS.get(node.target)
+        if name is None and node.target in ("chunk", "split"):  # a fused gate_up that FusedGatedRule refused
+            return None, (f"method .{node.target}() (gate and up halves are recognised when split in two equal "
+                          "parts along dim=-1)")
         return (name, "") if name else (None, f"method .{node.target}()")
+    if node.op == "output":
+        return None, "the output"
     module = call_module(node, gm)
     if module is None:
         return None, f"{node.op} {node.target}"
@@ -139,7 +167,7 @@ def activation_of(node: fx.Node, gm: fx.GraphModule) -> tuple[str | None, str]:
     probed = _probe_activation(module)
     if probed:
         return probed, ""
-    return None, f"module {type(module).__name__}, which computes none of {', '.join(SUPPORTED_ACTIVATIONS)}"
+    return None, f"module {type(module).__name__}"  # (the caller says which activations are supported)
 
 
 # What an activation written out inline may be made of (ESM's `x * 0.5 * (1.0 + torch.erf(x / sqrt(2)))`):
@@ -221,6 +249,11 @@ def dropout_p(node: fx.Node, gm: fx.GraphModule) -> float | None:
         return float(module.p)
     if node.op == "call_function" and node.target is F.dropout:
         p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
+        training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
+        if training is False:  # F.dropout(h, p, training=False) does nothing
+            return 0.0
+        if training is True and p != 0:  # drops in eval mode too, which expert dropout never does
+            return None
         return float(p) if isinstance(p, (int, float)) else None
     return None
 

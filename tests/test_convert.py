@@ -406,3 +406,47 @@ def test_reentrant_checkpointing_is_refused_not_trained_without_aux_losses(reent
         assert moeify.aux_loss(model).item() > 0
         loss.backward()
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "router" in n)
+
+
+def test_transformer_encoder_with_a_padding_mask_converts_and_runs():
+    """In eval with a padding mask, nn.TransformerEncoder's fused nested-tensor path read the removed
+    linear1 (AttributeError); the dense model's fast path also zeroes padded positions, where the
+    layer-by-layer path computes values, so verification compares with the fast path off."""
+    torch.manual_seed(0)
+    dense = torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(16, 4, 64, dropout=0.0, batch_first=True),
+                                        2, enable_nested_tensor=True).eval()
+    x, pad = torch.randn(2, 5, 16), torch.zeros(2, 5, dtype=torch.bool)
+    pad[1, 3:] = True
+    result = moeify.convert(dense, moeify.MoEConfig(num_experts=4, top_k=2), example_inputs=(x,),
+                            example_kwargs={"src_key_padding_mask": pad})
+    assert result.report.max_abs_diff <= 1e-5
+    with torch.no_grad():
+        got, want = result.model(x, src_key_padding_mask=pad), dense(x, src_key_padding_mask=pad)
+    torch.testing.assert_close(got[~pad], want[~pad], atol=1e-5, rtol=1e-5)
+
+
+class _TwoFFNs(torch.nn.Module):
+    def __init__(self, d_out: int = 8) -> None:
+        super().__init__()
+        self.a = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))
+        self.b = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.GELU(), torch.nn.Linear(32, d_out))
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+
+def test_report_notes_untied_weights_heads_and_torchscript():
+    tied = _TwoFFNs()
+    tied.b[0].weight = tied.a[0].weight
+    report = moeify.convert(tied, moeify.MoEConfig(num_experts=2, top_k=1)).report
+    assert any("a.0 shares parameters with b.0.weight" in n for r in report.regions for n in r.notes)
+    assert "note: a.moe: a.0 shares parameters" in str(report)
+    head = moeify.convert(_TwoFFNs(d_out=3), moeify.MoEConfig(num_experts=2, top_k=1)).report
+    assert [n for r in head.regions for n in r.notes if "it may be a head" in n] == \
+        ["it maps 8 features to 3, which a transformer FFN does not: it may be a head; MoEConfig(exclude=...) keeps "
+         "it dense"]
+    scripted = _TwoFFNs()
+    scripted.a = torch.jit.script(scripted.a)
+    report = moeify.convert(scripted, moeify.MoEConfig(num_experts=2, top_k=1)).report
+    assert [r.owner for r in report.regions] == ["b"]
+    assert any(s.where == "a" and "TorchScript" in s.reason for s in report.skipped)

@@ -312,3 +312,86 @@ def test_activation_probe_leaves_the_module_as_it_was():
     act = BufferedSiLU()
     assert ops._probe_activation(act) == "silu"
     assert act.one.dtype == torch.float32  # the probe used to call module.double() on the user's module
+
+
+class _Capped(nn.Module):
+    """Linear -> act -> Linear whose activation matches a supported one only on [-6, 6]."""
+
+    def __init__(self, act: nn.Module) -> None:
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(8, 32), act, nn.Linear(32, 8)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class _ClampedGELU(nn.Module):  # Hugging Face's ClippedGELUActivation(-10, 10)
+    def forward(self, x):
+        return torch.clamp(F.gelu(x), -10, 10)
+
+
+class _GELUDrop(nn.Module):  # an activation that also drops out in training
+    def forward(self, x):
+        return F.dropout(F.gelu(x), 0.5, self.training)
+
+
+@pytest.mark.parametrize("act", [nn.ReLU6(), nn.Hardtanh(0, 6), _ClampedGELU(), _GELUDrop()],
+                         ids=["relu6", "hardtanh", "clipped_gelu", "gelu_dropout"])
+def test_an_activation_that_differs_far_out_or_in_training_is_refused(act):
+    """ReLU6 equals ReLU on [-6, 6] (the probe's old range): converted as ReLU it moved outputs by 4.85."""
+    r = find(_Capped(act))
+    regions, skipped = r.analysis, r.skipped
+    assert regions == []
+    assert any("fc1" in s.where and "not a supported activation" in s.reason for s in skipped)
+
+
+class _LoRALinear(nn.Linear):
+    def __init__(self, i: int, o: int) -> None:
+        super().__init__(i, o)
+        self.lora_A, self.lora_B = nn.Parameter(torch.randn(2, i)), nn.Parameter(torch.zeros(o, 2))
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias) + x @ self.lora_A.T @ self.lora_B.T
+
+
+def test_linears_with_adapters_or_parametrizations_are_not_converted():
+    """LoRA's B starts at zero, so its Linear computes F.linear: converted, its adapters were dropped."""
+    lora = _Capped(nn.GELU())
+    lora.fc1, lora.fc2 = _LoRALinear(8, 32), _LoRALinear(32, 8)
+    assert find(lora).analysis == []
+    normed = _Capped(nn.GELU())
+    torch.nn.utils.parametrizations.weight_norm(normed.fc1)
+    r = find(normed)
+    regions, skipped = r.analysis, r.skipped
+    assert regions == [] and any("ParametrizedLinear" in s.reason and "parametrizations" in s.reason
+                                 for s in skipped)
+
+
+class _DropoutOff(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 32), nn.Linear(32, 8)
+
+    def forward(self, x):
+        return self.fc2(F.dropout(F.gelu(self.fc1(x)), p=0.5, training=False))
+
+
+def test_functional_dropout_with_training_false_is_no_expert_dropout():
+    result = moeify.convert(_DropoutOff(), moeify.MoEConfig(num_experts=2, top_k=1))
+    assert result.model.moe.experts.dropout == 0.0
+
+
+class _SharedFc2(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.side = nn.Linear(8, 32), nn.Linear(32, 8), nn.Linear(8, 32)
+
+    def forward(self, x):
+        return x + self.fc2(F.gelu(self.fc1(x))) + self.fc2(self.side(x))
+
+
+def test_a_linear_also_called_outside_the_ffn_is_refused():
+    """The rewrite removes the FFN's Linears: another call of fc2 crashed it."""
+    r = find(_SharedFc2())
+    regions, skipped = r.analysis, r.skipped
+    assert regions == [] and any("fc2 is also called outside the FFN" in s.reason for s in skipped)
