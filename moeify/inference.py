@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from moeify.errors import ExportError
+from moeify.errors import ExportError, one_line
 
 DEFAULT_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
 ORT_DEFAULT_SEVERITY = 2  # onnxruntime's default logger level (WARNING); it has no getter to read it back
@@ -52,7 +52,8 @@ def open_session(model: str | os.PathLike | bytes, *, providers: Sequence[str] =
     import onnxruntime as ort
 
     if not isinstance(model, bytes) and not os.path.isfile(model):
-        raise ExportError(f"ONNX model {model} does not exist: export one with `moeify export`")
+        what = "is a directory, not an ONNX file" if os.path.isdir(model) else "does not exist"
+        raise ExportError(f"ONNX model {model} {what}: export one with `moeify export`")
     available = set(ort.get_available_providers())
     wanted = [p for p in providers if p in available]
     if not wanted:
@@ -70,6 +71,9 @@ def open_session(model: str | os.PathLike | bytes, *, providers: Sequence[str] =
         ort.set_default_logger_severity(ORT_FATAL)
     try:
         session = ort.InferenceSession(source, options, providers=wanted)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own pybind types (InvalidProtobuf, Fail)
+        raise ExportError(f"onnxruntime cannot load {'the model' if isinstance(model, bytes) else model} "
+                          f"({one_line(exc)}): export it again with `moeify export`") from exc
     finally:
         if silence_load:
             ort.set_default_logger_severity(ORT_DEFAULT_SEVERITY)

@@ -28,10 +28,12 @@ What the op can express, mapped from moeify's routers (each mapping is tested ag
 
     TopKRouter softmax->topk, normalize=True          k, normalize_routing_weights=1
     TopKRouter topk->softmax                          k, normalize_routing_weights=1 (same gates: p_i / sum_topk p)
-    TopKRouter normalize=False, preserve_scale=False  k, normalize_routing_weights=0
+    TopKRouter normalize=False, preserve_scale=False  portable only (the op's normalize_routing_weights=0 is
+                                                      computed wrongly by onnxruntime 1.31's CPU kernel when
+                                                      other nodes precede it: 0.37 off in a two-layer MLP)
     TopKRouter normalize=False, preserve_scale=True   k=1: normalize=1 (gate 1); k>1: g + (1 - sum g)/k -> portable only
     SwitchRouter preserve_scale=True                  k=1, normalize=1 (forward gate exactly 1)
-    SwitchRouter preserve_scale=False                 k=1, normalize=0 (gate = p); jitter is training-only
+    SwitchRouter preserve_scale=False                 portable only (gate = p: normalize=0, as above)
     NoisyTopKRouter                                   k, normalize=1 (inference: no noise, topk->softmax)
     eval capacity, expert choice, hierarchical        refused in both modes with ExportError (batch-dependent routing)
 
@@ -121,14 +123,15 @@ def router_gating(name: str, router: nn.Module) -> Gating:
         # no noise at inference: softmax(KeepTopK(clean logits)) = renormalised top-k probabilities
         return Gating(router.top_k, True, description="noisy_topk at inference (clean gate, topk->softmax)")
     if type(router) is ExpertChoiceRouter:
-        what, fix = "expert-choice routing", "router='topk'"
+        what, why, fix = ("expert-choice routing", "each expert's token set depends on the whole batch",
+                          "router='topk'")
     elif type(router) is HierarchicalRouter:
-        what, fix = "hierarchical routing (num_groups)", "num_groups=None"
+        what, why, fix = ("hierarchical routing (num_groups)", "a token's gates are products of two gating levels",
+                          "num_groups=None")
     else:
-        what, fix = f"router {type(router).__name__}", "router='topk' or 'switch'"
-    raise ExportError(f"{name}: {what} cannot be exported to ONNX by moeify (each expert's token set depends on the "
-                      f"whole batch, which neither com.microsoft.MoE nor the portable lowering computes); convert "
-                      f"with {fix}")
+        what, why, fix = f"router {type(router).__name__}", "its routing is unknown to the exporter", "router='topk'"
+    raise ExportError(f"{name}: {what} cannot be exported to ONNX by moeify ({why}, which neither "
+                      f"com.microsoft.MoE nor the portable lowering computes); convert with {fix}")
 
 
 # the fused custom op ------------------------------------------------------------------------------
@@ -188,7 +191,7 @@ def ort_activation(activation: str, gated: bool, allow_approximate_gelu: bool) -
     if activation == "gelu":
         if not allow_approximate_gelu:
             return None, ("exact (erf) GELU experts: the op's 'gelu' is the tanh approximation (~5e-4 off); pass "
-                          "allow_approximate_gelu=True to accept it")
+                          "allow_approximate_gelu=True (CLI: --allow-approximate-gelu) to accept it")
         return {"activation_type": "gelu"}, ""
     if activation == "gelu_tanh":
         return {"activation_type": "gelu"}, ""
@@ -382,12 +385,17 @@ def _plan_layers(model: nn.Module, mode: str, fallback: str | None,
             if attrs is not None and gating.fill:
                 attrs, why = None, (f"raw top-{gating.k} gates with preserve_scale (g + (1 - sum g)/k) have no "
                                     "normalize_routing_weights value")
+            if attrs is not None and not gating.renormalize:
+                attrs, why = None, ("raw router probabilities as gates: onnxruntime 1.31's CPU kernel computes "
+                                    "normalize_routing_weights=0 wrongly inside larger graphs (0.37 off in a "
+                                    "two-layer MLP)")
             if attrs is not None and experts.d_out != experts.d_model:
                 attrs, why = None, f"expert output dim {experts.d_out} != input dim {experts.d_model}"
             if attrs is None:
                 if fallback != "portable":
                     raise ExportError(f"{name}: com.microsoft.MoE cannot express {why}; use mode='portable', or "
-                                      "fallback='portable' to lower such layers exactly with standard ONNX ops")
+                                      "fallback='portable' to lower such layers exactly with standard ONNX ops "
+                                      "(CLI: --mode portable, or --fallback portable)")
                 notes.append(f"fallback to portable: com.microsoft.MoE cannot express {why}")
             else:
                 lowering = "com.microsoft.MoE"
@@ -467,12 +475,38 @@ def _axes_spec(bound: dict[str, Any], given: dict[str, dict[int, str]] | None) -
 
 
 def _bind(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """The example inputs by parameter name, the forward called as `model(**bound)`; inputs that land in
+    its `**kwargs` become keyword inputs of their own (bound as one dict named `kwargs`, they would be
+    passed as `kwargs={...}` and silently ignored)."""
+    signature = inspect.signature(model.forward)
     try:
-        bound = dict(inspect.signature(model.forward).bind(*args, **kwargs).arguments)
+        arguments = signature.bind(*args, **kwargs).arguments
     except TypeError as exc:
         raise ExportError(f"the example inputs do not fit {type(model).__name__}.forward ({exc}): pass "
                           "example_inputs (a tuple) and example_kwargs matching its signature") from None
+    bound: dict[str, Any] = {}
+    for name, value in arguments.items():
+        kind = signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            bound.update(value)
+        elif kind is inspect.Parameter.VAR_POSITIONAL:
+            if value:
+                raise ExportError(f"{type(model).__name__}.forward takes *{name}, which the exporter cannot name: "
+                                  "pass those inputs by keyword, or wrap the model in a module with named inputs")
+        else:
+            bound[name] = value
     return _unaliased(bound)
+
+
+def _refuse_var_keyword_inputs(model: nn.Module, bound: dict[str, Any]) -> None:
+    """torch.export gives no dynamic axes to inputs that reach the forward through its `**kwargs` (it fails
+    inside, with an IndexError): say so, and what works."""
+    parameters = inspect.signature(model.forward).parameters
+    extra = [name for name in bound if name not in parameters]
+    if extra:
+        raise ExportError(f"{', '.join(extra)} reach {type(model).__name__}.forward through its **kwargs, which "
+                          "torch.export cannot export with dynamic axes: pass dynamic=False (the CLI's --static), "
+                          "or leave them out of the example inputs")
 
 
 def _unaliased(bound: dict[str, Any]) -> dict[str, Any]:
@@ -545,9 +579,9 @@ def _run_check(model_proto, model: nn.Module, bound_list: list[dict[str, Any]], 
         try:
             got = session.run(None, feeds)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own pybind error types
-            first = (str(exc).strip().splitlines() or [""])[0][:300]
-            raise ExportError(f"onnxruntime failed to run the exported model at {_shape_text(bound)} ({first}); "
-                              "nothing was written") from exc
+            raise ExportError(f"onnxruntime failed to run the exported model at {_shape_text(bound)} "
+                              f"({one_line(exc, limit=300)}); nothing was written") from exc
+        _loosen_outputs(model_proto, got, bound, report)
         with torch.no_grad(), eval_mode(model), _reference_activation(plans):
             want = _flat_tensors(model(**bound))
         if len(got) != len(want):
@@ -563,6 +597,20 @@ def _run_check(model_proto, model: nn.Module, bound_list: list[dict[str, Any]], 
                     "(ViT-MAE: noise=...)" if random else "Try the other mode, or report it with the model")
             raise ExportError(f"onnxruntime's outputs differ from PyTorch's by {diff:.3g} (> atol {report.atol:g}) "
                               f"at {shape} in {report.mode} mode; nothing was written. {hint}")
+
+
+def _loosen_outputs(model_proto, got: list, bound: dict[str, Any], report: ExportReport) -> None:
+    """Output dims the graph declares fixed but that came out another size at this run (torch.export
+    specialises some, as after nn.LSTM) become symbolic: named after the dynamic input axis of that
+    size in this run, else after the output."""
+    sizes: dict[str, int] = {}
+    for name, dims in report.dynamic_axes.items():
+        for d, axis in dims.items():
+            sizes.setdefault(axis, bound[name].shape[d])
+    for value, array in zip(model_proto.graph.output, got, strict=False):
+        for d, dim in enumerate(value.type.tensor_type.shape.dim):
+            if dim.HasField("dim_value") and d < array.ndim and dim.dim_value != array.shape[d]:
+                dim.dim_param = next((axis for axis, n in sizes.items() if n == array.shape[d]), f"{value.name}_{d}")
 
 
 def export_onnx(model: nn.Module, example_inputs: Sequence[Any] = (), path: str | os.PathLike = "model.onnx", *,
@@ -607,6 +655,7 @@ def export_onnx(model: nn.Module, example_inputs: Sequence[Any] = (), path: str 
     if dynamic:
         dims = _axes_spec(bound, dynamic_axes)
         shared = {axis: torch.export.Dim(axis, min=1) for spec in dims.values() for axis in spec.values()}
+        _refuse_var_keyword_inputs(model, bound)
         dynamic_shapes = {name: ({d: shared[axis] for d, axis in dims[name].items()} if name in dims else None)
                           for name in bound}
         report.dynamic_axes = {name: spec for name, spec in dims.items() if spec}
@@ -669,6 +718,26 @@ def _check_dynamic_axes(model_proto, report: ExportReport) -> None:
                               "as a constant (or, with nn.LSTM, one process exported twice, a torch issue); pass "
                               f"dynamic_axes={{{name!r}: {{...}}}} naming only the axes that vary (from the CLI: "
                               "--static), or export in a fresh process")
+    _name_dynamic_axes(model_proto, report)
+
+
+def _name_dynamic_axes(model_proto, report: ExportReport) -> None:
+    """Give the dynamic axes the names asked for wherever they appear: torch names them after its own
+    symbols (s72) when other example inputs are not tensors (use_cache=False)."""
+    graph_inputs = {i.name: i for i in model_proto.graph.input}
+    rename = {}
+    for name, dims in report.dynamic_axes.items():
+        if name in graph_inputs:
+            shape = graph_inputs[name].type.tensor_type.shape.dim
+            rename.update({shape[d].dim_param: axis for d, axis in dims.items()
+                           if d < len(shape) and shape[d].dim_param and shape[d].dim_param != axis})
+    if not rename:
+        return
+    graph = model_proto.graph
+    for value in (*graph.input, *graph.output, *graph.value_info):
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param in rename:
+                dim.dim_param = rename[dim.dim_param]
 
 
 def _check_inputs_run(model: nn.Module, bound: dict[str, Any]) -> None:
