@@ -21,8 +21,10 @@ passes/rewrite_to_moe.py), so the stand-ins see exactly the calls the real modul
 Fused mode emits the torch custom op `moeify::topk_moe`, whose onnxscript translation is one
 `com.microsoft.MoE` node (fc1 (E, F, D) and fc2 (E, D, F) are moeify's own w1_EFD / w2_EDF layout).
 Portable mode uses standard ONNX operators only and computes, per expert, only the rows of the
-tokens routed to it (a static loop over E experts with data-dependent row counts; no weights are
-copied). Shared experts stay outside the op as plain MatMuls (`MoELayer.finish`).
+tokens routed to it (a static loop over E experts with data-dependent row counts). The exporter's
+constant folding may store each expert's weights as its own slice, once per call of the layer: a
+layer called three times stores them three times, where the fused op shares one set.
+Shared experts stay outside the op as plain MatMuls (`MoELayer.finish`).
 
 What the op can express, mapped from moeify's routers (each mapping is tested against numpy):
 
