@@ -91,9 +91,18 @@ def _publish(tmp: Path, out: Path) -> None:
     mask = _umask()
     for path in [tmp, *(tmp.rglob("*") if tmp.is_dir() else [])]:
         os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
-    if out.is_dir() and not out.is_symlink():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    if not (out.is_dir() and not out.is_symlink()):
+        os.replace(tmp, out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))  # the previous output, until the swap
+    os.replace(out, old / out.name)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        os.replace(old / out.name, out)
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _write(out_path: str | os.PathLike, fill, force: bool, directory: bool) -> Path:
@@ -111,8 +120,10 @@ def _write(out_path: str | os.PathLike, fill, force: bool, directory: bool) -> P
         fill(tmp)
         _publish(tmp, out)
     except BaseException as exc:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        if tmp is not None and tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp is not None:
+            tmp.unlink(missing_ok=True)
         for parent in created:  # innermost first; only the directories this call made, and only if empty
             try:
                 parent.rmdir()
