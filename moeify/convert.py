@@ -163,7 +163,7 @@ def _nearest(skipped: list[Skip], model: nn.Module | None = None, cap: capture_m
     return "; ".join(str(s) for s in skipped[:limit]) + more
 
 
-def _region_builder(cfg: MoEConfig, generator: torch.Generator) -> Callable[[FFNRegion, fx.GraphModule], MoELayer]:
+def region_builder(cfg: MoEConfig, generator: torch.Generator) -> Callable[[FFNRegion, fx.GraphModule], MoELayer]:
     def build(region: FFNRegion, gm: fx.GraphModule) -> MoELayer:
         if region.kind == "projection":  # a single Linear: an MoE of projections, no hidden layer
             lin = ops.linear_params(gm.get_submodule(region.linears["proj"]))
@@ -402,7 +402,7 @@ def _rewrite_owner(model: nn.Module, owner: str, group: list[FoundRegion], cfg: 
     if len(firsts) != len(group):
         raise CaptureError(f"{owner}: the region(s) found on the whole graph were not found again on the owner's own "
                            "trace; its forward may depend on its caller")
-    rewrite = RewriteToMoE(chosen, _region_builder(cfg, generator))
+    rewrite = RewriteToMoE(chosen, region_builder(cfg, generator))
     gm, log = PassManager([rewrite, InsertAuxLoss(), AnnotateSharding(), VerifyGraph()])(gm, where=owner)
     capture_mod.install_forward(owner_module, gm, method)
     capture_mod.remove_modules(owner_module, [n for r in chosen for n in r.linears.values()])

@@ -225,6 +225,34 @@ def sharding_annotations(model: nn.Module) -> dict[str, dict[str, dict]]:
     return found
 
 
+def _fingerprint(model: nn.Module, layers: dict[str, MoELayer]) -> tuple:
+    """What every rank's model must share: its MoE layers and their sizes, and its weights, summarised
+    as one sum per parameter (a pass over the weights, once at setup)."""
+    structure = tuple((name, layer.experts.num_experts, tuple((n, tuple(p.shape)) for n, p in layer.named_parameters()))
+                      for name, layer in layers.items())
+    with torch.no_grad():
+        sums = [float(p.detach().double().sum()) for p in model.parameters()]
+    return structure, sums
+
+
+def _check_same_model(model: nn.Module, layers: dict[str, MoELayer], group) -> None:
+    """Every rank of `group` passed the same model (a collective). Different layers or sizes would
+    exchange tokens with the wrong experts, or abort in the transport; different weights would train
+    silently apart. Every rank raises the same error, so none waits on the others."""
+    mine = _fingerprint(model, layers)
+    found: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(found, mine, group=group)
+    for rank, (structure, sums) in enumerate(found):
+        if structure != found[0][0]:
+            raise DistributedError(f"rank {rank} has other MoE layers or sizes than rank 0 ({len(structure)} against "
+                                   f"{len(found[0][0])} layers): convert the same model with the same config on "
+                                   "every rank")
+        if len(sums) != len(found[0][1]) or not all(math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-6)
+                                                    for a, b in zip(sums, found[0][1], strict=True)):
+            raise DistributedError(f"rank {rank}'s weights differ from rank 0's: every rank must start from the "
+                                   "same weights (the same seed, or the same checkpoint)")
+
+
 def _check_layer(name: str, layer: MoELayer, notes: dict[str, dict], ep_size: int) -> None:
     experts = notes.get("experts", {})
     if experts.get("placement") != "shard" or experts.get("mesh_dim") != EP:
@@ -383,6 +411,7 @@ def expert_parallel(model: nn.Module, mesh_or_group=None, *, ep_dim: str = EP, d
                                "or built by hand): convert the model with moeify.convert")
     for name, layer in layers.items():  # check everything first, then mutate
         _check_layer(name, layer, notes[name], groups.ep_size)
+    _check_same_model(model, layers, groups.dense)
     if not inplace:
         model = _copy_model(model)
         layers = {name: model.get_submodule(name) for name in layers}

@@ -34,9 +34,16 @@ import torch
 from torch import nn
 
 from moeify.config import MoEConfig
-from moeify.convert import ConversionResult, convert, dense_ffn, find_regions, function_preserving, moe_layers
+from moeify.convert import (
+    ConversionResult,
+    convert,
+    find_regions,
+    function_preserving,
+    moe_layers,
+    region_builder,
+)
 from moeify.errors import SerializationError
-from moeify.moe.build import build_moe_layer, make_router
+from moeify.moe.build import make_router
 from moeify.serialization import write_atomically, write_plan
 from moeify.source import ModelSource
 
@@ -470,7 +477,7 @@ def _write_built(writer: StreamingWriter, reader: SafetensorsReader, unit: _Unit
         values = {k: reader.get_tensor(sources[f"{full}.{k}"]) for k, _ in sub.named_parameters(recurse=False)}
         sub.load_state_dict(values, assign=True, strict=False)
         modules[name] = sub
-    layer = build_moe_layer(cfg, dense_ffn(found.region, _Modules(modules)), generator=generator)
+    layer = region_builder(cfg, generator)(found.region, _Modules(modules))  # as `convert` builds it
     del modules
     state = layer.state_dict()
     for key in unit.keys:

@@ -93,7 +93,13 @@ def refusals(out: Path) -> None:
         for node in [] if gm is None else gm.graph.nodes:
             node.meta.pop("moeify_sharding", None)
     twice = moe_dist.expert_parallel(converted("balanced")[0].model).model
-    for what, model in (("odd", odd.model), ("bare", bare.model), ("twice", twice)):
+    skewed, _ = converted("balanced")  # rank 1 starts from other weights
+    if rank == 1:
+        with torch.no_grad():
+            next(skewed.model.parameters()).add_(1.0)
+    layers = moeify.convert(gpt.build_model(), moeify.MoEConfig(**{**CONFIG, "layers": (rank,)}), verify=False)
+    for what, model in (("odd", odd.model), ("bare", bare.model), ("twice", twice), ("weights", skewed.model),
+                        ("layers", layers.model)):
         try:
             moe_dist.expert_parallel(model)
             message = "accepted"

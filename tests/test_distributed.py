@@ -115,6 +115,8 @@ def test_outputs_aux_and_gradients_match_one_process(ep_run, case):
     ("odd", "has 3 experts, not divisible by the expert-parallel size 2"),
     ("bare", "carry no sharding annotations"),
     ("twice", "is already expert-parallel"),
+    ("weights", "rank 1's weights differ from rank 0's"),  # trained apart silently before
+    ("layers", "rank 1 has other MoE layers or sizes than rank 0"),  # tokens met the wrong experts before
 ])
 def test_expert_parallel_refusals(ep_run, what, message):
     for rank in range(worker.WORLD):

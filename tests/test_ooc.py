@@ -23,6 +23,7 @@ CASES = [
     ("gpt", dict(num_experts=4, top_k=2, init="copy_noise"), False),
     pytest.param("mlp", dict(num_experts=2, top_k=1, router="switch", router_bias=True), True, marks=SLOW),
     ("mlp", dict(num_experts=2, top_k=1, router="switch", router_bias=True), False),
+    ("lstm_lm", dict(num_experts=4, top_k=2), False),  # a projection region: an MoE of single Linears (KeyError)
 ]
 
 
