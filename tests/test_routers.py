@@ -320,3 +320,17 @@ def test_an_empty_batch_runs_and_adds_nothing(example, cfg):
             (out.sum() + aux).backward()
         for row in moeify.router_stats(model):
             assert row.num_tokens == 0 and row.dropped_fraction == 0 and row.gate_entropy == 0
+
+
+def test_router_init_is_a_truncated_normal():
+    """Switch §2.4: std sqrt(s / fan_in), cut at two std by redrawing (a clamp put 4.5% on the bounds)."""
+    from moeify.moe.router import init_router_weight
+
+    w = torch.empty(256, 512)
+    init_router_weight(w, 0.1, torch.Generator().manual_seed(0))
+    std = math.sqrt(0.1 / 512)
+    assert w.abs().max() <= 2 * std
+    assert (w.abs() > 1.99 * std).float().mean() < 0.002  # a clamp leaves ~4.5% at the bound
+    # the std of a normal truncated at +-2 sigma: sigma * sqrt(1 - 2 a phi(a) / (2 Phi(a) - 1)), a = 2
+    phi, Phi = math.exp(-2) / math.sqrt(2 * math.pi), 0.5 * (1 + math.erf(2 / math.sqrt(2)))
+    assert w.std().item() == pytest.approx(std * math.sqrt(1 - 2 * 2 * phi / (2 * Phi - 1)), rel=0.01)
