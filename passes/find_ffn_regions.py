@@ -111,6 +111,13 @@ def _feeds_linear(node: fx.Node, gm: fx.GraphModule) -> bool:
     return nxt is not None and ops.linear_of(nxt, gm) is not None
 
 
+def _is_inplace_activation(node: fx.Node) -> bool:
+    """`F.relu_(h)`, `h.relu_()`, `F.relu(h, inplace=True)`: the activation overwrites its input."""
+    name = getattr(node.target, "__name__", node.target) if node.op != "call_module" else ""
+    return (isinstance(name, str) and name.endswith("_") and not name.startswith("_")) or \
+        node.kwargs.get("inplace") is True
+
+
 def _users(node: fx.Node) -> str:
     return ", ".join(u.name for u in node.users) or "nothing"
 
@@ -134,8 +141,11 @@ class MLPRule:
                 act, act_nodes = inline
                 act_node = act_nodes[-1]
         if act_node is None:
+            inplace = next((u.name for u in fc1.users if _is_inplace_activation(u)), None)
+            fix = (f"{inplace} changes its input in place and the input is used again: write h = act(h)"
+                   if inplace else "an FFN's hidden state must feed only its activation")
             return Skip(where, f"its output is used by {len(fc1.users)} nodes ({_users(fc1)}), not by one activation",
-                        "an FFN's hidden state must feed only its activation")
+                        fix)
         if act is None:
             return Skip(where, f"feeds {what}, not a supported activation",
                         f"FFN regions are Linear -> {'/'.join(ops.SUPPORTED_ACTIVATIONS)} -> Linear")

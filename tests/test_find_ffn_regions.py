@@ -395,3 +395,20 @@ def test_a_linear_also_called_outside_the_ffn_is_refused():
     r = find(_SharedFc2())
     regions, skipped = r.analysis, r.skipped
     assert regions == [] and any("fc2 is also called outside the FFN" in s.reason for s in skipped)
+
+
+class _InplaceAct(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 32), nn.Linear(32, 8)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        F.relu_(h)
+        return self.fc2(h)
+
+
+def test_an_in_place_activation_is_refused_naming_it():
+    r = find(_InplaceAct())
+    assert r.analysis == []
+    assert any(s.where == "fc1" and "relu_ changes its input in place" in s.fix for s in r.skipped)
