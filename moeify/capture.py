@@ -644,8 +644,7 @@ def install_forward(module: nn.Module, gm: fx.GraphModule, method: str = "forwar
         if node.op in ("call_module", "get_attr"):
             _ensure_attr(module, gm, node.target)
     module.__class__ = _rewritten_class(dense_class(module), gm.graph, method)
-    # plain attributes, not submodules: the graph is for inspection and passes, not for state_dict
-    module.__dict__["_moeify_code"] = gm.graph.python_code(root_module="self").src
+    # a plain attribute, not a submodule: the graph is for inspection and passes, not for state_dict
     module.__dict__["_moeify_graph_module"] = gm
 
 
@@ -655,6 +654,7 @@ def _rewritten_class(base: type, graph: fx.Graph, method: str) -> type:
     python_code = graph.python_code(root_module="self")
     return type(base.__name__, (base,), {
         method: fx.graph_module._forward_from_src(python_code.src, python_code.globals, None),
+        "_moeify_code": python_code.src,  # the generated forward, to read
         "_moeify_dense_class": base,
         "_moeify_method": method,
         "__module__": base.__module__,

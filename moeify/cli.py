@@ -68,9 +68,6 @@ def build_config(config_file: str | None, options: dict[str, Any]) -> MoEConfig:
             data = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"config file {config_file} is not valid JSON ({exc})") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {config_file} holds a JSON {type(data).__name__}: write one object "
-                              'of MoEConfig fields, such as {"num_experts": 8}')
     for f in dataclasses.fields(MoEConfig):
         value = options.get(f.name)
         if value is None or (isinstance(value, tuple) and not value):

@@ -9,14 +9,13 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-import math
 import re
-import types
 import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from moeify.annotations import fits, union_options
 from moeify.errors import ConfigError
 
 CONFIG_VERSION = 1
@@ -35,39 +34,6 @@ def _fail(field_name: str, value: Any, fix: str) -> None:
     raise ConfigError(f"MoEConfig.{field_name}={value!r} is invalid: {fix}")
 
 
-def _is_finite(value: int | float) -> bool:
-    try:
-        return math.isfinite(value)
-    except OverflowError:  # an int too large for a float
-        return False
-
-
-def _options(hint: Any) -> tuple:
-    """The alternatives of a union annotation (`X | None` -> (X, None)); (hint,) otherwise."""
-    return typing.get_args(hint) if typing.get_origin(hint) in (types.UnionType, typing.Union) else (hint,)
-
-
-def _fits(value: Any, hint: Any) -> bool:
-    """Whether `value` has the type `hint` (a field annotation): bool is not an int, an int is a
-    float, floats are finite (no field has a use for inf or nan), tuples are checked element-wise."""
-    if len(_options(hint)) > 1:
-        return any(_fits(value, option) for option in _options(hint))
-    if hint is type(None):
-        return value is None
-    if typing.get_origin(hint) is tuple:
-        inner, _ = typing.get_args(hint)  # tuple[X, ...]
-        return isinstance(value, tuple) and all(_fits(item, inner) for item in value)
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and _is_finite(value)
-    if hint is str:
-        return isinstance(value, str)
-    raise TypeError(f"MoEConfig cannot check fields of type {hint}: teach _fits about it")
-
-
 _WORDS = {bool: "a bool (true/false)", int: "an integer", float: "a finite number", str: "a string"}
 _PLURALS = {int: "integers", str: "strings"}
 
@@ -75,24 +41,24 @@ _PLURALS = {int: "integers", str: "strings"}
 def _describe(hint: Any) -> str:
     """`hint` in words for an error message's fix (JSON spellings in brackets)."""
     words = []
-    for option in _options(hint):
+    for option in union_options(hint):
         if option is type(None):
             continue
         if typing.get_origin(option) is tuple:
             words.append(f"a list of {_PLURALS[typing.get_args(option)[0]]}")
         else:
             words.append(_WORDS[option])
-    return " or ".join(words) + (", or None (null)" if type(None) in _options(hint) else "")
+    return " or ".join(words) + (", or None (null)" if type(None) in union_options(hint) else "")
 
 
 def _type_fix(value: Any, hint: Any) -> str:
     """How to fix a `value` that does not fit the annotation `hint`."""
     wanted = f"use {_describe(hint)}"
-    items = [typing.get_args(option)[0] for option in _options(hint) if typing.get_origin(option) is tuple]
+    items = [typing.get_args(option)[0] for option in union_options(hint) if typing.get_origin(option) is tuple]
     if isinstance(value, tuple) and items:
-        bad = next(item for item in value if not any(_fits(item, inner) for inner in items))
+        bad = next(item for item in value if not any(fits(item, inner, finite=True) for inner in items))
         return f"{wanted}; {bad!r} is {type(bad).__name__}"
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and float in _options(hint):
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and float in union_options(hint):
         return wanted  # a number of the right type, but inf, nan or too large for a float
     return f"{wanted}, not {type(value).__name__}"
 
@@ -164,7 +130,7 @@ class MoEConfig:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if not any(typing.get_origin(option) is tuple for option in _options(hints[f.name])):
+            if not any(typing.get_origin(option) is tuple for option in union_options(hints[f.name])):
                 continue
             if isinstance(value, str) and f.name in ("targets", "exclude"):
                 object.__setattr__(self, f.name, (value,))
@@ -176,7 +142,7 @@ class MoEConfig:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if not _fits(value, hints[f.name]):
+            if not fits(value, hints[f.name], finite=True):
                 _fail(f.name, value, _type_fix(value, hints[f.name]))
         # every field has its declared type from here on: the checks below are about values
         if self.version != CONFIG_VERSION:

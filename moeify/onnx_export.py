@@ -650,7 +650,7 @@ def export_onnx(model: nn.Module, example_inputs: Sequence[Any] = (), path: str 
 
     plans = _plan_layers(model, mode, fallback, allow_approximate_gelu)
     bound = _bind(model, example_inputs, kwargs)
-    _check_inputs_run(model, bound)
+    fused_calls = _fused_calls(model, bound, plans)  # (also: the inputs run, before torch.export)
     report = ExportReport(str(path), mode, [p[3] for p in plans], atol=atol)
     dynamic_shapes = None
     dims: dict[str, dict[int, str]] = {}
@@ -683,7 +683,7 @@ def export_onnx(model: nn.Module, example_inputs: Sequence[Any] = (), path: str 
         model_proto.opset_import.append(onnx.helper.make_opsetid(MSFT_DOMAIN, 1))
     report.node_counts = _count_nodes(model_proto)
     _check_dynamic_axes(model_proto, report)
-    _validate_graph(model_proto, _fused_calls(model, bound, plans), report)
+    _validate_graph(model_proto, fused_calls, report)
 
     if check:
         inputs = [bound]
@@ -742,19 +742,6 @@ def _name_dynamic_axes(model_proto, report: ExportReport) -> None:
                 dim.dim_param = rename[dim.dim_param]
 
 
-def _check_inputs_run(model: nn.Module, bound: dict[str, Any]) -> None:
-    """The model runs on the example inputs: inputs it cannot take fail deep inside torch.export, with an
-    error about the export and a hint (another mode) that cannot help."""
-    try:
-        with torch.no_grad(), eval_mode(model):
-            model(**bound)
-    except Exception as exc:  # noqa: BLE001 - whatever the forward raises, the inputs are the cause
-        shapes = _shape_text(bound)
-        raise ExportError(f"the example inputs{f' ({shapes})' if shapes else ''} do not run on "
-                          f"{type(model).__name__} ({one_line(exc, limit=300)}): pass inputs its forward accepts") \
-            from exc
-
-
 # What torch's exporter prints that no user can act on (torch 2.9-2.13): (category, message regex).
 # Silenced during torch.onnx.export only; any other warning still shows.
 TORCH_NOISE_WARNINGS = (
@@ -803,14 +790,20 @@ def _export_hint(root: str, mode: str, dynamic: bool) -> str:
 
 
 def _fused_calls(model: nn.Module, bound: dict[str, Any], plans) -> int:
-    """The com.microsoft.MoE nodes the fused graph must hold: calls of fused layers in one forward at the
-    example inputs (a layer that runs more than once, as ALBERT's layer shared across depth, is one
-    node per call)."""
+    """One forward at the example inputs, its layers lowered as the exporter will see them, before the
+    export. Inputs the model cannot take are named here (inside torch.export they fail with an error
+    about the export, and a hint, another mode, that cannot help). Returns the com.microsoft.MoE nodes
+    the fused graph must hold: the calls of fused layers (a layer that runs more than once, as ALBERT's
+    layer shared across depth, is one node per call)."""
     fused = {name: stand_in for name, _, stand_in, _ in plans if stand_in.fused}
-    if not fused:
-        return 0
-    with counting_calls(fused) as calls, torch.no_grad(), eval_mode(model), _lowered_layers(plans):
-        model(**bound)
+    try:
+        with counting_calls(fused) as calls, torch.no_grad(), eval_mode(model), _lowered_layers(plans):
+            model(**bound)
+    except Exception as exc:  # noqa: BLE001 - whatever the forward raises, the inputs are the cause
+        shapes = _shape_text(bound)
+        raise ExportError(f"the example inputs{f' ({shapes})' if shapes else ''} do not run on "
+                          f"{type(model).__name__} ({one_line(exc, limit=300)}): pass inputs its forward accepts") \
+            from exc
     return sum(calls.values())
 
 

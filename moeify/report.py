@@ -4,10 +4,10 @@ the reason, parameter counts, and the function-preservation check."""
 from __future__ import annotations
 
 import dataclasses
-import types
 from dataclasses import asdict, dataclass, field
-from typing import Any, Union, get_args, get_origin, get_type_hints
+from typing import Any, get_type_hints
 
+from moeify.annotations import fits
 from moeify.errors import SerializationError
 from moeify.passes.infra import Skip
 
@@ -26,27 +26,6 @@ def describe_json(value: Any) -> str:
         type(value).__name__
 
 
-def _fits(value: Any, hint: Any) -> bool:
-    """Whether a JSON value can stand for a field annotated `hint` (dataclass fields: an object, checked
-    when that dataclass is built from it)."""
-    origin, args = get_origin(hint), get_args(hint)
-    if hint is Any:
-        return True
-    if origin in (Union, types.UnionType):
-        return any(_fits(value, a) for a in args)
-    if hint is type(None):
-        return value is None
-    if hint in (int, float):  # JSON writes 1.0 as 1.0, but a float field may hold an int; bools are no numbers
-        return isinstance(value, hint if hint is int else int | float) and not isinstance(value, bool)
-    if origin is list:
-        return isinstance(value, list) and all(_fits(v, args[0]) for v in value)
-    if origin is tuple:
-        return isinstance(value, list | tuple) and len(value) == len(args) and all(map(_fits, value, args))
-    if origin is dict or dataclasses.is_dataclass(hint):
-        return isinstance(value, dict)
-    return isinstance(value, hint)
-
-
 def _fields_from(cls: type, data: Any, where: str) -> dict[str, Any]:
     """The fields of dataclass `cls` found in the JSON object `data`, each checked against its annotation;
     keys `cls` does not have are left out (see `ConversionReport.from_dict`)."""
@@ -59,7 +38,7 @@ def _fields_from(cls: type, data: Any, where: str) -> dict[str, Any]:
         raise SerializationError(f"{where} has no {', '.join(map(repr, missing))}: re-run the conversion")
     hints = get_type_hints(cls)
     for f in fields:
-        if f.name in data and not _fits(data[f.name], hints[f.name]):
+        if f.name in data and not fits(data[f.name], hints[f.name]):
             raise SerializationError(f"{where}'s {f.name!r} is {describe_json(data[f.name])}, not {f.type}: "
                                      "re-run the conversion")
     return {f.name: data[f.name] for f in fields if f.name in data}

@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import nn
 
-from moeify.errors import ModelSourceError
+from moeify.errors import ModelSourceError, one_line
 
 
 @dataclass(frozen=True)
@@ -75,10 +75,7 @@ class ModelSource:
                 return importlib.import_module(self.target)
             except Exception as exc:
                 raise ModelSourceError(f"cannot import {self.target}: {type(exc).__name__}: {exc}") from exc
-        path = Path(self.target)
-        if not path.is_file():
-            raise ModelSourceError(f"model file {self.target} does not exist: pass the path to a .py file "
-                                   "that defines build_model()")
+        path = Path(self.check().target)
         digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
         mod_name = f"_moeify_model_{path.stem}_{digest}"
         spec = importlib.util.spec_from_file_location(mod_name, path)
@@ -89,7 +86,7 @@ class ModelSource:
                 spec.loader.exec_module(module)
         except Exception as exc:
             sys.modules.pop(mod_name, None)
-            raise ModelSourceError(f"{self.target} raised while loading: {type(exc).__name__}: {exc}; fix the file "
+            raise ModelSourceError(f"{self.target} raised while loading: {one_line(exc)}; fix the file "
                                    "(run it with python to see the traceback)") from exc
         return module
 
@@ -110,7 +107,7 @@ class ModelSource:
             with self.importable_siblings():
                 model = obj()
         except Exception as exc:
-            raise ModelSourceError(f"{where}() raised: {type(exc).__name__}: {exc}") from exc
+            raise ModelSourceError(f"{where}() raised: {one_line(exc)}") from exc
         if not isinstance(model, nn.Module):
             raise ModelSourceError(f"{where}() returned {type(model).__name__}, not an nn.Module")
         return model, module
@@ -125,7 +122,7 @@ def example_inputs_of(module: Any, where: str) -> tuple[tuple, dict]:
     try:
         value = fn()
     except Exception as exc:
-        raise ModelSourceError(f"{where}: example_inputs() raised {type(exc).__name__}: {exc}") from exc
+        raise ModelSourceError(f"{where}: example_inputs() raised {one_line(exc)}") from exc
     if isinstance(value, dict):
         return (), value
     pair = isinstance(value, tuple) and len(value) == 2

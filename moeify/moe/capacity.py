@@ -27,7 +27,7 @@ from torch import nn
 
 from moeify.config import DROP_POLICIES
 from moeify.errors import ConfigError
-from moeify.moe.losses import count_indices
+from moeify.moe.losses import count_indices, token_mean
 from moeify.moe.router import Routing
 
 
@@ -88,7 +88,6 @@ class CapacityLimit(nn.Module):
             found.setdefault("dropped_fraction", routing.logits_TE.new_zeros(()))
             return routing._replace(losses=found)
         keep_N = keep_within_capacity(routing, self.num_experts, capacity, self.policy)
-        dropped_N = ~keep_N  # (an empty batch drops nothing: a fraction of 0, not 1 - 0/1)
-        found["dropped_fraction"] = (dropped_N.sum().to(routing.logits_TE.dtype) / max(keep_N.numel(), 1)).detach()
+        found["dropped_fraction"] = token_mean((~keep_N).to(routing.logits_TE.dtype)).detach()  # 0 for no tokens
         return routing._replace(token_N=routing.token_N[keep_N], expert_N=routing.expert_N[keep_N],
                                 weight_N=routing.weight_N[keep_N], losses=found)

@@ -62,6 +62,7 @@ class AuxLossRecorder(nn.Module):
         super().__init__()
         self.num_experts = num_experts
         self._coefs = tuple(coefs.items())  # fixed: the router was told which losses to compute
+        self._weighs_losses = any(coef > 0 for coef in coefs.values())
         # False from the start of a forward of the converted model (`mark_new_forward`) until this
         # layer records: a layer the forward skipped (LayerDrop) then reports nothing, rather than
         # an earlier step's losses whose graph a backward has already freed
@@ -120,7 +121,7 @@ class AuxLossRecorder(nn.Module):
         it runs the layer with autograd off (the router then computes no loss, as in inference, and
         `moeify.aux_loss` reads 0), and again with autograd on inside the backward, where the losses
         it computes reach no optimiser."""
-        if not self.training or not any(coef > 0 for _, coef in self._coefs):
+        if not self.training or not self._weighs_losses:
             return
         if not torch.is_grad_enabled():
             self._ungraded = True
