@@ -70,6 +70,10 @@ class DistributedError(MoeifyError):
     """Expert parallelism was set up wrongly (sizes, process groups)."""
 
 
+class TokenMaskError(MoeifyError, ValueError):
+    """A token mask does not fit the tokens an MoE layer saw (see `moeify.token_mask`)."""
+
+
 def one_line(exc: BaseException, limit: int = 200) -> str:
     """`Type: message` of an exception moeify did not raise, on one line: its first non-empty line, and
     the next one too when the first only announces it (ends with ':'), cut at a word within `limit`."""

@@ -1,11 +1,17 @@
-"""Collect the auxiliary losses that each MoE layer recorded during the model's last forward."""
+"""Collect the auxiliary losses that each MoE layer recorded during the model's last forward, and
+leave padding out of them (`token_mask`)."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
+from moeify.errors import TokenMaskError
 from moeify.moe.layer import MoELayer
+from moeify.moe.router import TokenMask
 
 
 def aux_losses(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
@@ -28,3 +34,44 @@ def aux_loss(model: nn.Module) -> torch.Tensor:
         param = next(model.parameters(), None)
         return torch.zeros((), device=None if param is None else param.device)
     return total
+
+
+@contextmanager
+def token_mask(model: nn.Module, mask: torch.Tensor) -> Iterator[None]:
+    """Within the block, the MoE layers under `model` leave the tokens where `mask` is 0 (padding) out of
+    their aux losses, router statistics and expert capacity:
+
+        with moeify.token_mask(model, batch["attention_mask"]):
+            out = model(**batch)
+        loss = out.loss + moeify.aux_loss(model)
+
+    Padding is still routed and computed (its outputs are the model's business, as with attention), but
+    the load-balancing, z-, importance and load losses are over the counted tokens only, capacity
+    (`capacity_factor`, expert choice) is sized for them and gives padding only the slots they leave,
+    and `router_stats` counts them alone.
+
+    `mask` (bool, or 0/1 of any dtype, such as an attention mask) has one entry per token of each MoE
+    layer's input, in the order the layer flattens its leading dims (row-major: a (B, S) mask for a
+    (B, S, D) input; a sequence-first layer needs the (S, B) mask). Every MoE layer under `model` must see
+    that many tokens, or its forward raises `TokenMaskError`: mask an encoder-decoder's two stacks
+    apart, `token_mask(model.encoder, src_mask)` and `token_mask(model.decoder, tgt_mask)`.
+    """
+    if not isinstance(mask, torch.Tensor):
+        raise TokenMaskError(f"token_mask takes a tensor, not {type(mask).__name__}: pass the batch's attention "
+                             "mask (1 for tokens, 0 for padding)")
+    if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+        raise TokenMaskError("the token mask holds values other than 0 and 1 (an additive attention mask?): pass "
+                             "the 0/1 attention mask, 1 for tokens and 0 for padding")
+    keep_T = mask.detach().reshape(-1).to(torch.bool)
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, MoELayer)}
+    if not layers:
+        raise TokenMaskError(f"{type(model).__name__} holds no MoE layer: pass the converted model "
+                             "(moeify.convert(...).model) or the submodule holding its MoE layers")
+    previous = {name: layer.router.token_mask for name, layer in layers.items()}
+    for name, layer in layers.items():
+        layer.router.token_mask = TokenMask(keep_T, name or type(layer).__name__)
+    try:
+        yield
+    finally:
+        for name, layer in layers.items():
+            layer.router.token_mask = previous[name]

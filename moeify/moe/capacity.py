@@ -12,6 +12,10 @@ not renormalised (GShard/Switch). Which assignments an over-full expert keeps is
     "position": the earliest tokens (flattened batch order, then the token's own assignment order)
     "gate":     the highest router probability probs_TE[t, e] (batch-prioritised routing, V-MoE)
 
+Under a token mask (`moeify.token_mask`) C counts only the counted tokens, and padding takes only
+the slots that no counted token needs: it comes last in every expert's queue, and
+"dropped_fraction" is over the counted tokens' assignments.
+
 Training and evaluation use separate factors (`capacity_factor`, `eval_capacity_factor`; Switch
 evaluates with a larger one); a factor of None means dropless. The fraction of assignments dropped
 is recorded as `routing.losses["dropped_fraction"]` (a detached statistic, not a loss), where
@@ -36,8 +40,10 @@ def expert_capacity(num_tokens: int, top_k: int, factor: float, num_experts: int
     return math.ceil(round(num_tokens * top_k * factor / num_experts, 9))
 
 
-def keep_within_capacity(routing: Routing, num_experts: int, capacity: int, policy: str) -> torch.Tensor:
-    """Boolean mask over the N assignments: True where the assignment fits in its expert's capacity."""
+def keep_within_capacity(routing: Routing, num_experts: int, capacity: int, policy: str,
+                         counted_N: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean mask over the N assignments: True where the assignment fits in its expert's capacity.
+    Assignments of padding (`counted_N` False) queue behind every counted one of their expert."""
     N = routing.expert_N.shape[0]
     if policy == "position":
         # token-major order; assignment index breaks ties inside a token
@@ -47,8 +53,9 @@ def keep_within_capacity(routing: Routing, num_experts: int, capacity: int, poli
         first = torch.argsort(priority_N, descending=True, stable=True)
     else:
         raise ConfigError(f"drop_policy={policy!r} is unknown: choose one of {', '.join(DROP_POLICIES)}")
-    # stable sort by expert keeps the priority order inside each expert's group
-    order_N = first[torch.argsort(routing.expert_N[first], stable=True)]
+    # stable sort by expert keeps the priority order inside each expert's group (padding after the rest)
+    group_N = routing.expert_N if counted_N is None else 2 * routing.expert_N + (~counted_N).long()
+    order_N = first[torch.argsort(group_N[first], stable=True)]
     counts_E = count_indices(routing.expert_N, num_experts)
     starts_E = torch.cumsum(counts_E, 0) - counts_E
     sorted_expert_N = routing.expert_N[order_N]
@@ -82,12 +89,16 @@ class CapacityLimit(nn.Module):
         return None if factor is None else expert_capacity(num_tokens, self.top_k, factor, self.num_experts)
 
     def forward(self, routing: Routing) -> Routing:
-        capacity = self.capacity(routing.logits_TE.shape[0])
         found = dict(routing.losses)
-        if capacity is None:
+        if self.factor() is None:
             found.setdefault("dropped_fraction", routing.logits_TE.new_zeros(()))
             return routing._replace(losses=found)
-        keep_N = keep_within_capacity(routing, self.num_experts, capacity, self.policy)
-        found["dropped_fraction"] = token_mean((~keep_N).to(routing.logits_TE.dtype)).detach()  # 0 for no tokens
+        if routing.keep_T is None:
+            counted_N, capacity = None, self.capacity(routing.logits_TE.shape[0])
+        else:
+            counted_N, capacity = routing.keep_T[routing.token_N], self.capacity(int(routing.keep_T.sum()))
+        keep_N = keep_within_capacity(routing, self.num_experts, capacity, self.policy, counted_N)
+        dropped_N = (~keep_N).to(routing.logits_TE.dtype)
+        found["dropped_fraction"] = token_mean(dropped_N, counted_N).detach()  # 0 for no tokens
         return routing._replace(token_N=routing.token_N[keep_N], expert_N=routing.expert_N[keep_N],
                                 weight_N=routing.weight_N[keep_N], losses=found)

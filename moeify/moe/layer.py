@@ -45,6 +45,8 @@ class _StatsInputs(NamedTuple):
     expert_N: torch.Tensor
     probs_TE: torch.Tensor
     dropped: torch.Tensor | None
+    token_N: torch.Tensor
+    keep_T: torch.Tensor | None  # the counted tokens under a token mask (padding left out of the statistics)
 
 
 class AuxLossRecorder(nn.Module):
@@ -113,7 +115,8 @@ class AuxLossRecorder(nn.Module):
                   if coef > 0 and name in routing.losses}
         dropped = routing.losses.get("dropped_fraction")
         self._records[call] = (losses, _StatsInputs(routing.expert_N.detach(), routing.probs_TE.detach(),
-                                                    None if dropped is None else dropped.detach()))
+                                                    None if dropped is None else dropped.detach(),
+                                                    routing.token_N, routing.keep_T))
         self._stats = None
 
     def _check_graded(self) -> None:
@@ -155,12 +158,14 @@ class AuxLossRecorder(nn.Module):
 
     @torch.no_grad()
     def _stats_of(self, inputs: _StatsInputs) -> dict[str, torch.Tensor]:
+        keep_T = inputs.keep_T
+        keep_N = None if keep_T is None else keep_T[inputs.token_N]
         p = inputs.probs_TE.clamp_min(1e-12)
         return {
-            "tokens_per_expert": count_indices(inputs.expert_N, self.num_experts),
-            "num_tokens": torch.tensor(inputs.probs_TE.shape[0]),
+            "tokens_per_expert": count_indices(inputs.expert_N, self.num_experts, keep_N),
+            "num_tokens": torch.tensor(inputs.probs_TE.shape[0]) if keep_T is None else keep_T.sum(),
             "dropped_fraction": torch.zeros(()) if inputs.dropped is None else inputs.dropped,
-            "gate_entropy": token_mean(-(p * p.log()).sum(-1)),
+            "gate_entropy": token_mean(-(p * p.log()).sum(-1), keep_T),
         }
 
     @staticmethod

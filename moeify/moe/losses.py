@@ -1,6 +1,11 @@
 """Auxiliary losses of the seed papers, as pure functions of router outputs.
 
 Shape legend: T tokens, E experts, N token-expert assignments.
+
+Every loss takes an optional `keep_T` (bool, per token; `keep_N` per assignment): the tokens that
+count, padding left out (`moeify.token_mask`). A loss with a mask equals the loss of a batch holding
+only the counted tokens; it is computed with masked sums rather than by selecting rows, so shapes
+stay independent of the data and torch.compile traces it without a graph break.
 """
 
 from __future__ import annotations
@@ -8,36 +13,49 @@ from __future__ import annotations
 import torch
 
 
-def count_indices(index_N: torch.Tensor, size: int) -> torch.Tensor:
-    """How often each value in [0, size) occurs in `index_N` (int64, shape (size,)).
+def count_indices(index_N: torch.Tensor, size: int, keep_N: torch.Tensor | None = None) -> torch.Tensor:
+    """How often each value in [0, size) occurs in `index_N` (int64, shape (size,)), counting only the
+    entries `keep_N` marks when given.
 
     `torch.bincount(index_N, minlength=size)` for valid indices, but with an output shape that does
     not depend on the data, so torch.compile traces it without a graph break.
     """
     counts = torch.zeros(size, dtype=torch.int64, device=index_N.device)
-    return counts.scatter_add_(0, index_N.reshape(-1), torch.ones_like(index_N.reshape(-1), dtype=torch.int64))
+    ones_N = torch.ones_like(index_N, dtype=torch.int64) if keep_N is None else keep_N.to(torch.int64)
+    return counts.scatter_add_(0, index_N.reshape(-1), ones_N.reshape(-1))
 
 
-def load_balancing_loss(probs_TE: torch.Tensor, expert_N: torch.Tensor, num_experts: int) -> torch.Tensor:
+def load_balancing_loss(probs_TE: torch.Tensor, expert_N: torch.Tensor, num_experts: int,
+                        keep_T: torch.Tensor | None = None, keep_N: torch.Tensor | None = None) -> torch.Tensor:
     """Switch Transformers eq. (4), extended to top-k: N * sum_i f_i * P_i.
 
     f_i: fraction of the token-expert assignments sent to expert i (sums to 1 over i);
     P_i: mean router probability of expert i over the tokens. Equals 1 under perfect balance.
     """
-    counts_E = count_indices(expert_N, num_experts).to(probs_TE.dtype)
+    counts_E = count_indices(expert_N, num_experts, keep_N).to(probs_TE.dtype)
     f_E = counts_E / counts_E.sum().clamp_min(1)
-    P_E = token_mean(probs_TE)
+    P_E = token_mean(probs_TE, keep_T)
     return num_experts * torch.sum(f_E * P_E)
 
 
-def token_mean(x_T: torch.Tensor) -> torch.Tensor:
-    """The mean over tokens (dim 0), 0 for no tokens (an empty batch adds no loss, not NaN)."""
-    return x_T.sum(dim=0) / max(x_T.shape[0], 1)
+def token_sum(x_T: torch.Tensor, keep_T: torch.Tensor | None = None) -> torch.Tensor:
+    """The sum over tokens (dim 0), of the counted tokens only when `keep_T` is given."""
+    if keep_T is None:
+        return x_T.sum(dim=0)
+    return torch.where(keep_T.reshape(-1, *(1,) * (x_T.dim() - 1)), x_T, 0).sum(dim=0)
 
 
-def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
+def token_mean(x_T: torch.Tensor, keep_T: torch.Tensor | None = None) -> torch.Tensor:
+    """The mean over tokens (dim 0), of the counted tokens only when `keep_T` is given; 0 for no
+    tokens (an empty batch adds no loss, not NaN)."""
+    if keep_T is None:
+        return x_T.sum(dim=0) / max(x_T.shape[0], 1)
+    return token_sum(x_T, keep_T) / keep_T.sum().clamp_min(1)
+
+
+def router_z_loss(logits_TE: torch.Tensor, keep_T: torch.Tensor | None = None) -> torch.Tensor:
     """ST-MoE router z-loss: mean over tokens of logsumexp(logits)^2."""
-    return token_mean(torch.logsumexp(logits_TE, dim=-1).square())
+    return token_mean(torch.logsumexp(logits_TE, dim=-1).square(), keep_T)
 
 
 def cv_squared(x_E: torch.Tensor) -> torch.Tensor:
@@ -49,14 +67,14 @@ def cv_squared(x_E: torch.Tensor) -> torch.Tensor:
     return x_E.var(unbiased=False) / (x_E.mean().square() + 1e-10)
 
 
-def importance(gates_TE: torch.Tensor) -> torch.Tensor:
+def importance(gates_TE: torch.Tensor, keep_T: torch.Tensor | None = None) -> torch.Tensor:
     """Shazeer §4: Importance(X) = sum over the batch of each expert's gate value G(x)_i. Returns (E,)."""
-    return gates_TE.sum(dim=0)
+    return token_sum(gates_TE, keep_T)
 
 
-def importance_loss(gates_TE: torch.Tensor) -> torch.Tensor:
+def importance_loss(gates_TE: torch.Tensor, keep_T: torch.Tensor | None = None) -> torch.Tensor:
     """Shazeer eq. (6) without its coefficient: CV(Importance(X))^2."""
-    return cv_squared(importance(gates_TE))
+    return cv_squared(importance(gates_TE, keep_T))
 
 
 def kth_excluding(h_TE: torch.Tensor, k: int) -> torch.Tensor:
@@ -81,7 +99,8 @@ def normal_cdf(z: torch.Tensor) -> torch.Tensor:
     return 0.5 * (1.0 + torch.erf(z * 0.7071067811865476))
 
 
-def smooth_load(clean_TE: torch.Tensor, noisy_TE: torch.Tensor, noise_std_TE: torch.Tensor, k: int) -> torch.Tensor:
+def smooth_load(clean_TE: torch.Tensor, noisy_TE: torch.Tensor, noise_std_TE: torch.Tensor, k: int,
+                keep_T: torch.Tensor | None = None) -> torch.Tensor:
     """Shazeer appendix A, eqs. (8)-(9): Load(X)_i = sum_x P(x, i) with
 
         P(x, i) = Phi( ((x W_g)_i - kth_excluding(H(x), k, i)) / Softplus((x W_noise)_i) )
@@ -90,9 +109,10 @@ def smooth_load(clean_TE: torch.Tensor, noisy_TE: torch.Tensor, noise_std_TE: to
     `clean_TE` = x W_g, `noisy_TE` = H(x), `noise_std_TE` = Softplus(x W_noise). Returns (E,).
     """
     threshold_TE = kth_excluding(noisy_TE, k)
-    return normal_cdf((clean_TE - threshold_TE) / noise_std_TE).sum(dim=0)
+    return token_sum(normal_cdf((clean_TE - threshold_TE) / noise_std_TE), keep_T)
 
 
-def load_loss(clean_TE: torch.Tensor, noisy_TE: torch.Tensor, noise_std_TE: torch.Tensor, k: int) -> torch.Tensor:
+def load_loss(clean_TE: torch.Tensor, noisy_TE: torch.Tensor, noise_std_TE: torch.Tensor, k: int,
+              keep_T: torch.Tensor | None = None) -> torch.Tensor:
     """Shazeer eq. (11) without its coefficient: CV(Load(X))^2."""
-    return cv_squared(smooth_load(clean_TE, noisy_TE, noise_std_TE, k))
+    return cv_squared(smooth_load(clean_TE, noisy_TE, noise_std_TE, k, keep_T))

@@ -17,6 +17,12 @@ runs in float32 whatever the model's dtype or autocast state (Switch §2.4 selec
 A router given a `capacity` child (`moeify.moe.capacity.CapacityLimit`, set by `make_router`)
 drops the assignments over each expert's capacity before returning, so capacity limits apply in
 the eager layer and in the rewritten graph alike.
+
+Padding: inside `moeify.token_mask(model, mask)` a router holds a `TokenMask`; the tokens it marks
+as padding still get routed (their outputs are whatever the model makes of them), but the losses
+are computed over the counted tokens only, the capacity limit gives padding only the slots no
+counted token needs, expert choice never picks padding, and `Routing.keep_T` carries the mask on
+to the router statistics.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moeify.errors import TokenMaskError
 from moeify.moe import losses
 
 
@@ -39,6 +46,18 @@ class Routing(NamedTuple):
     logits_TE: torch.Tensor  # float32 router logits (clean, before noise)
     probs_TE: torch.Tensor  # float32 router probabilities over all experts (noisy_topk: of the noisy logits)
     losses: dict  # name -> unweighted float32 scalar loss; plus the statistic "dropped_fraction"
+    keep_T: torch.Tensor | None = None  # bool: the tokens that count (not padding); None: all of them
+
+
+class TokenMask(NamedTuple):
+    """Which of a layer's tokens count, set on its router by `moeify.token_mask` for one block."""
+    keep_T: torch.Tensor  # bool, one entry per token of the layer's input, in its flattened order
+    layer: str  # the layer's name, for the error when the layer sees another number of tokens
+
+
+def per_assignment(keep_T: torch.Tensor | None, k: int) -> torch.Tensor | None:
+    """keep_T for the token-major assignments of a token-choice decision (k per token)."""
+    return None if keep_T is None else keep_T.repeat_interleave(k)
 
 
 def init_router_weight(weight: torch.Tensor, scale: float, generator: torch.Generator | None) -> None:
@@ -109,9 +128,10 @@ def noisy_logits(x_TD: torch.Tensor, gate: nn.Linear, noise: nn.Linear, noise_ep
     return clean_TE, clean_TE + torch.randn_like(clean_TE) * std_TE, std_TE
 
 
-def gates_to_load(idx_TK: torch.Tensor, num_experts: int, dtype: torch.dtype) -> torch.Tensor:
+def gates_to_load(idx_TK: torch.Tensor, num_experts: int, dtype: torch.dtype,
+                  keep_T: torch.Tensor | None = None) -> torch.Tensor:
     """Tokens per expert of a decision: the (non-smooth) load used when no noise is drawn."""
-    return losses.count_indices(idx_TK, num_experts).to(dtype)
+    return losses.count_indices(idx_TK, num_experts, per_assignment(keep_T, idx_TK.shape[-1])).to(dtype)
 
 
 class _RouterBase(nn.Module):
@@ -121,6 +141,7 @@ class _RouterBase(nn.Module):
         self.gate = nn.Linear(d_model, num_experts, bias=bias, dtype=torch.float32)
         self.capacity: nn.Module | None = None  # a CapacityLimit, set by make_router
         self.loss_names: frozenset[str] | None = None  # set by MoELayer from its coefficients; None: all
+        self.token_mask: TokenMask | None = None  # set inside `moeify.token_mask`; None: every token counts
 
     def wants(self, name: str) -> bool:
         """Whether to compute the loss `name`. A router on its own computes every loss; inside an
@@ -136,30 +157,45 @@ class _RouterBase(nn.Module):
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
         return router_linear(self.gate, x_TD)
 
+    def counted(self, x_TD: torch.Tensor) -> torch.Tensor | None:
+        """The `TokenMask`'s bool (T,) for these tokens, or None when every token counts."""
+        mask = self.token_mask
+        if mask is None:
+            return None
+        if mask.keep_T.shape[0] != x_TD.shape[0]:
+            raise TokenMaskError(
+                f"the token mask has {mask.keep_T.shape[0]} entries but MoE layer {mask.layer!r} sees "
+                f"{x_TD.shape[0]} tokens: give moeify.token_mask the submodule whose MoE layers see the masked "
+                "positions (e.g. model.encoder), with one mask entry per position of their input")
+        return mask.keep_T.to(x_TD.device)
+
     def finish(self, routing: Routing) -> Routing:
         """Apply the capacity limit, if any (it records "dropped_fraction")."""
         return routing if self.capacity is None else self.capacity(routing)
 
     def token_choice(self, idx_TK: torch.Tensor, gate_TK: torch.Tensor, logits_TE: torch.Tensor,
-                     probs_TE: torch.Tensor, **extra_losses: torch.Tensor) -> Routing:
+                     probs_TE: torch.Tensor, keep_T: torch.Tensor | None, **extra_losses: torch.Tensor) -> Routing:
         """Package a token-choice decision: gates filled to sum 1 (`fill_gates`), the standard losses
-        plus `extra_losses`, then the capacity limit."""
+        over the counted tokens (`keep_T`) plus `extra_losses`, then the capacity limit."""
         gate_TK = fill_gates(gate_TK, self.preserve_scale)
         token_N, expert_N, weight_N = token_major(idx_TK, gate_TK)
         found = self.standard_losses(logits_TE, probs_TE, expert_N,
-                                     lambda: torch.zeros_like(probs_TE).scatter(1, idx_TK, gate_TK).sum(0))
-        return self.finish(Routing(token_N, expert_N, weight_N, logits_TE, probs_TE, found | extra_losses))
+                                     lambda: torch.zeros_like(probs_TE).scatter(1, idx_TK, gate_TK),
+                                     keep_T, per_assignment(keep_T, idx_TK.shape[-1]))
+        return self.finish(Routing(token_N, expert_N, weight_N, logits_TE, probs_TE, found | extra_losses, keep_T))
 
     def standard_losses(self, logits_TE: torch.Tensor, probs_TE: torch.Tensor, expert_N: torch.Tensor,
-                        importance_E: Callable[[], torch.Tensor]) -> dict:
-        """The losses every router has that `wants` asks for (`importance_E` is computed only if so)."""
+                        gates_TE: Callable[[], torch.Tensor], keep_T: torch.Tensor | None,
+                        keep_N: torch.Tensor | None) -> dict:
+        """The losses every router has that `wants` asks for, over the counted tokens (`keep_T`, and
+        `keep_N` for the assignments; None: all). `gates_TE` is computed only if importance is."""
         found = {}
         if self.wants("load_balance"):
-            found["load_balance"] = losses.load_balancing_loss(probs_TE, expert_N, self.num_experts)
+            found["load_balance"] = losses.load_balancing_loss(probs_TE, expert_N, self.num_experts, keep_T, keep_N)
         if self.wants("z_loss"):
-            found["z_loss"] = losses.router_z_loss(logits_TE)
+            found["z_loss"] = losses.router_z_loss(logits_TE, keep_T)
         if self.wants("importance"):
-            found["importance"] = losses.cv_squared(importance_E())
+            found["importance"] = losses.importance_loss(gates_TE(), keep_T)
         return found
 
 
@@ -179,7 +215,7 @@ class TopKRouter(_RouterBase):
     def forward(self, x_TD: torch.Tensor) -> Routing:
         logits_TE = self.logits(x_TD)
         gate_TK, idx_TK, probs_TE = topk_gates(logits_TE, self.top_k, self.softmax_before_topk, self.normalize)
-        return self.token_choice(idx_TK, gate_TK, logits_TE, probs_TE)
+        return self.token_choice(idx_TK, gate_TK, logits_TE, probs_TE, self.counted(x_TD))
 
 
 class SwitchRouter(_RouterBase):
@@ -204,7 +240,7 @@ class SwitchRouter(_RouterBase):
         logits_TE = self.logits(x_TD)
         probs_TE = logits_TE.softmax(dim=-1)
         gate_T1, idx_T1 = probs_TE.max(dim=-1, keepdim=True)
-        return self.token_choice(idx_T1, gate_T1, logits_TE, probs_TE)
+        return self.token_choice(idx_T1, gate_T1, logits_TE, probs_TE, self.counted(x_TD))
 
 
 class NoisyTopKRouter(_RouterBase):
@@ -237,12 +273,12 @@ class NoisyTopKRouter(_RouterBase):
         clean_TE, noisy_TE, std_TE = noisy_logits(x_TD, self.gate, self.noise, self.noise_eps, self.training)
         gate_TK, idx_TK = keep_topk_softmax(noisy_TE, self.top_k)
         probs_TE = noisy_TE.softmax(dim=-1)
+        keep_T = self.counted(x_TD)
         extra = {}
-        if self.wants("load") and self.training:
-            extra["load"] = losses.load_loss(clean_TE, noisy_TE, std_TE, self.top_k)
-        elif self.wants("load"):
-            extra["load"] = losses.cv_squared(gates_to_load(idx_TK, self.num_experts, clean_TE.dtype))
-        return self.token_choice(idx_TK, gate_TK, clean_TE, probs_TE, **extra)
+        if self.wants("load"):
+            extra["load"] = (losses.load_loss(clean_TE, noisy_TE, std_TE, self.top_k, keep_T) if self.training
+                             else losses.cv_squared(gates_to_load(idx_TK, self.num_experts, clean_TE.dtype, keep_T)))
+        return self.token_choice(idx_TK, gate_TK, clean_TE, probs_TE, keep_T, **extra)
 
 
 def expert_choice_capacity(num_tokens: int, top_k: int, factor: float, num_experts: int) -> int:
@@ -255,7 +291,8 @@ class ExpertChoiceRouter(_RouterBase):
     C tokens with the highest S[:, e], C = ceil(capacity * T * k / E); gate = S[t, e].
 
     Perfectly balanced by construction, but a token may be chosen by no expert (its MoE output is
-    zero; "dropped_fraction" records the fraction of such tokens) or by many. With
+    zero; "dropped_fraction" records the fraction of such tokens) or by many. Under a token mask,
+    C counts only the counted tokens and no expert picks padding. With
     `preserve_scale` the gates of each chosen token are shifted to sum to 1 in the forward pass
     (`fill_gates` per token), so a token chosen by at least one copy-initialised expert gets exactly
     the dense output; capacity >= E / k (C = T: every expert takes every token) makes the whole layer
@@ -274,8 +311,13 @@ class ExpertChoiceRouter(_RouterBase):
         logits_TE = self.logits(x_TD)
         probs_TE = logits_TE.softmax(dim=-1)
         T, E = probs_TE.shape
-        C = expert_choice_capacity(T, self.top_k, self.capacity_factor, E)
-        gate_EC, token_EC = probs_TE.t().topk(C, dim=-1)
+        keep_T = self.counted(x_TD)
+        if keep_T is None:
+            C = expert_choice_capacity(T, self.top_k, self.capacity_factor, E)
+            gate_EC, token_EC = probs_TE.t().topk(C, dim=-1)
+        else:  # padding scores below every probability, and C <= the counted tokens: never picked
+            C = expert_choice_capacity(int(keep_T.sum()), self.top_k, self.capacity_factor, E)
+            gate_EC, token_EC = probs_TE.masked_fill(~keep_T.unsqueeze(-1), -1.0).t().topk(C, dim=-1)
         token_N, weight_N = token_EC.reshape(-1), gate_EC.reshape(-1)
         expert_N = torch.arange(E, device=token_N.device).repeat_interleave(C)
         chosen_T = losses.count_indices(token_N, T)
@@ -283,10 +325,11 @@ class ExpertChoiceRouter(_RouterBase):
             sum_T = weight_N.new_zeros(T).index_add(0, token_N, weight_N)
             deficit_T = (1.0 - sum_T) / chosen_T.clamp_min(1).to(sum_T.dtype)
             weight_N = weight_N + deficit_T.detach()[token_N]
-        found = self.standard_losses(logits_TE, probs_TE, expert_N,
-                                     lambda: torch.zeros_like(probs_TE).index_put((token_N, expert_N), weight_N).sum(0))
-        found["dropped_fraction"] = losses.token_mean((chosen_T == 0).to(probs_TE.dtype)).detach()
-        return self.finish(Routing(token_N, expert_N, weight_N, logits_TE, probs_TE, found))
+        found = self.standard_losses(logits_TE, probs_TE, expert_N,  # every pick is a counted token: keep_N None
+                                     lambda: torch.zeros_like(probs_TE).index_put((token_N, expert_N), weight_N),
+                                     keep_T, None)
+        found["dropped_fraction"] = losses.token_mean((chosen_T == 0).to(probs_TE.dtype), keep_T).detach()
+        return self.finish(Routing(token_N, expert_N, weight_N, logits_TE, probs_TE, found, keep_T))
 
 
 class HierarchicalRouter(_RouterBase):
@@ -363,18 +406,22 @@ class HierarchicalRouter(_RouterBase):
         probs_TE = (p_probs_TG.unsqueeze(-1) * s_probs.reshape(T, G, M)).reshape(T, G * M)
         logits_TGM = p_clean_TG.log_softmax(-1).unsqueeze(-1) + s_clean.log_softmax(-1).reshape(T, G, M)
         logits_TE = logits_TGM.reshape(T, G * M)
+        keep_T = self.counted(x_TD)  # the losses below are over the counted tokens
         found = {}
         if self.wants("load_balance"):
-            found["load_balance"] = losses.load_balancing_loss(probs_TE, expert_N, self.num_experts)
+            found["load_balance"] = losses.load_balancing_loss(probs_TE, expert_N, self.num_experts, keep_T,
+                                                               per_assignment(keep_T, J * K))
         if self.wants("z_loss"):
-            found["z_loss"] = losses.router_z_loss(p_clean_TG) + losses.router_z_loss(s_clean)
+            found["z_loss"] = (losses.router_z_loss(p_clean_TG, keep_T)
+                               + losses.router_z_loss(s_clean, per_assignment(keep_T, G)))  # rows (T*G, M)
         if self.wants("importance"):
             found["importance"] = losses.importance_loss(
-                torch.zeros_like(probs_TE).index_put((token_N, expert_N), weight_N, accumulate=True))
+                torch.zeros_like(probs_TE).index_put((token_N, expert_N), weight_N, accumulate=True), keep_T)
         if self.noisy and self.wants("load"):
             in_group_TG = torch.zeros_like(p_probs_TG).scatter(1, p_idx_TJ, 1.0)  # X^(g) membership
-            load_G = p_load_TG.sum(0)
-            sub_load_GM = (in_group_TG.unsqueeze(-1) * s_load.reshape(T, G, M)).sum(0)
-            load_GM = load_G.unsqueeze(-1) * sub_load_GM / in_group_TG.sum(0).clamp_min(1).unsqueeze(-1)
+            load_G = losses.token_sum(p_load_TG, keep_T)
+            sub_load_GM = losses.token_sum(in_group_TG.unsqueeze(-1) * s_load.reshape(T, G, M), keep_T)
+            members_G = losses.token_sum(in_group_TG, keep_T)  # |X^(g)|
+            load_GM = load_G.unsqueeze(-1) * sub_load_GM / members_G.clamp_min(1).unsqueeze(-1)
             found["load"] = losses.cv_squared(load_GM.reshape(-1))
-        return self.finish(Routing(token_N, expert_N, weight_N, logits_TE, probs_TE, found))
+        return self.finish(Routing(token_N, expert_N, weight_N, logits_TE, probs_TE, found, keep_T))
