@@ -22,8 +22,9 @@ Fused mode emits the torch custom op `moeify::topk_moe`, whose onnxscript transl
 `com.microsoft.MoE` node (fc1 (E, F, D) and fc2 (E, D, F) are moeify's own w1_EFD / w2_EDF layout).
 Portable mode uses standard ONNX operators only and computes, per expert, only the rows of the
 tokens routed to it (a static loop over E experts with data-dependent row counts). The exporter's
-constant folding may store each expert's weights as its own slice, once per call of the layer: a
-layer called three times stores them three times, where the fused op shares one set.
+constant folding may store each expert's weights as its own slice, once per call of the layer (a
+layer called three times, three copies); the file keeps one initializer per distinct tensor (same
+dtype, shape and bytes), so its weights take what the fused op's shared set takes.
 Shared experts stay outside the op as plain MatMuls (`MoELayer.finish`).
 
 What the op can express, mapped from moeify's routers (each mapping is tested against numpy):
@@ -50,6 +51,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import sys
 import warnings
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
@@ -676,6 +678,7 @@ def export_onnx(model: nn.Module, example_inputs: Sequence[Any] = (), path: str 
         root = _root_cause(exc)
         raise ExportError(f"torch.onnx.export failed on {type(model).__name__} in {mode} mode "
                           f"({root}); {_export_hint(root, mode, dynamic)}") from exc
+    _store_each_tensor_once(program.model, report)
     model_proto = program.model_proto
     if table is not None and not any(o.domain == MSFT_DOMAIN for o in model_proto.opset_import):
         import onnx
@@ -821,6 +824,24 @@ def _validate_graph(model_proto, want: int, report: ExportReport) -> None:
                           f"{report.num_moe_nodes}; please report this with the model")
     if report.mode == "portable" and any(k.startswith(f"{MSFT_DOMAIN}.") for k in report.node_counts):
         raise ExportError("the portable graph contains com.microsoft operators; please report this")
+
+
+def _store_each_tensor_once(ir_model, report: ExportReport) -> None:
+    """Keep one initializer per distinct tensor: same dtype, shape and bytes, compared in full (onnx_ir's
+    DeduplicateInitializersPass keys on the whole contents, not on a hash). torch's optimizer runs that
+    pass with its default limit of 1024 elements, so larger tensors it folded once per call of a layer
+    (a portable layer's per-expert slices) stayed repeated; here nothing is too large. It holds a copy
+    of every tensor's bytes while it runs, less than the serialisations that follow. The hashed variant
+    is not used: it hashes `numpy()` buffers and raises on a non-contiguous tensor."""
+    from onnx_ir.passes.common import DeduplicateInitializersPass
+
+    stored = {name: value.const_value for graph in ir_model.graphs() for name, value in graph.initializers.items()}
+    DeduplicateInitializersPass(size_limit=sys.maxsize)(ir_model)
+    kept = {name for graph in ir_model.graphs() for name in graph.initializers}
+    dropped = [tensor for name, tensor in stored.items() if name not in kept]
+    if dropped:
+        report.notes.append(f"{len(dropped)} repeated initializer(s) ({sum(t.nbytes for t in dropped)} bytes) stored "
+                            "once: the exporter had folded a copy per call of a layer")
 
 
 def _save(model_proto, path: Path) -> None:
