@@ -229,3 +229,161 @@ def test_weight_gradients_when_the_input_needs_none(backend):
     grads = torch.autograd.grad(want, [experts.w1_EFD, experts.w2_EDF, experts.w3_EFD])
     for got, ref in zip((experts.w1_EFD.grad, experts.w2_EDF.grad, experts.w3_EFD.grad), grads, strict=True):
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+# Second-order gradients through the CPU loop (a gradient penalty as in WGAN-GP, MAML): the loop's
+# backward is hand-written, so under create_graph=True it must still hand autograd a graph.
+DOUBLE_BACKWARD_EXPERTS = [  # (gated, activation, bias, dropout)
+    (False, "gelu", True, 0.0),
+    (True, "silu", True, 0.0),  # SwiGLU
+    (True, "gelu", False, 0.0),  # GeGLU
+    (False, "gelu_tanh", False, 0.0),
+    (False, "relu", True, 0.0),
+    (False, "quick_gelu", True, 0.0),
+    (True, "relu2", True, 0.0),
+    (False, "gelu", True, 0.3),
+    (True, "silu", True, 0.3),
+]
+
+
+def loop_ran(y) -> bool:
+    return y.grad_fn is not None and y.grad_fn.name() == "ExpertFFNLoopBackward"
+
+
+def seeded(fn, seed=0):
+    """fn with the global RNG reseeded at every call (restored after): the same dropout mask each time."""
+    def run(*args):
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            return fn(*args)
+    return run
+
+
+@pytest.mark.parametrize("mode", ["blocks", "padded"])
+@pytest.mark.parametrize("gated,activation,bias,dropout", DOUBLE_BACKWARD_EXPERTS)
+def test_expert_loop_passes_gradgradcheck(mode, gated, activation, bias, dropout, monkeypatch):
+    """Gradients of the gradients against finite differences, in float64, with an idle expert."""
+    set_mode(monkeypatch, mode)
+    torch.manual_seed(0)
+    experts = GroupedExperts(3, 4, 6, activation, gated=gated, bias=bias, dropout=dropout, dtype=torch.float64)
+    counts_E = torch.tensor([2, 0, 3])
+    names = [n for n, _ in experts.named_parameters()]
+    x_ND = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    assert experts.backend_for(x_ND) == "expert_loop"  # "auto" in eager CPU, float64 included
+
+    def run(x_ND, *params):
+        y = torch.func.functional_call(experts, dict(zip(names, params, strict=True)), (x_ND, counts_E))
+        assert loop_ran(y)
+        return y
+
+    params = [p.detach().clone().normal_().requires_grad_() for p in experts.parameters()]
+    assert torch.autograd.gradgradcheck(seeded(run), (x_ND, *params))
+
+
+def per_expert_reference(experts: GroupedExperts, x_ND, counts_E, keep_NF=None):
+    """One F.linear chain per expert on its rows, ordinary autograd; `keep_NF`: a dropout mask to apply."""
+    act, p = ACT[experts.activation], experts.dropout
+    ys, start = [], 0
+    for e, n in enumerate(counts_E.tolist()):
+        rows = slice(start, start + n)
+        start += n
+        bias = (lambda b, e=e: None if b is None else b[e])
+        h = act(F.linear(x_ND[rows], experts.w1_EFD[e], bias(experts.b1_EF)))
+        if experts.gated:
+            h = h * F.linear(x_ND[rows], experts.w3_EFD[e], bias(experts.b3_EF))
+        if keep_NF is not None:
+            h = h * keep_NF[rows] / (1 - p)
+        ys.append(F.linear(h, experts.w2_EDF[e], bias(experts.b2_ED)))
+    return torch.cat(ys)
+
+
+def random_experts(gated, activation, bias, dropout=0.0, dtype=torch.float32):
+    torch.manual_seed(0)
+    experts = GroupedExperts(4, 8, 16, activation, gated=gated, bias=bias, dropout=dropout, dtype=dtype)
+    with torch.no_grad():
+        for b in (experts.b1_EF, experts.b2_ED, experts.b3_EF):
+            if b is not None:
+                b.normal_()
+    return experts
+
+
+def penalty_step(forward, x_ND, target_ND, params, loss_kind):
+    """One critic step with a gradient penalty: (loss + |d loss / d x|^2).backward(); returns the gradients."""
+    for t in (x_ND, *params):
+        t.grad = None
+    y = forward(x_ND)
+    # "mse": the incoming gradient depends on the weights; "linear": it does not (a constant)
+    loss = (y - target_ND).square().sum() if loss_kind == "mse" else (y * target_ND).sum()
+    grad_x, = torch.autograd.grad(loss, x_ND, create_graph=True)
+    (loss + grad_x.square().sum()).backward()
+    return y, [t.grad.clone() for t in (x_ND, *params)]
+
+
+@pytest.mark.parametrize("mode", [None, "blocks", "padded"])
+@pytest.mark.parametrize("gated,activation,bias,dropout", [e for e in DOUBLE_BACKWARD_EXPERTS if not e[3]])
+@pytest.mark.parametrize("loss_kind", ["mse", "linear"])
+def test_gradient_penalty_matches_per_expert_reference(mode, gated, activation, bias, dropout, loss_kind,
+                                                       monkeypatch):
+    """A gradient-penalty step through the loop (float32: oneDNN products by default) against F.linear per expert."""
+    set_mode(monkeypatch, mode)
+    experts = random_experts(gated, activation, bias)
+    counts_E = torch.tensor([3, 0, 5, 2])
+    params = list(experts.parameters())
+    x_ND = torch.randn(10, 8, requires_grad=True)
+    target_ND = torch.randn(10, 8)
+
+    y, got = penalty_step(lambda x: experts(x, counts_E), x_ND, target_ND, params, loss_kind)
+    assert loop_ran(y)
+    _, want = penalty_step(lambda x: per_expert_reference(experts, x, counts_E), x_ND, target_ND, params, loss_kind)
+    for name, g, w in zip(["x", *(n for n, _ in experts.named_parameters())], got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4, msg=name)
+        if name != "x":  # expert 1 has no rows: its slices get exactly zero
+            assert g[1].abs().sum() == 0, name
+
+
+def test_gradient_penalty_keeps_the_forward_dropout_mask():
+    """With expert dropout, the second-order gradients use the mask the forward drew (read back from y)."""
+    torch.manual_seed(0)
+    experts = GroupedExperts(4, 8, 16, "relu", bias=True, dropout=0.5, d_out=16).train()
+    with torch.no_grad():  # w2 = identity, b1 large: y is exactly the dropped hidden layer, all units active
+        experts.w2_EDF.copy_(torch.eye(16).expand(4, 16, 16))
+        experts.b1_EF.fill_(20.0)
+        experts.b2_ED.zero_()
+    counts_E = torch.tensor([3, 0, 5, 2])
+    params = list(experts.parameters())
+    x_ND = torch.randn(10, 8, requires_grad=True)
+    target_ND = torch.randn(10, 16)
+
+    y, got = penalty_step(lambda x: experts(x, counts_E), x_ND, target_ND, params, "mse")
+    assert loop_ran(y)
+    keep_NF = (y != 0).float()
+    assert 0.3 < 1 - keep_NF.mean() < 0.7  # 160 draws at p = 0.5
+    _, want = penalty_step(lambda x: per_expert_reference(experts, x, counts_E, keep_NF), x_ND, target_ND, params,
+                           "mse")
+    for name, g, w in zip(["x", *(n for n, _ in experts.named_parameters())], got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("mode", [None, "blocks", "padded"])
+@pytest.mark.parametrize("gated,activation,bias,dropout", DOUBLE_BACKWARD_EXPERTS)
+def test_first_order_gradients_stay_on_the_hand_written_backward(mode, gated, activation, bias, dropout, monkeypatch):
+    """An ordinary backward (no create_graph) never takes the differentiable path, and both paths agree on
+    the gradients of one forward (its dropout mask included)."""
+    set_mode(monkeypatch, mode)
+    experts = random_experts(gated, activation, bias, dropout).train()
+    counts_E = torch.tensor([3, 0, 5, 2])
+    inputs = [torch.randn(10, 8, requires_grad=True), *experts.parameters()]
+    y = experts(inputs[0], counts_E)
+    assert loop_ran(y)
+    grad_ND = torch.randn_like(y)
+
+    differentiable = expert_loop._differentiable_backward
+    calls = []
+    monkeypatch.setattr(expert_loop, "_differentiable_backward", lambda *a: calls.append(a) or differentiable(*a))
+    fast = torch.autograd.grad(y, inputs, grad_ND, retain_graph=True)
+    assert not calls
+    tracked = torch.autograd.grad(y, inputs, grad_ND, create_graph=True)
+    assert len(calls) == 1
+    for name, f, t in zip(["x", *(n for n, _ in experts.named_parameters())], fast, tracked, strict=True):
+        assert f.grad_fn is None, name
+        torch.testing.assert_close(f, t.detach(), rtol=1e-5, atol=1e-5, msg=name)

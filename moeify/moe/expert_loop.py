@@ -20,11 +20,19 @@ nothing kept for a backward. Saved for backward, per row: the pre-activation, th
 (gated), the fc2 input, and the dropout mask when expert dropout is active: what nn.Linear +
 activation would save, minus act(a1) of gated experts, which is recomputed from the cached block in
 backward.
+
+A gradient of the gradient (create_graph=True: a gradient penalty, MAML) cannot go through the
+hand-written kernels, which write in place under no_grad. Autograd runs a backward with grad mode on
+exactly when its caller asked for create_graph, so that flag alone sends the backward to
+`_differentiable_backward`: each expert recomputed from the saved inputs by `expert_ffn_dense`
+(autograd-tracked torch ops, the forward's dropout mask) and differentiated by autograd with
+create_graph. An ordinary backward pays only that flag check.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def _act_forward(name: str, a: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -57,6 +65,43 @@ def _act_backward(name: str, grad: torch.Tensor, a: torch.Tensor) -> torch.Tenso
 
 
 QUICK_GELU_SCALE = 1.702  # CLIP's QuickGELU: a * sigmoid(1.702 a)
+
+
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+def _gelu(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x)
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """x * sigmoid(1.702 x): the GELU approximation of OpenAI's CLIP (HF `QuickGELUActivation`)."""
+    return x * torch.sigmoid(QUICK_GELU_SCALE * x)
+
+
+def relu2(x: torch.Tensor) -> torch.Tensor:
+    """relu(x)^2: Primer's squared ReLU (HF `ReLUSquaredActivation`: Nemotron, Persimmon)."""
+    return F.relu(x).square()
+
+
+# The activations as plain differentiable functions, by the names `_act_forward` takes (the experts'
+# other paths, and the loop's gradient of the gradient).
+ACTIVATIONS = {"relu": F.relu, "gelu": _gelu, "gelu_tanh": _gelu_tanh, "silu": F.silu, "quick_gelu": quick_gelu,
+               "relu2": relu2}
+
+
+def expert_ffn_dense(x_TD: torch.Tensor, activation: str, w1_FD: torch.Tensor, b1_F: torch.Tensor | None,
+                     w2_OF: torch.Tensor, b2_O: torch.Tensor | None, w3_FD: torch.Tensor | None = None,
+                     b3_F: torch.Tensor | None = None, drop=None) -> torch.Tensor:
+    """One expert's FFN on every row of x with plain, differentiable torch ops:
+    w2(drop(act(w1 x + b1) [* (w3 x + b3)])) + b2, `drop` (a function of the hidden layer) when given."""
+    h_TF = ACTIVATIONS[activation](F.linear(x_TD, w1_FD, b1_F))
+    if w3_FD is not None:
+        h_TF = h_TF * F.linear(x_TD, w3_FD, b3_F)
+    if drop is not None:
+        h_TF = drop(h_TF)
+    return F.linear(h_TF, w2_OF, b2_O)
 
 
 def _onednn(x: torch.Tensor) -> bool:
@@ -251,13 +296,16 @@ class ExpertFFNLoop(torch.autograd.Function):
         ctx.layout, ctx.activation, ctx.dropout, ctx.saved_blocks = layout, activation, dropout, saved
         ctx.buffers = buffers
         ctx.has_bias = (b1_EF is not None, b2_EO is not None, b3_EF is not None)
-        ctx.save_for_backward(x, w1_EFD, w2_EOF, w3_EFD)  # x: the rows as the blocks read them (padded or not)
+        # x: the rows as the blocks read them (padded or not; x_ND itself when already contiguous);
+        # x_ND and the biases: what `_differentiable_backward` recomputes the experts from
+        ctx.save_for_backward(x, w1_EFD, w2_EOF, w3_EFD, x_ND, b1_EF, b2_EO, b3_EF)
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # hand-written: no gradient of the gradient
     def backward(ctx, grad_NO):  # noqa: D102
-        x, w1_EFD, w2_EOF, w3_EFD = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True (see the module docstring)
+            return _differentiable_backward(ctx, grad_NO)
+        x, w1_EFD, w2_EOF, w3_EFD = ctx.saved_tensors[:4]
         layout = ctx.layout
         dy = layout.pad(grad_NO)
         need = ctx.needs_input_grad
@@ -300,3 +348,38 @@ class ExpertFFNLoop(torch.autograd.Function):
                 grad_x[rows] = dx_b.add_(_matmul(da3_b, _pick(w3_EFD, e))) if gated else dx_b
         return (None if grad_x is None else layout.unpad(grad_x), None, None, None, None,
                 grad_w1, grad_b1, grad_w2, grad_b2, grad_w3, grad_b3)
+
+
+def _differentiable_backward(ctx, grad_NO: torch.Tensor) -> tuple:
+    """`ExpertFFNLoop.backward` as a graph autograd can differentiate again: each expert with rows
+    recomputed by `expert_ffn_dense` from the saved inputs, under the forward's dropout mask, then
+    torch.autograd.grad with create_graph. Experts without rows get exact zeros, as in the fast path."""
+    _, w1_EFD, w2_EOF, w3_EFD, x_ND, b1_EF, b2_EO, b3_EF = ctx.saved_tensors
+    inputs = (x_ND, w1_EFD, b1_EF, w2_EOF, b2_EO, w3_EFD, b3_EF)
+    needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[5:])
+    wanted = [i for i, t in enumerate(inputs) if t is not None and needs[i]]
+    layout, p = ctx.layout, ctx.dropout
+    keep_NF = None
+    if p > 0 and ctx.saved_blocks:  # the blocks' masks in row order; a padded batch's unpadded
+        keep_NF = layout.unpad(torch.cat([keep_b for *_, keep_b in ctx.saved_blocks], dim=-2))
+    ys_nO, dys_nO = [], []  # per expert with rows: its recomputed output, and the incoming gradient
+    start = 0
+    # the saved tensors are already in the forward's compute dtype: autocast must not recast them
+    with torch.autocast(x_ND.device.type, enabled=False):
+        for e, n in enumerate(layout.sizes):
+            rows = slice(start, start + n)
+            start += n
+            if n == 0:
+                continue
+            drop = None if keep_NF is None else (lambda h_nF, keep_nF=keep_NF[rows]: h_nF * keep_nF / (1.0 - p))
+            ys_nO.append(expert_ffn_dense(x_ND[rows], ctx.activation, *(_pick(t, e) for t in inputs[1:]), drop=drop))
+            dys_nO.append(grad_NO[rows])
+        if ys_nO:
+            grads = torch.autograd.grad(ys_nO, [inputs[i] for i in wanted], dys_nO, create_graph=True,
+                                        allow_unused=True, materialize_grads=True)
+        else:  # no rows at all
+            grads = [torch.zeros_like(inputs[i]) for i in wanted]
+    out = [None] * len(inputs)
+    for i, g in zip(wanted, grads, strict=True):
+        out[i] = g
+    return (out[0], None, None, None, None, *out[1:])

@@ -18,30 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeify.errors import ConfigError
-from moeify.moe.expert_loop import QUICK_GELU_SCALE, _linear, _matmul, _onednn, expert_ffn
+from moeify.moe.expert_loop import ACTIVATIONS, _linear, _matmul, _onednn, expert_ffn, expert_ffn_dense
 from moeify.moe.grad_buffers import GradBuffers
-
-
-def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    return F.gelu(x, approximate="tanh")
-
-
-def _gelu(x: torch.Tensor) -> torch.Tensor:
-    return F.gelu(x)
-
-
-def quick_gelu(x: torch.Tensor) -> torch.Tensor:
-    """x * sigmoid(1.702 x): the GELU approximation of OpenAI's CLIP (HF `QuickGELUActivation`)."""
-    return x * torch.sigmoid(QUICK_GELU_SCALE * x)
-
-
-def relu2(x: torch.Tensor) -> torch.Tensor:
-    """relu(x)^2: Primer's squared ReLU (HF `ReLUSquaredActivation`: Nemotron, Persimmon)."""
-    return F.relu(x).square()
-
-
-ACTIVATIONS = {"relu": F.relu, "gelu": _gelu, "gelu_tanh": _gelu_tanh, "silu": F.silu, "quick_gelu": quick_gelu,
-               "relu2": relu2}
 
 
 def activation_fn(name: str):
@@ -299,11 +277,6 @@ class GroupedExperts(nn.Module):
 
     def forward_dense(self, x_TD: torch.Tensor, expert: int) -> torch.Tensor:
         """Expert `expert` applied to every row of x (reference path for tests and shared experts)."""
-        act = activation_fn(self.activation)
-        h = F.linear(x_TD, self.w1_EFD[expert], None if self.b1_EF is None else self.b1_EF[expert])
-        h = act(h)
-        if self.w3_EFD is not None:
-            h = h * F.linear(x_TD, self.w3_EFD[expert], None if self.b3_EF is None else self.b3_EF[expert])
-        if self.dropout > 0 and self.training:
-            h = F.dropout(h, self.dropout, training=True)
-        return F.linear(h, self.w2_EDF[expert], None if self.b2_ED is None else self.b2_ED[expert])
+        drop = (lambda h: F.dropout(h, self.dropout, training=True)) if self.dropout > 0 and self.training else None
+        params = (self.w1_EFD, self.b1_EF, self.w2_EDF, self.b2_ED, self.w3_EFD, self.b3_EF)
+        return expert_ffn_dense(x_TD, self.activation, *(None if p is None else p[expert] for p in params), drop=drop)
