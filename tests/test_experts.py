@@ -246,6 +246,19 @@ DOUBLE_BACKWARD_EXPERTS = [  # (gated, activation, bias, dropout)
 ]
 
 
+def backward_nodes(y) -> set[str]:
+    """The names of every node of y's autograd graph."""
+    names, pending, seen = set(), [y.grad_fn], set()
+    while pending:
+        node = pending.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(node.name())
+        pending += [next_node for next_node, _ in node.next_functions]
+    return names
+
+
 def loop_ran(y) -> bool:
     return y.grad_fn is not None and y.grad_fn.name() == "ExpertFFNLoopBackward"
 
@@ -387,3 +400,25 @@ def test_first_order_gradients_stay_on_the_hand_written_backward(mode, gated, ac
     for name, f, t in zip(["x", *(n for n, _ in experts.named_parameters())], fast, tracked, strict=True):
         assert f.grad_fn is None, name
         torch.testing.assert_close(f, t.detach(), rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("gated,activation,bias,dropout", [e for e in DOUBLE_BACKWARD_EXPERTS if not e[3]])
+@pytest.mark.parametrize("loss_kind", ["mse", "linear"])
+def test_gradient_penalty_through_grouped_mm_matches_per_expert_reference(gated, activation, bias, dropout,
+                                                                         loss_kind):
+    """The grouped_mm backend (accelerators, torch.compile) takes a gradient of a gradient too: its custom
+    op's backward switches to tracked per-expert products when a graph is being built."""
+    experts = random_experts(gated, activation, bias)
+    experts.backend = "grouped_mm"
+    counts_E = torch.tensor([3, 0, 5, 2])
+    params = list(experts.parameters())
+    x_ND = torch.randn(10, 8, requires_grad=True)
+    target_ND = torch.randn(10, 8)
+
+    y, got = penalty_step(lambda x: experts(x, counts_E), x_ND, target_ND, params, loss_kind)
+    assert "GeneratedBackwardFor_moeify_grouped_linear_defaultBackward" in backward_nodes(y)  # the custom op ran
+    _, want = penalty_step(lambda x: per_expert_reference(experts, x, counts_E), x_ND, target_ND, params, loss_kind)
+    for name, g, w in zip(["x", *(n for n, _ in experts.named_parameters())], got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4, msg=name)
+        if name != "x":
+            assert g[1].abs().sum() == 0, name

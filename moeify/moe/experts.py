@@ -172,11 +172,30 @@ def _grouped_linear_setup(ctx, inputs, output):
     ctx.save_for_backward(x_NI, w_EOI, offs_E)
 
 
+def _tracked_grouped_linear_grads(grad_NO: torch.Tensor, x_NI: torch.Tensor, w_EOI: torch.Tensor,
+                                  offs_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """grouped_linear's (grad x, grad w, grad b) as tracked torch ops, one expert at a time: the backward
+    of a backward that builds a graph (`create_graph=True`: a gradient penalty), which the custom
+    backward op cannot be differentiated through. Experts without rows get zeros."""
+    rows = dict(_rows_of(offs_E))
+    covered = max((r.stop for r in rows.values()), default=0)
+    tail_NI = grad_NO.new_zeros(x_NI.shape[0] - covered, x_NI.shape[1])  # rows past the last group
+    grad_x_NI = torch.cat([grad_NO[r] @ w_EOI[e] for e, r in rows.items()] + [tail_NI])
+    grad_w_EOI = torch.stack([grad_NO[rows[e]].T @ x_NI[rows[e]] if e in rows else torch.zeros_like(w_EOI[e])
+                              for e in range(w_EOI.shape[0])])
+    grad_b_EO = torch.stack([grad_NO[rows[e]].sum(0) if e in rows else grad_NO.new_zeros(w_EOI.shape[1])
+                             for e in range(w_EOI.shape[0])])
+    return grad_x_NI, grad_w_EOI, grad_b_EO
+
+
 def _grouped_linear_grad(ctx, grad_NO):
     x_NI, w_EOI, offs_E = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    grad_x, grad_w, grad_b = _grouped_linear_backward_op(grad_NO, x_NI, w_EOI, offs_E, need_x, need_w,
-                                                         bool(need_b and ctx.has_bias))
+    if torch.is_grad_enabled():  # only under create_graph=True: autograd runs a plain backward without grad
+        grad_x, grad_w, grad_b = _tracked_grouped_linear_grads(grad_NO, x_NI, w_EOI, offs_E)
+    else:
+        grad_x, grad_w, grad_b = _grouped_linear_backward_op(grad_NO, x_NI, w_EOI, offs_E, need_x, need_w,
+                                                             bool(need_b and ctx.has_bias))
     return (grad_x if need_x else None, grad_w if need_w else None,
             grad_b if (need_b and ctx.has_bias) else None, None)
 
