@@ -4,13 +4,17 @@
     act(Linear_gate(x)) * Linear_up(x) -> [Dropout/Identity] -> Linear => FFNRegion(kind="gated")
     g, u = Linear_gate_up(x).chunk(2, -1); act(g) * u -> ... -> Linear => FFNRegion(kind="gated"),
                                                                          gate and up fused (Phi-3)
+    up * g * torch.sigmoid(g), bracketed and ordered any way -> Linear => FFNRegion(kind="gated", act="silu")
     LSTM -> Linear -> LSTM                                        => FFNRegion(kind="projection")
                                                                      (find_lstm_projection)
 
 `Linear` is nn.Linear or Hugging Face `Conv1D`; `act` is ReLU, GELU (exact or tanh), SiLU, as a
 module, a function or a method, or any parameter-free module that computes one of them, or one
 written out as elementwise operations (ESM's `x * 0.5 * (1 + torch.erf(x / sqrt(2)))`, probed the
-same way: `ops.inline_activation`; also on the gate of a gated FFN, though not of a fused one).
+same way: `ops.inline_activation`). A gated product is read through its multiplications, its factors
+grouped by the tensor each is computed from (`_Product`): one factor must be up on its own, and the
+others together a supported activation of the gate, probed as one (`ops.probe_product`), so
+`up * g * torch.sigmoid(g)` is SwiGLU however it is bracketed, plain or fused.
 Each rule has a `match` that returns the region, or a `Skip` saying why a near-match was refused and how to
 make it eligible. Every Linear-like node not claimed by a region is reported as refused.
 """
@@ -166,25 +170,125 @@ class MLPRule:
                          p1.in_features, p1.out_features, p2.out_features, p1.bias is not None, p)
 
 
-def _inline_ending_at(node: fx.Node) -> tuple[str, list[fx.Node], fx.Node] | None:
-    """(activation, its nodes, its input) when `node` ends an activation written out inline
-    (`g * torch.sigmoid(g)`): its input is the one non-elementwise node the arithmetic reads."""
-    start = ops.single_source(node, ops.is_elementwise)
-    found = None if start is None else ops.inline_activation(start)
-    return (found[0], found[1], start) if found is not None and found[1][-1] is node else None
+@dataclass(eq=False)
+class _Product:
+    """What a multiplication node computes, read through the multiplications under it
+    (`ops.product_factors`), so that `up * g * torch.sigmoid(g)`, `g * up * torch.sigmoid(g)` and
+    `(g * torch.sigmoid(g)) * up` read alike: its factors, grouped by the one tensor each is computed
+    from, through elementwise operations or one activation node (`F.silu(g)`, `self.act(g)`)."""
+
+    root: fx.Node
+    muls: list[fx.Node]  # root and the multiplications under it
+    factors: list[fx.Node | float]  # as written
+    groups: dict[fx.Node, list[fx.Node]]  # source -> the factors computed from it
+    derived: dict[fx.Node, set[fx.Node]]  # source -> the nodes between it and its factors
+    named: dict[fx.Node, str]  # factors that are one activation node, by activation
+    mixed: list[fx.Node]  # factors computed from several tensors (or through too many nodes)
+
+    @property
+    def constants(self) -> list[float]:
+        return [f for f in self.factors if not isinstance(f, fx.Node)]
+
+    def written(self) -> str:
+        return " * ".join(f.name if isinstance(f, fx.Node) else repr(f) for f in self.factors)
+
+    def activation(self, gate: fx.Node) -> str | None:
+        """The supported activation the factors computed from `gate` (and the numbers) make together."""
+        factors = self.groups[gate]
+        if len(factors) == 1 and not self.constants and factors[0] in self.named:
+            return self.named[factors[0]]
+        nodes = self.derived[gate]
+        if not all(ops.is_elementwise(n) for n in nodes):  # an activation module among other factors
+            return None
+        order = {n: i for i, n in enumerate(self.root.graph.nodes)}
+        return ops.probe_product(gate, sorted(nodes, key=order.__getitem__), [*factors, *self.constants])
 
 
-def _act_products(mul: fx.Node, gm: fx.GraphModule):
-    """(activation, its nodes (the last its output), its input, the other factor) for each order of
-    a two-node product; the activation is one node or written out inline (`_inline_ending_at`)."""
-    if not ops.is_mul(mul) or len(mul.args) != 2 or not all(isinstance(a, fx.Node) for a in mul.args):
+def _product_at(mul: fx.Node, gm: fx.GraphModule) -> _Product | None:
+    """The product `mul` computes, read at the outermost multiplication only: one whose only user
+    multiplies it again is part of a larger product, read there."""
+    user = ops.single_user(mul)
+    if user is not None and ops.is_plain_mul(user):
+        return None
+    found = ops.product_factors(mul)
+    if found is None:
+        return None
+    factors, muls = found
+    product = _Product(mul, muls, factors, {}, {}, {}, [])
+    source_of: dict[fx.Node, fx.Node] = {}
+    for f in dict.fromkeys(f for f in factors if isinstance(f, fx.Node)):
+        act, _ = ops.activation_of(f, gm)
+        if act and f.args and isinstance(f.args[0], fx.Node):
+            source, inside = f.args[0], {f}
+            product.named[f] = act
+        elif (walk := ops.derivation(f, ops.is_elementwise)) is not None:
+            source, inside = walk
+        else:
+            product.mixed.append(f)
+            continue
+        source_of[f] = source
+        product.derived.setdefault(source, set()).update(inside)
+    for f in factors:  # every occurrence: g * g is two factors of g
+        if f in source_of:
+            product.groups.setdefault(source_of[f], []).append(f)
+    return product
+
+
+def _act_products(product: _Product, is_projection):
+    """(activation, its nodes in graph order, gate, up) for each way of reading `product` as
+    act(gate) * up: `up` a factor on its own, every other factor computed from `gate` alone and
+    together a supported activation of it (`ops.probe_product`), both accepted by `is_projection`.
+
+    The activation's nodes are those between gate and the factors and the multiplications under
+    the product's root: `up * g * torch.sigmoid(g)` is SiLU(g) * up whichever way it is bracketed.
+    """
+    if len(product.groups) != 2 or product.mixed:
         return
-    for act_node, other in (mul.args, mul.args[::-1]):
-        act, _ = ops.activation_of(act_node, gm)
-        if act and act_node.args and isinstance(act_node.args[0], fx.Node):
-            yield act, [act_node], act_node.args[0], other
-        elif (inline := _inline_ending_at(act_node)) is not None:
-            yield inline[0], inline[1], inline[2], other
+    for gate, up in (tuple(product.groups), tuple(product.groups)[::-1]):
+        if product.groups[up] != [up] or not (is_projection(gate) and is_projection(up)):
+            continue
+        act = product.activation(gate)
+        if act is not None:
+            order = {n: i for i, n in enumerate(product.root.graph.nodes)}
+            nodes = sorted(product.derived[gate] | set(product.muls[1:]), key=order.__getitem__)
+            yield act, nodes, gate, up
+
+
+def _projection(node: fx.Node, gm: fx.GraphModule) -> str | None:
+    """The module a gate or up factor comes from: a Linear, or the Linear a feature half is split from."""
+    if ops.linear_of(node, gm) is not None:
+        return str(node.target)
+    half = ops.feature_half(node)
+    return None if half is None or half[1].op != "call_module" else str(half[1].target)
+
+
+def _product_refusal(product: _Product, gm: fx.GraphModule) -> Skip | None:
+    """Why a product written like a gated FFN's (three or more factors, two or more of them
+    projections, feeding a Linear) is not act(gate(x)) * up(x), or None if it is read as one or is not
+    written like one."""
+    projections = [s for s in product.groups if _projection(s, gm) is not None]
+    if len(product.factors) < 3 or len(projections) < 2 or not _feeds_linear(product.root, gm):
+        return None
+    if any(_act_products(product, lambda n: _projection(n, gm) is not None)):
+        return None
+    where = _projection(min(projections, key=_position(gm)), gm)
+    head = f"{product.root.name} = {product.written()}"
+    if product.mixed:
+        reason = f"{head}: {', '.join(f.name for f in product.mixed)} is computed from several tensors"
+    elif len(product.groups) > 2:
+        reason = (f"{head} multiplies {len(product.groups)} tensors ({', '.join(s.name for s in product.groups)}), "
+                  "not a gate and an up projection")
+    elif all(product.groups[s] != [s] for s in product.groups):
+        reason = f"{head}: neither {' nor '.join(s.name for s in product.groups)} is a factor on its own, as up(x) is"
+    else:  # two tensors, one a factor on its own, but the other's factors make no supported activation
+        gate = next((s for s in product.groups if product.groups[s] != [s]), None)
+        if gate is None:
+            reason = f"{head}: no activation is applied to {' or '.join(s.name for s in product.groups)}"
+        else:
+            written = " * ".join([*(f.name for f in product.groups[gate]), *map(repr, product.constants)])
+            reason = f"{head}: {written}, computed from {gate.name}, is not a supported activation"
+    return Skip(where, reason, f"gated FFNs are act(gate(x)) * up(x) -> down, act one of "
+                               f"{'/'.join(ops.SUPPORTED_ACTIVATIONS)} (SiLU also as gate * sigmoid(gate))")
 
 
 def _gated_down(mul: fx.Node, gm: fx.GraphModule, where: str, d_ff: int, bias: bool):
@@ -203,27 +307,39 @@ def _gated_down(mul: fx.Node, gm: fx.GraphModule, where: str, d_ff: int, bias: b
     return down, pd, p, stepped
 
 
+def _leak(inner: set[fx.Node], root: fx.Node) -> fx.Node | None:
+    """The first node of `inner` (a gated product's nodes but its root) used outside them and the root."""
+    allowed = inner | {root}
+    return next((n for n in root.graph.nodes if n in inner and not set(n.users) <= allowed), None)
+
+
 class GatedRule:
-    """act(Linear_gate(x)) * Linear_up(x) -> [Dropout] -> Linear_down   (SwiGLU, GeGLU)."""
+    """act(Linear_gate(x)) * Linear_up(x) -> [Dropout] -> Linear_down   (SwiGLU, GeGLU).
+
+    The product is read through its multiplications (`_Product`): `up * g * torch.sigmoid(g)` and
+    `g * up * torch.sigmoid(g)` are SiLU(g) * up as much as `F.silu(g) * up` is.
+    """
 
     kind = "gated"
 
     def match(self, mul: fx.Node, gm: fx.GraphModule) -> FFNRegion | Skip | None:
-        candidates = ((act, act_nodes, gate, up, ops.linear_of(gate, gm), ops.linear_of(up, gm))
-                      for act, act_nodes, gate, up in _act_products(mul, gm))
-        found = next((c for c in candidates if c[4] is not None and c[5] is not None), None)
-        if found is None:
+        product = _product_at(mul, gm)
+        if product is None:
             return None
-        act, act_nodes, gate, up, pg, pu = found
+        found = next(_act_products(product, lambda n: ops.linear_of(n, gm) is not None), None)
+        if found is None:
+            return _product_refusal(product, gm)
+        act, act_nodes, gate, up = found
+        pg, pu = ops.linear_of(gate, gm), ops.linear_of(up, gm)
         where = str(gate.target)
         x = _only_input(gate)
         if x is None or _only_input(up) is not x:
             return Skip(where, f"gate {gate.target} and up {up.target} do not read the same input",
                         "a gated FFN applies both projections to the same tensor")
-        for node, inside in ((gate, act_nodes), (act_nodes[-1], [mul]), (up, [mul])):
-            if not set(node.users) <= set(inside) or (len(inside) == 1 and len(node.users) != 1):
-                return Skip(where, f"{node.name} is used outside the gated FFN ({_users(node)})",
-                            "the gated FFN's intermediates must not leak out")
+        leak = _leak({gate, up, *act_nodes}, mul)
+        if leak is not None:
+            return Skip(where, f"{leak.name} is used outside the gated FFN ({_users(leak)})",
+                        "the gated FFN's intermediates must not leak out")
         if pg.out_features != pu.out_features or pg.in_features != pu.in_features:
             return Skip(where, "gate/up/down shapes do not line up", "gate and up map D->F, down maps F->D")
         if (pg.bias is None) != (pu.bias is None):
@@ -243,18 +359,22 @@ class FusedGatedRule:
 
     One Linear computes gate and up together (Phi-3's `gate_up_proj`); its output rows split into
     the gate half and the up half, which become the experts' gate and up weights. The halves may
-    also come from `.split(F, dim=-1)` or from the slices `[..., :F]` and `[..., F:]`.
+    also come from `.split(F, dim=-1)` or from the slices `[..., :F]` and `[..., F:]`. The product is
+    read as in GatedRule: `u * g * torch.sigmoid(g)` is SiLU(g) * u.
     """
 
     kind = "gated"
 
     def match(self, mul: fx.Node, gm: fx.GraphModule) -> FFNRegion | Skip | None:
-        halves = ((act, act_nodes[0], ops.feature_half(g), ops.feature_half(u), u)
-                  for act, act_nodes, g, u in _act_products(mul, gm) if len(act_nodes) == 1)
-        found = next((h for h in halves if h[2] and h[3] and h[2][:2] == h[3][:2] and h[2][2] != h[3][2]), None)
+        product = _product_at(mul, gm)
+        if product is None:
+            return None
+        halves = ((act, act_nodes, g, u, ops.feature_half(g), ops.feature_half(u))
+                  for act, act_nodes, g, u in _act_products(product, lambda n: ops.feature_half(n) is not None))
+        found = next((h for h in halves if h[4][:2] == h[5][:2] and h[4][2] != h[5][2]), None)
         if found is None:
             return None
-        act, act_node, (split, gate_up, gate_index, gate_size), (_, _, _, up_size), up_half = found
+        act, act_nodes, gate_half, up_half, (split, gate_up, gate_index, gate_size), (_, _, _, up_size) = found
         entry = _entry_linear(gate_up, gm)
         if not isinstance(entry, tuple):
             return entry
@@ -265,15 +385,16 @@ class FusedGatedRule:
                                f"equal halves (parts of {sorted(sizes)})", "gate_up maps D->2F, down maps F->D")
         splits = [] if split is None else [split]
         uses = [(gate_up, 1), (split, 2)] if split is not None else [(gate_up, 2)]
-        for node, want in (*uses, (act_node.args[0], 1), (act_node, 1), (up_half, 1)):
-            if len(node.users) != want:
-                return Skip(where, f"{node.name} is used outside the gated FFN ({_users(node)})",
-                            "the gated FFN's intermediates must not leak out")
+        leak = next((node for node, want in uses if len(node.users) != want), None)
+        leak = leak or _leak({gate_half, up_half, *act_nodes}, mul)
+        if leak is not None:
+            return Skip(where, f"{leak.name} is used outside the gated FFN ({_users(leak)})",
+                        "the gated FFN's intermediates must not leak out")
         tail = _gated_down(mul, gm, where, pgu.out_features // 2, pgu.bias is not None)
         if isinstance(tail, Skip):
             return tail
         down, pd, p, stepped = tail
-        nodes = sorted({gate_up, *splits, act_node.args[0], up_half, act_node, mul, *stepped, down}, key=_position(gm))
+        nodes = sorted({gate_up, *splits, gate_half, up_half, *act_nodes, mul, *stepped, down}, key=_position(gm))
         return FFNRegion(self.kind, common_owner(nodes), x, down, nodes,
                          {"gate_up": str(gate_up.target), "down": str(down.target)}, act,
                          pgu.in_features, pd.in_features, pd.out_features, pgu.bias is not None, p,

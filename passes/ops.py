@@ -193,11 +193,12 @@ def is_elementwise(node: fx.Node) -> bool:
     return known and all(isinstance(a, (fx.Node, int, float, bool, str)) or a is None for a in leaves)
 
 
-def single_source(node: fx.Node, through: Callable[[fx.Node], bool],
-                  limit: int = MAX_INLINE_ACTIVATION_NODES) -> fx.Node | None:
-    """The one node `node` is computed from through nodes that `through` accepts (walking back over
-    their inputs, at most `limit` nodes), or None when there are several or the walk is longer."""
-    pending, seen, sources = [node], set(), set()
+def derivation(node: fx.Node, through: Callable[[fx.Node], bool],
+               limit: int = MAX_INLINE_ACTIVATION_NODES) -> tuple[fx.Node, set[fx.Node]] | None:
+    """(the one node `node` is computed from through nodes that `through` accepts, those nodes), walking
+    back over their inputs (at most `limit` nodes), or None when there are several or the walk is longer.
+    When `through` refuses `node` itself, it is its own source and the set is empty."""
+    pending, seen, sources, inside = [node], set(), set(), set()
     while pending:
         n = pending.pop()
         if n in seen:
@@ -206,10 +207,71 @@ def single_source(node: fx.Node, through: Callable[[fx.Node], bool],
         if len(seen) > limit:
             return None
         if through(n):
+            inside.add(n)
             pending += n.all_input_nodes
         else:
             sources.add(n)
-    return next(iter(sources)) if len(sources) == 1 else None
+    return (next(iter(sources)), inside) if len(sources) == 1 else None
+
+
+def single_source(node: fx.Node, through: Callable[[fx.Node], bool],
+                  limit: int = MAX_INLINE_ACTIVATION_NODES) -> fx.Node | None:
+    """The one node `node` is computed from through nodes that `through` accepts (`derivation`)."""
+    found = derivation(node, through, limit)
+    return None if found is None else found[0]
+
+
+def is_plain_mul(node: fx.Node) -> bool:
+    """`a * b`, `torch.mul(a, b)` or `a.mul(b)`: a multiplication of two operands and nothing else."""
+    return is_mul(node) and len(node.args) == 2 and not node.kwargs
+
+
+def product_factors(root: fx.Node, limit: int = MAX_INLINE_ACTIVATION_NODES
+                    ) -> tuple[list[fx.Node | float], list[fx.Node]] | None:
+    """(factors, multiplications) of the product `root` computes, read through the multiplications it
+    multiplies, so that `(a * b) * c`, `a * (b * c)` and `(c * a) * b` all give the factors a, b, c:
+    nodes and Python numbers in the order written, and `root` with the multiplications under it.
+    None when `root` is no plain multiplication, a factor is neither a node nor a number, or the
+    product takes more than `limit` multiplications.
+    """
+    if not is_plain_mul(root):
+        return None
+    factors: list[fx.Node | float] = []
+    muls = [root]
+    pending: list[fx.Node | float] = list(root.args)[::-1]  # a stack: pops the left operand first
+    while pending:
+        a = pending.pop()
+        if isinstance(a, fx.Node) and is_plain_mul(a):
+            muls.append(a)
+            if len(muls) > limit:
+                return None
+            pending += list(a.args)[::-1]
+        elif isinstance(a, fx.Node) or (isinstance(a, (int, float)) and not isinstance(a, bool)):
+            factors.append(a)
+        else:
+            return None
+    return factors, list(dict.fromkeys(muls))  # (a node multiplied twice, as in t * t, is one node)
+
+
+def probe_product(start: fx.Node, nodes: list[fx.Node], factors: list[fx.Node | float]) -> str | None:
+    """The supported activation that the product of `factors` computes from `start`'s output, or None.
+
+    Each factor is `start`, one of `nodes` (elementwise nodes computed from `start`, each other and
+    Python numbers, in graph order) or a Python number. The nodes are copied into a graph of their own
+    and probed like an activation module (`_probe_activation`): the user's graph is not touched.
+    """
+    graph = fx.Graph()
+    copies = {start: graph.placeholder("x")}
+    for n in nodes:
+        copies[n] = graph.node_copy(n, lambda a: copies[a])
+    out: fx.Node | float | None = None
+    for f in sorted(factors, key=lambda f: not isinstance(f, fx.Node)):  # numbers last: a node heads the product
+        value = copies[f] if isinstance(f, fx.Node) else f
+        out = value if out is None else graph.call_function(operator.mul, (out, value))
+    if not isinstance(out, fx.Node):
+        return None
+    graph.output(out)
+    return _probe_activation(fx.GraphModule(nn.Module(), graph))
 
 
 def inline_activation(start: fx.Node) -> tuple[str, list[fx.Node]] | None:
@@ -218,7 +280,7 @@ def inline_activation(start: fx.Node) -> tuple[str, list[fx.Node]] | None:
 
     The nodes are those after `start` that are elementwise and read only `start`, each other and
     Python numbers; `start` and all of them but the last must be used only among them. What they
-    compute is probed like an activation module (`_probe_activation`), on a copy of the nodes.
+    compute is probed like an activation module (`probe_product`), on a copy of the nodes.
     """
     inside: list[fx.Node] = []
     node = start.next
@@ -233,12 +295,7 @@ def inline_activation(start: fx.Node) -> tuple[str, list[fx.Node]] | None:
     exits = [n for n in inside if any(u not in members for u in n.users) or not n.users]
     if not inside or len(exits) != 1 or exits[0] is not inside[-1] or any(u not in members for u in start.users):
         return None
-    graph = fx.Graph()
-    copies = {start: graph.placeholder("x")}
-    for n in inside:
-        copies[n] = graph.node_copy(n, lambda a: copies[a])
-    graph.output(copies[inside[-1]])
-    name = _probe_activation(fx.GraphModule(nn.Module(), graph))
+    name = probe_product(start, inside, [inside[-1]])
     return None if name is None else (name, inside)
 
 

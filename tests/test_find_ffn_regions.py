@@ -1,6 +1,7 @@
 """Golden checks of the FFN-region finder: what it finds on each example, and why it refuses near-misses."""
 
 import math
+import operator
 
 import pytest
 import torch
@@ -412,3 +413,141 @@ def test_an_in_place_activation_is_refused_naming_it():
     r = find(_InplaceAct())
     assert r.analysis == []
     assert any(s.where == "fc1" and "relu_ changes its input in place" in s.fix for s in r.skipped)
+
+
+class UnbracketedSwiGLU(nn.Module):
+    """SwiGLU written without brackets, as hand-written Llama MLPs do: `up * g * torch.sigmoid(g)`
+    multiplies (up * g) by sigmoid(g), so no node computes SiLU(g) on its own. `fused` takes gate and
+    up from one Linear's output, as Phi-3 does."""
+
+    FORMS = {
+        "up*g*sig": lambda g, u: u * g * torch.sigmoid(g),
+        "g*up*sig": lambda g, u: g * u * torch.sigmoid(g),
+        "g*sig*up": lambda g, u: g * torch.sigmoid(g) * u,
+        "sig*up*g": lambda g, u: torch.sigmoid(g) * u * g,
+        "sig*g*up": lambda g, u: torch.sigmoid(g) * g * u,
+        "up*sig*g": lambda g, u: u * torch.sigmoid(g) * g,
+        "up*(g*sig)": lambda g, u: u * (g * torch.sigmoid(g)),
+        "g*(sig*up)": lambda g, u: g * (torch.sigmoid(g) * u),
+        "method": lambda g, u: g.mul(u).mul(g.sigmoid()),
+    }
+
+    def __init__(self, form, fused=False):
+        super().__init__()
+        self.form, self.fused = form, fused
+        if fused:
+            self.gate_up_proj = nn.Linear(8, 32, bias=False)
+        else:
+            self.gate_proj, self.up_proj = nn.Linear(8, 16, bias=False), nn.Linear(8, 16, bias=False)
+        self.down_proj = nn.Linear(16, 8, bias=False)
+
+    def gate_up(self, x):
+        return self.gate_up_proj(x).chunk(2, dim=-1) if self.fused else (self.gate_proj(x), self.up_proj(x))
+
+    def forward(self, x):
+        g, u = self.gate_up(x)  # (fx unpacks a chunk only into named targets)
+        return self.down_proj(self.FORMS[self.form](g, u))
+
+    def bracketed(self, x):
+        """The same FFN written as F.silu(gate) * up: the reference the forms must equal."""
+        g, u = self.gate_up(x)
+        return self.down_proj(F.silu(g) * u)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["separate", "fused"])
+@pytest.mark.parametrize("form", list(UnbracketedSwiGLU.FORMS))
+def test_swiglu_without_brackets_is_a_gated_region_and_converts(form, fused):
+    torch.manual_seed(0)
+    dense, x = UnbracketedSwiGLU(form, fused).eval(), torch.randn(3, 5, 8)
+    torch.testing.assert_close(dense(x), dense.bracketed(x))  # the form is SwiGLU: the test's own premise
+    gm = trace(dense)
+    (region,) = FindFFNRegions()(gm).analysis
+    assert (region.kind, region.activation) == ("gated", "silu")
+    assert region.linears == ({"gate_up": "gate_up_proj", "down": "down_proj"} if fused else
+                              {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"})
+    assert (region.d_model, region.d_ff, region.d_out) == (8, 16, 8)
+    # the whole forward is the FFN: every node the trace computes (the sigmoid, both products) is replaced
+    assert region.nodes == [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+    assert len(region.nodes) == (8 if fused else 6)
+
+    result = moeify.convert(dense, moeify.MoEConfig(num_experts=4, top_k=2), example_inputs=(x,))
+    assert [r.name for r in result.report.regions] == ["moe"]
+    graph = result.model._moeify_graph_module.graph
+    assert not any(n.target in (torch.sigmoid, "sigmoid", operator.mul, "mul") for n in graph.nodes)
+    torch.testing.assert_close(result.model.eval()(x), dense(x), rtol=1e-5, atol=1e-6)
+
+
+class SwiGLUNearMiss(UnbracketedSwiGLU):
+    """Products that look like unbracketed SwiGLU but compute something else, or leak an intermediate."""
+
+    MISSES = {
+        "other gate": lambda m, x, g, u: m.down_proj(u * g * torch.sigmoid(m.other(x))),
+        "shifted sigmoid": lambda m, x, g, u: m.down_proj(u * g * torch.sigmoid(g + 1.0)),
+        "extra tensor": lambda m, x, g, u: m.down_proj(u * g * torch.sigmoid(g) * m.other(x)),
+        "extra number": lambda m, x, g, u: m.down_proj(u * g * torch.sigmoid(g) * 2.0),
+        "up twice": lambda m, x, g, u: m.down_proj(u * g * torch.sigmoid(g) * u),
+        "sigmoid of a sum": lambda m, x, g, u: m.down_proj(u * g * torch.sigmoid(g + u)),
+        "no activation": lambda m, x, g, u: m.down_proj(u * g * 2.0),
+        "leaks up*g": lambda m, x, g, u: (lambda ug: m.down_proj(ug * torch.sigmoid(g)) + ug.sum())(u * g),
+        "leaks sigmoid": lambda m, x, g, u: (lambda s: m.down_proj(u * g * s) + s.sum())(torch.sigmoid(g)),
+        "leaks gate": lambda m, x, g, u: m.down_proj(u * g * torch.sigmoid(g)) + g.sum(),
+        "leaks up": lambda m, x, g, u: m.down_proj(u * g * torch.sigmoid(g)) + u.sum(),
+    }
+
+    def __init__(self, miss, fused=False):
+        super().__init__("up*g*sig", fused)
+        self.miss, self.other = miss, nn.Linear(8, 16, bias=False)
+
+    def forward(self, x):
+        g, u = self.gate_up(x)
+        return self.MISSES[self.miss](self, x, g, u)
+
+
+@pytest.mark.parametrize("miss, reason", [
+    ("other gate", "mul_1 = up_proj * gate_proj * sigmoid multiplies 3 tensors (up_proj, gate_proj, other)"),
+    ("shifted sigmoid", "gate_proj * sigmoid, computed from gate_proj, is not a supported activation"),
+    ("extra tensor", "multiplies 3 tensors (up_proj, gate_proj, other)"),
+    ("extra number", "gate_proj * sigmoid * 2.0, computed from gate_proj, is not a supported activation"),
+    ("up twice", "neither up_proj nor gate_proj is a factor on its own"),
+    ("sigmoid of a sum", "sigmoid is computed from several tensors"),
+    ("no activation", "no activation is applied to up_proj or gate_proj"),
+    ("leaks up*g", "mul is used outside the gated FFN (mul_1, sum_1)"),
+    ("leaks sigmoid", "sigmoid is used outside the gated FFN"),
+    ("leaks gate", "gate_proj is used outside the gated FFN"),
+    ("leaks up", "up_proj is used outside the gated FFN"),
+])
+def test_swiglu_without_brackets_near_misses_are_refused(miss, reason):
+    result = find(SwiGLUNearMiss(miss))
+    assert result.analysis == []
+    assert any(s.where == "gate_proj" and reason in s.reason for s in result.skipped), result.skipped
+
+
+@pytest.mark.parametrize("miss, reason", [
+    ("other gate", "multiplies 3 tensors (getitem_1, getitem, other)"),
+    ("extra number", "getitem * sigmoid * 2.0, computed from getitem, is not a supported activation"),
+    ("leaks up*g", "mul is used outside the gated FFN"),
+    ("leaks sigmoid", "sigmoid is used outside the gated FFN"),
+    ("leaks gate", "getitem is used outside the gated FFN"),
+    ("leaks up", "getitem_1 is used outside the gated FFN"),
+])
+def test_fused_swiglu_without_brackets_near_misses_are_refused(miss, reason):
+    result = find(SwiGLUNearMiss(miss, fused=True))
+    assert result.analysis == []
+    assert any(s.where == "gate_up_proj" and reason in s.reason for s in result.skipped), result.skipped
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["separate", "fused"])
+def test_a_written_out_gelu_gate_is_read_through_the_product_too(fused):
+    """The same reading serves any written-out activation, GELU included, bracketed or not."""
+    class GeGLU(UnbracketedSwiGLU):
+        def forward(self, x):
+            g, u = self.gate_up(x)
+            return self.down_proj(u * 0.5 * g * (1.0 + torch.erf(g / math.sqrt(2.0))))
+
+    torch.manual_seed(0)
+    dense, x = GeGLU("up*g*sig", fused).eval(), torch.randn(5, 8)
+    (region,) = find(dense).analysis
+    assert (region.kind, region.activation) == ("gated", "gelu")
+    model = moeify.convert(dense, moeify.MoEConfig(num_experts=4, top_k=2), example_inputs=(x,)).model
+    g, u = dense.gate_up(x)
+    torch.testing.assert_close(model(x), dense.down_proj(F.gelu(g) * u), atol=1e-5, rtol=1e-5)
