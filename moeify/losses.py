@@ -54,15 +54,26 @@ def token_mask(model: nn.Module, mask: torch.Tensor) -> Iterator[None]:
     layer's input, in the order the layer flattens its leading dims (row-major: a (B, S) mask for a
     (B, S, D) input; a sequence-first layer needs the (S, B) mask). Every MoE layer under `model` must see
     that many tokens, or its forward raises `TokenMaskError`: mask an encoder-decoder's two stacks
-    apart, `token_mask(model.encoder, src_mask)` and `token_mask(model.decoder, tgt_mask)`.
+    apart, `token_mask(model.encoder, src_mask)` and `token_mask(model.decoder, tgt_mask)`. Only the
+    number of tokens can be checked: a (B, S) mask given to a sequence-first layer, or an encoder's mask
+    reaching a decoder of the same length, is taken as it comes.
+
+    The backward may run after the block: a forward that activation checkpointing recomputes there
+    uses the mask of the layer's last forward (run each forward's backward before the next forward, as
+    training loops do). A copy or pickle of the model made inside the block carries no mask.
     """
+    if not isinstance(model, nn.Module) and isinstance(getattr(model, "model", None), nn.Module):
+        model = model.model  # a ConversionResult
     if not isinstance(mask, torch.Tensor):
         raise TokenMaskError(f"token_mask takes a tensor, not {type(mask).__name__}: pass the batch's attention "
                              "mask (1 for tokens, 0 for padding)")
+    if mask.is_meta or mask.is_complex():
+        raise TokenMaskError(f"the token mask is a {'meta' if mask.is_meta else mask.dtype} tensor: pass the batch's "
+                             "0/1 attention mask as a real tensor with values")
     if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
         raise TokenMaskError("the token mask holds values other than 0 and 1 (an additive attention mask?): pass "
                              "the 0/1 attention mask, 1 for tokens and 0 for padding")
-    keep_T = mask.detach().reshape(-1).to(torch.bool)
+    keep_T = mask.detach().reshape(-1).to(torch.bool, copy=True)  # a snapshot: later edits of `mask` change nothing
     layers = {name: m for name, m in model.named_modules() if isinstance(m, MoELayer)}
     if not layers:
         raise TokenMaskError(f"{type(model).__name__} holds no MoE layer: pass the converted model "

@@ -174,11 +174,20 @@ def test_a_mask_that_does_not_fit_names_the_layer():
 @pytest.mark.parametrize("mask, message", [
     (torch.tensor([[0.0, float("-inf")]]), "other than 0 and 1"),
     ([[1, 0]], "takes a tensor, not list"),
+    (torch.ones(2, 3, dtype=torch.complex64), "complex64 tensor"),
+    (torch.ones(2, 3, device="meta"), "meta tensor"),
 ])
 def test_bad_masks_are_refused(mask, message):
     with pytest.raises(TokenMaskError, match=message):
         with moeify.token_mask(perturbed_layer(router="topk", top_k=2), mask):
             pass
+
+
+def test_a_one_entry_mask_names_its_size_in_the_singular():
+    layer = perturbed_layer(router="topk", top_k=2)
+    with pytest.raises(TokenMaskError, match="has 1 entry but MoE layer 'MoELayer' sees 3 tokens"):
+        with moeify.token_mask(layer, torch.ones(1)):
+            layer(torch.randn(3, D))
 
 
 def test_a_model_without_moe_layers_is_refused():
@@ -222,3 +231,62 @@ def test_a_masked_dropless_layer_compiles_whole(name, row_wise_noise):
     torch.testing.assert_close(out, eager_out)
     for key, value in layer.aux.last_losses.items():
         torch.testing.assert_close(value, eager_losses[key], msg=key)
+
+
+def masked_step(model, x, mask, checkpoint):
+    """Forward inside the block, backward after it (as a training loop runs them); the gradients."""
+    model.zero_grad(set_to_none=True)
+    with moeify.token_mask(model, mask):
+        out = torch.utils.checkpoint.checkpoint(model, x, use_reentrant=False) if checkpoint else model(x)
+    (out.square().mean() + moeify.aux_loss(model)).backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("name", ["topk", "switch-capacity", "expert-choice"])
+def test_checkpoint_recompute_after_the_block_uses_the_forwards_mask(name):
+    """Non-reentrant checkpointing recomputes the forward inside the backward, after the block has
+    ended: the recompute must route and weigh as the forward did (it raised CheckpointError, or with
+    no loss to tell, silently trained on another routing)."""
+    layer = perturbed_layer(**ROUTERS[name])
+    x, mask = padded_batch()
+    mask = mask.flip(-1)  # left padding: capacity then differs with and without the mask
+    plain = masked_step(layer, x, mask, checkpoint=False)
+    recomputed = masked_step(layer, x, mask, checkpoint=True)
+    assert plain.keys() == recomputed.keys() and len(plain) >= 4
+    for key in plain:
+        torch.testing.assert_close(recomputed[key], plain[key], msg=key)
+
+
+def test_a_copy_made_inside_the_block_carries_no_mask():
+    import copy
+    import pickle
+
+    layer = perturbed_layer(**ROUTERS["topk"])
+    x, mask = padded_batch()
+    with moeify.token_mask(layer, mask):
+        copies = [copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))]
+    for twin in copies:
+        assert twin.router.token_mask is None
+        twin(x)
+        assert twin.aux.last_stats["num_tokens"] == x.shape[0] * x.shape[1]
+
+
+def test_the_mask_is_a_snapshot():
+    """Editing the mask in place after the block changes neither the statistics nor the backward."""
+    layer = perturbed_layer(**ROUTERS["topk"])
+    x, mask = padded_batch()
+    keep = mask.bool()
+    with moeify.token_mask(layer, keep):
+        out = layer(x)
+    keep.fill_(True)
+    (out.sum() + moeify.aux_loss(layer)).backward()
+    assert layer.aux.last_stats["num_tokens"] == mask.sum()
+
+
+def test_a_conversion_result_is_taken_for_its_model():
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, D)
+    result = moeify.convert(Stack(), moeify.MoEConfig(num_experts=E, top_k=2), example_inputs=(x,))
+    with moeify.token_mask(result, torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])):
+        result.model(x)
+    assert moeify.router_stats(result.model)[0].num_tokens == 8

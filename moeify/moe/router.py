@@ -142,6 +142,7 @@ class _RouterBase(nn.Module):
         self.capacity: nn.Module | None = None  # a CapacityLimit, set by make_router
         self.loss_names: frozenset[str] | None = None  # set by MoELayer from its coefficients; None: all
         self.token_mask: TokenMask | None = None  # set inside `moeify.token_mask`; None: every token counts
+        self._forward_mask: TokenMask | None = None  # the mask of the last forward (for checkpoint recomputes)
 
     def wants(self, name: str) -> bool:
         """Whether to compute the loss `name`. A router on its own computes every loss; inside an
@@ -158,16 +159,33 @@ class _RouterBase(nn.Module):
         return router_linear(self.gate, x_TD)
 
     def counted(self, x_TD: torch.Tensor) -> torch.Tensor | None:
-        """The `TokenMask`'s bool (T,) for these tokens, or None when every token counts."""
+        """The `TokenMask`'s bool (T,) for these tokens, or None when every token counts.
+
+        A forward that activation checkpointing recomputes inside the backward (non-reentrant: after the
+        `token_mask` block has ended, as a training loop runs it) takes the mask of the last forward, so
+        the recompute routes and weighs as the forward did (under torch.compile the recompute is part of
+        the compiled graph and needs nothing)."""
         mask = self.token_mask
+        if not torch.compiler.is_compiling():
+            if torch._C._current_graph_task_id() != -1:  # running inside a backward: a checkpoint recompute
+                mask = self._forward_mask
+            else:
+                self._forward_mask = mask
         if mask is None:
             return None
         if mask.keep_T.shape[0] != x_TD.shape[0]:
             raise TokenMaskError(
-                f"the token mask has {mask.keep_T.shape[0]} entries but MoE layer {mask.layer!r} sees "
-                f"{x_TD.shape[0]} tokens: give moeify.token_mask the submodule whose MoE layers see the masked "
-                "positions (e.g. model.encoder), with one mask entry per position of their input")
+                f"the token mask has {mask.keep_T.shape[0]} entr{'y' if mask.keep_T.shape[0] == 1 else 'ies'} but "
+                f"MoE layer {mask.layer!r} sees {x_TD.shape[0]} tokens in this call: give moeify.token_mask the "
+                "module whose MoE layers all see the masked batch (an encoder-decoder's stacks apart, "
+                "token_mask(model.encoder, src_mask)), and run generation and ONNX export outside the block")
         return mask.keep_T.to(x_TD.device)
+
+    def __getstate__(self) -> dict:
+        """A copy or a pickle starts without a token mask: the mask belongs to the block it was made in."""
+        state = dict(self.__dict__)
+        state.update(token_mask=None, _forward_mask=None)
+        return state
 
     def finish(self, routing: Routing) -> Routing:
         """Apply the capacity limit, if any (it records "dropped_fraction")."""
