@@ -53,10 +53,11 @@ def token_mask(model: nn.Module, mask: torch.Tensor) -> Iterator[None]:
     `mask` (bool, or 0/1 of any dtype, such as an attention mask) has one entry per token of each MoE
     layer's input, in the order the layer flattens its leading dims (row-major: a (B, S) mask for a
     (B, S, D) input; a sequence-first layer needs the (S, B) mask). Every MoE layer under `model` must see
-    that many tokens, or its forward raises `TokenMaskError`: mask an encoder-decoder's two stacks
-    apart, `token_mask(model.encoder, src_mask)` and `token_mask(model.decoder, tgt_mask)`. Only the
-    number of tokens can be checked: a (B, S) mask given to a sequence-first layer, or an encoder's mask
-    reaching a decoder of the same length, is taken as it comes.
+    that many tokens, laid out as the mask when the layer's input has as many leading dims (a (B, S)
+    mask given to a sequence-first (S, B, D) layer is refused), or its forward raises `TokenMaskError`:
+    mask an encoder-decoder's two stacks apart, `token_mask(model.encoder, src_mask)` and
+    `token_mask(model.decoder, tgt_mask)`. An encoder's mask reaching a decoder of the same length
+    cannot be told apart, nor a flattened (B*S,) mask from its order.
 
     The backward may run after the block: a forward that activation checkpointing recomputes there
     uses the mask of the layer's last forward (run each forward's backward before the next forward, as
@@ -80,7 +81,7 @@ def token_mask(model: nn.Module, mask: torch.Tensor) -> Iterator[None]:
                              "(moeify.convert(...).model) or the submodule holding its MoE layers")
     previous = {name: layer.router.token_mask for name, layer in layers.items()}
     for name, layer in layers.items():
-        layer.router.token_mask = TokenMask(keep_T, name or type(layer).__name__)
+        layer.router.token_mask = TokenMask(keep_T, name or type(layer).__name__, tuple(mask.shape))
     try:
         yield
     finally:

@@ -13,7 +13,7 @@ afterwards, so the training path is never touched. The converted owners' graphs 
 `<layer>.router / .dispatch / .experts / .combine / .aux` by attribute (see
 passes/rewrite_to_moe.py), so the stand-ins see exactly the calls the real modules see:
 
-    router(x_TD)           -> logits_TE               (the op takes LOGITS: it applies softmax + top-k)
+    router(x_TD, x)        -> logits_TE               (the op takes LOGITS: it applies softmax + top-k)
     dispatch(x_TD, logits) -> (x_TD, plan)            (no permutation; plan.counts_E carries the logits)
     experts(x_TD, logits)  -> y_TO                    (the whole routed MoE: the custom op or portable code)
     combine(y_TO, plan)    -> y_TO;  aux(...) -> None (aux losses are a training concern)
@@ -276,7 +276,7 @@ class _RouterLogits(nn.Module):
         super().__init__()
         self.gate = router.gate  # same Linear: parameter names stay <layer>.router.gate.*
 
-    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_TD: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
         return self.gate(x_TD.float())
 
 

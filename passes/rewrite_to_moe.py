@@ -43,7 +43,7 @@ def emit_moe_subgraph(graph: fx.Graph, name: str, layer: MoELayer, x: fx.Node, s
         return node
 
     x_TD = tag(graph.call_function(flatten_tokens, (x, layer.d_model)), "flatten")
-    routing = tag(graph.call_module(f"{name}.router", (x_TD,)), "router")
+    routing = tag(graph.call_module(f"{name}.router", (x_TD, x)), "router")  # x: the token mask's layout check
     dispatched = tag(graph.call_module(f"{name}.dispatch", (x_TD, routing)), "dispatch")
     x_ND = graph.call_function(operator.getitem, (dispatched, 0))
     plan = graph.call_function(operator.getitem, (dispatched, 1))

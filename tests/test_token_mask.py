@@ -290,3 +290,33 @@ def test_a_conversion_result_is_taken_for_its_model():
     with moeify.token_mask(result, torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])):
         result.model(x)
     assert moeify.router_stats(result.model)[0].num_tokens == 8
+
+
+def test_a_batch_first_mask_on_a_sequence_first_layer_is_refused():
+    """nn.Transformer's key padding masks are (B, S) even for sequence-first layers: the layout, not only
+    the count, is checked where the layer's input has as many leading dims as the mask."""
+    layer = perturbed_layer(router="topk", top_k=2)
+    x_SBD, mask_BS = torch.randn(6, 3, D), padded_batch()[1]
+    with pytest.raises(TokenMaskError, match=r"is \(3, 6\) but .* laid out \(6, 3\).*sequence-first: pass the mask "
+                                             "transposed"):
+        with moeify.token_mask(layer, mask_BS):
+            layer(x_SBD)
+    with moeify.token_mask(layer, mask_BS.T):
+        _, masked, stats = run(layer, x_SBD)
+    _, alone, _ = run(layer, x_SBD[mask_BS.T.bool()])
+    assert stats["num_tokens"] == mask_BS.sum()
+    torch.testing.assert_close(masked["load_balance"], alone["load_balance"])
+
+
+def test_a_converted_sequence_first_encoder_checks_the_layout():
+    torch.manual_seed(0)
+    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(D, 2, FF, dropout=0.0), 1, enable_nested_tensor=False)
+    x_SBD = torch.randn(6, 3, D)
+    model = moeify.convert(encoder, moeify.MoEConfig(num_experts=E, top_k=2), example_inputs=(x_SBD,)).model
+    mask_BS = padded_batch()[1]
+    with pytest.raises(TokenMaskError, match="sequence-first"):
+        with moeify.token_mask(model, mask_BS):
+            model(x_SBD)
+    with moeify.token_mask(model, mask_BS.T):
+        model(x_SBD)
+    assert moeify.router_stats(model)[0].num_tokens == mask_BS.sum()

@@ -245,7 +245,7 @@ class MoELayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_TD = flatten_tokens(x, self.d_model)
-        routing = self.router(x_TD)
+        routing = self.router(x_TD, x)
         x_ND, plan = self.dispatch(x_TD, routing)
         y_ND = self.experts(x_ND, plan.counts_E)
         y_TD = self.combine(y_ND, plan)

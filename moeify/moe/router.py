@@ -52,7 +52,8 @@ class Routing(NamedTuple):
 class TokenMask(NamedTuple):
     """Which of a layer's tokens count, set on its router by `moeify.token_mask` for one block."""
     keep_T: torch.Tensor  # bool, one entry per token of the layer's input, in its flattened order
-    layer: str  # the layer's name, for the error when the layer sees another number of tokens
+    layer: str  # the layer's name, for the error when the layer sees other tokens
+    shape: tuple[int, ...]  # the mask's shape as given, checked against the layer input's leading dims
 
 
 def per_assignment(keep_T: torch.Tensor | None, k: int) -> torch.Tensor | None:
@@ -158,8 +159,10 @@ class _RouterBase(nn.Module):
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
         return router_linear(self.gate, x_TD)
 
-    def counted(self, x_TD: torch.Tensor) -> torch.Tensor | None:
-        """The `TokenMask`'s bool (T,) for these tokens, or None when every token counts.
+    def counted(self, x_TD: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor | None:
+        """The `TokenMask`'s bool (T,) for these tokens, or None when every token counts. `x`, the layer's
+        input before its leading dims were flattened (None: not known), must have the mask's layout when
+        it has as many leading dims: a (B, S) mask does not fit a sequence-first (S, B) layer.
 
         A forward that activation checkpointing recomputes inside the backward (non-reentrant: after the
         `token_mask` block has ended, as a training loop runs it) takes the mask of the last forward, so
@@ -179,6 +182,12 @@ class _RouterBase(nn.Module):
                 f"MoE layer {mask.layer!r} sees {x_TD.shape[0]} tokens in this call: give moeify.token_mask the "
                 "module whose MoE layers all see the masked batch (an encoder-decoder's stacks apart, "
                 "token_mask(model.encoder, src_mask)), and run generation and ONNX export outside the block")
+        lead = () if x is None else tuple(x.shape[:-1])
+        if len(lead) == len(mask.shape) and lead != mask.shape:
+            fix = ("it is laid out sequence-first: pass the mask transposed" if lead == mask.shape[::-1]
+                   else "pass a mask laid out as its input's leading dims")
+            raise TokenMaskError(f"the token mask is {tuple(mask.shape)} but MoE layer {mask.layer!r} sees tokens laid "
+                                 f"out {lead}: {fix}")
         return mask.keep_T.to(x_TD.device)
 
     def __getstate__(self) -> dict:
@@ -230,10 +239,10 @@ class TopKRouter(_RouterBase):
         order = "softmax->topk" if self.softmax_before_topk else "topk->softmax"
         return f"top_k={self.top_k}, {order}, normalize={self.normalize}, preserve_scale={self.preserve_scale}"
 
-    def forward(self, x_TD: torch.Tensor) -> Routing:
+    def forward(self, x_TD: torch.Tensor, x: torch.Tensor | None = None) -> Routing:
         logits_TE = self.logits(x_TD)
         gate_TK, idx_TK, probs_TE = topk_gates(logits_TE, self.top_k, self.softmax_before_topk, self.normalize)
-        return self.token_choice(idx_TK, gate_TK, logits_TE, probs_TE, self.counted(x_TD))
+        return self.token_choice(idx_TK, gate_TK, logits_TE, probs_TE, self.counted(x_TD, x))
 
 
 class SwitchRouter(_RouterBase):
@@ -251,14 +260,14 @@ class SwitchRouter(_RouterBase):
     def extra_repr(self) -> str:
         return f"top_k=1, jitter={self.jitter}, preserve_scale={self.preserve_scale}"
 
-    def forward(self, x_TD: torch.Tensor) -> Routing:
+    def forward(self, x_TD: torch.Tensor, x: torch.Tensor | None = None) -> Routing:
         if self.training and self.jitter > 0:
             noise = torch.empty_like(x_TD, dtype=torch.float32).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
             x_TD = x_TD.float() * noise
         logits_TE = self.logits(x_TD)
         probs_TE = logits_TE.softmax(dim=-1)
         gate_T1, idx_T1 = probs_TE.max(dim=-1, keepdim=True)
-        return self.token_choice(idx_T1, gate_T1, logits_TE, probs_TE, self.counted(x_TD))
+        return self.token_choice(idx_T1, gate_T1, logits_TE, probs_TE, self.counted(x_TD, x))
 
 
 class NoisyTopKRouter(_RouterBase):
@@ -287,11 +296,11 @@ class NoisyTopKRouter(_RouterBase):
         super().init_weights(scale, generator)
         nn.init.zeros_(self.noise.weight)
 
-    def forward(self, x_TD: torch.Tensor) -> Routing:
+    def forward(self, x_TD: torch.Tensor, x: torch.Tensor | None = None) -> Routing:
         clean_TE, noisy_TE, std_TE = noisy_logits(x_TD, self.gate, self.noise, self.noise_eps, self.training)
         gate_TK, idx_TK = keep_topk_softmax(noisy_TE, self.top_k)
         probs_TE = noisy_TE.softmax(dim=-1)
-        keep_T = self.counted(x_TD)
+        keep_T = self.counted(x_TD, x)
         extra = {}
         if self.wants("load"):
             extra["load"] = (losses.load_loss(clean_TE, noisy_TE, std_TE, self.top_k, keep_T) if self.training
@@ -325,11 +334,11 @@ class ExpertChoiceRouter(_RouterBase):
     def extra_repr(self) -> str:
         return f"top_k={self.top_k}, capacity={self.capacity_factor}, preserve_scale={self.preserve_scale}"
 
-    def forward(self, x_TD: torch.Tensor) -> Routing:
+    def forward(self, x_TD: torch.Tensor, x: torch.Tensor | None = None) -> Routing:
         logits_TE = self.logits(x_TD)
         probs_TE = logits_TE.softmax(dim=-1)
         T, E = probs_TE.shape
-        keep_T = self.counted(x_TD)
+        keep_T = self.counted(x_TD, x)
         if keep_T is None:
             C = expert_choice_capacity(T, self.top_k, self.capacity_factor, E)
             gate_EC, token_EC = probs_TE.t().topk(C, dim=-1)
@@ -409,7 +418,7 @@ class HierarchicalRouter(_RouterBase):
                     else torch.zeros_like(clean).scatter(1, idx, 1.0))
         return clean, fill_gates(g, self.preserve_scale), idx, probs, load
 
-    def forward(self, x_TD: torch.Tensor) -> Routing:
+    def forward(self, x_TD: torch.Tensor, x: torch.Tensor | None = None) -> Routing:
         T, G, M, J, K = x_TD.shape[0], self.num_groups, self.per_group, self.group_top_k, self.expert_top_k
         p_clean_TG, p_gate_TJ, p_idx_TJ, p_probs_TG, p_load_TG = self._level(
             x_TD, self.primary_gate, self.primary_noise if self.noisy else None, J, 1)
@@ -424,7 +433,7 @@ class HierarchicalRouter(_RouterBase):
         probs_TE = (p_probs_TG.unsqueeze(-1) * s_probs.reshape(T, G, M)).reshape(T, G * M)
         logits_TGM = p_clean_TG.log_softmax(-1).unsqueeze(-1) + s_clean.log_softmax(-1).reshape(T, G, M)
         logits_TE = logits_TGM.reshape(T, G * M)
-        keep_T = self.counted(x_TD)  # the losses below are over the counted tokens
+        keep_T = self.counted(x_TD, x)  # the losses below are over the counted tokens
         found = {}
         if self.wants("load_balance"):
             found["load_balance"] = losses.load_balancing_loss(probs_TE, expert_N, self.num_experts, keep_T,
