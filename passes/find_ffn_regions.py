@@ -5,6 +5,7 @@
     g, u = Linear_gate_up(x).chunk(2, -1); act(g) * u -> ... -> Linear => FFNRegion(kind="gated"),
                                                                          gate and up fused (Phi-3)
     up * g * torch.sigmoid(g), bracketed and ordered any way -> Linear => FFNRegion(kind="gated", act="silu")
+    up * g / (1 + torch.exp(-g)), the divisor from the gate alone -> Linear => FFNRegion(kind="gated", act="silu")
     LSTM -> Linear -> LSTM                                        => FFNRegion(kind="projection")
                                                                      (find_lstm_projection)
 
@@ -14,7 +15,8 @@ written out as elementwise operations (ESM's `x * 0.5 * (1 + torch.erf(x / sqrt(
 same way: `ops.inline_activation`). A gated product is read through its multiplications, its factors
 grouped by the tensor each is computed from (`_Product`): one factor must be up on its own, and the
 others together a supported activation of the gate, probed as one (`ops.probe_product`), so
-`up * g * torch.sigmoid(g)` is SwiGLU however it is bracketed, plain or fused.
+`up * g * torch.sigmoid(g)` is SwiGLU however it is bracketed, plain or fused. A division is read the
+same way, its denominator a divisor of the probe: up must multiply, never divide.
 Each rule has a `match` that returns the region, or a `Skip` saying why a near-match was refused and how to
 make it eligible. Every Linear-like node not claimed by a region is reported as refused.
 """
@@ -170,53 +172,64 @@ class MLPRule:
                          p1.in_features, p1.out_features, p2.out_features, p1.bias is not None, p)
 
 
+def _written(factors: list[fx.Node | float], divisors: list[fx.Node | float]) -> str:
+    def name(f):
+        return f.name if isinstance(f, fx.Node) else repr(f)
+    return (" * ".join(map(name, factors)) or "1") + "".join(f" / {name(d)}" for d in divisors)
+
+
 @dataclass(eq=False)
 class _Product:
-    """What a multiplication node computes, read through the multiplications under it
-    (`ops.product_factors`), so that `up * g * torch.sigmoid(g)`, `g * up * torch.sigmoid(g)` and
-    `(g * torch.sigmoid(g)) * up` read alike: its factors, grouped by the one tensor each is computed
-    from, through elementwise operations or one activation node (`F.silu(g)`, `self.act(g)`)."""
+    """What a multiplication or division node computes, read through the multiplications and
+    numerators under it (`ops.product_factors`), so that `up * g * torch.sigmoid(g)`,
+    `g * up * torch.sigmoid(g)`, `(g * torch.sigmoid(g)) * up` and `up * g / (1 + torch.exp(-g))` read
+    alike: its factors and divisors, grouped by the one tensor each is computed from, through
+    elementwise operations or one activation node (`F.silu(g)`, `self.act(g)`)."""
 
     root: fx.Node
-    muls: list[fx.Node]  # root and the multiplications under it
-    factors: list[fx.Node | float]  # as written
-    groups: dict[fx.Node, list[fx.Node]]  # source -> the factors computed from it
+    muls: list[fx.Node]  # root and the multiplications (and divisions) under it
+    factors: list[fx.Node | float]  # what multiplies, as written
+    divisors: list[fx.Node | float]  # what divides, as written
+    groups: dict[fx.Node, list[fx.Node]]  # source -> the factors and divisors computed from it
     derived: dict[fx.Node, set[fx.Node]]  # source -> the nodes between it and its factors
     named: dict[fx.Node, str]  # factors that are one activation node, by activation
     mixed: list[fx.Node]  # factors computed from several tensors (or through too many nodes)
 
-    @property
-    def constants(self) -> list[float]:
-        return [f for f in self.factors if not isinstance(f, fx.Node)]
-
     def written(self) -> str:
-        return " * ".join(f.name if isinstance(f, fx.Node) else repr(f) for f in self.factors)
+        return _written(self.factors, self.divisors)
+
+    def of(self, gate: fx.Node) -> tuple[list[fx.Node | float], list[fx.Node | float]]:
+        """(factors, divisors) computed from `gate`, and the numbers, which go with the gate."""
+        def keep(f):
+            return not isinstance(f, fx.Node) or f in self.groups[gate]
+        return [f for f in self.factors if keep(f)], [d for d in self.divisors if keep(d)]
 
     def activation(self, gate: fx.Node) -> str | None:
-        """The supported activation the factors computed from `gate` (and the numbers) make together."""
-        factors = self.groups[gate]
-        if len(factors) == 1 and not self.constants and factors[0] in self.named:
+        """The supported activation the factors and divisors computed from `gate` (and the numbers)
+        make together."""
+        factors, divisors = self.of(gate)
+        if len(factors) == 1 and not divisors and factors[0] in self.named:
             return self.named[factors[0]]
         nodes = self.derived[gate]
         if not all(ops.is_elementwise(n) for n in nodes):  # an activation module among other factors
             return None
         order = {n: i for i, n in enumerate(self.root.graph.nodes)}
-        return ops.probe_product(gate, sorted(nodes, key=order.__getitem__), [*factors, *self.constants])
+        return ops.probe_product(gate, sorted(nodes, key=order.__getitem__), factors, divisors)
 
 
 def _product_at(mul: fx.Node, gm: fx.GraphModule) -> _Product | None:
-    """The product `mul` computes, read at the outermost multiplication only: one whose only user
-    multiplies it again is part of a larger product, read there."""
+    """The product `mul` (a multiplication or division) computes, read at the outermost one only: one
+    whose only user multiplies it again, or divides it, is part of a larger product, read there."""
     user = ops.single_user(mul)
-    if user is not None and ops.is_plain_mul(user):
+    if user is not None and (ops.is_plain_mul(user) or (ops.is_plain_div(user) and user.args[0] is mul)):
         return None
     found = ops.product_factors(mul)
     if found is None:
         return None
-    factors, muls = found
-    product = _Product(mul, muls, factors, {}, {}, {}, [])
+    factors, divisors, muls = found
+    product = _Product(mul, muls, factors, divisors, {}, {}, {}, [])
     source_of: dict[fx.Node, fx.Node] = {}
-    for f in dict.fromkeys(f for f in factors if isinstance(f, fx.Node)):
+    for f in dict.fromkeys(f for f in [*factors, *divisors] if isinstance(f, fx.Node)):
         act, _ = ops.activation_of(f, gm)
         if act and f.args and isinstance(f.args[0], fx.Node):
             source, inside = f.args[0], {f}
@@ -228,7 +241,7 @@ def _product_at(mul: fx.Node, gm: fx.GraphModule) -> _Product | None:
             continue
         source_of[f] = source
         product.derived.setdefault(source, set()).update(inside)
-    for f in factors:  # every occurrence: g * g is two factors of g
+    for f in [*factors, *divisors]:  # every occurrence: g * g is two factors of g
         if f in source_of:
             product.groups.setdefault(source_of[f], []).append(f)
     return product
@@ -236,16 +249,18 @@ def _product_at(mul: fx.Node, gm: fx.GraphModule) -> _Product | None:
 
 def _act_products(product: _Product, is_projection):
     """(activation, its nodes in graph order, gate, up) for each way of reading `product` as
-    act(gate) * up: `up` a factor on its own, every other factor computed from `gate` alone and
-    together a supported activation of it (`ops.probe_product`), both accepted by `is_projection`.
+    act(gate) * up: `up` a factor on its own (never a divisor), every other factor and divisor
+    computed from `gate` alone and together a supported activation of it (`ops.probe_product`), both
+    accepted by `is_projection`.
 
-    The activation's nodes are those between gate and the factors and the multiplications under
-    the product's root: `up * g * torch.sigmoid(g)` is SiLU(g) * up whichever way it is bracketed.
+    The activation's nodes are those between gate and the factors and the operations under the
+    product's root: `up * g * torch.sigmoid(g)` and `up * g / (1 + torch.exp(-g))` are SiLU(g) * up
+    whichever way they are bracketed.
     """
     if len(product.groups) != 2 or product.mixed:
         return
     for gate, up in (tuple(product.groups), tuple(product.groups)[::-1]):
-        if product.groups[up] != [up] or not (is_projection(gate) and is_projection(up)):
+        if product.groups[up] != [up] or up not in product.factors or not (is_projection(gate) and is_projection(up)):
             continue
         act = product.activation(gate)
         if act is not None:
@@ -267,7 +282,7 @@ def _product_refusal(product: _Product, gm: fx.GraphModule) -> Skip | None:
     projections, feeding a Linear) is not act(gate(x)) * up(x), or None if it is read as one or is not
     written like one."""
     projections = [s for s in product.groups if _projection(s, gm) is not None]
-    if len(product.factors) < 3 or len(projections) < 2 or not _feeds_linear(product.root, gm):
+    if len(product.factors) + len(product.divisors) < 3 or len(projections) < 2 or not _feeds_linear(product.root, gm):
         return None
     if any(_act_products(product, lambda n: _projection(n, gm) is not None)):
         return None
@@ -278,15 +293,16 @@ def _product_refusal(product: _Product, gm: fx.GraphModule) -> Skip | None:
     elif len(product.groups) > 2:
         reason = (f"{head} multiplies {len(product.groups)} tensors ({', '.join(s.name for s in product.groups)}), "
                   "not a gate and an up projection")
-    elif all(product.groups[s] != [s] for s in product.groups):
+    elif not (alone := [s for s in product.groups if product.groups[s] == [s]]):
         reason = f"{head}: neither {' nor '.join(s.name for s in product.groups)} is a factor on its own, as up(x) is"
+    elif not any(s in product.factors for s in alone):
+        reason = f"{head}: {alone[0].name} divides the product, as up(x) must not"
     else:  # two tensors, one a factor on its own, but the other's factors make no supported activation
-        gate = next((s for s in product.groups if product.groups[s] != [s]), None)
+        gate = next((s for s in product.groups if product.groups[s] != [s] or s not in product.factors), None)
         if gate is None:
             reason = f"{head}: no activation is applied to {' or '.join(s.name for s in product.groups)}"
         else:
-            written = " * ".join([*(f.name for f in product.groups[gate]), *map(repr, product.constants)])
-            reason = f"{head}: {written}, computed from {gate.name}, is not a supported activation"
+            reason = f"{head}: {_written(*product.of(gate))}, computed from {gate.name}, is not a supported activation"
     return Skip(where, reason, f"gated FFNs are act(gate(x)) * up(x) -> down, act one of "
                                f"{'/'.join(ops.SUPPORTED_ACTIVATIONS)} (SiLU also as gate * sigmoid(gate))")
 

@@ -226,39 +226,50 @@ def is_plain_mul(node: fx.Node) -> bool:
     return is_mul(node) and len(node.args) == 2 and not node.kwargs
 
 
+def is_plain_div(node: fx.Node) -> bool:
+    """`a / b`, `torch.div(a, b)` or `a.div(b)`: a true division of two operands (no rounding mode)."""
+    return ((node.op == "call_function" and node.target in (operator.truediv, torch.div))
+            or (node.op == "call_method" and node.target == "div")) and len(node.args) == 2 and not node.kwargs
+
+
 def product_factors(root: fx.Node, limit: int = MAX_INLINE_ACTIVATION_NODES
-                    ) -> tuple[list[fx.Node | float], list[fx.Node]] | None:
-    """(factors, multiplications) of the product `root` computes, read through the multiplications it
-    multiplies, so that `(a * b) * c`, `a * (b * c)` and `(c * a) * b` all give the factors a, b, c:
-    nodes and Python numbers in the order written, and `root` with the multiplications under it.
-    None when `root` is no plain multiplication, a factor is neither a node nor a number, or the
-    product takes more than `limit` multiplications.
+                    ) -> tuple[list[fx.Node | float], list[fx.Node | float], list[fx.Node]] | None:
+    """(factors, divisors, operations) of the product `root` computes, read through the
+    multiplications and the numerators of the divisions it is made of, so that `(a * b) * c`,
+    `a * (b * c)` and `(c * a) / d * b` all give the factors a, b, c (and the second the divisor d):
+    nodes and Python numbers in the order written, and `root` with the operations under it.
+    A denominator is one divisor as written, never read into: what divides stays apart from what
+    multiplies. None when `root` is no plain multiplication or division, an operand is neither a
+    node nor a number, or the product takes more than `limit` operations.
     """
-    if not is_plain_mul(root):
+    if not (is_plain_mul(root) or is_plain_div(root)):
         return None
     factors: list[fx.Node | float] = []
-    muls = [root]
-    pending: list[fx.Node | float] = list(root.args)[::-1]  # a stack: pops the left operand first
+    divisors: list[fx.Node | float] = []
+    steps = [root]
+    pending = [(root.args[1], is_plain_div(root)), (root.args[0], False)]  # a stack: pops the left operand first
     while pending:
-        a = pending.pop()
-        if isinstance(a, fx.Node) and is_plain_mul(a):
-            muls.append(a)
-            if len(muls) > limit:
+        a, divides = pending.pop()
+        if isinstance(a, fx.Node) and not divides and (is_plain_mul(a) or is_plain_div(a)):
+            steps.append(a)
+            if len(steps) > limit:
                 return None
-            pending += list(a.args)[::-1]
+            pending += [(a.args[1], is_plain_div(a)), (a.args[0], False)]
         elif isinstance(a, fx.Node) or (isinstance(a, (int, float)) and not isinstance(a, bool)):
-            factors.append(a)
+            (divisors if divides else factors).append(a)
         else:
             return None
-    return factors, list(dict.fromkeys(muls))  # (a node multiplied twice, as in t * t, is one node)
+    return factors, divisors, list(dict.fromkeys(steps))  # (a node multiplied twice, as in t * t, is one node)
 
 
-def probe_product(start: fx.Node, nodes: list[fx.Node], factors: list[fx.Node | float]) -> str | None:
-    """The supported activation that the product of `factors` computes from `start`'s output, or None.
+def probe_product(start: fx.Node, nodes: list[fx.Node], factors: list[fx.Node | float],
+                  divisors: list[fx.Node | float] = ()) -> str | None:
+    """The supported activation that the product of `factors` divided by `divisors` computes from
+    `start`'s output, or None.
 
-    Each factor is `start`, one of `nodes` (elementwise nodes computed from `start`, each other and
-    Python numbers, in graph order) or a Python number. The nodes are copied into a graph of their own
-    and probed like an activation module (`_probe_activation`): the user's graph is not touched.
+    Each factor or divisor is `start`, one of `nodes` (elementwise nodes computed from `start`, each
+    other and Python numbers, in graph order) or a Python number. The nodes are copied into a graph of
+    their own and probed like an activation module (`_probe_activation`): the user's graph is not touched.
     """
     graph = fx.Graph()
     copies = {start: graph.placeholder("x")}
@@ -268,6 +279,9 @@ def probe_product(start: fx.Node, nodes: list[fx.Node], factors: list[fx.Node | 
     for f in sorted(factors, key=lambda f: not isinstance(f, fx.Node)):  # numbers last: a node heads the product
         value = copies[f] if isinstance(f, fx.Node) else f
         out = value if out is None else graph.call_function(operator.mul, (out, value))
+    for d in divisors:
+        value = copies[d] if isinstance(d, fx.Node) else d
+        out = graph.call_function(operator.truediv, (1.0 if out is None else out, value))
     if not isinstance(out, fx.Node):
         return None
     graph.output(out)

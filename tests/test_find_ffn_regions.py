@@ -10,6 +10,7 @@ from torch import nn
 
 import moeify
 from moeify.capture import trace
+from moeify.errors import NoFFNRegionError
 from moeify.passes.find_ffn_regions import FindFFNRegions
 from tests.conftest import load_example
 
@@ -551,3 +552,88 @@ def test_a_written_out_gelu_gate_is_read_through_the_product_too(fused):
     model = moeify.convert(dense, moeify.MoEConfig(num_experts=4, top_k=2), example_inputs=(x,)).model
     g, u = dense.gate_up(x)
     torch.testing.assert_close(model(x), dense.down_proj(F.gelu(g) * u), atol=1e-5, rtol=1e-5)
+
+
+class DividedSwiGLU(UnbracketedSwiGLU):
+    """SwiGLU written with a division, sigmoid(g) as 1 / (1 + exp(-g)): `up * g / (1 + torch.exp(-g))`
+    divides (up * g) by a tensor computed from the gate alone."""
+
+    FORMS = {
+        "up*g/den": lambda g, u: u * g / (1 + torch.exp(-g)),
+        "g*up/den": lambda g, u: g * u / (1 + torch.exp(-g)),
+        "up/den*g": lambda g, u: u / (1 + torch.exp(-g)) * g,  # up divided, then multiplied by g: SwiGLU too
+        "g/den*up": lambda g, u: g / (1 + torch.exp(-g)) * u,
+        "up*(g/den)": lambda g, u: u * (g / (1 + torch.exp(-g))),
+        "up*g/(1/sig)": lambda g, u: u * g / (1 / torch.sigmoid(g)),
+        "torch.div": lambda g, u: torch.div(u * g, 1 + torch.exp(-g)),
+        "method": lambda g, u: u.mul(g).div(g.neg().exp().add(1)),
+    }
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["separate", "fused"])
+@pytest.mark.parametrize("form", list(DividedSwiGLU.FORMS))
+def test_swiglu_with_a_division_is_a_gated_region_and_converts(form, fused):
+    torch.manual_seed(0)
+    dense, x = DividedSwiGLU(form, fused).eval(), torch.randn(3, 5, 8)
+    g, u = dense.gate_up(x)
+    reference = dense.down_proj(F.silu(g) * u)  # hand-written SwiGLU, independent of the form
+    torch.testing.assert_close(dense(x), reference, rtol=1e-5, atol=1e-6)  # the form is SwiGLU
+    gm = trace(dense)
+    (region,) = FindFFNRegions()(gm).analysis
+    assert (region.kind, region.activation) == ("gated", "silu")
+    assert region.linears == ({"gate_up": "gate_up_proj", "down": "down_proj"} if fused else
+                              {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"})
+    # the whole forward is the FFN: the exp, the division and the products are all replaced
+    assert region.nodes == [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+
+    result = moeify.convert(dense, moeify.MoEConfig(num_experts=4, top_k=2), example_inputs=(x,))
+    assert [r.name for r in result.report.regions] == ["moe"]
+    graph = result.model._moeify_graph_module.graph
+    assert not any(n.target in (torch.exp, "exp", operator.truediv, torch.div, "div", operator.mul, "mul")
+                   for n in graph.nodes)
+    out = result.model.eval()(x)
+    torch.testing.assert_close(out, dense(x), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-6)
+
+
+class DividedNearMiss(DividedSwiGLU):
+    """Divisions that look like SwiGLU's but compute something else: up must multiply the product,
+    and the denominator must come from the gate alone."""
+
+    MISSES = {
+        "up divides": lambda m, x, g, u: m.down_proj(g * torch.sigmoid(g) / u),
+        "other denominator": lambda m, x, g, u: m.down_proj(u * g / (1 + torch.exp(-m.other(x)))),
+        "denominator from up": lambda m, x, g, u: m.down_proj(g * torch.sigmoid(g) / (1 + torch.exp(-u))),
+        "denominator from both": lambda m, x, g, u: m.down_proj(u * g / (1 + torch.exp(-g - u))),
+        "wrong sign": lambda m, x, g, u: m.down_proj(u * g / (1 + torch.exp(g))),
+        "divided by a number": lambda m, x, g, u: m.down_proj(u * g * torch.sigmoid(g) / 2.0),
+        "floor division": lambda m, x, g, u: m.down_proj(torch.div(u * g, 1 + torch.exp(-g), rounding_mode="floor")),
+    }
+
+    def __init__(self, miss, fused=False):
+        super().__init__("up*g/den", fused)
+        self.miss, self.other = miss, nn.Linear(8, 16, bias=False)
+
+    def forward(self, x):
+        g, u = self.gate_up(x)
+        return self.MISSES[self.miss](self, x, g, u)
+
+
+@pytest.mark.parametrize("miss, reason", [
+    ("up divides", "truediv = gate_proj * sigmoid / up_proj: up_proj divides the product"),
+    ("other denominator", "multiplies 3 tensors (up_proj, gate_proj, other)"),
+    ("denominator from up", "neither gate_proj nor up_proj is a factor on its own"),
+    ("denominator from both", "add is computed from several tensors"),
+    ("wrong sign", "gate_proj / add, computed from gate_proj, is not a supported activation"),
+    ("divided by a number", "gate_proj * sigmoid / 2.0, computed from gate_proj, is not a supported activation"),
+    ("floor division", None),  # not a plain division: not read as a product at all
+])
+@pytest.mark.parametrize("fused", [False, True], ids=["separate", "fused"])
+def test_swiglu_with_a_division_near_misses_are_refused(miss, reason, fused):
+    result = find(DividedNearMiss(miss, fused))
+    assert result.analysis == []
+    if reason is not None and not fused:  # (fused, the halves are named getitem*)
+        assert any(s.where == "gate_proj" and reason in s.reason for s in result.skipped), result.skipped
+    with pytest.raises(NoFFNRegionError):
+        moeify.convert(DividedNearMiss(miss, fused), moeify.MoEConfig(num_experts=4, top_k=2),
+                       example_inputs=(torch.randn(5, 8),))
