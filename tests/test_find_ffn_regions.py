@@ -495,8 +495,10 @@ class SwiGLUNearMiss(UnbracketedSwiGLU):
         "leaks up": lambda m, x, g, u: m.down_proj(u * g * torch.sigmoid(g)) + u.sum(),
     }
 
+    FORM = "up*g*sig"
+
     def __init__(self, miss, fused=False):
-        super().__init__("up*g*sig", fused)
+        super().__init__(self.FORM, fused)
         self.miss, self.other = miss, nn.Linear(8, 16, bias=False)
 
     def forward(self, x):
@@ -596,7 +598,7 @@ def test_swiglu_with_a_division_is_a_gated_region_and_converts(form, fused):
     torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-6)
 
 
-class DividedNearMiss(DividedSwiGLU):
+class DividedNearMiss(SwiGLUNearMiss):
     """Divisions that look like SwiGLU's but compute something else: up must multiply the product,
     and the denominator must come from the gate alone."""
 
@@ -610,13 +612,7 @@ class DividedNearMiss(DividedSwiGLU):
         "floor division": lambda m, x, g, u: m.down_proj(torch.div(u * g, 1 + torch.exp(-g), rounding_mode="floor")),
     }
 
-    def __init__(self, miss, fused=False):
-        super().__init__("up*g/den", fused)
-        self.miss, self.other = miss, nn.Linear(8, 16, bias=False)
-
-    def forward(self, x):
-        g, u = self.gate_up(x)
-        return self.MISSES[self.miss](self, x, g, u)
+    FORMS, FORM = DividedSwiGLU.FORMS, "up*g/den"
 
 
 @pytest.mark.parametrize("miss, reason", [
