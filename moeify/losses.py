@@ -79,9 +79,24 @@ def token_mask(model: nn.Module, mask: torch.Tensor) -> Iterator[None]:
     if not layers:
         raise TokenMaskError(f"{type(model).__name__} holds no MoE layer: pass the converted model "
                              "(moeify.convert(...).model) or the submodule holding its MoE layers")
+    with _masks_set(layers, lambda name: TokenMask(keep_T, name or "MoELayer", tuple(mask.shape))):
+        yield
+
+
+@contextmanager
+def without_token_masks(model: nn.Module) -> Iterator[None]:
+    """Every MoE layer under `model` counts every token within the block, whatever `token_mask` block
+    encloses it (an ONNX export's checks run the model at other batch sizes)."""
+    with _masks_set({name: m for name, m in model.named_modules() if isinstance(m, MoELayer)}, lambda name: None):
+        yield
+
+
+@contextmanager
+def _masks_set(layers: dict[str, MoELayer], mask_of) -> Iterator[None]:
+    """Give each layer's router `mask_of(its name)` within the block, and its own mask back after it."""
     previous = {name: layer.router.token_mask for name, layer in layers.items()}
     for name, layer in layers.items():
-        layer.router.token_mask = TokenMask(keep_T, name or type(layer).__name__, tuple(mask.shape))
+        layer.router.token_mask = mask_of(name)
     try:
         yield
     finally:

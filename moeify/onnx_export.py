@@ -66,6 +66,7 @@ from torch import nn
 from moeify.capture import counting_calls, eval_mode
 from moeify.compare import abs_diff
 from moeify.errors import ExportError, one_line
+from moeify.losses import without_token_masks
 from moeify.moe.experts import GroupedExperts, activation_fn
 from moeify.moe.layer import MoELayer
 from moeify.moe.projection import ProjectionExperts
@@ -652,7 +653,8 @@ def export_onnx(model: nn.Module, example_inputs: Sequence[Any] = (), path: str 
 
     plans = _plan_layers(model, mode, fallback, allow_approximate_gelu)
     bound = _bind(model, example_inputs, kwargs)
-    fused_calls = _fused_calls(model, bound, plans)  # (also: the inputs run, before torch.export)
+    with without_token_masks(model):  # inference: an enclosing token_mask block does not apply
+        fused_calls = _fused_calls(model, bound, plans)  # (also: the inputs run, before torch.export)
     report = ExportReport(str(path), mode, [p[3] for p in plans], atol=atol)
     dynamic_shapes = None
     dims: dict[str, dict[int, str]] = {}
@@ -695,7 +697,8 @@ def export_onnx(model: nn.Module, example_inputs: Sequence[Any] = (), path: str 
             inputs.append({n: _resized(v, dims.get(n) or {}, gen) for n, v in bound.items()})
         else:
             report.notes.append("no dynamic axis: checked at the example shape only")
-        _run_check(model_proto, model, inputs, plans, report)
+        with without_token_masks(model):
+            _run_check(model_proto, model, inputs, plans, report)
     write_file_atomically(path, lambda tmp: _save(model_proto, tmp), force=force)
     return report
 

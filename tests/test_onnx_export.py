@@ -677,3 +677,16 @@ def test_open_session_on_a_directory_or_a_corrupt_file_is_an_export_error(tmp_pa
     (tmp_path / "bad.onnx").write_bytes(b"not a protobuf")
     with pytest.raises(ExportError, match="onnxruntime cannot load"):
         open_session(str(tmp_path / "bad.onnx"), providers=("CPUExecutionProvider",))
+
+
+def test_an_export_inside_a_token_mask_block_ignores_the_mask(tmp_path):
+    """Inference has no aux losses: the export's runs of the model (at the example and at a resized
+    shape) count every token, and the block's mask is back afterwards."""
+    ex, model = converted("gpt", {}, {})
+    inputs = ex.example_inputs()
+    mask = torch.ones(inputs[0].shape, dtype=torch.long)
+    mask[0, -3:] = 0
+    with moeify.token_mask(model, mask):
+        report = export_onnx(model, inputs, tmp_path / "gpt.onnx", mode="portable")
+        assert all(layer.router.token_mask is not None for layer in moeify.moe_layers(model).values())
+    assert len(report.checks) == 2 and all(d <= ATOL_MODEL for _, d in report.checks)

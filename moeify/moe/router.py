@@ -181,7 +181,7 @@ class _RouterBase(nn.Module):
                 f"the token mask has {mask.keep_T.shape[0]} entr{'y' if mask.keep_T.shape[0] == 1 else 'ies'} but "
                 f"MoE layer {mask.layer!r} sees {x_TD.shape[0]} tokens in this call: give moeify.token_mask the "
                 "module whose MoE layers all see the masked batch (an encoder-decoder's stacks apart, "
-                "token_mask(model.encoder, src_mask)), and run generation and ONNX export outside the block")
+                "token_mask(model.encoder, src_mask)), and run generation outside the block")
         lead = () if x is None else tuple(x.shape[:-1])
         if len(lead) == len(mask.shape) and lead != mask.shape:
             fix = ("it is laid out sequence-first: pass the mask transposed" if lead == mask.shape[::-1]
