@@ -74,7 +74,7 @@ class ModelSource:
             try:
                 return importlib.import_module(self.target)
             except Exception as exc:
-                raise ModelSourceError(f"cannot import {self.target}: {type(exc).__name__}: {exc}") from exc
+                raise ModelSourceError(f"cannot import {self.target}: {one_line(exc)}") from exc
         path = Path(self.check().target)
         digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
         mod_name = f"_moeify_model_{path.stem}_{digest}"

@@ -187,7 +187,7 @@ class _Product:
     elementwise operations or one activation node (`F.silu(g)`, `self.act(g)`)."""
 
     root: fx.Node
-    muls: list[fx.Node]  # root and the multiplications (and divisions) under it
+    operations: list[fx.Node]  # root and the multiplications and divisions under it
     factors: list[fx.Node | float]  # what multiplies, as written
     divisors: list[fx.Node | float]  # what divides, as written
     groups: dict[fx.Node, list[fx.Node]]  # source -> the factors and divisors computed from it
@@ -213,8 +213,7 @@ class _Product:
         nodes = self.derived[gate]
         if not all(ops.is_elementwise(n) for n in nodes):  # an activation module among other factors
             return None
-        order = {n: i for i, n in enumerate(self.root.graph.nodes)}
-        return ops.probe_product(gate, sorted(nodes, key=order.__getitem__), factors, divisors)
+        return ops.probe_product(gate, sorted(nodes, key=_position(self.root.graph)), factors, divisors)
 
 
 def _product_at(mul: fx.Node, gm: fx.GraphModule) -> _Product | None:
@@ -226,8 +225,8 @@ def _product_at(mul: fx.Node, gm: fx.GraphModule) -> _Product | None:
     found = ops.product_factors(mul)
     if found is None:
         return None
-    factors, divisors, muls = found
-    product = _Product(mul, muls, factors, divisors, {}, {}, {}, [])
+    factors, divisors, operations = found
+    product = _Product(mul, operations, factors, divisors, {}, {}, {}, [])
     source_of: dict[fx.Node, fx.Node] = {}
     for f in dict.fromkeys(f for f in [*factors, *divisors] if isinstance(f, fx.Node)):
         act, _ = ops.activation_of(f, gm)
@@ -264,8 +263,7 @@ def _act_products(product: _Product, is_projection):
             continue
         act = product.activation(gate)
         if act is not None:
-            order = {n: i for i, n in enumerate(product.root.graph.nodes)}
-            nodes = sorted(product.derived[gate] | set(product.muls[1:]), key=order.__getitem__)
+            nodes = sorted(product.derived[gate] | set(product.operations[1:]), key=_position(product.root.graph))
             yield act, nodes, gate, up
 
 
@@ -286,7 +284,7 @@ def _product_refusal(product: _Product, gm: fx.GraphModule) -> Skip | None:
         return None
     if any(_act_products(product, lambda n: _projection(n, gm) is not None)):
         return None
-    where = _projection(min(projections, key=_position(gm)), gm)
+    where = _projection(min(projections, key=_position(gm.graph)), gm)
     head = f"{product.root.name} = {product.written()}"
     if product.mixed:
         reason = f"{head}: {', '.join(f.name for f in product.mixed)} is computed from several tensors"
@@ -364,7 +362,7 @@ class GatedRule:
         if isinstance(tail, Skip):
             return tail
         down, pd, p, drop_nodes = tail
-        nodes = sorted({gate, up, *act_nodes, mul, *drop_nodes, down}, key=_position(gm))
+        nodes = sorted({gate, up, *act_nodes, mul, *drop_nodes, down}, key=_position(gm.graph))
         return FFNRegion(self.kind, common_owner(nodes), x, down, nodes,
                          {"gate": str(gate.target), "up": str(up.target), "down": str(down.target)}, act,
                          pg.in_features, pg.out_features, pd.out_features, pg.bias is not None, p)
@@ -410,7 +408,7 @@ class FusedGatedRule:
         if isinstance(tail, Skip):
             return tail
         down, pd, p, stepped = tail
-        nodes = sorted({gate_up, *splits, gate_half, up_half, *act_nodes, mul, *stepped, down}, key=_position(gm))
+        nodes = sorted({gate_up, *splits, gate_half, up_half, *act_nodes, mul, *stepped, down}, key=_position(gm.graph))
         return FFNRegion(self.kind, common_owner(nodes), x, down, nodes,
                          {"gate_up": str(gate_up.target), "down": str(down.target)}, act,
                          pgu.in_features, pd.in_features, pd.out_features, pgu.bias is not None, p,
@@ -426,8 +424,9 @@ def _weight_reader(region: FFNRegion, gm: fx.GraphModule) -> fx.Node | None:
     return next((n for name in region.linears.values() for n in ops.reads_of(gm, name) if n.users), None)
 
 
-def _position(gm: fx.GraphModule):
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+def _position(graph: fx.Graph):
+    """A sort key putting nodes of `graph` in graph order."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
     return order.__getitem__
 
 
@@ -496,6 +495,7 @@ class FindFFNRegions(GraphPass):
             if region.kind != "projection" and region.d_out != region.d_model:
                 region.notes.append(f"it maps {region.d_model} features to {region.d_out}, which a transformer FFN "
                                     "does not: it may be a head; MoEConfig(exclude=...) keeps it dense")
-        regions.sort(key=lambda r: _position(gm)(r.output))
+        position = _position(gm.graph)
+        regions.sort(key=lambda r: position(r.output))
         return PassResult(gm, modified=False, skipped=skipped, analysis=regions,
                           changes=[f"found {len(regions)} FFN region(s)"])

@@ -172,7 +172,7 @@ class _RouterBase(nn.Module):
         if not torch.compiler.is_compiling():
             if torch._C._current_graph_task_id() != -1:  # running inside a backward: a checkpoint recompute
                 mask = self._forward_mask
-            else:
+            elif self._forward_mask is not mask:  # (a module attribute write costs a few µs: only on change)
                 self._forward_mask = mask
         if mask is None:
             return None
