@@ -54,10 +54,12 @@ EXPERTS = [  # (backend, gated, activation, bias)
 
 
 # expert_loop's modes: blocks of at most 2 rows per expert (several blocks accumulate one expert's
-# weight gradient) through oneDNN (float32 on the CPU) or through torch's own matmuls (what float64
-# and other devices take), or the active experts in one padded batch
-LOOP_MODES = {"blocks": {"PAD_MAX_ROWS": 0, "ROW_BLOCK": 2}, "blocks-aten": {"PAD_MAX_ROWS": 0, "ROW_BLOCK": 2,
-                                                                           "ONEDNN": False},
+# weight gradient) through oneDNN (float32 on the CPU) with the weight gradients as matmuls, or
+# through torch's own matmuls (what float64 and other devices take) with the weight gradients as
+# outer products (OUTER_MAX_ROWS), or the active experts in one padded batch (outer products where
+# the batch has one row per expert, [1, 0, 1, 0])
+LOOP_MODES = {"blocks": {"PAD_MAX_ROWS": 0, "ROW_BLOCK": 2, "OUTER_MAX_ROWS": 0},
+              "blocks-aten": {"PAD_MAX_ROWS": 0, "ROW_BLOCK": 2, "ONEDNN": False},
               "padded": {"PAD_MAX_ROWS": 32}}
 # grouped_mm's modes on the CPU: per-expert oneDNN products (the default), or torch's grouped_mm
 # kernel, the one accelerators run
