@@ -223,15 +223,18 @@ def stats(out_dir: str, plot_path: str | None) -> None:
 @click.option("--force", is_flag=True, help="replace an existing ONNX file")
 @click.option("--check/--no-check", default=True, show_default=True,
               help="compare onnxruntime with PyTorch at two input shapes before writing")
+@click.option("--external-data/--single-file", default=None,
+              help="weights in OUTPUT.data beside the ONNX file, or in the file itself (default: beside it only "
+                   "from 2 GiB on, which one file cannot hold)")
 @handle_errors
 def export(out_dir: str, output: str, mode: str, fallback: str, allow_approximate_gelu: bool, static: bool,
-           force: bool, check: bool) -> None:
+           force: bool, check: bool, external_data: bool | None) -> None:
     """Export the saved conversion OUT_DIR to ONNX (example inputs from its saved model_source.py)."""
     from moeify.onnx_export import export_saved
 
     report = export_saved(out_dir, output, mode=mode, fallback=None if fallback == "none" else fallback,
                           allow_approximate_gelu=allow_approximate_gelu, dynamic=not static, check=check,
-                          force=force)
+                          force=force, external_data=external_data)
     click.echo(report.format())
 
 

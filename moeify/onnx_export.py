@@ -77,6 +77,13 @@ MODES = ("fused", "portable")
 MSFT_DOMAIN = "com.microsoft"
 OPSET = 18
 CHECK_SHAPE_DELTA = (1, 3)  # the check's second input: batch + 1, sequence (and any other dynamic axis) + 3
+# One ONNX file holds at most 2 GiB (protobuf's limit for a message). An upcycled model passes that soon:
+# GPT-2 or BERT-base with 8 experts holds about 2 GB of float32 weights. Weights from this size on
+# (64 MiB left for the graph itself) go to a data file beside the model, onnx's external data.
+EXTERNAL_DATA_BYTES = (1 << 31) - (1 << 26)
+# Tensors below this size stay in the model file even then: onnxruntime's shape inference reads a
+# Reshape's target shape only from the model file itself.
+EXTERNAL_MIN_BYTES = 1024
 
 
 # routing semantics ---------------------------------------------------------------------------------
@@ -570,10 +577,14 @@ RANDOM_OPS = frozenset({"RandomUniform", "RandomUniformLike", "RandomNormal", "R
                         "Bernoulli"})
 
 
-def _run_check(model_proto, model: nn.Module, bound_list: list[dict[str, Any]], plans, report: ExportReport) -> None:
+def _run_check(onnx_path: Path, model_proto, model: nn.Module, bound_list: list[dict[str, Any]], plans,
+               report: ExportReport) -> bool:
+    """onnxruntime on the written file against PyTorch at each input set; True when the declared output
+    shapes had to be loosened (`model_proto` changed)."""
     from moeify.inference import open_session
 
-    session = open_session(model_proto.SerializeToString(), providers=("CPUExecutionProvider",)).session
+    session = open_session(onnx_path, providers=("CPUExecutionProvider",)).session
+    loosened = False
     names = [i.name for i in session.get_inputs()]
     for bound in bound_list:
         tensors = [v for v in bound.values() if isinstance(v, torch.Tensor)]
@@ -586,7 +597,7 @@ def _run_check(model_proto, model: nn.Module, bound_list: list[dict[str, Any]], 
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own pybind error types
             raise ExportError(f"onnxruntime failed to run the exported model at {_shape_text(bound)} "
                               f"({one_line(exc, limit=300)}); nothing was written") from exc
-        _loosen_outputs(model_proto, got, bound, report)
+        loosened |= _loosen_outputs(model_proto, got, bound, report)
         with torch.no_grad(), eval_mode(model), _reference_activation(plans):
             want = _flat_tensors(model(**bound))
         if len(got) != len(want):
@@ -602,12 +613,14 @@ def _run_check(model_proto, model: nn.Module, bound_list: list[dict[str, Any]], 
                     "(ViT-MAE: noise=...)" if random else "Try the other mode, or report it with the model")
             raise ExportError(f"onnxruntime's outputs differ from PyTorch's by {diff:.3g} (> atol {report.atol:g}) "
                               f"at {shape} in {report.mode} mode; nothing was written. {hint}")
+    return loosened
 
 
-def _loosen_outputs(model_proto, got: list, bound: dict[str, Any], report: ExportReport) -> None:
+def _loosen_outputs(model_proto, got: list, bound: dict[str, Any], report: ExportReport) -> bool:
     """Output dims the graph declares fixed but that came out another size at this run (torch.export
     specialises some, as after nn.LSTM) become symbolic: named after the dynamic input axis of that
-    size in this run, else after the output."""
+    size in this run, else after the output. True when any changed."""
+    changed = False
     sizes: dict[str, int] = {}
     for name, dims in report.dynamic_axes.items():
         for d, axis in dims.items():
@@ -616,13 +629,16 @@ def _loosen_outputs(model_proto, got: list, bound: dict[str, Any], report: Expor
         for d, dim in enumerate(value.type.tensor_type.shape.dim):
             if dim.HasField("dim_value") and d < array.ndim and dim.dim_value != array.shape[d]:
                 dim.dim_param = next((axis for axis, n in sizes.items() if n == array.shape[d]), f"{value.name}_{d}")
+                changed = True
+    return changed
 
 
 def export_onnx(model: nn.Module, example_inputs: Sequence[Any] = (), path: str | os.PathLike = "model.onnx", *,
                 mode: str = "fused", dynamic: bool = True, check: bool = True,
                 example_kwargs: dict[str, Any] | None = None, allow_approximate_gelu: bool = False,
                 fallback: str | None = None, atol: float = 1e-4,
-                dynamic_axes: dict[str, dict[int, str]] | None = None, force: bool = False) -> ExportReport:
+                dynamic_axes: dict[str, dict[int, str]] | None = None, force: bool = False,
+                external_data: bool | None = None) -> ExportReport:
     """Export an MoE model (from `moeify.convert`/`moeify.load`, or a `ConversionResult`) to ONNX at `path`.
 
     mode="fused": every MoE layer becomes one com.microsoft.MoE node (onnxruntime CPU and CUDA);
@@ -635,6 +651,9 @@ def export_onnx(model: nn.Module, example_inputs: Sequence[Any] = (), path: str 
     onnxruntime on the example inputs and on inputs with batch + 1 and
     sequence + 3, compare with PyTorch, and raise ExportError beyond `atol` (nothing written).
     An existing file at `path` is replaced only with `force`.
+    `external_data`: store the weights in `<path>.data` beside the model (onnx's external data; the two
+    files move together). None: only when they reach EXTERNAL_DATA_BYTES, past which one file cannot hold
+    them; False refuses such a model.
     The model is never changed: its MoE layers are lowered only while the exporter traces.
     """
     if mode not in MODES:
@@ -681,6 +700,7 @@ def export_onnx(model: nn.Module, example_inputs: Sequence[Any] = (), path: str 
         raise ExportError(f"torch.onnx.export failed on {type(model).__name__} in {mode} mode "
                           f"({root}); {_export_hint(root, mode, dynamic)}") from exc
     _store_each_tensor_once(program.model, report)
+    data_name = _external_data_name(program.model, path, external_data, report)
     model_proto = program.model_proto
     if table is not None and not any(o.domain == MSFT_DOMAIN for o in model_proto.opset_import):
         import onnx
@@ -688,18 +708,24 @@ def export_onnx(model: nn.Module, example_inputs: Sequence[Any] = (), path: str 
         model_proto.opset_import.append(onnx.helper.make_opsetid(MSFT_DOMAIN, 1))
     report.node_counts = _count_nodes(model_proto)
     _check_dynamic_axes(model_proto, report)
-    _validate_graph(model_proto, fused_calls, report)
+    inputs = [bound]
+    if check and report.dynamic_axes:
+        gen = torch.Generator().manual_seed(0)
+        inputs.append({n: _resized(v, dims.get(n) or {}, gen) for n, v in bound.items()})
+    elif check:
+        report.notes.append("no dynamic axis: checked at the example shape only")
 
-    if check:
-        inputs = [bound]
-        if report.dynamic_axes:
-            gen = torch.Generator().manual_seed(0)
-            inputs.append({n: _resized(v, dims.get(n) or {}, gen) for n, v in bound.items()})
-        else:
-            report.notes.append("no dynamic axis: checked at the example shape only")
-        with without_token_masks(model):
-            _run_check(model_proto, model, inputs, plans, report)
-    write_file_atomically(path, lambda tmp: _save(model_proto, tmp), force=force)
+    def fill(tmp: Path) -> None:
+        """Write, then check what was written (the file is what onnxruntime reads, external data included)."""
+        _save(model_proto, tmp, data_name)
+        _validate_graph(tmp, fused_calls, report)
+        if check:
+            with without_token_masks(model):
+                loosened = _run_check(tmp, model_proto, model, inputs, plans, report)
+            if loosened:  # the graph again; external weights stay as written
+                _save(model_proto, tmp, None)
+
+    write_file_atomically(path, fill, force=force, companions=[data_name] if data_name else [])
     return report
 
 
@@ -813,12 +839,13 @@ def _fused_calls(model: nn.Module, bound: dict[str, Any], plans) -> int:
     return sum(calls.values())
 
 
-def _validate_graph(model_proto, want: int, report: ExportReport) -> None:
-    """onnx.checker passes, the graph holds `want` com.microsoft.MoE nodes, and portable means portable."""
+def _validate_graph(onnx_path: Path, want: int, report: ExportReport) -> None:
+    """onnx.checker passes on the written file, the graph holds `want` com.microsoft.MoE nodes, and
+    portable means portable."""
     import onnx
 
     try:
-        onnx.checker.check_model(model_proto)
+        onnx.checker.check_model(str(onnx_path))
     except onnx.checker.ValidationError as exc:
         raise ExportError(f"the exported graph fails onnx.checker ({str(exc).splitlines()[0]}); nothing was written") \
             from exc
@@ -847,10 +874,30 @@ def _store_each_tensor_once(ir_model, report: ExportReport) -> None:
                             "once: the exporter had folded a copy per call of a layer")
 
 
-def _save(model_proto, path: Path) -> None:
+def _external_data_name(ir_model, path: Path, wanted: bool | None, report: ExportReport) -> str | None:
+    """The name of the weights' data file beside `path`, or None to keep them in the model file."""
+    nbytes = sum(value.const_value.nbytes for graph in ir_model.graphs() for value in graph.initializers.values()
+                 if value.const_value is not None)
+    if wanted is False and nbytes >= EXTERNAL_DATA_BYTES:
+        raise ExportError(f"the weights take {nbytes / 2**30:.2f} GiB, more than one ONNX file can hold (2 GiB): "
+                          "store them beside it with external_data=True or None (CLI: --external-data)")
+    if not (wanted or nbytes >= EXTERNAL_DATA_BYTES):
+        return None
+    name = f"{path.name}.data"
+    report.notes.append(f"weights ({nbytes / 2**30:.2f} GiB) in {name} beside {path.name}: keep the two together")
+    return name
+
+
+def _save(model_proto, path: Path, data_name: str | None) -> None:
+    """The model at `path`; with `data_name`, its weights in that file beside it (and `model_proto` then
+    refers to them there instead of holding them)."""
     import onnx
 
-    onnx.save(model_proto, str(path))
+    if data_name is None:
+        onnx.save(model_proto, str(path))
+    else:
+        onnx.save(model_proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=data_name, size_threshold=EXTERNAL_MIN_BYTES)
 
 
 __all__ = ["ExportReport", "Gating", "LayerExport", "MODES", "export_onnx", "export_saved", "router_gating",

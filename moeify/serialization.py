@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -105,22 +106,34 @@ def _publish(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _write(out_path: str | os.PathLike, fill, force: bool, directory: bool) -> Path:
+def _write(out_path: str | os.PathLike, fill, force: bool, directory: bool, companions: Sequence[str] = ()) -> Path:
     out = check_output(out_path, force=force, directory=directory)
+    for name in companions:
+        check_output(out.parent / name, force=force, directory=False)
     created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
-    tmp = None
+    tmp = stage = None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         if directory:
             tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        elif companions:  # the file and its companions side by side in a private directory
+            stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+            tmp = stage / out.name
         else:
             fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
             os.close(fd)
             tmp = Path(name)
         fill(tmp)
+        for name in companions:  # first, so that whoever finds the file finds what it refers to
+            if (tmp.parent / name).exists():
+                _publish(tmp.parent / name, out.parent / name)
         _publish(tmp, out)
+        if stage is not None:
+            stage.rmdir()
     except BaseException as exc:
-        if tmp is not None and tmp.is_dir():
+        if stage is not None:
+            shutil.rmtree(stage, ignore_errors=True)
+        elif tmp is not None and tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
         elif tmp is not None:
             tmp.unlink(missing_ok=True)
@@ -142,9 +155,15 @@ def write_atomically(out_dir: str | os.PathLike, fill, *, force: bool = False) -
     return _write(out_dir, fill, force, directory=True)
 
 
-def write_file_atomically(path: str | os.PathLike, fill, *, force: bool = False) -> Path:
-    """`write_atomically` for a single file: `fill(tmp)` writes the temporary file."""
-    return _write(path, fill, force, directory=False)
+def write_file_atomically(path: str | os.PathLike, fill, *, force: bool = False,
+                          companions: Sequence[str] = ()) -> Path:
+    """`write_atomically` for a single file: `fill(tmp)` writes the temporary file.
+
+    `companions`: names of files that belong beside `path` (an ONNX model's external weights). `fill`
+    may write them next to `tmp`, in a private temporary directory; they are renamed into place
+    before the file itself, and `force` is needed to replace them as for the file.
+    """
+    return _write(path, fill, force, directory=False, companions=companions)
 
 
 def plan_of(result) -> dict[str, Any]:

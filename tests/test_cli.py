@@ -174,6 +174,17 @@ def test_export_fused_and_refusal_without_file(tmp_path):
     assert not (tmp_path / "g.onnx").exists()
 
 
+def test_export_external_data(tmp_path):
+    out = tmp_path / "out"
+    assert run("convert", MLP, "-o", str(out), "--num-experts", "4", "--top-k", "2").exit_code == 0
+    r = run("export", str(out), "-o", str(tmp_path / "m.onnx"), "--external-data")
+    assert r.exit_code == 0, r.output
+    assert "m.onnx.data beside m.onnx" in r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data", "out"]
+    assert run("export", str(out), "-o", str(tmp_path / "s.onnx"), "--single-file").exit_code == 0
+    assert not (tmp_path / "s.onnx.data").exists()
+
+
 def test_convert_checkpoint_out_of_core_matches_in_memory(tmp_path):
     import torch
     from safetensors.torch import load_file, save_file

@@ -690,3 +690,107 @@ def test_an_export_inside_a_token_mask_block_ignores_the_mask(tmp_path):
         report = export_onnx(model, inputs, tmp_path / "gpt.onnx", mode="portable")
         assert all(layer.router.token_mask is not None for layer in moeify.moe_layers(model).values())
     assert len(report.checks) == 2 and all(d <= ATOL_MODEL for _, d in report.checks)
+
+
+# weights beside the model (onnx external data) ---------------------------------------------------------
+def test_external_data_keeps_the_weights_beside_the_model_and_runs(tmp_path):
+    """external_data=True: the expert weights go to m.onnx.data, the graph file stays small, nothing else is
+    left in the directory, and onnxruntime runs the pair (also after moving both) as PyTorch does."""
+    ex, model = converted("mlp", {}, {})
+    report = export_onnx(model, ex.example_inputs(), tmp_path / "m.onnx", mode="fused", external_data=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
+    sizes = {}  # initializer -> (bytes, stored outside)
+    for t in onnx.load(tmp_path / "m.onnx", load_external_data=False).graph.initializer:
+        nbytes = math.prod(t.dims) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        sizes[t.name] = (nbytes, t.data_location == onnx.TensorProto.EXTERNAL)
+        assert all(e.value == "m.onnx.data" for e in t.external_data if e.key == "location")
+    # every tensor of 1 KiB or more is outside (smaller ones, a Reshape's shape, stay for onnxruntime)
+    assert all(outside == (nbytes >= 1024) for nbytes, outside in sizes.values()), sizes
+    outside = sum(nbytes for nbytes, out in sizes.values() if out)
+    assert outside >= 0.9 * sum(p.numel() * p.element_size() for p in model.parameters())
+    assert (tmp_path / "m.onnx.data").stat().st_size >= outside
+    assert any("m.onnx.data" in n for n in report.notes), report.notes
+    assert len(report.checks) == 2 and all(d <= ATOL_MODEL for _, d in report.checks), report
+
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for name in ("m.onnx", "m.onnx.data"):
+        (tmp_path / name).rename(moved / name)
+    session = open_session(moved / "m.onnx", providers=("CPUExecutionProvider",))
+    for x in (*ex.example_inputs(), resized(ex.example_inputs()[0], 3, 7)):
+        with torch.no_grad():
+            want = model(x).numpy()
+        np.testing.assert_allclose(session.run({session.input_names[0]: x.numpy()})[0], want, atol=ATOL_MODEL, rtol=0)
+
+
+def test_weights_past_one_files_limit_go_beside_it_unless_refused(tmp_path, monkeypatch):
+    """By default the weights leave the file only when it could not hold them (the limit lowered here);
+    external_data=False then refuses, naming the fix, and writes nothing."""
+    import moeify.onnx_export as onnx_export
+
+    ex, model = converted("mlp", {}, {})
+    export_onnx(model, ex.example_inputs(), tmp_path / "small.onnx", check=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["small.onnx"]
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 4096)
+    export_onnx(model, ex.example_inputs(), tmp_path / "big.onnx", check=False)
+    assert (tmp_path / "big.onnx.data").is_file()
+    with pytest.raises(ExportError, match="external_data=True"):
+        export_onnx(model, ex.example_inputs(), tmp_path / "refused.onnx", external_data=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data", "small.onnx"]
+
+
+def test_external_data_failures_leave_nothing_and_replacing_needs_force(tmp_path):
+    ex, model = converted("mlp", {}, {})
+    with pytest.raises(ExportError, match="differ"):  # the check fails after both files were written
+        export_onnx(model, ex.example_inputs(), tmp_path / "m.onnx", external_data=True, atol=-1.0)
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "m.onnx.data").write_bytes(b"someone else's")
+    with pytest.raises(moeify.errors.SerializationError, match="m.onnx.data already exists"):
+        export_onnx(model, ex.example_inputs(), tmp_path / "m.onnx", external_data=True, check=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx.data"]
+    export_onnx(model, ex.example_inputs(), tmp_path / "m.onnx", external_data=True, force=True)
+    assert (tmp_path / "m.onnx.data").read_bytes() != b"someone else's"
+    session = open_session(tmp_path / "m.onnx", providers=("CPUExecutionProvider",))
+    (x,) = ex.example_inputs()
+    with torch.no_grad():
+        want = model(x).numpy()
+    np.testing.assert_allclose(session.run({session.input_names[0]: x.numpy()})[0], want, atol=ATOL_MODEL, rtol=0)
+
+
+class WideFFN(nn.Module):
+    def __init__(self, d_model: int = 2048, d_ff: int = 8192) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d_model)
+        self.fc1 = nn.Linear(d_model, d_ff)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(d_ff, d_model)
+
+    def forward(self, x):
+        return x + self.fc2(self.act(self.fc1(self.norm(x))))
+
+
+@pytest.mark.slow
+def test_a_model_past_two_gib_exports_and_runs(tmp_path):
+    """16 experts of a (2048, 8192) FFN: 2.0 GiB of weights, more than one ONNX file holds (protobuf's
+    EncodeError before). By default they go beside the model; onnxruntime runs the pair as PyTorch does
+    (about 7 GB peak RSS, 30 s)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 2048)
+    model = moeify.convert(WideFFN(), MoEConfig(num_experts=16, top_k=2), example_inputs=(x,)).model.eval()
+    (layer,) = moeify.moe_layers(model).values()
+    with torch.no_grad():  # experts that differ, so that the routing matters
+        for p in layer.experts.parameters():
+            p.add_(torch.randn(p.shape) * 0.3 * float(p.std()))
+    assert sum(p.nbytes for p in model.parameters()) > 2 ** 31
+    with pytest.raises(ExportError, match="more than one ONNX file can hold"):
+        export_onnx(model, (x,), tmp_path / "refused.onnx", external_data=False)
+    report = export_onnx(model, (x,), tmp_path / "m.onnx", mode="fused")
+    assert report.num_moe_nodes == 1 and len(report.checks) == 2, report
+    assert all(d <= ATOL_MODEL for _, d in report.checks), report
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
+    assert (tmp_path / "m.onnx.data").stat().st_size > 2 ** 31
+    session = open_session(tmp_path / "m.onnx", providers=("CPUExecutionProvider",))
+    x2 = torch.randn(1, 5, 2048)
+    with torch.no_grad():
+        want = model(x2).numpy()
+    np.testing.assert_allclose(session.run({session.input_names[0]: x2.numpy()})[0], want, atol=ATOL_MODEL, rtol=0)
