@@ -4,6 +4,7 @@
     moeify convert model.py[:NAME] -o out/ [options]     convert, verify, save, print a summary
     moeify export out/ -o model.onnx [--mode fused]      ONNX for onnxruntime (checked against PyTorch)
     moeify convert-checkpoint model.py dense.safetensors -o out/   out-of-core upcycling, one layer in memory
+                                                         (or a Hugging Face folder / its index.json)
     moeify stats out/ [--plot util.png]                  router statistics and expert-utilisation heatmap
 
 Every `MoEConfig` field is an option (`--num-experts 8 --top-k 2 --router switch ...`), generated
@@ -167,14 +168,15 @@ def convert(model_spec: str, output: str, force: bool, verify: bool, config_file
 
 @main.command("convert-checkpoint")
 @click.argument("model_spec")
-@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
+@click.argument("checkpoint", type=click.Path(exists=True))
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="output directory")
 @click.option("--force", is_flag=True, help="replace an existing output directory")
 @config_options
 @handle_errors
 def convert_checkpoint(model_spec: str, checkpoint: str, output: str, force: bool, config_file: str | None,
                        **options) -> None:
-    """Upcycle CHECKPOINT (dense .safetensors of MODEL_SPEC) out of core: one layer in memory at a time."""
+    """Upcycle CHECKPOINT (dense .safetensors of MODEL_SPEC, or a sharded checkpoint's
+    model.safetensors.index.json, or the folder holding either) out of core: one layer in memory at a time."""
     from moeify.ooc import convert_checkpoint as ooc_convert
     from moeify.serialization import check_output
     from moeify.source import ModelSource

@@ -2,6 +2,9 @@
 
     dense.safetensors (pread) + dense model built on meta  ->  out/plan.json + out/model.safetensors
 
+The checkpoint is one .safetensors file, or a Hugging Face sharded one: its
+model.safetensors.index.json (the name -> shard map), or the folder holding either.
+
 The module structure comes from running `moeify.convert` on the dense model built on the meta
 device (no weights are allocated): it gives the converted state dict's names, shapes and dtypes,
 the plan and the report. `model.safetensors` is then written in one pass: the header is computed
@@ -63,19 +66,34 @@ def _nbytes(dtype: torch.dtype, shape) -> int:
     return math.prod(int(s) for s in shape) * dtype.itemsize
 
 
-class SafetensorsReader:
+class _LiveBytes:
+    """`live_bytes` / `peak_live_bytes`: the bytes of tensors handed out and still referenced, a bound
+    on what conversion holds from the dense checkpoint at any moment."""
+
+    live_bytes = peak_live_bytes = 0
+
+    def _track(self, tensor: torch.Tensor, nbytes: int) -> torch.Tensor:
+        self.live_bytes += nbytes
+        self.peak_live_bytes = max(self.peak_live_bytes, self.live_bytes)
+        weakref.finalize(tensor, self._released, nbytes)
+        return tensor
+
+    def _released(self, nbytes: int) -> None:
+        self.live_bytes -= nbytes
+
+
+class SafetensorsReader(_LiveBytes):
     """Reads single tensors (or raw byte ranges) of a safetensors file without loading the rest.
 
     Every tensor's byte range is checked against its dtype and shape and against the file's size when
     the file is opened, so a truncated or corrupt file fails there, before anything is written.
-    `live_bytes` / `peak_live_bytes` count the bytes of tensors handed out and still referenced:
-    a bound on what conversion holds from the dense checkpoint at any moment.
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         if not self.path.is_file():
-            raise SerializationError(f"dense checkpoint {self.path} does not exist: pass a .safetensors file")
+            raise SerializationError(f"dense checkpoint {self.path} does not exist: pass a .safetensors file, a "
+                                     "sharded checkpoint's model.safetensors.index.json, or the folder holding either")
         self._file = open(self.path, "rb")  # noqa: SIM115 - closed by close() / context manager
         try:
             head = self._file.read(8)
@@ -90,8 +108,6 @@ class SafetensorsReader:
         self.entries: dict[str, dict[str, Any]] = header
         self.data_start = 8 + size
         self.file_bytes = os.fstat(self._file.fileno()).st_size
-        self.live_bytes = 0
-        self.peak_live_bytes = 0
         try:
             for name, entry in self.entries.items():
                 self._check_entry(name, entry)
@@ -147,9 +163,6 @@ class SafetensorsReader:
         begin, end = self.entries[name]["data_offsets"]
         return self.data_start + begin, self.data_start + end
 
-    def _released(self, n: int) -> None:
-        self.live_bytes -= n
-
     def get_tensor(self, name: str) -> torch.Tensor:
         start, end = self.span(name)
         dtype, shape = self.dtype(name), self.shape(name)
@@ -160,14 +173,93 @@ class SafetensorsReader:
         got = self._file.readinto(buf)
         if got != len(buf):  # the file shrank after it was opened
             raise self.truncation_error(name, start + got)
-        tensor = torch.frombuffer(buf, dtype=dtype).reshape(shape)
-        self.live_bytes += len(buf)
-        self.peak_live_bytes = max(self.peak_live_bytes, self.live_bytes)
-        weakref.finalize(tensor, self._released, len(buf))
-        return tensor
+        return self._track(torch.frombuffer(buf, dtype=dtype).reshape(shape), len(buf))
 
     def fileno(self) -> int:
         return self._file.fileno()
+
+    def reader_for(self, name: str) -> SafetensorsReader:
+        """The file holding tensor `name`: this one."""
+        return self
+
+
+INDEX_NAME = "model.safetensors.index.json"
+
+
+class ShardedReader(_LiveBytes):
+    """A Hugging Face sharded checkpoint read as one: `weight_map` of the index names each tensor's shard.
+
+    Every shard is opened (and so checked, see SafetensorsReader) up front, and every tensor the index
+    names must be in its shard; `reader_for(name)` gives the shard, for file-to-file copies.
+    """
+
+    def __init__(self, index: str | os.PathLike,
+                 shard_factory: Callable[[Path], SafetensorsReader] = SafetensorsReader) -> None:
+        self.path = Path(index)
+        try:
+            weight_map = json.loads(self.path.read_text())["weight_map"]
+            if not (isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())):
+                raise TypeError
+        except (OSError, ValueError, KeyError, TypeError):
+            raise SerializationError(f"{self.path} is not a safetensors index (no weight_map of tensor -> shard file); "
+                                     f"pass the checkpoint's {INDEX_NAME}") from None
+        self._shards: dict[str, SafetensorsReader] = {}
+        try:
+            for file in dict.fromkeys(weight_map.values()):
+                shard = self.path.parent / file
+                if Path(file).is_absolute() or ".." in Path(file).parts or not shard.is_file():
+                    raise SerializationError(f"{self.path} names shard {file}, which is not a file beside it: "
+                                             "download every shard of the checkpoint into one folder")
+                self._shards[file] = shard_factory(shard)
+            for name, file in weight_map.items():
+                if name not in self._shards[file].entries:
+                    raise SerializationError(f"{self.path} places {name!r} in {file}, which does not hold it: "
+                                             "download the checkpoint again")
+        except BaseException:
+            self.close()
+            raise
+        self._shard_of = {name: self._shards[file] for name, file in weight_map.items()}
+        self.entries = {name: shard.entries[name] for name, shard in self._shard_of.items()}
+
+    def __enter__(self) -> ShardedReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for shard in self._shards.values():
+            shard.close()
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def reader_for(self, name: str) -> SafetensorsReader:
+        return self._shard_of[name]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._shard_of[name].dtype(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shard_of[name].shape(name)
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        tensor = self._shard_of[name].get_tensor(name)
+        return self._track(tensor, tensor.nbytes)
+
+
+Checkpoint = SafetensorsReader | ShardedReader
+
+
+def open_checkpoint(path: Path) -> Checkpoint:
+    """A reader for a .safetensors file, a sharded checkpoint's index, or a folder holding either."""
+    if path.is_dir():
+        for name in (INDEX_NAME, "model.safetensors"):
+            if (path / name).is_file():
+                return open_checkpoint(path / name)
+        raise SerializationError(f"{path} holds neither model.safetensors nor {INDEX_NAME}: pass the checkpoint file "
+                                 "or its index")
+    return ShardedReader(path) if path.suffix == ".json" else SafetensorsReader(path)
 
 
 class StreamingWriter:
@@ -206,9 +298,10 @@ class StreamingWriter:
         if n:
             self._file.write(memoryview(data.numpy()))
 
-    def copy_range(self, name: str, reader: SafetensorsReader, src: str, repeat: int = 1) -> None:
+    def copy_range(self, name: str, reader: Checkpoint, src: str, repeat: int = 1) -> None:
         """Append `src`'s bytes from `reader` `repeat` times as tensor `name` (file to file, in the kernel)."""
         n = self._expect(name)
+        reader = reader.reader_for(src)
         start, end = reader.span(src)
         if (end - start) * repeat != n:
             raise SerializationError(f"streaming writer: {src!r} x{repeat} does not fill {name!r}")
@@ -308,9 +401,12 @@ def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], di
 def convert_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, config: MoEConfig | None = None,
                        *, model: nn.Module | Callable[[], nn.Module], source: ModelSource | None = None,
                        force: bool = False, fast: bool = True,
-                       reader_factory: Callable[[Path], SafetensorsReader] = SafetensorsReader) -> ConversionResult:
+                       reader_factory: Callable[[Path], Checkpoint] = open_checkpoint,
+                       ) -> ConversionResult:
     """Upcycle the dense `checkpoint` into `out_dir` (plan.json + model.safetensors) layer by layer.
 
+    `checkpoint`: a .safetensors file, a sharded checkpoint's model.safetensors.index.json, or the
+    folder holding either (see `open_checkpoint`).
     `model`: the dense model built on the meta device, or a factory called under
     `torch.device("meta")` (no weights are allocated); it must match the checkpoint's names,
     shapes and dtypes. `source`: how `moeify.load` rebuilds the dense model (recorded in the plan;
@@ -343,7 +439,7 @@ def convert_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike
     return result
 
 
-def _plan(reader: SafetensorsReader, result: ConversionResult, dense: nn.Module, region_of: dict,
+def _plan(reader: Checkpoint, result: ConversionResult, dense: nn.Module, region_of: dict,
           layers: dict[str, nn.Module], cfg: MoEConfig, fast: bool) -> _Plan:
     state, metadata, aliases = _dedupe(result.model.state_dict(keep_vars=True))
     dense_aliases = _dedupe(dense.state_dict(keep_vars=True))[2]
@@ -392,7 +488,7 @@ def _plan(reader: SafetensorsReader, result: ConversionResult, dense: nn.Module,
     return _Plan(units, entries, metadata, sources)
 
 
-def _write(reader: SafetensorsReader, path: Path, plan: _Plan, dense: nn.Module, cfg: MoEConfig) -> None:
+def _write(reader: Checkpoint, path: Path, plan: _Plan, dense: nn.Module, cfg: MoEConfig) -> None:
     writer = StreamingWriter(path, plan.entries, plan.metadata or None)
     generator = torch.Generator().manual_seed(cfg.seed)
     try:
@@ -409,7 +505,7 @@ def _write(reader: SafetensorsReader, path: Path, plan: _Plan, dense: nn.Module,
     writer.close()
 
 
-def _source_name(reader: SafetensorsReader, key: str, meta: torch.Tensor, names: list[str]) -> str:
+def _source_name(reader: Checkpoint, key: str, meta: torch.Tensor, names: list[str]) -> str:
     """The checkpoint's name of `key` (or of a tensor tied to it), checked against the meta model's `meta`."""
     src = next((name for name in names if name in reader.entries), None)
     if src is None:
@@ -442,7 +538,7 @@ def _fast_ok(cfg: MoEConfig, local: list[str], found, dense: nn.Module) -> bool:
     return all(type(m) is nn.Linear for m in mods) and len({m.weight.dtype for m in mods}) == 1
 
 
-def _write_fast(writer: StreamingWriter, reader: SafetensorsReader, unit: _Unit, sources: dict[str, str],
+def _write_fast(writer: StreamingWriter, reader: Checkpoint, unit: _Unit, sources: dict[str, str],
                 cfg: MoEConfig, generator: torch.Generator) -> None:
     names = _linear_names(unit.found)
     gated = unit.found.region.kind == "gated"
@@ -467,7 +563,7 @@ def _write_fast(writer: StreamingWriter, reader: SafetensorsReader, unit: _Unit,
         raise SerializationError(f"{unit.name}: no router parameters to write; the fast path expects a router")
 
 
-def _write_built(writer: StreamingWriter, reader: SafetensorsReader, unit: _Unit, sources: dict[str, str],
+def _write_built(writer: StreamingWriter, reader: Checkpoint, unit: _Unit, sources: dict[str, str],
                  dense: nn.Module, cfg: MoEConfig, generator: torch.Generator) -> None:
     found = unit.found
     modules = {}

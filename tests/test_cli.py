@@ -202,6 +202,19 @@ def test_convert_checkpoint_out_of_core_matches_in_memory(tmp_path):
     a = load_file(str(tmp_path / "ooc" / "model.safetensors"))
     b = load_file(str(tmp_path / "mem" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # a sharded checkpoint, given as its folder: the same output
+    state = load_file(str(ckpt))
+    keys = sorted(state)
+    (tmp_path / "sharded").mkdir()
+    halves = {"a.safetensors": keys[::2], "b.safetensors": keys[1::2]}
+    for name, part in halves.items():
+        save_file({k: state[k] for k in part}, str(tmp_path / "sharded" / name))
+    weight_map = {k: name for name, part in halves.items() for k in part}
+    (tmp_path / "sharded" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    r = run("convert-checkpoint", llama, str(tmp_path / "sharded"), "-o", str(tmp_path / "ooc_sharded"), *args)
+    assert r.exit_code == 0, r.output
+    c = load_file(str(tmp_path / "ooc_sharded" / "model.safetensors"))
+    assert c.keys() == b.keys() and all(torch.equal(c[k], b[k]) for k in c)
 
 
 def test_model_file_imports_its_siblings(tmp_path):

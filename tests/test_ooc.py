@@ -259,3 +259,109 @@ def test_ooc_checkpoint_shrinking_while_read_is_not_masked(tmp_path, init):
                            reader_factory=shrinking)
     assert "streaming writer" not in str(err.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dense.safetensors"]
+
+
+# sharded checkpoints (Hugging Face: model-0000i-of-0000n.safetensors + model.safetensors.index.json) -----------
+def _tiny_llama():
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    return lambda: transformers.LlamaForCausalLM(config)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_ooc_reads_a_sharded_hugging_face_checkpoint(tmp_path, fast):
+    """`save_pretrained` with small shards (one tensor or a few each): the index or its folder converts
+    bit for bit as the in-memory path does, reading one layer at a time."""
+    from moeify.ooc import INDEX_NAME, ShardedReader
+
+    build = _tiny_llama()
+    torch.manual_seed(0)
+    dense = build().eval()
+    dense.save_pretrained(tmp_path / "hf", max_shard_size="100KB")
+    shards = sorted(p.name for p in (tmp_path / "hf").glob("*.safetensors"))
+    assert len(shards) > 3 and (tmp_path / "hf" / INDEX_NAME).is_file()
+    cfg = moeify.MoEConfig(num_experts=4, top_k=2)
+    x = torch.randint(0, 128, (2, 7))
+    mem = moeify.convert(dense, cfg, example_inputs=(x,))
+    moeify.save(mem, tmp_path / "mem")
+    want = load_file(tmp_path / "mem" / "model.safetensors")
+    readers = []
+
+    def factory(path):
+        readers.append(ShardedReader(path))
+        return readers[-1]
+
+    for source, out in ((tmp_path / "hf" / INDEX_NAME, "by_index"), (tmp_path / "hf", "by_folder")):
+        kwargs = {"reader_factory": factory} if out == "by_index" else {}
+        convert_checkpoint(source, tmp_path / out, cfg, model=build, fast=fast, **kwargs)
+        got = load_file(tmp_path / out / "model.safetensors")
+        assert sorted(got) == sorted(want)
+        assert all(torch.equal(got[k], want[k]) for k in want)  # bit for bit
+    one_ffn = sum(p.numel() * p.element_size() for p in dense.model.layers[0].mlp.parameters())
+    assert readers[0].peak_live_bytes == 0 if fast else 0 < readers[0].peak_live_bytes <= one_ffn
+    loaded = moeify.load(tmp_path / "by_folder", model=build()).model.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, mem.model.eval()(x).logits)
+
+
+def _sharded_small(tmp_path):
+    """_small() saved as two shards and an index."""
+    from moeify.ooc import INDEX_NAME
+
+    state = {k: v.contiguous() for k, v in _small().state_dict().items()}
+    weight_map = {}
+    for i, keys in enumerate((["0.weight", "0.bias"], ["2.weight", "2.bias"])):
+        save_file({k: state[k] for k in keys}, tmp_path / f"s{i}.safetensors")
+        weight_map.update(dict.fromkeys(keys, f"s{i}.safetensors"))
+    index = tmp_path / INDEX_NAME
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return index, weight_map
+
+
+def _remap(index, weight_map, **changes):
+    index.write_text(json.dumps({"weight_map": {**weight_map, **changes}}))
+
+
+SHARD_BREAKS = {
+    # case: (break the sharded checkpoint, what the error must say)
+    "missing_shard": (lambda index, wm: (index.parent / "s1.safetensors").unlink(),
+                      r"names shard s1\.safetensors, which is not a file beside it: download every shard"),
+    "outside_folder": (lambda index, wm: _remap(index, wm, **{"2.bias": "../x.safetensors"}),
+                       r"names shard \.\./x\.safetensors, which is not a file beside it"),
+    "misplaced": (lambda index, wm: _remap(index, wm, **{"2.bias": "s0.safetensors"}),
+                  r"places '2\.bias' in s0\.safetensors, which does not hold it"),
+    "not_an_index": (lambda index, wm: index.write_text('{"metadata": {}}'), r"is not a safetensors index"),
+    "not_json": (lambda index, wm: index.write_text("{"), r"is not a safetensors index"),
+    "corrupt_shard": (lambda index, wm: _truncate(index.parent / "s0.safetensors", 20), r"s0\.safetensors"),
+    "unmapped_tensor": (lambda index, wm: index.write_text(json.dumps({"weight_map": {k: v for k, v in wm.items()
+                                                                                      if k != "2.bias"}})),
+                        r"has no tensor '2\.bias' that the model needs"),
+}
+
+
+@pytest.mark.parametrize("case", list(SHARD_BREAKS))
+def test_ooc_broken_sharded_checkpoint_fails_before_writing(tmp_path, case):
+    index, weight_map = _sharded_small(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    breaks, says = SHARD_BREAKS[case]
+    breaks(index, weight_map)
+    before = [n for n in before if (tmp_path / n).exists()]
+    with pytest.raises(SerializationError, match=says) as err:
+        convert_checkpoint(tmp_path, tmp_path / "out", moeify.MoEConfig(num_experts=2), model=_small)
+    assert "\n" not in str(err.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no output, no temporary sibling
+
+
+def test_ooc_sharded_small_equals_single_file(tmp_path):
+    index, _ = _sharded_small(tmp_path)
+    save_model(_small(), str(tmp_path / "one.safetensors"))
+    cfg = moeify.MoEConfig(num_experts=2, init="copy_noise")
+    convert_checkpoint(index, tmp_path / "a", cfg, model=_small)
+    convert_checkpoint(tmp_path / "one.safetensors", tmp_path / "b", cfg, model=_small)
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SerializationError, match="holds neither model.safetensors nor model.safetensors.index.json"):
+        convert_checkpoint(tmp_path / "empty", tmp_path / "c", cfg, model=_small)
