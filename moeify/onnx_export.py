@@ -884,7 +884,8 @@ def _external_data_name(ir_model, path: Path, wanted: bool | None, report: Expor
     if not (wanted or nbytes >= EXTERNAL_DATA_BYTES):
         return None
     name = f"{path.name}.data"
-    report.notes.append(f"weights ({nbytes / 2**30:.2f} GiB) in {name} beside {path.name}: keep the two together")
+    size = f"{nbytes / 2**30:.2f} GiB" if nbytes >= 1 << 30 else f"{nbytes / 2**20:.1f} MiB"
+    report.notes.append(f"weights ({size}) in {name} beside {path.name}: keep the two together")
     return name
 
 
