@@ -48,6 +48,11 @@ def check_output(out_path: str | os.PathLike, *, force: bool = False, directory:
 
 def _check_output(out: Path, force: bool, directory: bool) -> Path:
     what = "directory" if directory else "file"
+    if ".." in out.parts or out.name in ("", "."):
+        # where the path lands once its missing parents exist: `new/../old` is `old`, which exists, though
+        # the file system asked about `new/../old` while `new` is missing says it does not
+        named = out.name not in ("", ".", "..")
+        out = Path(os.path.realpath(out.parent if named else out)) / (out.name if named else "")
     if out.is_symlink():
         raise SerializationError(f"{out} is a symbolic link: pass the path it points to, or another output {what}")
     if not out.exists():

@@ -73,6 +73,23 @@ def test_force_never_replaces_a_file_or_a_foreign_directory(tmp_path):
     assert (tmp_path / "afile").read_text() == "mine" and (tmp_path / "empty" / "plan.json").is_file()
 
 
+def test_an_existing_output_reached_through_a_missing_directory_still_needs_force(tmp_path):
+    """`new/../victim` is `victim` once `new` exists: it must be refused as victim itself is (it was
+    replaced without force, its files lost), as must `victim/sub/..`."""
+    result = moeify.convert(load_example("mlp").build_model(), moeify.MoEConfig(num_experts=2, top_k=1))
+    (tmp_path / "victim").mkdir()
+    (tmp_path / "victim" / "notes.txt").write_text("precious")
+    with pytest.raises(SerializationError, match="victim already exists"):
+        moeify.save(result, tmp_path / "new" / ".." / "victim")
+    with pytest.raises(SerializationError, match="no moeify output"):
+        moeify.save(result, tmp_path / "new" / ".." / "victim", force=True)
+    with pytest.raises(SerializationError, match="victim already exists"):
+        moeify.save(result, tmp_path / "victim" / "sub" / "..")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["notes.txt", "victim"]
+    moeify.save(result, tmp_path / "new" / ".." / "fresh")  # a new output that way is fine
+    assert (tmp_path / "fresh" / "plan.json").is_file() and not (tmp_path / "new").exists()
+
+
 # A saved directory damaged after the fact: `moeify.load` and `moeify stats` say so in one SerializationError
 # line naming what is wrong, never a traceback from json, safetensors or load_state_dict.
 SMALL = ("import torch\nfrom torch import nn\n\n\ndef build_model():\n"
