@@ -665,10 +665,9 @@ def export_onnx(model: nn.Module, example_inputs: Sequence[Any] = (), path: str 
     example_inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     kwargs = dict(example_kwargs or {})
     path = Path(path)
-    if not path.parent.is_dir():
-        what = "is not a directory" if path.parent.exists() else "does not exist"
-        raise ExportError(f"cannot write {path}: {path.parent} {what}")
-    check_output(path, force=force, directory=False)
+    data_name = f"{path.name}.data"  # where weights kept beside the model go (see EXTERNAL_DATA_BYTES)
+    for output in (path, path.parent / data_name):
+        check_output(output, force=force, directory=False)
 
     plans = _plan_layers(model, mode, fallback, allow_approximate_gelu)
     bound = _bind(model, example_inputs, kwargs)
@@ -700,7 +699,7 @@ def export_onnx(model: nn.Module, example_inputs: Sequence[Any] = (), path: str 
         raise ExportError(f"torch.onnx.export failed on {type(model).__name__} in {mode} mode "
                           f"({root}); {_export_hint(root, mode, dynamic)}") from exc
     _store_each_tensor_once(program.model, report)
-    data_name = _external_data_name(program.model, path, external_data, report)
+    external = _external_data(program.model, data_name, external_data, report)
     model_proto = program.model_proto
     if table is not None and not any(o.domain == MSFT_DOMAIN for o in model_proto.opset_import):
         import onnx
@@ -717,7 +716,7 @@ def export_onnx(model: nn.Module, example_inputs: Sequence[Any] = (), path: str 
 
     def fill(tmp: Path) -> None:
         """Write, then check what was written (the file is what onnxruntime reads, external data included)."""
-        _save(model_proto, tmp, data_name)
+        _save(model_proto, tmp, data_name if external else None)
         _validate_graph(tmp, fused_calls, report)
         if check:
             with without_token_masks(model):
@@ -725,7 +724,7 @@ def export_onnx(model: nn.Module, example_inputs: Sequence[Any] = (), path: str 
             if loosened:  # the graph again; external weights stay as written
                 _save(model_proto, tmp, None)
 
-    write_file_atomically(path, fill, force=force, companions=[data_name] if data_name else [])
+    write_file_atomically(path, fill, force=force, companions=[data_name])
     return report
 
 
@@ -874,19 +873,19 @@ def _store_each_tensor_once(ir_model, report: ExportReport) -> None:
                             "once: the exporter had folded a copy per call of a layer")
 
 
-def _external_data_name(ir_model, path: Path, wanted: bool | None, report: ExportReport) -> str | None:
-    """The name of the weights' data file beside `path`, or None to keep them in the model file."""
+def _external_data(ir_model, data_name: str, wanted: bool | None, report: ExportReport) -> bool:
+    """Whether the weights go to `data_name` beside the model file."""
     nbytes = sum(value.const_value.nbytes for graph in ir_model.graphs() for value in graph.initializers.values()
                  if value.const_value is not None)
     if wanted is False and nbytes >= EXTERNAL_DATA_BYTES:
         raise ExportError(f"the weights take {nbytes / 2**30:.2f} GiB, more than one ONNX file can hold (2 GiB): "
                           "store them beside it with external_data=True or None (CLI: --external-data)")
     if not (wanted or nbytes >= EXTERNAL_DATA_BYTES):
-        return None
-    name = f"{path.name}.data"
+        return False
     size = f"{nbytes / 2**30:.2f} GiB" if nbytes >= 1 << 30 else f"{nbytes / 2**20:.1f} MiB"
-    report.notes.append(f"weights ({size}) in {name} beside {path.name}: keep the two together")
-    return name
+    report.notes.append(f"weights ({size}) in {data_name} beside {data_name.removesuffix('.data')}: keep the "
+                        "two together")
+    return True
 
 
 def _save(model_proto, path: Path, data_name: str | None) -> None:

@@ -129,10 +129,12 @@ def _write(out_path: str | os.PathLike, fill, force: bool, directory: bool, comp
             os.close(fd)
             tmp = Path(name)
         fill(tmp)
-        for name in companions:  # first, so that whoever finds the file finds what it refers to
-            if (tmp.parent / name).exists():
-                _publish(tmp.parent / name, out.parent / name)
+        written = {name for name in companions if (tmp.parent / name).exists()}
+        for name in written:  # first, so that whoever finds the file finds what it refers to
+            _publish(tmp.parent / name, out.parent / name)
         _publish(tmp, out)
+        for name in set(companions) - written:  # a replaced output's (force let it pass)
+            (out.parent / name).unlink(missing_ok=True)
         if stage is not None:
             stage.rmdir()
     except BaseException as exc:
@@ -166,7 +168,8 @@ def write_file_atomically(path: str | os.PathLike, fill, *, force: bool = False,
 
     `companions`: names of files that belong beside `path` (an ONNX model's external weights). `fill`
     may write them next to `tmp`, in a private temporary directory; they are renamed into place
-    before the file itself, and `force` is needed to replace them as for the file.
+    before the file itself, and `force` is needed to replace them as for the file. One that `fill`
+    does not write is removed where it exists (an earlier output's, which `force` allowed to replace).
     """
     return _write(path, fill, force, directory=False, companions=companions)
 

@@ -750,6 +750,16 @@ def test_external_data_failures_leave_nothing_and_replacing_needs_force(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx.data"]
     export_onnx(model, ex.example_inputs(), tmp_path / "m.onnx", external_data=True, force=True)
     assert (tmp_path / "m.onnx.data").read_bytes() != b"someone else's"
+    # replaced by a single file: the old weights beside it go with the old model
+    export_onnx(model, ex.example_inputs(), tmp_path / "one.onnx", external_data=True)
+    export_onnx(model, ex.example_inputs(), tmp_path / "one.onnx", external_data=False, force=True, check=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data", "one.onnx"]
+    # a missing folder is made, as for `moeify convert`, and removed again when the export fails
+    with pytest.raises(ExportError, match="differ"):
+        export_onnx(model, ex.example_inputs(), tmp_path / "new" / "deeper" / "x.onnx", atol=-1.0)
+    assert not (tmp_path / "new").exists()
+    export_onnx(model, ex.example_inputs(), tmp_path / "new" / "x.onnx", check=False)
+    assert (tmp_path / "new" / "x.onnx").is_file()
     session = open_session(tmp_path / "m.onnx", providers=("CPUExecutionProvider",))
     (x,) = ex.example_inputs()
     with torch.no_grad():
