@@ -543,11 +543,13 @@ def _resized(value: Any, dims: dict[int, str], generator: torch.Generator) -> An
         shape[dim] += CHECK_SHAPE_DELTA[0] if axis == "batch" else CHECK_SHAPE_DELTA[1]
     if value.is_floating_point():
         return (torch.randn(shape, generator=generator) * value.float().std().clamp_min(1e-3)).to(value.dtype)
-    if value.dtype == torch.bool or (value.numel() and bool(((value == 0) | (value == 1)).all())):
-        # attention masks: every position visible (a fully masked row is undefined in most models);
-        # token-type ids that are all 0 stay 0
-        fill = 0 if value.numel() and bool((value == 0).all()) else 1
-        return torch.full(shape, fill, dtype=value.dtype)
+    if value.numel() and (value.dtype == torch.bool or bool(((value == 0) | (value == 1)).all())):
+        # masks (and all-0 token types): the example tiled over the grown dims, so every row keeps a mix
+        # of visible and masked positions the model accepts, whichever value means padding (1 in
+        # Hugging Face's attention_mask, True in PyTorch's key-padding mask: filled with ones, it masked
+        # every token and the check compared NaN with NaN)
+        reps = [-(-n // m) for n, m in zip(shape, value.shape, strict=True)]
+        return value.repeat(*reps)[tuple(slice(0, n) for n in shape)].clone()
     low = int(value.min()) if value.numel() else 0
     high = int(value.max()) + 1 if value.numel() else 1
     return torch.randint(low, max(high, low + 1), shape, generator=generator, dtype=value.dtype)
@@ -780,6 +782,12 @@ TORCH_NOISE_WARNINGS = (
     (FutureWarning, r"_check_is_size will be removed"),  # torch's own decompositions (nn.LSTM)
     # nn.LSTM rebuilds its _flat_weights list in forward; only a message naming nothing else is silenced
     (UserWarning, r"The tensor attributes (self\.[\w.]*_flat_weights\[\d+\](, )?)+ were assigned during export"),
+    # two inputs sharing an axis (ids and their mask: batch, seq) by name, as moeify declares them
+    (UserWarning, r"# The axis name: (\w+) will not be used, since it shares the same shape constraints with another "
+                  r"axis: \1\.$"),
+    # non-tensor inputs (use_cache=False): moeify names the graph's axes itself (`_name_dynamic_axes`)
+    (UserWarning, r"# ONNX model has different number of inputs than the flatten dynamic_shapes\. The dynamic axes "
+                  r"will not be renamed\.$"),
 )
 # logs "torchvision is not installed. Skipping torchvision::nms" (and 3 more ops) at every export
 TORCH_REGISTRY_LOGGER = "torch.onnx._internal.exporter._registration"
