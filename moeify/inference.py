@@ -2,7 +2,8 @@
 
     session = moeify.inference.open_session("model.onnx")
     print(session.describe())          # e.g. "onnxruntime 1.31.1 on CUDAExecutionProvider"
-    logits, = session.run({"idx": ids.numpy()})
+    logits, = session.run({"idx": ids.numpy()})   # or onnxruntime's order: session.run(None, {...})
+    session.get_inputs()                # the rest of the onnxruntime.InferenceSession, as it is
 
 onnxruntime-gpu silently falls back to the CPU when CUDA cannot be loaded; `open_session` reads back
 the providers the session really got, so `provider` is the truth, and `fallback_reason` says why
@@ -36,8 +37,21 @@ class Session:
     def input_names(self) -> list[str]:
         return [i.name for i in self.session.get_inputs()]
 
-    def run(self, feeds: dict[str, Any], output_names: Sequence[str] | None = None) -> list[Any]:
-        return self.session.run(None if output_names is None else list(output_names), feeds)
+    def run(self, first: Any, second: Any = None) -> list[Any]:
+        """The outputs (a list of arrays) for the inputs `feeds` ({input name: array}): `run(feeds)`,
+        `run(feeds, output_names)`, or in onnxruntime's own order, `run(output_names, feeds)` with None
+        for every output."""
+        feeds, names = (first, second) if isinstance(first, dict) else (second, first)
+        if not isinstance(feeds, dict):
+            raise ExportError(f"run() takes the inputs as a dict {{input name: array}} (the model's inputs: "
+                              f"{', '.join(self.input_names)}), got {type(feeds).__name__}")
+        return self.session.run(None if names is None else list(names), feeds)
+
+    def __getattr__(self, name: str) -> Any:
+        """Everything else of the onnxruntime session (get_inputs(), get_outputs(), run_with_iobinding ...)."""
+        if name == "session":  # not set yet (copy, unpickling): no session to ask
+            raise AttributeError(name)
+        return getattr(self.session, name)
 
     def describe(self) -> str:
         import onnxruntime as ort

@@ -823,7 +823,8 @@ def _root_cause(exc: BaseException) -> str:
 def _export_hint(root: str, mode: str, dynamic: bool) -> str:
     """What to try after the export failed with `root` (`_root_cause`), given the options in use."""
     if "cache_utils" in root:  # a transformers Cache among the outputs: torch.export cannot flatten it
-        return "the model returns a transformers cache: pass use_cache=False in example_kwargs"
+        return ("the model returns a transformers cache: pass use_cache=False in example_kwargs (for `moeify "
+                "export`: example_inputs() in the model file returning ((ids,), {'use_cache': False}))")
     tries = (["mode='portable'"] if mode != "portable" else []) + (["dynamic=False"] if dynamic else [])
     return f"try {' or '.join(tries)}" if tries else "please report it with the model"
 

@@ -453,9 +453,16 @@ def test_open_session_reports_the_provider_it_got(tmp_path):
     assert (session.fallback_reason is None) == (session.provider == "CUDAExecutionProvider")
     assert session.provider in session.describe()
     (x,) = ex.example_inputs()
+    feeds = {session.input_names[0]: x.numpy()}
     with torch.no_grad():
-        np.testing.assert_allclose(session.run({session.input_names[0]: x.numpy()})[0], model(x).numpy(),
-                                   atol=ATOL_MODEL, rtol=0)
+        np.testing.assert_allclose(session.run(feeds)[0], model(x).numpy(), atol=ATOL_MODEL, rtol=0)
+    # onnxruntime's own order and methods work on it as on an InferenceSession
+    np.testing.assert_array_equal(session.run(None, feeds)[0], session.run(feeds)[0])
+    output = session.get_outputs()[0].name
+    np.testing.assert_array_equal(session.run([output], feeds)[0], session.run(feeds, [output])[0])
+    assert [i.name for i in session.get_inputs()] == session.input_names
+    with pytest.raises(ExportError, match=r"inputs as a dict \{input name: array\} \(the model's inputs: x\)"):
+        session.run(x.numpy())
     with pytest.raises(ExportError, match="does not exist"):
         open_session(str(tmp_path / "missing.onnx"))
 
