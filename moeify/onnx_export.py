@@ -736,7 +736,17 @@ def export_saved(out_dir: str | os.PathLike, path: str | os.PathLike, **options:
     from moeify.serialization import load, saved_example_inputs
 
     args, kwargs = saved_example_inputs(out_dir)
-    return export_onnx(load(out_dir).model, args, path, example_kwargs=kwargs, **options)
+    model = load(out_dir).model
+    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()} - {"float32"})
+    if dtypes:  # the loaded model is this call's own: export it in float32, which ONNX export takes
+        model.float()
+        args = tuple(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+        kwargs = {k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+                  for k, v in kwargs.items()}
+    report = export_onnx(model, args, path, example_kwargs=kwargs, **options)
+    if dtypes:
+        report.notes.append(f"the saved weights are {', '.join(dtypes)}: exported in float32")
+    return report
 
 
 def _check_dynamic_axes(model_proto, report: ExportReport) -> None:

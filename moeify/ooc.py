@@ -47,15 +47,9 @@ from moeify.convert import (
 )
 from moeify.errors import SerializationError
 from moeify.moe.build import make_router
-from moeify.serialization import write_atomically, write_plan
+from moeify.serialization import DTYPE_OF, DTYPES, write_atomically, write_plan
 from moeify.source import ModelSource
 
-DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
-}
-DTYPE_OF = {v: k for k, v in DTYPES.items()}
 # parameters a layer built by `build_moe_layer` for init="copy" can hold; anything else -> generic path
 FAST_EXPERT_KEYS = ("w1_EFD", "w2_EDF", "w3_EFD", "b1_EF", "b2_ED", "b3_EF")
 FAST_ROUTER_KEYS = ("router.gate.weight", "router.gate.bias")

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
@@ -30,6 +31,13 @@ from moeify.source import ModelSource
 
 PLAN_FORMAT = "moeify-plan"
 PLAN_VERSION = 1
+# safetensors' dtype names
+DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
+DTYPE_OF = {v: k for k, v in DTYPES.items()}
 
 
 def check_output(out_path: str | os.PathLike, *, force: bool = False, directory: bool = True) -> Path:
@@ -316,13 +324,14 @@ def rebuild_dense(out_dir: str | os.PathLike, plan: dict[str, Any]) -> nn.Module
     return model
 
 
-def _file_shapes(weights: Path) -> dict[str, list[int]]:
-    """Name -> shape of every tensor in a safetensors file, from its header (checked to cover the file)."""
+def _file_layout(weights: Path) -> dict[str, tuple[list[int], str]]:
+    """Name -> (shape, safetensors dtype) of every tensor in a safetensors file, from its header (checked
+    to cover the file)."""
     if not weights.is_file():
         raise SerializationError(f"{weights.parent} has no model.safetensors: the save did not finish; save again")
     try:
         with safe_open(str(weights), framework="pt") as f:
-            return {name: list(f.get_slice(name).get_shape()) for name in f.keys()}
+            return {name: (list(f.get_slice(name).get_shape()), f.get_slice(name).get_dtype()) for name in f.keys()}
     except (SafetensorError, OSError, ValueError) as exc:
         raise SerializationError(f"{weights} is not a readable safetensors file ({one_line(exc)}): it was cut "
                                  "short or damaged; re-run the conversion") from exc
@@ -343,17 +352,26 @@ def load(out_dir: str | os.PathLike, model: nn.Module | None = None):
     except MoeifyError as exc:
         raise SerializationError(f"{plan_path}: {exc}") from exc
     weights = Path(out_dir) / "model.safetensors"
-    shapes = _file_shapes(weights)
+    layout = _file_layout(weights)
     dense = model if model is not None else rebuild_dense(out_dir, plan)
     try:
         result = convert(dense, cfg, only=plan["regions"], none_inputs=plan.get("none_inputs", {}), verify=False)
     except MoeifyError as exc:
         raise SerializationError(f"cannot re-apply the plan in {out_dir}: {exc}") from exc
-    for name, tensor in result.model.state_dict().items():
-        if name in shapes and list(tensor.shape) != shapes[name]:
-            raise SerializationError(f"{weights} does not fit the re-applied plan: {name!r} is {shapes[name]} in "
+    for name, tensor in result.model.state_dict(keep_vars=True).items():
+        if name not in layout:
+            continue
+        shape, dtype = layout[name]
+        if list(tensor.shape) != shape:
+            raise SerializationError(f"{weights} does not fit the re-applied plan: {name!r} is {shape} in "
                                      f"the file but {list(tensor.shape)} in the model rebuilt from the plan: was "
                                      "the dense model built with the same sizes (and plan.json left as saved)?")
+        saved = DTYPE_OF.get(dtype)
+        if saved is not None and saved != tensor.dtype and saved.is_floating_point and tensor.is_floating_point():
+            # in the dtype it was saved in: a model.bfloat16() saved came back float32 from the float32
+            # dense model the source builds (and a float32 router in a bfloat16 model stays float32)
+            with torch.no_grad():
+                tensor.data = tensor.data.to(saved)
     try:
         missing, unexpected = load_model(result.model, str(weights), strict=False)
     except (SafetensorError, OSError, RuntimeError, ValueError) as exc:

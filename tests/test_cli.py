@@ -185,6 +185,24 @@ def test_export_external_data(tmp_path):
     assert not (tmp_path / "s.onnx.data").exists()
 
 
+BF16_MLP = ("import torch\nfrom torch import nn\n\n\ndef build_model():\n    torch.manual_seed(0)\n"
+            "    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8)).bfloat16()\n\n\n"
+            "def example_inputs():\n    return (torch.randn(4, 8).bfloat16(),)\n")
+
+
+def test_export_of_a_bfloat16_conversion_goes_through_float32(tmp_path):
+    """The CLI cannot call model.float() for the user: it exports the loaded copy in float32 and says so."""
+    out = tmp_path / "out"
+    assert run("convert", write(tmp_path, "bf16.py", BF16_MLP), "-o", str(out), "--num-experts", "2").exit_code == 0
+    r = run("export", str(out), "-o", str(tmp_path / "m.onnx"))
+    assert r.exit_code == 0, r.output
+    assert "the saved weights are bfloat16: exported in float32" in r.output
+    import onnx
+
+    graph = onnx.load(str(tmp_path / "m.onnx")).graph
+    assert {t.data_type for t in graph.initializer} - {onnx.TensorProto.INT64} == {onnx.TensorProto.FLOAT}
+
+
 def test_convert_checkpoint_out_of_core_matches_in_memory(tmp_path):
     import torch
     from safetensors.torch import load_file, save_file

@@ -28,6 +28,32 @@ def test_round_trip_from_recorded_source_and_from_given_model(tmp_path, name):
     assert [r.name for r in result.report.regions][0].startswith(("blocks.1", "layers.1"))
 
 
+def test_load_gives_back_the_dtypes_saved(tmp_path):
+    """A model cast to bfloat16 after conversion comes back bfloat16 (it came back float32, as the dense
+    model its source builds), and one converted from bfloat16 keeps its float32 routers."""
+    ex = load_example("gpt")
+    source = f"{ROOT / 'examples' / 'gpt.py'}:build_model"
+    cast = moeify.convert(ex.build_model(), moeify.MoEConfig(num_experts=4, top_k=2), source=source)
+    cast.model.bfloat16()
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "bf16.py").write_text(f"import sys\nsys.path.insert(0, {str(ROOT)!r})\n"
+                                              "from examples.gpt import build_model as _build\n\n\n"
+                                              "def build_model():\n    return _build().bfloat16()\n")
+    native = moeify.convert(_bf16_gpt(), moeify.MoEConfig(num_experts=4, top_k=2),
+                            source=f"{tmp_path / 'src' / 'bf16.py'}:build_model")
+    routers = {n for n, p in native.model.named_parameters() if p.dtype == torch.float32}
+    assert routers and all(".router." in n for n in routers)
+    for name, result in (("cast", cast), ("native", native)):
+        saved = result.model.state_dict()
+        loaded = moeify.load(moeify.save(result, tmp_path / name)).model.state_dict()
+        assert {k: v.dtype for k, v in loaded.items()} == {k: v.dtype for k, v in saved.items()}, name
+        assert all(torch.equal(loaded[k], saved[k]) for k in saved), name
+
+
+def _bf16_gpt():
+    return load_example("gpt").build_model().bfloat16()
+
+
 def test_load_without_source_needs_a_model(tmp_path):
     ex = load_example("mlp")
     out = moeify.save(moeify.convert(ex.build_model(), moeify.MoEConfig(num_experts=2, top_k=1)), tmp_path / "o")
