@@ -110,7 +110,29 @@ def load_model(spec: str):
     return model, module, source
 
 
-@click.group()
+class OneLineErrors(click.Group):
+    """click's own errors (a bad option value, a missing argument, a path that does not exist) as one
+    `error: ...` line naming the help to read, as moeify's own are, with click's exit code (2); an
+    interrupt as "Aborted!" and exit 1. The rest of click's standalone handling is unchanged."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except click.ClickException as exc:
+            ctx = getattr(exc, "ctx", None)
+            where = ctx.command_path if ctx is not None else "moeify"
+            message = " ".join(exc.format_message().split())
+            click.echo(f"error: {message} (`{where} --help` lists what it takes)", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+@click.group(cls=OneLineErrors)
 @click.option("--debug", is_flag=True, help="show tracebacks")
 @click.version_option(package_name="moeify")
 def main(debug: bool) -> None:

@@ -14,6 +14,9 @@ ROOT = Path(__file__).resolve().parent.parent
 GPT = str(ROOT / "examples" / "gpt.py")
 
 
+MLP_PATH = str(ROOT / "examples" / "mlp.py")
+
+
 def run(*args):
     return CliRunner().invoke(main, list(args))
 
@@ -68,6 +71,23 @@ def test_bad_input_is_one_line_nonzero_and_writes_nothing(tmp_path, source, extr
     assert r.output.strip().count("\n") == 0 and r.output.startswith("error: ")
     assert not out.exists()
     assert not any(p.name.startswith(".out.") for p in tmp_path.iterdir())  # no temp dirs left
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["convert", MLP_PATH, "-o", "{tmp}/o", "--top-k", "abc"], "'--top-k': 'abc' is not a valid integer"),
+    (["convert", MLP_PATH, "-o", "{tmp}/afile"], "afile' is a file"),
+    (["export", "{tmp}/nothere", "-o", "{tmp}/x.onnx"], "'OUT_DIR': Directory '{tmp}/nothere' does not exist"),
+    (["export", "{tmp}", "-o", "{tmp}/x.onnx", "--mode", "bogus"], "'bogus' is not one of 'fused', 'portable'"),
+    (["convert-checkpoint", MLP_PATH, "{tmp}/nothere.safetensors", "-o", "{tmp}/o"], "does not exist"),
+    (["bogus"], "No such command 'bogus'"),
+])
+def test_argument_errors_click_finds_are_one_line_too(tmp_path, args, needle):
+    (tmp_path / "afile").write_text("mine")
+    r = run(*(a.format(tmp=tmp_path) for a in args))
+    assert r.exit_code == 2, r.output
+    assert r.output.startswith("error: ") and r.output.strip().count("\n") == 0, r.output
+    assert needle.format(tmp=tmp_path) in r.output and "--help` lists what it takes" in r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
 
 
 def test_existing_output_needs_force(tmp_path):
