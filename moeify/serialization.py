@@ -229,8 +229,12 @@ def saved_source(out_dir: str | os.PathLike, plan: dict[str, Any]) -> ModelSourc
     if not source:
         return None
     if source.get("copied_to"):
-        return ModelSource("file", str(Path(out_dir) / source["copied_to"]), source["name"],
-                           beside=source.get("folder"))
+        copy = Path(out_dir) / source["copied_to"]
+        if not copy.is_file():
+            raise SerializationError(f"{out_dir} has lost {source['copied_to']}, the copy of the model file it was "
+                                     "converted from: call moeify.load(path, model=dense_model) with the dense "
+                                     "model built as for the conversion")
+        return ModelSource("file", str(copy), source["name"], beside=source.get("folder"))
     return ModelSource(source["kind"], source["target"], source["name"])
 
 

@@ -192,10 +192,12 @@ def _cut(keep):
                              "Error while deserializing header: header too small"),
     (_edit_plan(_fewer_experts), "model.safetensors does not fit the re-applied plan: 'moe.router.gate.weight' "
                                  "is [8, 8] in the file but [4, 8] in the model rebuilt from the plan"),
+    (lambda out: (out / "model_source.py").unlink(), "has lost model_source.py, the copy of the model file it was "
+                                                     "converted from: call moeify.load(path, model=dense_model)"),
 ], ids=["plan-is-array", "no-config", "config-array", "config-bad-field", "regions-number", "region-not-names",
         "report-unknown-key", "report-string", "report-field-type", "report-region-missing-field", "source-string",
         "source-kind", "source-name-null", "none-inputs-number", "none-inputs-not-lists", "plan-not-utf8",
-        "weights-truncated", "weights-empty", "plan-experts-edited"])
+        "weights-truncated", "weights-empty", "plan-experts-edited", "source-copy-lost"])
 def test_damaged_directory_is_one_line_serialization_error(saved_small, tmp_path, damage, needle):
     import shutil
 
