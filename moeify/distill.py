@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moeify.errors import ConfigError
+from moeify.errors import ConfigError, DistillError
 from moeify.losses import aux_loss
 
 SOFT_LOSSES = ("kl", "ce")
@@ -100,7 +100,8 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable[tuple], *,
     opt = optimizer or torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     student.train()
     try:
-        for step, (inputs, labels) in enumerate(batches):
+        for step, batch in enumerate(batches):
+            inputs, labels = _inputs_and_labels(step, batch)
             args = inputs if isinstance(inputs, tuple) else (inputs,)
             if lr_at is not None:
                 for group in opt.param_groups:
@@ -118,3 +119,19 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable[tuple], *,
     finally:
         teacher.train(teacher_mode)
     return student
+
+
+def _inputs_and_labels(step: int, batch: object) -> tuple[object, torch.Tensor]:
+    """`batch` as (inputs, labels), refused in one line when it is not such a pair: a bare tensor would
+    be unpacked row by row, its first row taken as the inputs and its second as the labels."""
+    pair = isinstance(batch, (tuple, list)) and not isinstance(batch, torch.Tensor) and len(batch) == 2
+    if pair and isinstance(batch[1], torch.Tensor):
+        return batch[0], batch[1]
+    if isinstance(batch, torch.Tensor):
+        what = f"a tensor of shape {tuple(batch.shape)}"
+    elif pair:
+        what = f"a pair whose labels are a {type(batch[1]).__name__}, not a tensor"
+    else:
+        what = f"a {type(batch).__name__}" + (f" of {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+    raise DistillError(f"distill's batch {step} is {what}: give (inputs, labels) pairs, such as zip(inputs, labels) "
+                       "or a DataLoader over TensorDataset(inputs, labels)")

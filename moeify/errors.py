@@ -70,6 +70,10 @@ class DistributedError(MoeifyError):
     """Expert parallelism was set up wrongly (sizes, process groups)."""
 
 
+class DistillError(MoeifyError, ValueError):
+    """A distillation batch is not an (inputs, labels) pair."""
+
+
 class TokenMaskError(MoeifyError, ValueError):
     """A token mask does not fit the tokens an MoE layer saw (see `moeify.token_mask`)."""
 

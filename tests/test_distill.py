@@ -91,3 +91,19 @@ def test_shape_mismatch_is_a_typed_error():
         distillation_loss(torch.randn(3, 5), torch.randn(3, 6), torch.zeros(3, dtype=torch.long))
     with pytest.raises(ConfigError, match="labels"):
         distillation_loss(torch.randn(3, 5), torch.randn(3, 5), torch.zeros(4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("batch, says", [
+    (torch.randint(0, 4, (2, 8)), r"batch 0 is a tensor of shape \(2, 8\)"),  # rows would become inputs, labels
+    ((torch.randn(2, 8), torch.randn(2, 8), torch.zeros(2)), "batch 0 is a tuple of 3"),
+    ((torch.randn(2, 8), [0, 1]), "labels are a list, not a tensor"),
+    ({"x": torch.randn(2, 8)}, "batch 0 is a dict"),
+])
+def test_a_batch_that_is_not_an_inputs_labels_pair_is_refused(batch, says):
+    from moeify.errors import DistillError
+
+    student, teacher = _mlp(2), _mlp(1)
+    with pytest.raises(DistillError, match=says + r": give \(inputs, labels\) pairs"):
+        distill(student, teacher, [batch])
+    x = torch.randn(2, 8)  # a DataLoader's [inputs, labels] list is a pair
+    distill(student, teacher, [[x, torch.zeros(2, dtype=torch.long)]])
