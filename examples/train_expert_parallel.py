@@ -74,6 +74,7 @@ def main() -> None:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         ep.sync_gradients()
+        ep.clip_grad_norm_(1.0)  # over the whole model: every rank scales its replicated weights alike
         opt.step()
         if step % 10 == 0 or step == args.steps - 1:
             mean_lm = lm.detach().clone()

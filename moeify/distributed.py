@@ -310,6 +310,38 @@ class ExpertParallel:
             grad.div_(g.ep_size)
 
     @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+        """`torch.nn.utils.clip_grad_norm_` over the model as one process holds it; call after
+        `sync_gradients`, on every rank (a collective). Returns the total norm, the same on every rank.
+
+        torch's own, called on one rank, sees that rank's expert shard only: each rank then scales its
+        replicated dense weights by another factor and the ranks drift apart. Here the dense gradients
+        (equal on every rank after `sync_gradients`) count once and each rank's share of the experts'
+        is summed over the expert-parallel group.
+        """
+        dense, experts = self._split_params()
+        dense_grads = [p.grad for p in dense if p.grad is not None]
+        expert_grads = [p.grad for p in experts if p.grad is not None]
+        p = float(norm_type)
+        device = _device_of(self.model)
+
+        def reduced(grads: list[torch.Tensor]) -> torch.Tensor:  # max of |g|, or sum of |g|^p
+            norms = [torch.linalg.vector_norm(g.to(torch.float64), p).to(device) for g in grads]
+            if not norms:
+                return torch.zeros((), dtype=torch.float64, device=device)
+            return torch.stack(norms).max() if p == math.inf else torch.stack(norms).pow(p).sum()
+
+        dense_part, expert_part = reduced(dense_grads), reduced(expert_grads)
+        dist.all_reduce(expert_part, op=dist.ReduceOp.MAX if p == math.inf else dist.ReduceOp.SUM,
+                        group=self.groups.ep)
+        total = torch.maximum(dense_part, expert_part) if p == math.inf else (dense_part + expert_part) ** (1 / p)
+        scale = float(max_norm) / (float(total) + 1e-6)
+        if scale < 1:
+            for grad in dense_grads + expert_grads:
+                grad.mul_(scale)
+        return total.to(torch.float32)
+
+    @torch.no_grad()
     def gather_state_dict(self) -> dict[str, torch.Tensor]:
         """The single-process state dict (every expert), on every rank. A collective: call on all ranks."""
         state = dict(self.model.state_dict())

@@ -7,7 +7,8 @@ process group from the same environment variables torchrun sets.
 `run`: for each case, forward + backward + gradient sync on this rank's half of a fixed global
 batch, written to OUT_DIR/<case>_rank<r>.safetensors (outputs, losses, synced gradients gathered
 to full size).
-`train`: a few SGD steps, saved as one single-process checkpoint OUT_DIR/ckpt_ep; then
+`train`: a few SGD steps with gradient clipping (the norms to OUT_DIR/norms_rank<r>.safetensors), saved
+as one single-process checkpoint OUT_DIR/ckpt_ep; then
 OUT_DIR/ckpt_1proc (written by the test) loaded onto 2 ranks and run on this rank's batch.
 `fail`: rank 1 raises in the middle of a step while rank 0 waits in a collective.
 The single-process reference lives in the test, not here.
@@ -38,6 +39,7 @@ CONFIG = dict(num_experts=4, top_k=2, router_bias=True, init="copy_noise", init_
 GLOBAL_BATCH, SEQ, WORLD = 4, 16, 2
 CASES = ("balanced", "rank1_empty")
 TRAIN_STEPS, LR, MOMENTUM = 3, 0.5, 0.9
+CLIP = 0.05  # below every step's gradient norm: each step is clipped (the test checks that it was)
 
 
 def gpt_example():
@@ -146,11 +148,14 @@ def train(out: Path) -> None:
     mesh = init_device_mesh("cpu", (1, WORLD), mesh_dim_names=("dp", "ep"))
     ep = moe_dist.expert_parallel(result.model, mesh, inplace=True)
     opt = torch.optim.SGD(ep.model.parameters(), lr=LR, momentum=MOMENTUM)
+    norms = []
     for step in range(TRAIN_STEPS):
         opt.zero_grad()
         step_loss(ep.model, gpt, micro_batch(step, rank))[2].backward()
         ep.sync_gradients()
+        norms.append(ep.clip_grad_norm_(CLIP))
         opt.step()
+    save_file({"norms": torch.stack(norms)}, str(out / f"norms_rank{rank}.safetensors"))
     ep.save(result, out / "ckpt_ep")
     try:  # saving again without force fails on rank 0; every rank must raise rather than wait
         ep.save(result, out / "ckpt_ep")

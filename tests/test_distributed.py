@@ -47,11 +47,13 @@ def reference_step(case: str, world: int = worker.WORLD):
 def reference_training():
     result, gpt = worker.converted("balanced")
     opt = torch.optim.SGD(result.model.parameters(), lr=worker.LR, momentum=worker.MOMENTUM)
+    result.norms = []
     for step in range(worker.TRAIN_STEPS):
         opt.zero_grad()
         for rank in range(worker.WORLD):
             loss = worker.step_loss(result.model, gpt, worker.micro_batch(step, rank))[2]
             (loss / worker.WORLD).backward()
+        result.norms.append(torch.nn.utils.clip_grad_norm_(result.model.parameters(), worker.CLIP))
         opt.step()
     return result, gpt
 
@@ -150,6 +152,17 @@ def test_checkpoint_after_training_equals_one_process(ep_train, trained):
     idx = worker.micro_batch(worker.TRAIN_STEPS, 0)
     with torch.no_grad():
         torch.testing.assert_close(loaded(idx), trained[0].model(idx), atol=ATOL, rtol=0)
+
+
+def test_gradient_clipping_uses_the_whole_models_norm(ep_train, trained):
+    """ExpertParallel.clip_grad_norm_ gives every rank the norm one process computes (torch's, called on
+    a rank, saw its own expert shard: the ranks clipped their replicated weights by different factors);
+    the checkpoint test above checks the clipped training itself."""
+    want = torch.stack(trained[0].norms)
+    assert bool((want > worker.CLIP).all())  # every step was clipped
+    for rank in range(worker.WORLD):
+        got = load_file(str(ep_train / f"norms_rank{rank}.safetensors"))["norms"]
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_failed_save_raises_on_every_rank(ep_train):
