@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import re
 import typing
 from collections.abc import Iterable, Mapping
@@ -34,6 +35,8 @@ def _fail(field_name: str, value: Any, fix: str) -> None:
     raise ConfigError(f"MoEConfig.{field_name}={value!r} is invalid: {fix}")
 
 
+# fields where float("inf") means something (an unlimited capacity: dropless); other values must be finite
+INFINITE_OK = frozenset({"capacity_factor", "eval_capacity_factor"})
 _WORDS = {bool: "a bool (true/false)", int: "an integer", float: "a finite number", str: "a string"}
 _PLURALS = {int: "integers", str: "strings"}
 
@@ -117,8 +120,8 @@ class MoEConfig:
     load_coef: float = 0.0  # Shazeer: w_load * CV(Load)^2 (noisy_topk only)
 
     # capacity and dropout
-    capacity_factor: float | None = None  # None: dropless
-    eval_capacity_factor: float | None = None  # None: same as capacity_factor
+    capacity_factor: float | None = None  # None (or inf): dropless
+    eval_capacity_factor: float | None = None  # None: same as capacity_factor; inf: dropless in eval
     drop_policy: str = "position"
     expert_dropout: float | None = None  # None: keep the dense FFN's own dropout inside experts
 
@@ -142,7 +145,7 @@ class MoEConfig:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if not fits(value, hints[f.name], finite=True):
+            if not fits(value, hints[f.name], finite=not (f.name in INFINITE_OK and value == math.inf)):
                 _fail(f.name, value, _type_fix(value, hints[f.name]))
         # every field has its declared type from here on: the checks below are about values
         if self.version != CONFIG_VERSION:
@@ -214,8 +217,10 @@ class MoEConfig:
                   "use load_balance_coef for other routers")
         for name in ("capacity_factor", "eval_capacity_factor"):
             value = getattr(self, name)
-            if value is not None and value <= 0:
-                _fail(name, value, "use a finite number > 0, or None for dropless routing")
+            if value is not None and not value > 0:
+                _fail(name, value, "use a number > 0 (inf: dropless)" + (", or None for the training factor"
+                                                                           if name.startswith("eval") else
+                                                                           ", or None for dropless routing"))
         if self.expert_dropout is not None and not 0.0 <= self.expert_dropout < 1.0:
             _fail("expert_dropout", self.expert_dropout, "use a probability in [0, 1), or None")
         for name in ("targets", "exclude"):

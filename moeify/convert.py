@@ -202,9 +202,9 @@ def preservation_gap(cfg: MoEConfig) -> str | None:
         return None
     if cfg.init == "split" and cfg.top_k < cfg.num_experts:
         return "init='split' with top_k < num_experts runs only part of the FFN's neurons per token"
-    if cfg.capacity_factor is not None or cfg.eval_capacity_factor is not None:
-        factor = cfg.capacity_factor if cfg.capacity_factor is not None else cfg.eval_capacity_factor
-        return f"tokens over an expert's capacity (capacity factor {factor:g}) are dropped"
+    limits = [f for f in (cfg.capacity_factor, cfg.eval_capacity_factor) if f is not None and not math.isinf(f)]
+    if limits:  # (an infinite factor is dropless)
+        return f"tokens over an expert's capacity (capacity factor {limits[0]:g}) are dropped"
     if not (cfg.preserve_scale or (cfg.router == "topk" and cfg.normalize_gates)):
         return "preserve_scale=False: the gate values scale the experts' outputs"
     return None

@@ -5,6 +5,7 @@ tokens (policy "position") or a sort of the router probabilities computed here (
 and the dense FFN computed from its weights with F.linear.
 """
 
+import json
 import math
 from fractions import Fraction
 
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import moeify
+from moeify.errors import ConfigError
 from moeify.moe.build import DenseFFN, build_moe_layer
 from moeify.moe.capacity import expert_capacity
 
@@ -123,6 +125,26 @@ def test_train_and_eval_factors():
     layer.train()(x)
     layer.eval()(x)
     assert int(seen[0][0]) == math.ceil(T * 0.5 / E) and int(seen[1][0]) == math.ceil(T * 2.0 / E)
+
+
+def test_an_infinite_eval_factor_evaluates_dropless(tmp_path):
+    """eval_capacity_factor=inf: a layer that drops in training drops nothing in eval (None would reuse the
+    training factor), and the config goes through plan.json and back."""
+    T = 16
+    cfg = MoEConfig_(router="switch", top_k=1, capacity_factor=0.5, eval_capacity_factor=math.inf)
+    layer, dense = forced_layer(cfg, favourite=[0])
+    x = torch.randn(T, D)
+    seen = expert_rows(layer)
+    layer.train()(x)
+    assert int(seen[0][0]) == math.ceil(T * 0.5 / E) and layer.aux.last_stats["dropped_fraction"].item() > 0
+    with torch.no_grad():
+        y = layer.eval()(x)
+    assert int(seen[1][0]) == T and layer.aux.last_stats["dropped_fraction"].item() == 0
+    torch.testing.assert_close(y, dense_out(dense, x), atol=1e-5, rtol=1e-5)
+    assert moeify.MoEConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(ConfigError, match=r"eval_capacity_factor=0\.0 is invalid: use a number > 0 \(inf: dropless\), "
+                                          "or None for the training factor"):
+        MoEConfig_(router="switch", top_k=1, capacity_factor=1.0, eval_capacity_factor=0.0)
 
 
 def greedy_position_reference(probs, k, C):

@@ -68,7 +68,7 @@ INF = float("inf")
     # out of range
     ({"seed": 10**23}, "seed"),
     ({"seed": -(2**63) - 1}, "seed"),
-    ({"capacity_factor": INF}, "capacity_factor"),
+    ({"capacity_factor": -INF}, "capacity_factor"),  # (inf is dropless: test_capacity)
     ({"eval_capacity_factor": float("nan")}, "eval_capacity_factor"),
     ({"capacity_factor": 10**400}, "capacity_factor"),
     ({"router": "expert_choice", "expert_choice_capacity": INF}, "expert_choice_capacity"),

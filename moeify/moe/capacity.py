@@ -17,7 +17,8 @@ the slots that no counted token needs: it comes last in every expert's queue, an
 "dropped_fraction" is over the counted tokens' assignments.
 
 Training and evaluation use separate factors (`capacity_factor`, `eval_capacity_factor`; Switch
-evaluates with a larger one); a factor of None means dropless. The fraction of assignments dropped
+evaluates with a larger one); a factor of None or inf means dropless (eval_capacity_factor=None: the
+training factor, inf: dropless evaluation of a layer that drops in training). The fraction of assignments dropped
 is recorded as `routing.losses["dropped_fraction"]` (a detached statistic, not a loss), where
 `AuxLossRecorder` and `moeify.router_stats` pick it up.
 """
@@ -82,7 +83,9 @@ class CapacityLimit(nn.Module):
                 f"policy={self.policy}")
 
     def factor(self) -> float | None:
-        return self.capacity_factor if self.training else self.eval_capacity_factor
+        """This mode's factor; None for dropless (an infinite factor is one)."""
+        factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        return None if factor is None or math.isinf(factor) else factor
 
     def capacity(self, num_tokens: int) -> int | None:
         factor = self.factor()
