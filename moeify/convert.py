@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -221,6 +221,9 @@ def convert(model: nn.Module, config: MoEConfig | None = None, *, example_inputs
             none_inputs: dict[str, Sequence[str]] | None = None) -> ConversionResult:
     """Convert the FFN regions of `model` into MoE layers. `model` itself is left unchanged.
 
+    `example_inputs`: positional inputs of the forward (a tuple, or one tensor), or a dict of keyword
+    inputs; `example_kwargs`: keyword inputs next to positional ones.
+
     `only`: keys (sorted Linear names) of the regions to convert, as recorded in a saved plan;
     overrides the config's selection. `verify`: compare outputs on the example inputs and raise
     `VerificationError` when a function-preserving config does not preserve the function.
@@ -237,6 +240,12 @@ def convert(model: nn.Module, config: MoEConfig | None = None, *, example_inputs
     source_record = ModelSource.parse(source).check().to_dict() if source is not None else None
     if isinstance(example_inputs, torch.Tensor):  # one input given bare, as to export_onnx
         example_inputs = (example_inputs,)
+    if isinstance(example_inputs, Mapping):  # keyword inputs ({"input_ids": ..., "attention_mask": ...}), as
+        # a model file's example_inputs() may return them: iterated as a sequence, the names were passed
+        if example_kwargs:
+            raise ExampleInputsError("example_inputs is a dict of keyword inputs and example_kwargs is given too: "
+                                     "pass the keyword inputs in one of them")
+        example_inputs, example_kwargs = (), dict(example_inputs)
     with rng_kept(model, example_inputs, example_kwargs or {}):
         return _convert(model, config or MoEConfig(), tuple(example_inputs), example_kwargs or {}, only, verify,
                         atol, source_record, none_inputs)

@@ -450,3 +450,27 @@ def test_report_notes_untied_weights_heads_and_torchscript():
     report = moeify.convert(scripted, moeify.MoEConfig(num_experts=2, top_k=1)).report
     assert [r.owner for r in report.regions] == ["b"]
     assert any(s.where == "a" and "TorchScript" in s.reason for s in report.skipped)
+
+
+def test_a_dict_of_example_inputs_is_keyword_inputs():
+    """example_inputs={"input_ids": ..., "attention_mask": ...} as a model file's example_inputs() may
+    return it: iterated as a sequence, the model was called with the names (AttributeError on a str)."""
+    import transformers
+
+    from moeify.errors import ExampleInputsError
+
+    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64)
+    torch.manual_seed(0)
+    bert = transformers.BertModel(config).eval()
+    ids, mask = torch.randint(0, 64, (2, 7)), torch.ones(2, 7, dtype=torch.long)
+    mask[1, 5:] = 0
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    result = moeify.convert(bert, moeify.MoEConfig(num_experts=4, top_k=2), example_inputs=inputs)
+    assert result.report.max_abs_diff is not None and result.report.max_abs_diff < 1e-5
+    with torch.no_grad():
+        torch.testing.assert_close(result.model.eval()(**inputs).last_hidden_state, bert(**inputs).last_hidden_state,
+                                   atol=1e-5, rtol=1e-5)
+    with pytest.raises(ExampleInputsError, match="in one of them"):
+        moeify.convert(bert, moeify.MoEConfig(num_experts=4, top_k=2), example_inputs=inputs,
+                       example_kwargs={"token_type_ids": torch.zeros_like(ids)})
