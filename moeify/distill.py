@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -88,8 +88,10 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable[tuple], *,
             on_step: Callable[[int, nn.Module, float], None] | None = None, inplace: bool = False) -> nn.Module:
     """Train a copy of `student` on `(inputs, labels)` batches against `teacher`'s soft targets.
 
-    `inputs` is a tensor or a tuple of forward arguments; both models must return logits of shape
-    labels.shape + (V,). The student's own MoE aux losses (if it has MoE layers) are added.
+    `inputs` is a tensor, a tuple of forward arguments or a dict of keyword arguments; both models
+    return logits of shape labels.shape + (V,), as a tensor or as the `.logits` of an output (Hugging
+    Face models; a causal LM's labels are then the next tokens, aligned with the logits). The
+    student's own MoE aux losses (if it has MoE layers) are added.
     `lr_at(step)` sets the learning rate per step (default: `config.lr` throughout); `on_step(step,
     student, loss)` is called after each step (e.g. to evaluate). Returns the trained student.
     """
@@ -102,13 +104,17 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable[tuple], *,
     try:
         for step, batch in enumerate(batches):
             inputs, labels = _inputs_and_labels(step, batch)
-            args = inputs if isinstance(inputs, tuple) else (inputs,)
+            if isinstance(inputs, Mapping):  # keyword inputs ({"input_ids": ..., "attention_mask": ...})
+                args, kwargs = (), dict(inputs)
+            else:
+                args, kwargs = (inputs if isinstance(inputs, tuple) else (inputs,)), {}
             if lr_at is not None:
                 for group in opt.param_groups:
                     group["lr"] = lr_at(step)
             with torch.no_grad():
-                teacher_logits = teacher(*args)
-            loss = distillation_loss(student(*args), teacher_logits, labels, cfg) + aux_loss(student)
+                teacher_logits = _logits(teacher(*args, **kwargs), "teacher")
+            student_logits = _logits(student(*args, **kwargs), "student")
+            loss = distillation_loss(student_logits, teacher_logits, labels, cfg) + aux_loss(student)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip is not None:
@@ -135,3 +141,14 @@ def _inputs_and_labels(step: int, batch: object) -> tuple[object, torch.Tensor]:
         what = f"a {type(batch).__name__}" + (f" of {len(batch)}" if isinstance(batch, (tuple, list)) else "")
     raise DistillError(f"distill's batch {step} is {what}: give (inputs, labels) pairs, such as zip(inputs, labels) "
                        "or a DataLoader over TensorDataset(inputs, labels)")
+
+
+def _logits(output: object, which: str) -> torch.Tensor:
+    """A model's logits: the output itself, or its `.logits` (a Hugging Face ModelOutput)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    raise DistillError(f"the {which} returns a {type(output).__name__}: distill needs its logits, a tensor or an "
+                       "output with .logits (as Hugging Face models return)")

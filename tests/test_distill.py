@@ -107,3 +107,35 @@ def test_a_batch_that_is_not_an_inputs_labels_pair_is_refused(batch, says):
         distill(student, teacher, [batch])
     x = torch.randn(2, 8)  # a DataLoader's [inputs, labels] list is a pair
     distill(student, teacher, [[x, torch.zeros(2, dtype=torch.long)]])
+
+
+def test_distill_takes_hugging_face_models_and_keyword_inputs():
+    """A Hugging Face upcycled teacher and its dense student: outputs with .logits, inputs as a dict
+    (AttributeError: 'CausalLMOutputWithCrossAttentions' object has no attribute 'shape' before)."""
+    import transformers
+
+    from moeify.errors import DistillError
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=50, n_positions=32, n_embd=32, n_layer=1, n_head=2)
+    dense = transformers.GPT2LMHeadModel(config).eval()
+    ids = torch.randint(0, 50, (2, 9))
+    teacher = moeify.convert(dense, moeify.MoEConfig(num_experts=4, top_k=2), example_inputs=(ids,)).model
+    with torch.no_grad():  # a teacher that is no longer the dense model
+        for layer in moeify.moe_layers(teacher).values():
+            layer.experts.w1_EFD.add_(torch.randn_like(layer.experts.w1_EFD) * 0.3)
+    batches = [({"input_ids": ids[:, :-1], "attention_mask": torch.ones_like(ids[:, :-1])}, ids[:, 1:])] * 5
+
+    def kl(model):
+        with torch.no_grad():
+            return distillation_loss(model(ids[:, :-1]).logits, teacher(ids[:, :-1]).logits, ids[:, 1:],
+                                     DistillConfig(teacher_weight=1.0)).item()
+
+    student = distill(dense, teacher, batches, config=DistillConfig(teacher_weight=1.0, lr=1e-2))
+    assert isinstance(student, transformers.GPT2LMHeadModel) and kl(student) < kl(dense)
+    class Scores(nn.Module):
+        def forward(self, x):
+            return {"scores": x}
+
+    with pytest.raises(DistillError, match="the teacher returns a dict: distill needs its logits"):
+        distill(dense, Scores(), [(ids, ids)])
