@@ -197,14 +197,32 @@ def require_as_traced(value: Any, name: str, owner: str, given: bool) -> Any:
 
 
 def _rewrapped_forward(cls: type):
-    """The inner forward when `cls.forward` wraps it and `cls` wraps every subclass's forward the same
-    way (transformers' GradientCheckpointingLayer), else None: tracing the inner one is then exact."""
-    inner = getattr(cls.forward, "__wrapped__", None)
-    if inner is None:
-        return None
-    probe = type(cls.__name__, (cls,), {"forward": inner})  # __init_subclass__ runs on the probe
-    rewrapped = probe.forward is not inner and getattr(probe.forward, "__wrapped__", None) is inner
-    return inner if rewrapped and cls.forward.__code__ is probe.forward.__code__ else None
+    """The forward to trace in place of `cls.forward`, or None for `cls.forward` itself: the inner one
+    when `cls` wraps every subclass's forward the same way (transformers' GradientCheckpointingLayer),
+    and below that, or below `cls.forward`, the function a keyword-renaming wrapper calls
+    (`_renames_keywords`). Tracing either is exact."""
+    forward = cls.forward
+    inner = getattr(forward, "__wrapped__", None)
+    if inner is not None:
+        probe = type(cls.__name__, (cls,), {"forward": inner})  # __init_subclass__ runs on the probe
+        rewrapped = probe.forward is not inner and getattr(probe.forward, "__wrapped__", None) is inner
+        if rewrapped and forward.__code__ is probe.forward.__code__:
+            forward = inner
+    while _renames_keywords(forward):
+        forward = forward.__wrapped__
+    return None if forward is cls.forward else forward
+
+
+def _renames_keywords(fn: Any) -> bool:
+    """Whether `fn` is transformers' `deprecate_kwarg` wrapper: (*args, **kwargs) that renames an old
+    keyword to its new name and calls the function it wraps. Around a forward that takes **kwargs it
+    does not trace (the forward's keywords reach it as one positional placeholder), and since
+    transformers 5.24 it wraps the decoder layers of OPT, BART, Marian, M2M100, Whisper, BioGPT and
+    XGLM (past_key_values -> cache), whose models call them by the new name. The converted layer
+    takes the new name only."""
+    code = getattr(fn, "__code__", None)
+    return (getattr(fn, "__wrapped__", None) is not None and code is not None
+            and code.co_filename.replace("\\", "/").endswith("transformers/utils/deprecation.py"))
 
 
 def _view(module: nn.Module, forward) -> nn.Module:

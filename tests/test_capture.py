@@ -177,6 +177,36 @@ def test_a_forward_wrapped_for_every_subclass_is_traced_inside_and_keeps_its_wra
     assert CheckpointedBase.calls == before + 2  # ... runs inside the same wrapper as the dense one
 
 
+def _renamed_layers():
+    """Layers whose forward (with **kwargs) transformers' deprecate_kwarg wraps, alone and under a
+    GradientCheckpointingLayer-style wrapper, as transformers 5.24 does for OPT, BART, Whisper, BioGPT
+    and XGLM: the layers did not trace ("not subscriptable"), and those models were left dense."""
+    from transformers.utils.deprecation import deprecate_kwarg
+
+    class Renamed(InlineLayer):
+        @deprecate_kwarg("past", version="99.0", new_name="cache")
+        def forward(self, x, cache=None, **kwargs):  # (OPT's: **kwargs handed to attention)
+            h, _ = self.mix(x if cache is None else x + cache)
+            return h + self.fc2(F.relu(self.fc1(h)))
+
+    class CheckpointedRenamed(CheckpointedBase, Renamed):
+        pass
+
+    return Renamed, CheckpointedRenamed
+
+
+@pytest.mark.parametrize("which", [0, 1], ids=["renamed", "checkpointed-renamed"])
+def test_a_forward_behind_a_keyword_renaming_wrapper_is_traced(which):
+    torch.manual_seed(0)
+    dense = _renamed_layers()[which]().eval()
+    x, cache = torch.randn(4, 8), torch.randn(4, 8)
+    result = moeify.convert(dense, CFG, example_inputs=(x,), example_kwargs={"cache": cache})
+    assert len(result.report.regions) == 1, result.report
+    y = torch.randn(5, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(y, cache=y), dense(y, cache=y), atol=1e-5, rtol=1e-5)
+
+
 class StatefulMix(DataDependent):
     def forward(self, x, state=None):
         y = self.proj(x) if state is None else self.proj(x) + state
