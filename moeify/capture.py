@@ -196,7 +196,7 @@ def require_as_traced(value: Any, name: str, owner: str, given: bool) -> Any:
     return value
 
 
-def _rewrapped_forward(cls: type):
+def _forward_to_trace(cls: type):
     """The forward to trace in place of `cls.forward`, or None for `cls.forward` itself: the inner one
     when `cls` wraps every subclass's forward the same way (transformers' GradientCheckpointingLayer),
     and below that, or below `cls.forward`, the function a keyword-renaming wrapper calls
@@ -385,7 +385,7 @@ def trace(module: nn.Module, none_inputs: frozenset[str] = frozenset(), *,
     """
     wired = flags is not None
     attempt = _Attempt(inline=wired or _linear_children(module) >= 2, none=frozenset(none_inputs), flags=flags or {})
-    inner = _rewrapped_forward(type(module)) if attempt.inline else None
+    inner = _forward_to_trace(type(module)) if attempt.inline else None
     root = module if inner is None else _view(module, inner)
     while True:
         try:

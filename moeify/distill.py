@@ -130,7 +130,7 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable[tuple], *,
 def _inputs_and_labels(step: int, batch: object) -> tuple[object, torch.Tensor]:
     """`batch` as (inputs, labels), refused in one line when it is not such a pair: a bare tensor would
     be unpacked row by row, its first row taken as the inputs and its second as the labels."""
-    pair = isinstance(batch, (tuple, list)) and not isinstance(batch, torch.Tensor) and len(batch) == 2
+    pair = isinstance(batch, (tuple, list)) and len(batch) == 2
     if pair and isinstance(batch[1], torch.Tensor):
         return batch[0], batch[1]
     if isinstance(batch, torch.Tensor):

@@ -61,6 +61,7 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
+import torch.utils._pytree as pytree
 from torch import nn
 
 from moeify.capture import counting_calls, eval_mode
@@ -740,9 +741,8 @@ def export_saved(out_dir: str | os.PathLike, path: str | os.PathLike, **options:
     dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()} - {"float32"})
     if dtypes:  # the loaded model is this call's own: export it in float32, which ONNX export takes
         model.float()
-        args = tuple(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
-        kwargs = {k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
-                  for k, v in kwargs.items()}
+        args, kwargs = pytree.tree_map_only(torch.Tensor, lambda t: t.float() if t.is_floating_point() else t,
+                                            (args, kwargs))
     report = export_onnx(model, args, path, example_kwargs=kwargs, **options)
     if dtypes:
         report.notes.append(f"the saved weights are {', '.join(dtypes)}: exported in float32")

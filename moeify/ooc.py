@@ -139,9 +139,6 @@ class SafetensorsReader(_LiveBytes):
     def close(self) -> None:
         self._file.close()
 
-    def keys(self) -> list[str]:
-        return list(self.entries)
-
     def dtype(self, name: str) -> torch.dtype:
         dtype = self.entries[name]["dtype"]
         if dtype not in DTYPE_OF:
@@ -224,9 +221,6 @@ class ShardedReader(_LiveBytes):
     def close(self) -> None:
         for shard in self._shards.values():
             shard.close()
-
-    def keys(self) -> list[str]:
-        return list(self.entries)
 
     def reader_for(self, name: str) -> SafetensorsReader:
         return self._shard_of[name]

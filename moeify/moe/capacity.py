@@ -18,8 +18,8 @@ the slots that no counted token needs: it comes last in every expert's queue, an
 
 Training and evaluation use separate factors (`capacity_factor`, `eval_capacity_factor`; Switch
 evaluates with a larger one); a factor of None or inf means dropless (eval_capacity_factor=None: the
-training factor, inf: dropless evaluation of a layer that drops in training). The fraction of assignments dropped
-is recorded as `routing.losses["dropped_fraction"]` (a detached statistic, not a loss), where
+training factor, inf: dropless evaluation of a layer that drops in training). The fraction of
+assignments dropped is recorded as `routing.losses["dropped_fraction"]` (a detached statistic, not a loss), where
 `AuxLossRecorder` and `moeify.router_stats` pick it up.
 """
 

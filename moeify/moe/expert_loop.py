@@ -249,7 +249,7 @@ def _pick(t: torch.Tensor | None, experts: int | slice) -> torch.Tensor | None:
 def _matmul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
     """out (+)= a @ b for a weight gradient: a (.., O, n) the output gradient transposed, b (.., n, I)."""
     rows = a.shape[-1]
-    if rows > OUTER_MAX_ROWS:
+    if not 0 < rows <= OUTER_MAX_ROWS:
         if accumulate:
             _add_matmul_(out, a, b)
         else:
@@ -261,8 +261,6 @@ def _matmul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate
             out.addcmul_(col_O1, row_1I)
         else:
             torch.mul(col_O1, row_1I, out=out)
-    if rows == 0 and not accumulate:
-        out.zero_()
 
 
 def _sum_into(out: torch.Tensor, a: torch.Tensor, accumulate: bool) -> None:
