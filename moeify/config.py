@@ -37,6 +37,7 @@ def _fail(field_name: str, value: Any, fix: str) -> None:
 
 # fields where float("inf") means something (an unlimited capacity: dropless); other values must be finite
 INFINITE_OK = frozenset({"capacity_factor", "eval_capacity_factor"})
+INF_JSON = "inf"  # how to_dict / from_dict spell an infinite value of those fields in JSON
 _WORDS = {bool: "a bool (true/false)", int: "an integer", float: "a finite number", str: "a string"}
 _PLURALS = {int: "integers", str: "strings"}
 
@@ -236,10 +237,13 @@ class MoEConfig:
         data["targets"] = list(self.targets)
         data["exclude"] = list(self.exclude)
         data["layers"] = None if self.layers is None else list(self.layers)
+        for name in INFINITE_OK:  # strict JSON has no Infinity: an unlimited capacity is written "inf"
+            if data[name] == math.inf:
+                data[name] = INF_JSON
         return data
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True, allow_nan=False)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MoEConfig:
@@ -252,7 +256,8 @@ class MoEConfig:
             near = [f"{name} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(name, known, n=1))
                     else name for name in map(str, unknown)]
             raise ConfigError(f"MoEConfig has no field(s) {', '.join(near)}: fix or remove them, or upgrade moeify")
-        return cls(**data)
+        return cls(**{name: math.inf if name in INFINITE_OK and value == INF_JSON else value
+                      for name, value in data.items()})
 
     def replace(self, **changes: Any) -> MoEConfig:
         return dataclasses.replace(self, **changes)

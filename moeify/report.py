@@ -4,10 +4,12 @@ the reason, parameter counts, and the function-preservation check."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, get_type_hints
 
 from moeify.annotations import fits
+from moeify.config import INF_JSON
 from moeify.errors import SerializationError
 from moeify.passes.infra import Skip
 
@@ -98,7 +100,7 @@ class ConversionReport:
     params_before: int = 0
     params_after: int = 0
     active_params_per_token: int = 0
-    max_abs_diff: float | None = None  # outputs at init vs the dense model, on the example inputs
+    max_abs_diff: float | None = None  # outputs at init vs the dense model, on the example inputs (inf: a NaN in one)
     function_preserving: bool | None = None  # the config promises equality at init
     notes: list[str] = field(default_factory=list)
 
@@ -106,6 +108,8 @@ class ConversionReport:
         data = asdict(self)
         data["skipped"] = [asdict(s) for s in self.skipped]
         data["capture_failures"] = [list(f) for f in self.capture_failures]
+        if data["max_abs_diff"] == math.inf:  # strict JSON has no Infinity
+            data["max_abs_diff"] = INF_JSON
         return data
 
     @classmethod
@@ -113,6 +117,8 @@ class ConversionReport:
         """The report `to_dict` wrote. A missing or mistyped field is a SerializationError; a key this
         moeify does not know is ignored, so that a report a later moeify wrote with one more fact still
         loads (a report only describes the conversion; the config, which decides what is built, is strict)."""
+        if isinstance(data, dict) and data.get("max_abs_diff") == INF_JSON:
+            data = {**data, "max_abs_diff": math.inf}
         kept = _fields_from(cls, data, "the report")
         kept["regions"] = [RegionReport(**_fields_from(RegionReport, r, f"the report's regions[{i}]"))
                            for i, r in enumerate(kept.get("regions", []))]

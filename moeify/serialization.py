@@ -219,7 +219,7 @@ def write_plan(result, tmp: Path) -> None:
         shutil.copyfile(source["target"], tmp / SOURCE_COPY)
         source["copied_to"] = SOURCE_COPY
         source["folder"] = str(Path(source["target"]).resolve().parent)
-    (tmp / "plan.json").write_text(json.dumps(plan, indent=2, sort_keys=True))
+    (tmp / "plan.json").write_text(json.dumps(plan, indent=2, sort_keys=True, allow_nan=False))
 
 
 def saved_source(out_dir: str | os.PathLike, plan: dict[str, Any]) -> ModelSource | None:

@@ -127,9 +127,9 @@ def test_train_and_eval_factors():
     assert int(seen[0][0]) == math.ceil(T * 0.5 / E) and int(seen[1][0]) == math.ceil(T * 2.0 / E)
 
 
-def test_an_infinite_eval_factor_evaluates_dropless(tmp_path):
+def test_an_infinite_eval_factor_evaluates_dropless():
     """eval_capacity_factor=inf: a layer that drops in training drops nothing in eval (None would reuse the
-    training factor), and the config goes through plan.json and back."""
+    training factor), and the config goes through strict JSON (no Infinity: the factor is "inf") and back."""
     T = 16
     cfg = MoEConfig_(router="switch", top_k=1, capacity_factor=0.5, eval_capacity_factor=math.inf)
     layer, dense = forced_layer(cfg, favourite=[0])
@@ -141,7 +141,10 @@ def test_an_infinite_eval_factor_evaluates_dropless(tmp_path):
         y = layer.eval()(x)
     assert int(seen[1][0]) == T and layer.aux.last_stats["dropped_fraction"].item() == 0
     torch.testing.assert_close(y, dense_out(dense, x), atol=1e-5, rtol=1e-5)
-    assert moeify.MoEConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    text = json.dumps(cfg.to_dict(), allow_nan=False)
+    assert json.loads(text)["eval_capacity_factor"] == "inf"
+    assert moeify.MoEConfig.from_dict(json.loads(text)) == cfg
+    assert moeify.MoEConfig.from_dict({**cfg.to_dict(), "eval_capacity_factor": math.inf}) == cfg  # older plans
     with pytest.raises(ConfigError, match=r"eval_capacity_factor=0\.0 is invalid: use a number > 0 \(inf: dropless\), "
                                           "or None for the training factor"):
         MoEConfig_(router="switch", top_k=1, capacity_factor=1.0, eval_capacity_factor=0.0)

@@ -50,6 +50,28 @@ def test_load_gives_back_the_dtypes_saved(tmp_path):
         assert all(torch.equal(loaded[k], saved[k]) for k in saved), name
 
 
+def test_plan_json_is_strict_json_with_infinite_values(tmp_path):
+    """An infinite capacity factor (dropless) and an infinite output difference (a NaN on one side) go
+    into plan.json as "inf" (Python's json wrote Infinity, which strict parsers such as jq refuse) and
+    come back as inf."""
+    import math
+
+    ex = load_example("mlp")
+    cfg = moeify.MoEConfig(num_experts=2, top_k=1, router="switch", capacity_factor=1.0,
+                           eval_capacity_factor=math.inf)
+    result = moeify.convert(ex.build_model(), cfg)
+    result.report.max_abs_diff = math.inf
+    out = moeify.save(result, tmp_path / "o")
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    plan = json.loads((out / "plan.json").read_text(), parse_constant=refuse)
+    assert plan["config"]["eval_capacity_factor"] == "inf" and plan["report"]["max_abs_diff"] == "inf"
+    loaded = moeify.load(out, model=ex.build_model())
+    assert loaded.config == cfg and loaded.report.max_abs_diff == math.inf
+
+
 def _bf16_gpt():
     return load_example("gpt").build_model().bfloat16()
 
