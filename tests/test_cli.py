@@ -157,6 +157,23 @@ def test_debug_shows_traceback(tmp_path):
     assert plain.exit_code == 2 and isinstance(plain.exception, SystemExit)
 
 
+def test_help_and_argument_errors_come_before_torch_loads():
+    """`import moeify` and the CLI module load no torch (the public names load on first use): `moeify
+    --help` answers at once and a Ctrl-C while torch loads inside a command is click's "Aborted!", not a
+    traceback from the import. The functions `moeify.convert` / `moeify.distill` stay functions after
+    their modules are imported."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, moeify, moeify.cli; assert 'torch' not in sys.modules, 'torch loaded'; "
+             "import moeify.convert, moeify.distill; "
+             "assert callable(moeify.convert) and moeify.convert.__module__ == 'moeify.convert'; "
+             "assert moeify.distill.__name__ == 'distill' and moeify.MoEConfig.__name__ == 'MoEConfig'; "
+             "assert sorted(moeify.__all__) == sorted(moeify._PUBLIC) and set(moeify.__all__) <= set(dir(moeify))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
 def test_every_config_field_is_an_option():
     import dataclasses
 
