@@ -1,4 +1,5 @@
-"""Per-layer router statistics from the last forward: tokens per expert, dropped fraction, gate entropy."""
+"""Per-layer router statistics from the last forward: tokens per expert (kept, and chosen before a
+capacity limit), dropped fraction, gate entropy."""
 
 from __future__ import annotations
 
@@ -16,11 +17,24 @@ class LayerStats:
     num_tokens: int
     dropped_fraction: float
     gate_entropy: float
+    # assignments each expert was chosen for before the capacity limit dropped the overflow (equal to
+    # tokens_per_expert without a limit): how far each expert's demand is from its capacity
+    demand_per_expert: list[int]
 
     @property
     def share(self) -> list[float]:
-        total = sum(self.tokens_per_expert) or 1
-        return [c / total for c in self.tokens_per_expert]
+        """Each expert's share of the kept assignments."""
+        return _shares(self.tokens_per_expert)
+
+    @property
+    def demand_share(self) -> list[float]:
+        """Each expert's share of the assignments the router chose, before any were dropped."""
+        return _shares(self.demand_per_expert)
+
+
+def _shares(counts: list[int]) -> list[float]:
+    total = sum(counts) or 1
+    return [c / total for c in counts]
 
 
 def router_stats(model: nn.Module) -> list[LayerStats]:
@@ -29,14 +43,20 @@ def router_stats(model: nn.Module) -> list[LayerStats]:
     for name, m in model.named_modules():
         if isinstance(m, MoELayer) and m.aux.last_stats:
             s = m.aux.last_stats
-            rows.append(LayerStats(name, [int(c) for c in s["tokens_per_expert"].tolist()], int(s["num_tokens"]),
-                                   float(s["dropped_fraction"]), float(s["gate_entropy"])))
+            rows.append(LayerStats(name, s["tokens_per_expert"].tolist(), int(s["num_tokens"]),
+                                   float(s["dropped_fraction"]), float(s["gate_entropy"]),
+                                   s["demand_per_expert"].tolist()))
     return rows
 
 
 def format_stats(rows: list[LayerStats]) -> str:
+    """A table, one line per layer with each expert's share of the kept assignments; a layer whose
+    capacity limit dropped some gets a second line with the shares the router chose (its demand)."""
     lines = [f"{'layer':<28} {'tokens':>7} {'dropped':>8} {'entropy':>8}  share per expert"]
     for r in rows:
         share = " ".join(f"{s:4.2f}" for s in r.share)
         lines.append(f"{r.layer:<28} {r.num_tokens:>7} {r.dropped_fraction:>8.3f} {r.gate_entropy:>8.3f}  {share}")
+        if r.demand_per_expert != r.tokens_per_expert:
+            demand = " ".join(f"{s:4.2f}" for s in r.demand_share)
+            lines.append(f"{'':<28} {'':>7} {'':>8} {'demand':>8}  {demand}")
     return "\n".join(lines)

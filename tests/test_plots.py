@@ -21,7 +21,8 @@ def is_png(path):
 
 
 def test_matrix_from_stats_rows_is_share_of_assignments():
-    rows = [LayerStats("a", [3, 1, 0, 4], 4, 0.0, 1.0), LayerStats("b", [2, 2, 2, 2], 4, 0.0, 1.0)]
+    rows = [LayerStats("a", [3, 1, 0, 4], 4, 0.0, 1.0, [3, 1, 0, 4]),
+            LayerStats("b", [2, 2, 2, 2], 4, 0.0, 1.0, [2, 2, 2, 2])]
     names, share = utilization_matrix(rows)
     assert names == ["a", "b"]
     for row, got in zip(rows, share, strict=True):
@@ -83,8 +84,9 @@ def test_loss_curves_with_seed_bands(tmp_path):
     (lambda p: plot_loss_curves({"a": {"steps": [0, 1], "values": [1.0]}}, p / "x.png"), "one value per step"),
     (lambda p: plot_loss_curves({"a": {"steps": [0], "values": [1.0]}}, p / "x.jpg"), r"\.png"),
     (lambda p: plot_utilization(load_example("mlp").build_model(), p / "x.png"), "no MoE layer"),
-    (lambda p: plot_utilization([LayerStats("a", [1, 1], 2, 0.0, 0.0), LayerStats("b", [1, 1, 1], 3, 0.0, 0.0)],
-                                p / "x.png"), "different expert counts"),
+    (lambda p: plot_utilization([LayerStats("a", [1, 1], 2, 0.0, 0.0, [1, 1]),
+                                 LayerStats("b", [1, 1, 1], 3, 0.0, 0.0, [1, 1, 1])], p / "x.png"),
+     "different expert counts"),
 ])
 def test_bad_input_is_a_typed_error(tmp_path, call, match):
     with pytest.raises(ConfigError, match=match):

@@ -290,15 +290,23 @@ def test_router_stats_against_independent_counts(example, cfg):
         for p in probs.tolist():
             for e in sorted(range(4), key=lambda j: -p[j])[:k]:
                 counts[e] += 1
+        assert row.demand_per_expert == counts  # the router's choices, before any capacity limit
         factor = cfg.get("capacity_factor")
         if factor is not None:  # whatever the policy, an over-full expert keeps exactly C
             C = math.ceil(T * k * factor / 4)
             counts = [min(c, C) for c in counts]
+            assert counts != row.demand_per_expert  # these inputs overflow some expert
         assert row.num_tokens == T and row.tokens_per_expert == counts
         assert row.dropped_fraction == pytest.approx(1 - sum(counts) / (T * k))
         entropy = -(probs * probs.log()).sum(-1).mean().item()
         assert row.gate_entropy == pytest.approx(entropy, rel=1e-4)
-    assert "dropped" in moeify.format_stats(rows)
+    table = moeify.format_stats(rows).splitlines()
+    assert "dropped" in table[0]
+    # one line per layer, plus a demand line under each layer whose limit dropped some
+    assert len(table) == 1 + len(rows) * (2 if "capacity_factor" in cfg else 1)
+    if "capacity_factor" in cfg:
+        demand = [float(v) for v in table[2].split("demand")[1].split()]
+        assert demand == pytest.approx(rows[0].demand_share, abs=0.005)
 
 
 @pytest.mark.parametrize("cfg", [

@@ -19,8 +19,9 @@ the slots that no counted token needs: it comes last in every expert's queue, an
 Training and evaluation use separate factors (`capacity_factor`, `eval_capacity_factor`; Switch
 evaluates with a larger one); a factor of None or inf means dropless (eval_capacity_factor=None: the
 training factor, inf: dropless evaluation of a layer that drops in training). The fraction of
-assignments dropped is recorded as `routing.losses["dropped_fraction"]` (a detached statistic, not a loss), where
-`AuxLossRecorder` and `moeify.router_stats` pick it up.
+assignments dropped is recorded as `routing.losses["dropped_fraction"]` (a detached statistic, not a loss), and
+the router's demand before dropping as `routing.demand_E` (counted assignments per expert), where
+`AuxLossRecorder` and `moeify.router_stats` pick them up.
 """
 
 from __future__ import annotations
@@ -104,4 +105,5 @@ class CapacityLimit(nn.Module):
         dropped_N = (~keep_N).to(routing.logits_TE.dtype)
         found["dropped_fraction"] = token_mean(dropped_N, counted_N).detach()  # 0 for no tokens
         return routing._replace(token_N=routing.token_N[keep_N], expert_N=routing.expert_N[keep_N],
-                                weight_N=routing.weight_N[keep_N], losses=found)
+                                weight_N=routing.weight_N[keep_N], losses=found,
+                                demand_E=count_indices(routing.expert_N, self.num_experts, counted_N))

@@ -47,6 +47,7 @@ class _StatsInputs(NamedTuple):
     dropped: torch.Tensor | None
     token_N: torch.Tensor
     keep_T: torch.Tensor | None  # the counted tokens under a token mask (padding left out of the statistics)
+    demand_E: torch.Tensor | None  # assignments per expert before capacity; None: no capacity limit ran
 
 
 class AuxLossRecorder(nn.Module):
@@ -116,7 +117,7 @@ class AuxLossRecorder(nn.Module):
         dropped = routing.losses.get("dropped_fraction")
         self._records[call] = (losses, _StatsInputs(routing.expert_N.detach(), routing.probs_TE.detach(),
                                                     None if dropped is None else dropped.detach(),
-                                                    routing.token_N, routing.keep_T))
+                                                    routing.token_N, routing.keep_T, routing.demand_E))
         self._stats = None
 
     def _check_graded(self) -> None:
@@ -148,8 +149,9 @@ class AuxLossRecorder(nn.Module):
 
     @property
     def last_stats(self) -> dict[str, torch.Tensor]:
-        """Tokens per expert, tokens, dropped fraction and mean gate entropy of the last forward
-        (pooled over its calls); {} before the first, or if the last forward did not run it."""
+        """Tokens per expert (kept, and chosen before a capacity limit), tokens, dropped fraction and
+        mean gate entropy of the last forward (pooled over its calls); {} before the first, or if the
+        last forward did not run it."""
         if not self.fresh:
             return {}
         if self._stats is None and self._records:
@@ -161,8 +163,10 @@ class AuxLossRecorder(nn.Module):
         keep_T = inputs.keep_T
         keep_N = None if keep_T is None else keep_T[inputs.token_N]
         p = inputs.probs_TE.clamp_min(1e-12)
+        kept_E = count_indices(inputs.expert_N, self.num_experts, keep_N)
         return {
-            "tokens_per_expert": count_indices(inputs.expert_N, self.num_experts, keep_N),
+            "tokens_per_expert": kept_E,
+            "demand_per_expert": kept_E if inputs.demand_E is None else inputs.demand_E,
             "num_tokens": torch.tensor(inputs.probs_TE.shape[0]) if keep_T is None else keep_T.sum(),
             "dropped_fraction": torch.zeros(()) if inputs.dropped is None else inputs.dropped,
             "gate_entropy": token_mean(-(p * p.log()).sum(-1), keep_T),
@@ -174,7 +178,7 @@ class AuxLossRecorder(nn.Module):
             return stats[0]
         tokens = sum(found["num_tokens"] for found in stats)
         return {
-            "tokens_per_expert": sum(found["tokens_per_expert"] for found in stats),
+            **{key: sum(found[key] for found in stats) for key in ("tokens_per_expert", "demand_per_expert")},
             "num_tokens": tokens,
             **{key: sum(found[key] * found["num_tokens"] for found in stats) / tokens.clamp_min(1)
                for key in ("dropped_fraction", "gate_entropy")},

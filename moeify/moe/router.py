@@ -47,6 +47,7 @@ class Routing(NamedTuple):
     probs_TE: torch.Tensor  # float32 router probabilities over all experts (noisy_topk: of the noisy logits)
     losses: dict  # name -> unweighted float32 scalar loss; plus the statistic "dropped_fraction"
     keep_T: torch.Tensor | None = None  # bool: the tokens that count (not padding); None: all of them
+    demand_E: torch.Tensor | None = None  # int64: counted assignments per expert before a capacity limit dropped any
 
 
 class TokenMask(NamedTuple):
