@@ -215,8 +215,11 @@ def convert_checkpoint(model_spec: str, checkpoint: str, output: str, force: boo
 @click.argument("out_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="also write a per-layer expert utilisation heatmap (PNG) to this path")
+@click.option("--weights", type=click.Path(exists=True), default=None,
+              help="take the weights from this checkpoint of the converted model (a save_pretrained folder, "
+                   "such as a Trainer checkpoint, its model.safetensors or its index.json) instead of OUT_DIR's")
 @handle_errors
-def stats(out_dir: str, plot_path: str | None) -> None:
+def stats(out_dir: str, plot_path: str | None, weights: str | None) -> None:
     """Router statistics of a saved conversion (OUT_DIR) on its model_source.py example_inputs()."""
     import torch
 
@@ -224,7 +227,7 @@ def stats(out_dir: str, plot_path: str | None) -> None:
     from moeify.plots import plot_utilization
     from moeify.serialization import saved_example_inputs
 
-    model = moeify.load(out_dir).model.eval()
+    model = moeify.load(out_dir, weights=weights).model.eval()
     args, kwargs = saved_example_inputs(out_dir)
     with torch.no_grad():
         model(*args, **kwargs)
@@ -250,15 +253,18 @@ def stats(out_dir: str, plot_path: str | None) -> None:
 @click.option("--external-data/--single-file", default=None,
               help="weights in OUTPUT.data beside the ONNX file, or in the file itself (default: beside it only "
                    "from 2 GiB on, which one file cannot hold)")
+@click.option("--weights", type=click.Path(exists=True), default=None,
+              help="take the weights from this checkpoint of the converted model (a save_pretrained folder, "
+                   "such as a Trainer checkpoint, its model.safetensors or its index.json) instead of OUT_DIR's")
 @handle_errors
 def export(out_dir: str, output: str, mode: str, fallback: str, allow_approximate_gelu: bool, static: bool,
-           force: bool, check: bool, external_data: bool | None) -> None:
+           force: bool, check: bool, external_data: bool | None, weights: str | None) -> None:
     """Export the saved conversion OUT_DIR to ONNX (example inputs from its saved model_source.py)."""
     from moeify.onnx_export import export_saved
 
     report = export_saved(out_dir, output, mode=mode, fallback=None if fallback == "none" else fallback,
                           allow_approximate_gelu=allow_approximate_gelu, dynamic=not static, check=check,
-                          force=force, external_data=external_data)
+                          force=force, external_data=external_data, weights=weights)
     click.echo(report.format())
 
 

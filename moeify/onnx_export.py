@@ -731,13 +731,15 @@ def export_onnx(model: nn.Module, example_inputs: Sequence[Any] = (), path: str 
     return report
 
 
-def export_saved(out_dir: str | os.PathLike, path: str | os.PathLike, **options: Any) -> ExportReport:
-    """`moeify export OUT_DIR -o PATH`: load a saved conversion and export it with the example inputs of
-    its saved model source (`example_inputs()` in model_source.py). `options` go to `export_onnx`."""
+def export_saved(out_dir: str | os.PathLike, path: str | os.PathLike, *, weights: str | os.PathLike | None = None,
+                 **options: Any) -> ExportReport:
+    """`moeify export OUT_DIR -o PATH`: load a saved conversion (with the `weights` of a later checkpoint,
+    see `moeify.load`) and export it with the example inputs of its saved model source
+    (`example_inputs()` in model_source.py). `options` go to `export_onnx`."""
     from moeify.serialization import load, saved_example_inputs
 
     args, kwargs = saved_example_inputs(out_dir)
-    model = load(out_dir).model
+    model = load(out_dir, weights=weights).model
     dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()} - {"float32"})
     if dtypes:  # the loaded model is this call's own: export it in float32, which ONNX export takes
         model.float()

@@ -328,21 +328,86 @@ def rebuild_dense(out_dir: str | os.PathLike, plan: dict[str, Any]) -> nn.Module
     return model
 
 
-def _file_layout(weights: Path) -> dict[str, tuple[list[int], str]]:
+def _file_layout(weights: Path) -> dict[str, tuple[list[int], torch.dtype | None]]:
     """Name -> (shape, safetensors dtype) of every tensor in a safetensors file, from its header (checked
     to cover the file)."""
     if not weights.is_file():
         raise SerializationError(f"{weights.parent} has no model.safetensors: the save did not finish; save again")
     try:
         with safe_open(str(weights), framework="pt") as f:
-            return {name: (list(f.get_slice(name).get_shape()), f.get_slice(name).get_dtype()) for name in f.keys()}
+            return {name: (list(f.get_slice(name).get_shape()), DTYPE_OF.get(f.get_slice(name).get_dtype()))
+                    for name in f.keys()}
     except (SafetensorError, OSError, ValueError) as exc:
         raise SerializationError(f"{weights} is not a readable safetensors file ({one_line(exc)}): it was cut "
                                  "short or damaged; re-run the conversion") from exc
 
 
-def load(out_dir: str | os.PathLike, model: nn.Module | None = None):
+def _open_weights(path: Path):
+    """(the file, a reader) for load(weights=...): a safetensors file, a sharded checkpoint's index, or a
+    folder holding either."""
+    from moeify.ooc import open_checkpoint  # local: ooc imports this module
+
+    if not path.exists():
+        raise SerializationError(f"weights {path} does not exist: pass a save_pretrained folder, its "
+                                 "model.safetensors, or its model.safetensors.index.json")
+    reader = open_checkpoint(path)
+    return reader.path, reader
+
+
+def _fit_to_layout(model: nn.Module, layout: dict[str, tuple[list[int], torch.dtype | None]], path: Path) -> None:
+    """Check every tensor the file holds for the model against the model's shape, and give the model's
+    floating tensors the file's floating dtype."""
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if name not in layout:
+            continue
+        shape, saved = layout[name]
+        if list(tensor.shape) != shape:
+            raise SerializationError(f"{path} does not fit the re-applied plan: {name!r} is {shape} in "
+                                     f"the file but {list(tensor.shape)} in the model rebuilt from the plan: was "
+                                     "the dense model built with the same sizes (and plan.json left as saved)?")
+        if saved is not None and saved != tensor.dtype and saved.is_floating_point and tensor.is_floating_point():
+            # in the dtype it was saved in: a model.bfloat16() saved came back float32 from the float32
+            # dense model the source builds (and a float32 router in a bfloat16 model stays float32)
+            with torch.no_grad():
+                tensor.data = tensor.data.to(saved)
+
+
+def _load_saved(model: nn.Module, path: Path) -> None:
+    """The model.safetensors that moeify.save wrote (tied tensors stored once, as save_model does)."""
+    try:
+        missing, unexpected = load_model(model, str(path), strict=False)
+    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+        raise SerializationError(f"cannot load {path} into the re-applied plan ({one_line(exc)}): re-run the "
+                                 "conversion") from exc
+    if missing or unexpected:
+        raise SerializationError(f"{path} does not fit the re-applied plan (missing {list(missing)[:5]}, "
+                                 f"unexpected {list(unexpected)[:5]}): was the dense model built with the same sizes?")
+
+
+def _load_checkpoint(model: nn.Module, reader, path: Path) -> None:
+    """Copy a checkpoint's tensors into the model, one at a time. A tensor the checkpoint lacks must
+    share its memory with one it holds (tied weights); a tensor the model lacks is refused."""
+    state = model.state_dict(keep_vars=True)
+    unexpected = [name for name in reader.entries if name not in state]
+    held = {state[name].data_ptr() for name in reader.entries if name in state}
+    missing = [name for name, t in state.items() if name not in reader.entries and t.data_ptr() not in held]
+    if missing or unexpected:
+        raise SerializationError(f"{path} does not fit the plan of this conversion (missing {missing[:5]}, "
+                                 f"unexpected {unexpected[:5]}): pass a checkpoint of the model this plan converted")
+    with torch.no_grad():
+        for name in reader.entries:
+            state[name].copy_(reader.get_tensor(name))
+
+
+def load(out_dir: str | os.PathLike, model: nn.Module | None = None, *,
+         weights: str | os.PathLike | None = None):
     """Rebuild a saved conversion. Returns a `ConversionResult` whose `.model` holds the saved weights.
+
+    `weights`: take the weights from elsewhere than `out_dir`'s model.safetensors: a checkpoint of the
+    converted model saved later, such as a `save_pretrained` folder that transformers' Trainer wrote
+    while training it (its model.safetensors, or model.safetensors.index.json when sharded, or such a
+    file itself). The plan still comes from `out_dir`. A weight the checkpoint leaves out is refused
+    unless it is tied to one it holds (a language model's head, which save_pretrained does not store).
 
     Everything that can be checked without running the model source is checked first: the plan, its
     config and report, and the weights file's header."""
@@ -355,35 +420,26 @@ def load(out_dir: str | os.PathLike, model: nn.Module | None = None):
         report = ConversionReport.from_dict(plan["report"])
     except MoeifyError as exc:
         raise SerializationError(f"{plan_path}: {exc}") from exc
-    weights = Path(out_dir) / "model.safetensors"
-    layout = _file_layout(weights)
-    dense = model if model is not None else rebuild_dense(out_dir, plan)
+    if weights is None:
+        path = Path(out_dir) / "model.safetensors"
+        layout, reader = _file_layout(path), None
+    else:
+        path, reader = _open_weights(Path(weights))
+        layout = {name: (list(reader.shape(name)), reader.dtype(name)) for name in reader.entries}
     try:
-        result = convert(dense, cfg, only=plan["regions"], none_inputs=plan.get("none_inputs", {}), verify=False)
-    except MoeifyError as exc:
-        raise SerializationError(f"cannot re-apply the plan in {out_dir}: {exc}") from exc
-    for name, tensor in result.model.state_dict(keep_vars=True).items():
-        if name not in layout:
-            continue
-        shape, dtype = layout[name]
-        if list(tensor.shape) != shape:
-            raise SerializationError(f"{weights} does not fit the re-applied plan: {name!r} is {shape} in "
-                                     f"the file but {list(tensor.shape)} in the model rebuilt from the plan: was "
-                                     "the dense model built with the same sizes (and plan.json left as saved)?")
-        saved = DTYPE_OF.get(dtype)
-        if saved is not None and saved != tensor.dtype and saved.is_floating_point and tensor.is_floating_point():
-            # in the dtype it was saved in: a model.bfloat16() saved came back float32 from the float32
-            # dense model the source builds (and a float32 router in a bfloat16 model stays float32)
-            with torch.no_grad():
-                tensor.data = tensor.data.to(saved)
-    try:
-        missing, unexpected = load_model(result.model, str(weights), strict=False)
-    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
-        raise SerializationError(f"cannot load {weights} into the re-applied plan ({one_line(exc)}): re-run the "
-                                 "conversion") from exc
-    if missing or unexpected:
-        raise SerializationError(f"{weights} does not fit the re-applied plan (missing {list(missing)[:5]}, "
-                                 f"unexpected {list(unexpected)[:5]}): was the dense model built with the same sizes?")
+        dense = model if model is not None else rebuild_dense(out_dir, plan)
+        try:
+            result = convert(dense, cfg, only=plan["regions"], none_inputs=plan.get("none_inputs", {}), verify=False)
+        except MoeifyError as exc:
+            raise SerializationError(f"cannot re-apply the plan in {out_dir}: {exc}") from exc
+        _fit_to_layout(result.model, layout, path)
+        if reader is None:
+            _load_saved(result.model, path)
+        else:
+            _load_checkpoint(result.model, reader, path)
+    finally:
+        if reader is not None:
+            reader.close()
     result.report = report
     set_calls_per_forward(result.model, result.report)
     result.source = plan.get("source")

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from moeify.cli import main
@@ -220,6 +221,37 @@ def test_export_external_data(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data", "out"]
     assert run("export", str(out), "-o", str(tmp_path / "s.onnx"), "--single-file").exit_code == 0
     assert not (tmp_path / "s.onnx.data").exists()
+
+
+def test_export_and_stats_take_the_weights_of_a_later_checkpoint(tmp_path):
+    """--weights: the plan from OUT_DIR, the weights of a checkpoint written after training (a folder
+    holding model.safetensors, as save_pretrained writes); the ONNX model computes the trained model."""
+    import onnxruntime as ort
+    from safetensors.torch import save_file
+
+    import moeify
+    from tests.conftest import load_example
+
+    out = tmp_path / "out"
+    assert run("convert", MLP, "-o", str(out), "--num-experts", "4", "--top-k", "2").exit_code == 0
+    trained = moeify.load(out).model.eval()
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    (tmp_path / "ckpt").mkdir()
+    save_file({k: v.contiguous() for k, v in trained.state_dict().items()}, tmp_path / "ckpt" / "model.safetensors")
+    for weights, name in ((["--weights", str(tmp_path / "ckpt")], "trained.onnx"), ([], "plan.onnx")):
+        r = run("export", str(out), "-o", str(tmp_path / name), *weights)
+        assert r.exit_code == 0, r.output
+    (x,) = load_example("mlp").example_inputs()
+    with torch.no_grad():
+        want = trained(x).numpy()
+    got = {name: ort.InferenceSession(str(tmp_path / name), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x.numpy()})[0] for name in ("trained.onnx", "plan.onnx")}
+    assert abs(got["trained.onnx"] - want).max() < 1e-5 < abs(got["plan.onnx"] - want).max()
+    r = run("stats", str(out), "--weights", str(tmp_path / "nowhere"))
+    assert r.exit_code == 2 and r.output.startswith("error: ") and "nowhere" in r.output
+    assert run("stats", str(out), "--weights", str(tmp_path / "ckpt")).exit_code == 0
 
 
 BF16_MLP = ("import torch\nfrom torch import nn\n\n\ndef build_model():\n    torch.manual_seed(0)\n"

@@ -264,3 +264,57 @@ def test_save_of_a_meta_model_says_to_materialise_the_weights(tmp_path):
                                                  "moeify convert-checkpoint") as e:
         moeify.save(result, tmp_path / "o")
     assert "\n" not in str(e.value) and not (tmp_path / "o").exists()
+
+
+# weights from a later checkpoint: save_pretrained (what transformers' Trainer writes) -------------------------
+def _hf_model(kind):
+    import transformers
+
+    if kind == "gpt2-tied":  # Conv1D FFNs, the head tied to the embedding (save_pretrained stores it once)
+        return transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4,
+                                                                    n_positions=32))
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=False))
+
+
+@pytest.mark.parametrize("kind, shard", [("gpt2-tied", None), ("llama", "30KB")])
+def test_load_takes_the_weights_of_a_save_pretrained_checkpoint(tmp_path, kind, shard):
+    """A conversion saved before training, then trained and checkpointed with save_pretrained (from_pretrained
+    would build the dense model and drop the experts): load(out, weights=folder) re-applies the plan and
+    takes every trained tensor, through a sharded index too, the tied head included."""
+    torch.manual_seed(0)
+    dense = _hf_model(kind).eval()
+    x = torch.randint(0, 96, (2, 9))
+    result = moeify.convert(dense, moeify.MoEConfig(num_experts=4, top_k=2), example_inputs=(x,))
+    out = moeify.save(result, tmp_path / "out")
+    with torch.no_grad():  # "training": every tensor moves
+        for p in result.model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    result.model.save_pretrained(tmp_path / "ckpt", **({"max_shard_size": shard} if shard else {}))
+    assert (tmp_path / "ckpt" / ("model.safetensors.index.json" if shard else "model.safetensors")).is_file()
+
+    loaded = moeify.load(out, model=_hf_model(kind), weights=tmp_path / "ckpt").model.eval()
+    trained = result.model.state_dict()
+    got = loaded.state_dict()
+    assert sorted(got) == sorted(trained) and all(torch.equal(got[k], trained[k]) for k in trained)
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, result.model.eval()(x).logits)
+    untrained = moeify.load(out, model=_hf_model(kind)).model  # the plan's own weights: before training
+    assert not torch.equal(untrained.state_dict()[next(iter(trained))], trained[next(iter(trained))])
+
+
+def test_load_refuses_weights_of_another_model(tmp_path):
+    from safetensors.torch import save_file
+
+    ex = load_example("mlp")
+    out = moeify.save(moeify.convert(ex.build_model(), moeify.MoEConfig(num_experts=2, top_k=1)), tmp_path / "o")
+    dense_state = {k: v.contiguous() for k, v in ex.build_model().state_dict().items()}
+    save_file(dense_state, tmp_path / "dense.safetensors")
+    with pytest.raises(SerializationError, match=r"dense\.safetensors does not fit the plan of this conversion "
+                                                 r"\(missing \[.*w1_EFD.*\], unexpected \[.*\]\): pass a "
+                                                 r"checkpoint of the model this plan converted$"):
+        moeify.load(out, model=ex.build_model(), weights=tmp_path / "dense.safetensors")
+    with pytest.raises(SerializationError, match=r"^weights \S+nowhere does not exist: pass a save_pretrained "
+                                                 "folder"):
+        moeify.load(out, model=ex.build_model(), weights=tmp_path / "nowhere")
