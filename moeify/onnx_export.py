@@ -622,7 +622,9 @@ def _run_check(onnx_path: Path, model_proto, model: nn.Module, bound_list: list[
 def _loosen_outputs(model_proto, got: list, bound: dict[str, Any], report: ExportReport) -> bool:
     """Output dims the graph declares fixed but that came out another size at this run (torch.export
     specialises some, as after nn.LSTM) become symbolic: named after the dynamic input axis of that
-    size in this run, else after the output. True when any changed."""
+    size in this run, else after the output. The graph's intermediate shapes (value_info) then go too:
+    they carry the same fixed sizes, and onnxruntime, inferring from them, warned on every run at
+    another size that the output did not have the shape it expected. True when any changed."""
     changed = False
     sizes: dict[str, int] = {}
     for name, dims in report.dynamic_axes.items():
@@ -633,6 +635,8 @@ def _loosen_outputs(model_proto, got: list, bound: dict[str, Any], report: Expor
             if dim.HasField("dim_value") and d < array.ndim and dim.dim_value != array.shape[d]:
                 dim.dim_param = next((axis for axis, n in sizes.items() if n == array.shape[d]), f"{value.name}_{d}")
                 changed = True
+    if changed:
+        del model_proto.graph.value_info[:]  # optional hints; onnxruntime infers the shapes itself
     return changed
 
 

@@ -304,11 +304,17 @@ def test_lstm_lm_fused_in_fresh_process(tmp_path):
         report = export_onnx(model, ex.example_inputs(), {str(tmp_path / 'lstm.onnx')!r}, mode="fused")
         assert report.num_moe_nodes == 1, report
         assert all(d <= 1e-4 for _, d in report.checks) and len(report.checks) == 2, report
+        import numpy as np, onnxruntime as ort
+        session = ort.InferenceSession({str(tmp_path / 'lstm.onnx')!r}, providers=["CPUExecutionProvider"])
+        assert session.run(None, {{"ids": np.zeros((1, 29), np.int64)}})[0].shape[:2] == (1, 29)
     """)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     # nn.LSTM adds torch's _flat_weights and _check_is_size warnings to the usual noise
     assert not [n for n in TORCH_NOISE if n in done.stderr], done.stderr[-3000:]
+    # the sequence axis torch.export fixed is loosened in the intermediate shapes too: onnxruntime warned
+    # "Expected shape from model of {-1,12,48} does not match actual shape" on every run at another length
+    assert "does not match actual shape" not in done.stderr, done.stderr[-3000:]
 
 
 # refusals: typed error, nothing written -----------------------------------------------------------------
