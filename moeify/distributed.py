@@ -354,6 +354,58 @@ class ExpertParallel:
                 state[key] = torch.cat(parts, dim=dim)
         return state
 
+    def _optimized_experts(self, optimizer: torch.optim.Optimizer) -> list[tuple[int, nn.Parameter, ExpertShard, int]]:
+        """(index in optimizer.state_dict(), parameter, its shard, sharded dim) of each expert parameter
+        the optimizer holds. state_dict() numbers parameters in param_groups order, which follows the
+        model's parameter order on every rank."""
+        found = {}
+        for shard in self.shards.values():
+            experts = self.model.get_submodule(f"{shard.layer}.experts")
+            for pname, dim in shard.params.items():
+                found[id(experts.get_parameter(pname))] = (shard, dim)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        return [(i, p, *found[id(p)]) for i, p in enumerate(params) if id(p) in found]
+
+    @torch.no_grad()
+    def optimizer_state_dict(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """`optimizer.state_dict()` as one process holding every expert would have it: each per-element
+        state of an expert parameter (SGD's momentum, Adam's moments) gathered over the expert-parallel
+        group, as `gather_state_dict` gathers the weights. A collective: call on all ranks.
+
+        Save it from one rank (`torch.save`; read back with `torch.load(weights_only=True)`) beside
+        `save`'s checkpoint, and resume with `load_optimizer_state_dict` on any number of ranks, or
+        load it into the optimizer of the single-process model."""
+        full = optimizer.state_dict()
+        states = dict(full["state"])  # its entries are the optimizer's own dicts: replaced, never edited
+        for index, param, _shard, dim in self._optimized_experts(optimizer):
+            local = states.get(index, {})
+            mine = sorted(k for k, v in local.items() if torch.is_tensor(v) and v.shape == param.shape)
+            keys: list[list[str] | None] = [None] * self.groups.ep_size
+            dist.all_gather_object(keys, mine, group=self.groups.ep)
+            entry = dict(local)
+            for key in sorted(set().union(*keys)):  # a rank whose experts never had a gradient holds zeros
+                part = local[key].contiguous() if key in local else torch.zeros_like(param)
+                parts = [torch.empty_like(part) for _ in range(self.groups.ep_size)]
+                dist.all_gather(parts, part, group=self.groups.ep)
+                entry[key] = torch.cat(parts, dim=dim)
+            if entry:
+                states[index] = entry
+        return {**full, "state": states}
+
+    def load_optimizer_state_dict(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        """Load a single-process optimizer state (from `optimizer_state_dict`, or an optimizer of the
+        one-process model) into this rank's optimizer: each expert parameter's per-element state is cut
+        to the experts this rank holds. Not a collective."""
+        states = dict(state["state"])
+        for index, param, shard, dim in self._optimized_experts(optimizer):
+            if index not in states:
+                continue
+            whole = param.shape[:dim] + (shard.num_experts,) + param.shape[dim + 1:]
+            states[index] = {key: value.narrow(dim, shard.first, shard.count).clone()
+                             if torch.is_tensor(value) and value.shape == whole else value
+                             for key, value in states[index].items()}
+        optimizer.load_state_dict({**state, "state": states})
+
     def gather_model(self) -> nn.Module:
         """A single-process copy of the model (all experts, local dispatch). A collective: call on all ranks."""
         return self._unsharded(self.gather_state_dict())

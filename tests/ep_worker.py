@@ -166,7 +166,29 @@ def train(out: Path) -> None:
     with torch.no_grad():
         logits = ep1.model(micro_batch(TRAIN_STEPS, rank))
     save_file({"logits": logits}, str(out / f"loaded_rank{rank}.safetensors"))
+    resume(out, ep, opt, gpt)
     moe_dist.shutdown()
+
+
+def resume(out: Path, ep, opt, gpt) -> None:
+    """The optimizer state gathered to one-process layout and saved beside the checkpoint; a fresh 2-rank
+    model loads both and takes the next step exactly as the run that never stopped."""
+    rank = dist.get_rank()
+    state = ep.optimizer_state_dict(opt)
+    if rank == 0:
+        torch.save(state, out / "optimizer.pt")
+    dist.barrier()
+    _, again = moe_dist.load(out / "ckpt_ep", model=gpt.build_model())
+    opt_again = torch.optim.SGD(again.model.parameters(), lr=LR, momentum=MOMENTUM)
+    again.load_optimizer_state_dict(opt_again, torch.load(out / "optimizer.pt", weights_only=True))
+    for run, optimizer in ((ep, opt), (again, opt_again)):
+        optimizer.zero_grad()
+        step_loss(run.model, gpt, micro_batch(TRAIN_STEPS, rank))[2].backward()
+        run.sync_gradients()
+        run.clip_grad_norm_(CLIP)
+        optimizer.step()
+    diffs = [(a - b).abs().max() for a, b in zip(ep.model.parameters(), again.model.parameters(), strict=True)]
+    save_file({"resume_diff": torch.stack(diffs).max()}, str(out / f"resumed_rank{rank}.safetensors"))
 
 
 def fail(out: Path) -> None:

@@ -55,6 +55,7 @@ def reference_training():
             (loss / worker.WORLD).backward()
         result.norms.append(torch.nn.utils.clip_grad_norm_(result.model.parameters(), worker.CLIP))
         opt.step()
+    result.optimizer = opt
     return result, gpt
 
 
@@ -152,6 +153,24 @@ def test_checkpoint_after_training_equals_one_process(ep_train, trained):
     idx = worker.micro_batch(worker.TRAIN_STEPS, 0)
     with torch.no_grad():
         torch.testing.assert_close(loaded(idx), trained[0].model(idx), atol=ATOL, rtol=0)
+
+
+def test_optimizer_state_gathers_to_one_process_and_resumes(ep_train, trained):
+    """ExpertParallel.optimizer_state_dict: the momentum of every parameter, the experts' gathered over
+    the 2 ranks, equals one process's after the same training; saved with torch.save and loaded with
+    weights_only=True into a fresh 2-rank model (load_optimizer_state_dict), the next step is the one
+    the uninterrupted run takes."""
+    got = torch.load(ep_train / "optimizer.pt", weights_only=True)
+    want = trained[0].optimizer.state_dict()
+    assert got["state"].keys() == want["state"].keys() and got["param_groups"] == want["param_groups"]
+    names = [n for n, _ in trained[0].model.named_parameters()]
+    experts = [i for i, n in enumerate(names) if ".experts." in n]
+    assert experts and all(got["state"][i]["momentum_buffer"].shape[0] == 4 for i in experts)  # all 4 experts
+    for index, entry in want["state"].items():
+        torch.testing.assert_close(got["state"][index]["momentum_buffer"], entry["momentum_buffer"], atol=ATOL,
+                                   rtol=0, msg=lambda m, n=names[index]: f"{n}: {m}")
+    for rank in range(worker.WORLD):
+        assert load_file(str(ep_train / f"resumed_rank{rank}.safetensors"))["resume_diff"].item() == 0
 
 
 def test_gradient_clipping_uses_the_whole_models_norm(ep_train, trained):
