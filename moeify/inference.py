@@ -86,8 +86,13 @@ def open_session(model: str | os.PathLike | bytes, *, providers: Sequence[str] =
     try:
         session = ort.InferenceSession(source, options, providers=wanted)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own pybind types (InvalidProtobuf, Fail)
-        raise ExportError(f"onnxruntime cannot load {'the model' if isinstance(model, bytes) else model} "
-                          f"({one_line(exc)}): export it again with `moeify export`") from exc
+        where = "the model" if isinstance(model, bytes) else model
+        if "external data" in str(exc).lower():
+            fix = ("its weights are in a .data file beside the exported model (external data): keep the two files "
+                   "together, under the names they were exported with, and open the model by its path")
+        else:
+            fix = "export it again with `moeify export`"
+        raise ExportError(f"onnxruntime cannot load {where} ({one_line(exc)}): {fix}") from exc
     finally:
         if silence_load:
             ort.set_default_logger_severity(ORT_DEFAULT_SEVERITY)

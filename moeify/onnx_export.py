@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import os
 import sys
 import warnings
@@ -77,7 +78,10 @@ from moeify.serialization import check_output, write_file_atomically
 MODES = ("fused", "portable")
 MSFT_DOMAIN = "com.microsoft"
 OPSET = 18
-CHECK_SHAPE_DELTA = (1, 3)  # the check's second input: batch + 1, sequence (and any other dynamic axis) + 3
+# the check's second input: batch + 1, sequence (and any other dynamic axis) - 3, or + 3 when the example's
+# is too short to lose 3 (shorter, not longer: an example at the model's maximum length, as BERT
+# deployments pad to, would run past its position table)
+CHECK_SHAPE_DELTA = (1, 3)
 # One ONNX file holds at most 2 GiB (protobuf's limit for a message). An upcycled model passes that soon:
 # GPT-2 or BERT-base with 8 experts holds about 2 GB of float32 weights. Weights from this size on
 # (64 MiB left for the graph itself) go to a data file beside the model, onnx's external data.
@@ -111,7 +115,8 @@ class Gating:
 def router_gating(name: str, router: nn.Module) -> Gating:
     """The inference-time gating of `router`, or ExportError for routers ONNX export cannot express."""
     capacity = getattr(router, "capacity", None)
-    if capacity is not None and getattr(capacity, "eval_capacity_factor", None) is not None:
+    if capacity is not None and not math.isinf(getattr(capacity, "eval_capacity_factor", None) or math.inf):
+        # (None or inf: dropless at inference, whatever the training factor)
         raise ExportError(f"{name}: capacity dropping at inference (eval_capacity_factor="
                           f"{capacity.eval_capacity_factor}) cannot be exported to ONNX by moeify: which tokens are "
                           "dropped depends on the whole batch; convert with capacity_factor=None (dropless)")
@@ -536,12 +541,12 @@ def _unaliased(bound: dict[str, Any]) -> dict[str, Any]:
 
 
 def _resized(value: Any, dims: dict[int, str], generator: torch.Generator) -> Any:
-    """A new input like `value` with its batch and sequence dims grown by CHECK_SHAPE_DELTA."""
+    """A new input like `value` with its batch dim grown and other dynamic dims moved by CHECK_SHAPE_DELTA."""
     if not isinstance(value, torch.Tensor) or not dims:
         return value
     shape = list(value.shape)
     for dim, axis in dims.items():
-        shape[dim] += CHECK_SHAPE_DELTA[0] if axis == "batch" else CHECK_SHAPE_DELTA[1]
+        shape[dim] = _check_size(shape[dim], axis)
     if value.is_floating_point():
         return (torch.randn(shape, generator=generator) * value.float().std().clamp_min(1e-3)).to(value.dtype)
     if value.numel() and (value.dtype == torch.bool or bool(((value == 0) | (value == 1)).all())):
@@ -554,6 +559,14 @@ def _resized(value: Any, dims: dict[int, str], generator: torch.Generator) -> An
     low = int(value.min()) if value.numel() else 0
     high = int(value.max()) + 1 if value.numel() else 1
     return torch.randint(low, max(high, low + 1), shape, generator=generator, dtype=value.dtype)
+
+
+def _check_size(size: int, axis: str) -> int:
+    """The check's second size of a dynamic axis of the example's `size` (see CHECK_SHAPE_DELTA)."""
+    if axis == "batch":
+        return size + CHECK_SHAPE_DELTA[0]
+    step = CHECK_SHAPE_DELTA[1]
+    return size - step if size > step + 1 else size + step
 
 
 def _flat_tensors(values: Any) -> list[torch.Tensor]:
@@ -656,7 +669,7 @@ def export_onnx(model: nn.Module, example_inputs: Sequence[Any] = (), path: str 
     `dynamic_axes` ({input name: {dim: axis name}}) replaces that guess for the inputs it names;
     inputs that share an axis name share its size ({} makes an input static). `check`: run
     onnxruntime on the example inputs and on inputs with batch + 1 and
-    sequence + 3, compare with PyTorch, and raise ExportError beyond `atol` (nothing written).
+    sequence - 3 (+ 3 below 5), compare with PyTorch, and raise ExportError beyond `atol` (nothing written).
     An existing file at `path` is replaced only with `force`.
     `external_data`: store the weights in `<path>.data` beside the model (onnx's external data; the two
     files move together). None: only when they reach EXTERNAL_DATA_BYTES, past which one file cannot hold
@@ -703,8 +716,9 @@ def export_onnx(model: nn.Module, example_inputs: Sequence[Any] = (), path: str 
         raise
     except Exception as exc:  # noqa: BLE001 - the exporter raises many types; one line says which
         root = _root_cause(exc)
+        hint = _size_one_hint(bound, report) or _export_hint(root, mode, dynamic)
         raise ExportError(f"torch.onnx.export failed on {type(model).__name__} in {mode} mode "
-                          f"({root}); {_export_hint(root, mode, dynamic)}") from exc
+                          f"({root}); {hint}") from exc
     _store_each_tensor_once(program.model, report)
     external = _external_data(program.model, data_name, external_data, report)
     model_proto = program.model_proto
@@ -764,6 +778,9 @@ def _check_dynamic_axes(model_proto, report: ExportReport) -> None:
         shape = graph_inputs[name].type.tensor_type.shape.dim
         fixed = {kind: shape[d].dim_value for d, kind in dims.items()
                  if d < len(shape) and shape[d].HasField("dim_value")}
+        if fixed and any(size == 1 for size in fixed.values()):
+            raise ExportError(f"torch.export fixed the dynamic axis {fixed} of input {name!r}: "
+                              f"{_size_one_hint({}, report, fixed)}")
         if fixed:
             raise ExportError(f"torch.export fixed the dynamic axis {fixed} of input {name!r}: the model treats it "
                               "as a constant (or, with nn.LSTM, one process exported twice, a torch issue); pass "
@@ -834,6 +851,19 @@ def _root_cause(exc: BaseException) -> str:
     while (exc.__cause__ or exc.__context__) is not None:
         exc = exc.__cause__ or exc.__context__
     return one_line(exc, limit=300)
+
+
+def _size_one_hint(bound: dict[str, Any], report: ExportReport, fixed: dict[str, int] | None = None) -> str | None:
+    """The fix when the example has size 1 on a dynamic axis: torch.export takes an axis of size 1 for a
+    constant (its 0/1 specialisation), which fails or fixes that axis whatever the model does."""
+    ones = sorted({axis for axis, size in (fixed or {}).items() if size == 1} |
+                  {axis for name, dims in report.dynamic_axes.items() for d, axis in dims.items()
+                   if isinstance(bound.get(name), torch.Tensor) and bound[name].shape[d] == 1})
+    if not ones:
+        return None
+    return (f"the example has size 1 on the dynamic axis {', '.join(ones)}, which torch.export takes for a constant: "
+            "export with an example of size >= 2 on every dynamic axis (batch and sequence), or dynamic=False "
+            "(the CLI's --static) for a model that only ever sees that size")
 
 
 def _export_hint(root: str, mode: str, dynamic: bool) -> str:

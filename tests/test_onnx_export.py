@@ -851,9 +851,61 @@ def test_a_key_padding_mask_is_checked_at_the_second_shape(tmp_path):
     torch.manual_seed(0)
     ids = torch.randint(0, 40, (2, 9))
     pad = torch.zeros(2, 9, dtype=torch.bool)
-    pad[1, 6:] = True
+    pad[1, 4:] = True  # padding within the second shape's 6 positions too
     model = moeify.convert(PaddedEncoder().eval(), MoEConfig(num_experts=E, top_k=2), example_inputs=(ids, pad)).model
     with no_torch_noise():  # (ids and pad_mask share the batch and seq axes: torch says so, needlessly)
         report = export_onnx(model, (ids, pad), tmp_path / "enc.onnx")
-    assert [shape for shape, _ in report.checks] == ["ids=(2, 9), pad_mask=(2, 9)", "ids=(3, 12), pad_mask=(3, 12)"]
+    # the second shape is shorter than the example (longer could pass a model's maximum length)
+    assert [shape for shape, _ in report.checks] == ["ids=(2, 9), pad_mask=(2, 9)", "ids=(3, 6), pad_mask=(3, 6)"]
     assert all(d <= ATOL_MODEL for _, d in report.checks), report
+
+
+def test_an_example_at_the_models_maximum_length_exports(tmp_path):
+    """The check's second shape is shorter than the example: at the position table's full length
+    (16 here; BERT deployments pad to max_length) a longer one ran past the table in onnxruntime
+    (Gather idx=16 out of range) and the export was refused."""
+    ex = load_example("gpt")
+    model = moeify.convert(ex.build_model(max_len=16), MoEConfig(num_experts=E, top_k=2)).model
+    (ids,) = ex.example_inputs()
+    assert ids.shape[1] == 16
+    report = export_onnx(model, (ids,), tmp_path / "full.onnx", mode="portable")
+    assert [shape for shape, _ in report.checks] == ["idx=(2, 16)", "idx=(3, 13)"]
+    assert all(d <= ATOL_MODEL for _, d in report.checks), report
+
+
+@pytest.mark.parametrize("mode", ["fused", "portable"])
+@pytest.mark.parametrize("train_factor", [1.25, None])
+def test_an_infinite_eval_capacity_factor_exports_as_dropless(tmp_path, mode, train_factor):
+    """eval_capacity_factor=inf evaluates dropless, so it exports (it was refused as capacity dropping);
+    a finite eval factor is still refused (test_refusals)."""
+    ex = load_example("mlp")
+    cfg = MoEConfig(num_experts=E, top_k=2, capacity_factor=train_factor, eval_capacity_factor=math.inf)
+    model = moeify.convert(ex.build_model(), cfg).model
+    report = export_onnx(model, ex.example_inputs(), tmp_path / "m.onnx", mode=mode)
+    assert len(report.checks) == 2 and all(d <= ATOL_MODEL for _, d in report.checks), report
+
+
+@pytest.mark.parametrize("shape, axes", [((2, 1), "seq"), ((1, 1), "batch, seq")])
+def test_an_example_of_size_one_names_the_fix(tmp_path, shape, axes):
+    """torch.export takes an axis of size 1 for a constant (Llama at sequence 1: SDPA's is_causal became
+    a SymBool); the error suggested another mode or dynamic=False. It now names the size-1 axis and
+    says to export with an example of size >= 2."""
+    llama = load_example("hf_causal_lm").build_llama(num_layers=1)
+    model = moeify.convert(llama, MoEConfig(num_experts=E, top_k=2), example_inputs=(torch.randint(2, 128, (2, 10)),)
+                           ).model
+    ids = torch.randint(2, 128, shape)
+    with pytest.raises(ExportError, match=rf"the example has size 1 on the dynamic axis {axes}, which torch\.export "
+                                          r"takes for a constant: export with an example of size >= 2"):
+        export_onnx(model, (ids,), tmp_path / "m.onnx", mode="portable", example_kwargs={"use_cache": False})
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_a_model_moved_away_from_its_external_data_says_to_keep_them_together(tmp_path):
+    ex = load_example("mlp")
+    model = moeify.convert(ex.build_model(), MoEConfig(num_experts=E, top_k=2)).model
+    export_onnx(model, ex.example_inputs(), tmp_path / "m.onnx", external_data=True)
+    (tmp_path / "moved").mkdir()
+    (tmp_path / "m.onnx").rename(tmp_path / "moved" / "m.onnx")
+    with pytest.raises(ExportError, match=r"its weights are in a \.data file beside the exported model \(external "
+                                          r"data\): keep the two files together"):
+        open_session(tmp_path / "moved" / "m.onnx")
