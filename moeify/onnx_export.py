@@ -489,7 +489,34 @@ def _axes_spec(bound: dict[str, Any], given: dict[str, dict[int, str]] | None) -
             raise ExportError(f"dynamic_axes[{name!r}] names dims {bad}, but that input has rank {value.dim()}: "
                               f"use dims 0..{value.dim() - 1}")
         spec[name] = dims
-    return spec
+    return _separate_sequences(bound, spec, set(given))
+
+
+def _separate_sequences(bound: dict[str, Any], spec: dict[str, dict[int, str]],
+                        given: set[str]) -> dict[str, dict[int, str]]:
+    """Refine the guessed sequence axes (inputs not in `given`): a seq2seq model's decoder inputs
+    (Hugging Face's `decoder_*`) get their own axis `decoder_seq`, and so does any input whose example
+    length differs from the first one's (named after the first input of that length): one shared axis
+    tied their lengths, which torch.export refused, or, at equal example lengths, exported a graph that
+    failed on any other pair. A (B, S) float input shaped as token ids (a float attention mask) takes
+    their axes instead of varying in the batch only."""
+    ids = {tuple(v.shape): spec[n] for n, v in bound.items() if n in spec and n not in given
+           and isinstance(v, torch.Tensor) and v.dim() == 2 and not v.is_floating_point()}
+    axis_of: dict[tuple[str, int], str] = {}  # (group, length) -> axis name
+    out = {}
+    for name, dims in spec.items():
+        value = bound[name]
+        if name in given:
+            out[name] = dims
+            continue
+        if value.dim() == 2 and value.is_floating_point() and tuple(value.shape) in ids:
+            dims = dict(ids[tuple(value.shape)])
+        if dims.get(1) == "seq":
+            group = "decoder_seq" if name.startswith("decoder_") else "seq"
+            first = not any(g == group for g, _ in axis_of)
+            dims[1] = axis_of.setdefault((group, value.shape[1]), group if first else f"{name}_seq")
+        out[name] = dims
+    return out
 
 
 def _bind(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:

@@ -909,3 +909,47 @@ def test_a_model_moved_away_from_its_external_data_says_to_keep_them_together(tm
     with pytest.raises(ExportError, match=r"its weights are in a \.data file beside the exported model \(external "
                                           r"data\): keep the two files together"):
         open_session(tmp_path / "moved" / "m.onnx")
+
+
+def _tiny_t5():
+    import transformers
+
+    torch.manual_seed(0)
+    return transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_decoder_layers=1, num_heads=4)).eval()
+
+
+@pytest.mark.parametrize("tgt", [5, 9], ids=["lengths-differ", "lengths-equal"])
+def test_a_seq2seq_models_encoder_and_decoder_lengths_vary_apart(tmp_path, tgt):
+    """T5's input_ids and decoder_input_ids get separate sequence axes by default: one shared "seq" axis
+    made torch.export refuse unequal example lengths, and at equal ones exported a graph that failed
+    on any other pair."""
+    ids = torch.randint(2, 64, (2, 9))
+    kwargs = {"input_ids": ids, "decoder_input_ids": torch.randint(2, 64, (2, tgt)), "use_cache": False}
+    model = moeify.convert(_tiny_t5(), MoEConfig(num_experts=E, top_k=2), example_inputs=kwargs).model
+    with no_torch_noise():
+        report = export_onnx(model, (), tmp_path / "t5.onnx", mode="portable", example_kwargs=kwargs)
+    assert report.dynamic_axes == {"input_ids": {0: "batch", 1: "seq"},
+                                   "decoder_input_ids": {0: "batch", 1: "decoder_seq"}}
+    feeds = {"input_ids": torch.randint(2, 64, (3, 11)), "decoder_input_ids": torch.randint(2, 64, (3, 4))}
+    got = open_session(tmp_path / "t5.onnx").run(None, {k: v.numpy() for k, v in feeds.items()})[0]
+    with torch.no_grad():
+        want = model(**feeds, use_cache=False).logits
+    assert np.abs(got - want.numpy()).max() < ATOL_MODEL
+
+
+def test_a_float_attention_mask_varies_with_the_token_ids(tmp_path):
+    """A (B, S) float mask shaped as the token ids takes their axes (it was taken for (B, features), its
+    sequence axis fixed, and the export refused, blaming input_ids)."""
+    import transformers
+
+    torch.manual_seed(0)
+    bert = transformers.BertModel(transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
+                                                          num_attention_heads=4, intermediate_size=64)).eval()
+    ids, mask = torch.randint(2, 64, (2, 10)), torch.ones(2, 10)
+    mask[1, 7:] = 0.0
+    model = moeify.convert(bert, MoEConfig(num_experts=E, top_k=2), example_inputs=(ids, mask)).model
+    with no_torch_noise():
+        report = export_onnx(model, (ids, mask), tmp_path / "bert.onnx", mode="portable")
+    assert report.dynamic_axes["attention_mask"] == {0: "batch", 1: "seq"} == report.dynamic_axes["input_ids"]
+    assert len(report.checks) == 2 and all(d <= ATOL_MODEL for _, d in report.checks), report
