@@ -211,13 +211,18 @@ def convert_checkpoint(model_spec: str, checkpoint: str, output: str, force: boo
     click.echo(f"saved to {output}")
 
 
+# stats and export: a saved conversion's plan with the weights of a later checkpoint (moeify.load(weights=...))
+weights_option = click.option(
+    "--weights", type=click.Path(exists=True), default=None,
+    help="take the weights from this checkpoint of the converted model (a save_pretrained folder, such as a "
+         "Trainer checkpoint, its model.safetensors or its index.json) instead of OUT_DIR's")
+
+
 @main.command()
 @click.argument("out_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="also write a per-layer expert utilisation heatmap (PNG) to this path")
-@click.option("--weights", type=click.Path(exists=True), default=None,
-              help="take the weights from this checkpoint of the converted model (a save_pretrained folder, "
-                   "such as a Trainer checkpoint, its model.safetensors or its index.json) instead of OUT_DIR's")
+@weights_option
 @handle_errors
 def stats(out_dir: str, plot_path: str | None, weights: str | None) -> None:
     """Router statistics of a saved conversion (OUT_DIR) on its model_source.py example_inputs()."""
@@ -253,9 +258,7 @@ def stats(out_dir: str, plot_path: str | None, weights: str | None) -> None:
 @click.option("--external-data/--single-file", default=None,
               help="weights in OUTPUT.data beside the ONNX file, or in the file itself (default: beside it only "
                    "from 2 GiB on, which one file cannot hold)")
-@click.option("--weights", type=click.Path(exists=True), default=None,
-              help="take the weights from this checkpoint of the converted model (a save_pretrained folder, "
-                   "such as a Trainer checkpoint, its model.safetensors or its index.json) instead of OUT_DIR's")
+@weights_option
 @handle_errors
 def export(out_dir: str, output: str, mode: str, fallback: str, allow_approximate_gelu: bool, static: bool,
            force: bool, check: bool, external_data: bool | None, weights: str | None) -> None:

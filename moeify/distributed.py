@@ -348,11 +348,15 @@ class ExpertParallel:
         for shard in self.shards.values():
             for pname, dim in shard.params.items():
                 key = f"{shard.layer}.experts.{pname}"
-                part = state[key].contiguous()
-                parts = [torch.empty_like(part) for _ in range(self.groups.ep_size)]
-                dist.all_gather(parts, part, group=self.groups.ep)
-                state[key] = torch.cat(parts, dim=dim)
+                state[key] = self._gathered(state[key], dim)
         return state
+
+    def _gathered(self, part: torch.Tensor, dim: int) -> torch.Tensor:
+        """This rank's slice of an expert tensor joined with the other ranks' along `dim` (a collective)."""
+        part = part.contiguous()
+        parts = [torch.empty_like(part) for _ in range(self.groups.ep_size)]
+        dist.all_gather(parts, part, group=self.groups.ep)
+        return torch.cat(parts, dim=dim)
 
     def _optimized_experts(self, optimizer: torch.optim.Optimizer) -> list[tuple[int, nn.Parameter, ExpertShard, int]]:
         """(index in optimizer.state_dict(), parameter, its shard, sharded dim) of each expert parameter
@@ -377,17 +381,17 @@ class ExpertParallel:
         load it into the optimizer of the single-process model."""
         full = optimizer.state_dict()
         states = dict(full["state"])  # its entries are the optimizer's own dicts: replaced, never edited
-        for index, param, _shard, dim in self._optimized_experts(optimizer):
+        experts = self._optimized_experts(optimizer)
+        mine = {index: {k for k, v in states.get(index, {}).items() if torch.is_tensor(v) and v.shape == param.shape}
+                for index, param, _, _ in experts}
+        every: list[dict[int, set[str]] | None] = [None] * self.groups.ep_size
+        dist.all_gather_object(every, mine, group=self.groups.ep)  # which states each rank holds, in one exchange
+        for index, param, _, dim in experts:
             local = states.get(index, {})
-            mine = sorted(k for k, v in local.items() if torch.is_tensor(v) and v.shape == param.shape)
-            keys: list[list[str] | None] = [None] * self.groups.ep_size
-            dist.all_gather_object(keys, mine, group=self.groups.ep)
             entry = dict(local)
-            for key in sorted(set().union(*keys)):  # a rank whose experts never had a gradient holds zeros
-                part = local[key].contiguous() if key in local else torch.zeros_like(param)
-                parts = [torch.empty_like(part) for _ in range(self.groups.ep_size)]
-                dist.all_gather(parts, part, group=self.groups.ep)
-                entry[key] = torch.cat(parts, dim=dim)
+            for key in sorted(set().union(*(held[index] for held in every))):
+                # a rank whose experts never had a gradient holds no state: zeros, as one process has
+                entry[key] = self._gathered(local[key] if key in local else torch.zeros_like(param), dim)
             if entry:
                 states[index] = entry
         return {**full, "state": states}

@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import math
 import os
 import sys
 import warnings
@@ -115,8 +114,7 @@ class Gating:
 def router_gating(name: str, router: nn.Module) -> Gating:
     """The inference-time gating of `router`, or ExportError for routers ONNX export cannot express."""
     capacity = getattr(router, "capacity", None)
-    if capacity is not None and not math.isinf(getattr(capacity, "eval_capacity_factor", None) or math.inf):
-        # (None or inf: dropless at inference, whatever the training factor)
+    if capacity is not None and capacity.factor(training=False) is not None:  # (dropless at inference exports)
         raise ExportError(f"{name}: capacity dropping at inference (eval_capacity_factor="
                           f"{capacity.eval_capacity_factor}) cannot be exported to ONNX by moeify: which tokens are "
                           "dropped depends on the whole batch; convert with capacity_factor=None (dropless)")
@@ -513,8 +511,8 @@ def _separate_sequences(bound: dict[str, Any], spec: dict[str, dict[int, str]],
             dims = dict(ids[tuple(value.shape)])
         if dims.get(1) == "seq":
             group = "decoder_seq" if name.startswith("decoder_") else "seq"
-            first = not any(g == group for g, _ in axis_of)
-            dims[1] = axis_of.setdefault((group, value.shape[1]), group if first else f"{name}_seq")
+            named = group if all(g != group for g, _ in axis_of) else f"{name}_seq"  # the group's first length
+            dims[1] = axis_of.setdefault((group, value.shape[1]), named)
         out[name] = dims
     return out
 

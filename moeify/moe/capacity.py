@@ -83,9 +83,11 @@ class CapacityLimit(nn.Module):
         return (f"capacity_factor={self.capacity_factor}, eval_capacity_factor={self.eval_capacity_factor}, "
                 f"policy={self.policy}")
 
-    def factor(self) -> float | None:
-        """This mode's factor; None for dropless (an infinite factor is one)."""
-        factor = self.capacity_factor if self.training else self.eval_capacity_factor
+    def factor(self, training: bool | None = None) -> float | None:
+        """The factor of this mode (or of training / evaluation when given); None for dropless (an
+        infinite factor is one)."""
+        training = self.training if training is None else training
+        factor = self.capacity_factor if training else self.eval_capacity_factor
         return None if factor is None or math.isinf(factor) else factor
 
     def capacity(self, num_tokens: int) -> int | None:
