@@ -250,7 +250,8 @@ def stats(out_dir: str, plot_path: str | None, weights: str | None) -> None:
 @click.option("--fallback", type=click.Choice(["none", "portable"]), default="none", show_default=True,
               help="fused mode: lower the layers the op cannot express exactly with standard ops instead of refusing")
 @click.option("--allow-approximate-gelu", is_flag=True,
-              help="fused mode: accept the op's tanh GELU for exact-GELU experts (about 5e-4 off)")
+              help="fused mode: accept the op's tanh GELU for exact-GELU experts (up to 5e-4 off per activation; "
+                   "the report notes how far the outputs move)")
 @click.option("--static", is_flag=True, help="fixed batch and sequence axes (default: dynamic)")
 @click.option("--force", is_flag=True, help="replace an existing ONNX file")
 @click.option("--check/--no-check", default=True, show_default=True,
@@ -258,16 +259,21 @@ def stats(out_dir: str, plot_path: str | None, weights: str | None) -> None:
 @click.option("--external-data/--single-file", default=None,
               help="weights in OUTPUT.data beside the ONNX file, or in the file itself (default: beside it only "
                    "from 2 GiB on, which one file cannot hold)")
+@click.option("--output-name", "output_names", multiple=True,
+              help="name the graph's outputs, one per output tensor in order (repeat the option); default: after the "
+                   "model's outputs (logits, last_hidden_state; output, output_0... for tensors and tuples)")
 @weights_option
 @handle_errors
 def export(out_dir: str, output: str, mode: str, fallback: str, allow_approximate_gelu: bool, static: bool,
-           force: bool, check: bool, external_data: bool | None, weights: str | None) -> None:
+           force: bool, check: bool, external_data: bool | None, output_names: tuple[str, ...],
+           weights: str | None) -> None:
     """Export the saved conversion OUT_DIR to ONNX (example inputs from its saved model_source.py)."""
     from moeify.onnx_export import export_saved
 
     report = export_saved(out_dir, output, mode=mode, fallback=None if fallback == "none" else fallback,
                           allow_approximate_gelu=allow_approximate_gelu, dynamic=not static, check=check,
-                          force=force, external_data=external_data, weights=weights)
+                          force=force, external_data=external_data, output_names=output_names or None,
+                          weights=weights)
     click.echo(report.format())
 
 

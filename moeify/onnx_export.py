@@ -206,7 +206,8 @@ def ort_activation(activation: str, gated: bool, allow_approximate_gelu: bool) -
                 "activation_beta": 0.0}, ""
     if activation == "gelu":
         if not allow_approximate_gelu:
-            return None, ("exact (erf) GELU experts: the op's 'gelu' is the tanh approximation (~5e-4 off); pass "
+            return None, ("exact (erf) GELU experts: the op's 'gelu' is the tanh approximation (up to 5e-4 off per "
+                          "activation, more in a deep model's outputs; the export's notes say how much); pass "
                           "allow_approximate_gelu=True (CLI: --allow-approximate-gelu) to accept it")
         return {"activation_type": "gelu"}, ""
     if activation == "gelu_tanh":
@@ -356,6 +357,7 @@ class ExportReport:
     atol: float = 1e-4
     dynamic_axes: dict[str, dict[int, str]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    signature: str = ""  # the graph's inputs and outputs, `name[dims]`, as onnxruntime will see them
 
     @property
     def num_moe_nodes(self) -> int:
@@ -364,6 +366,7 @@ class ExportReport:
     def format(self) -> str:
         lines = [f"ONNX export ({self.mode}) -> {self.path}: {sum(self.node_counts.values())} nodes, "
                  f"{self.num_moe_nodes} com.microsoft.MoE"]
+        lines += [f"  {self.signature}"] if self.signature else []
         lines += [f"  {la.name}: {la.lowering} [{la.gating}; {la.activation}]"
                   + (f" ({'; '.join(la.notes)})" if la.notes else "") for la in self.layers]
         lines += [f"  check {shape}: max |ORT - PyTorch| = {diff:.3g} (atol {self.atol:g})"
@@ -444,11 +447,16 @@ def _lowered_layers(plans):
             layer._modules.update(modules)
 
 
+def _approximated(plans) -> list[nn.Module]:
+    """The experts whose fused op computes another activation than theirs (tanh GELU for exact GELU)."""
+    return [layer.experts for _, layer, stand_in, _ in plans
+            if stand_in.fused and stand_in.activation != layer.experts.activation]
+
+
 @contextmanager
 def _reference_activation(plans):
     """While checking an approximate-GELU export, the PyTorch reference uses the same tanh GELU."""
-    changed = [(layer.experts, layer.experts.activation) for _, layer, stand_in, _ in plans
-               if stand_in.fused and stand_in.activation != layer.experts.activation]
+    changed = [(experts, experts.activation) for experts in _approximated(plans)]
     try:
         for experts, _ in changed:
             experts.activation = "gelu_tanh"
@@ -625,7 +633,8 @@ def _run_check(onnx_path: Path, model_proto, model: nn.Module, bound_list: list[
     from moeify.inference import open_session
 
     session = open_session(onnx_path, providers=("CPUExecutionProvider",)).session
-    loosened = False
+    loosened = padded = False
+    drift = 0.0  # max |ORT - the model with its own activations| where the op approximates them
     names = [i.name for i in session.get_inputs()]
     for bound in bound_list:
         tensors = [v for v in bound.values() if isinstance(v, torch.Tensor)]
@@ -643,8 +652,15 @@ def _run_check(onnx_path: Path, model_proto, model: nn.Module, bound_list: list[
             want = _flat_tensors(model(**bound))
         if len(got) != len(want):
             raise ExportError(f"the ONNX model returns {len(got)} outputs, PyTorch {len(want)}")
-        diff = max((abs_diff(torch.from_numpy(g), w).max().item() if w.numel() else 0.0
-                    for g, w in zip(got, want, strict=True)), default=0.0)
+        masks = [v for n, v in bound.items() if isinstance(v, torch.Tensor) and v.dim() == 2
+                 and (n == "attention_mask" or n.endswith("_attention_mask"))]
+        compared = [_max_diff(torch.from_numpy(g), w, masks) for g, w in zip(got, want, strict=True)]
+        diff = max((d for d, _ in compared), default=0.0)
+        padded |= any(skipped for _, skipped in compared)
+        if _approximated(plans):
+            with torch.no_grad(), eval_mode(model):
+                exact = _flat_tensors(model(**bound))
+            drift = max([drift, *(_max_diff(torch.from_numpy(g), w, masks)[0] for g, w in zip(got, exact, strict=True))])
         shape = _shape_text(bound)
         report.checks.append((shape, diff))
         if not diff <= report.atol:
@@ -654,7 +670,26 @@ def _run_check(onnx_path: Path, model_proto, model: nn.Module, bound_list: list[
                     "(ViT-MAE: noise=...)" if random else "Try the other mode, or report it with the model")
             raise ExportError(f"onnxruntime's outputs differ from PyTorch's by {diff:.3g} (> atol {report.atol:g}) "
                               f"at {shape} in {report.mode} mode; nothing was written. {hint}")
+    if padded:
+        report.notes.append("the check skipped the positions the attention mask marks as padding")
+    if _approximated(plans):
+        report.notes.append(f"the op's tanh GELU moves the outputs by up to {drift:.3g} from the model's exact GELU "
+                            "(the check compared with PyTorch in tanh GELU)")
     return loosened
+
+
+def _max_diff(got: torch.Tensor, want: torch.Tensor, masks: list[torch.Tensor]) -> tuple[float, bool]:
+    """max |got - want| over the positions of real tokens, and whether any were skipped. Where a Hugging
+    Face attention mask (1: token, 0: padding) of the output's (batch, seq) marks padding, the model
+    attends over keys that are all masked (left padding in a causal model), whose result each
+    implementation defines its own way (PyTorch and onnxruntime differed by 6.4 on Llama), and nothing
+    downstream reads it. Masks of that shape that disagree (an encoder's and a decoder's): all compared."""
+    diff = abs_diff(got, want)
+    fitting = [m for m in masks if diff.dim() >= 2 and tuple(m.shape) == tuple(diff.shape[:2])]
+    skipped = False
+    if fitting and all(torch.equal(m, fitting[0]) for m in fitting) and not bool(fitting[0].all()):
+        diff, skipped = diff[fitting[0] != 0], True
+    return (diff.max().item() if diff.numel() else 0.0), skipped
 
 
 def _loosen_outputs(model_proto, got: list, bound: dict[str, Any], report: ExportReport) -> bool:
@@ -683,7 +718,7 @@ def export_onnx(model: nn.Module, example_inputs: Sequence[Any] = (), path: str 
                 example_kwargs: dict[str, Any] | None = None, allow_approximate_gelu: bool = False,
                 fallback: str | None = None, atol: float = 1e-4,
                 dynamic_axes: dict[str, dict[int, str]] | None = None, force: bool = False,
-                external_data: bool | None = None) -> ExportReport:
+                external_data: bool | None = None, output_names: Sequence[str] | None = None) -> ExportReport:
     """Export an MoE model (from `moeify.convert`/`moeify.load`, or a `ConversionResult`) to ONNX at `path`.
 
     mode="fused": every MoE layer becomes one com.microsoft.MoE node (onnxruntime CPU and CUDA);
@@ -694,7 +729,11 @@ def export_onnx(model: nn.Module, example_inputs: Sequence[Any] = (), path: str 
     `dynamic_axes` ({input name: {dim: axis name}}) replaces that guess for the inputs it names;
     inputs that share an axis name share its size ({} makes an input static). `check`: run
     onnxruntime on the example inputs and on inputs with batch + 1 and
-    sequence - 3 (+ 3 below 5), compare with PyTorch, and raise ExportError beyond `atol` (nothing written).
+    sequence - 3 (+ 3 below 5), compare with PyTorch, and raise ExportError beyond `atol` (nothing written);
+    positions a Hugging Face attention mask marks as padding are not compared (`_max_diff`).
+    The graph's inputs carry the forward's parameter names; its outputs are named after the output's
+    structure (`_output_names`: `logits`, `last_hidden_state`; `output`, `output_0`... for tensors and
+    tuples), or `output_names`, one per output tensor.
     An existing file at `path` is replaced only with `force`.
     `external_data`: store the weights in `<path>.data` beside the model (onnx's external data; the two
     files move together). None: only when they reach EXTERNAL_DATA_BYTES, past which one file cannot hold
@@ -717,7 +756,8 @@ def export_onnx(model: nn.Module, example_inputs: Sequence[Any] = (), path: str 
     plans = _plan_layers(model, mode, fallback, allow_approximate_gelu)
     bound = _bind(model, example_inputs, kwargs)
     with without_token_masks(model):  # inference: an enclosing token_mask block does not apply
-        fused_calls = _fused_calls(model, bound, plans)  # (also: the inputs run, before torch.export)
+        fused_calls, example_out = _fused_calls(model, bound, plans)  # (also: the inputs run, before torch.export)
+    names = _chosen_output_names(example_out, output_names)
     report = ExportReport(str(path), mode, [p[3] for p in plans], atol=atol)
     dynamic_shapes = None
     dims: dict[str, dict[int, str]] = {}
@@ -744,6 +784,7 @@ def export_onnx(model: nn.Module, example_inputs: Sequence[Any] = (), path: str 
         hint = _size_one_hint(bound, report) or _export_hint(root, mode, dynamic)
         raise ExportError(f"torch.onnx.export failed on {type(model).__name__} in {mode} mode "
                           f"({root}); {hint}") from exc
+    _name_outputs(program.model, names, report)
     _store_each_tensor_once(program.model, report)
     external = _external_data(program.model, data_name, external_data, report)
     model_proto = program.model_proto
@@ -771,6 +812,7 @@ def export_onnx(model: nn.Module, example_inputs: Sequence[Any] = (), path: str 
                 _save(model_proto, tmp, None)
 
     write_file_atomically(path, fill, force=force, companions=[data_name])
+    report.signature = _signature(model_proto)
     return report
 
 
@@ -896,26 +938,89 @@ def _export_hint(root: str, mode: str, dynamic: bool) -> str:
     if "cache_utils" in root:  # a transformers Cache among the outputs: torch.export cannot flatten it
         return ("the model returns a transformers cache: pass use_cache=False in example_kwargs (for `moeify "
                 "export`: example_inputs() in the model file returning ((ids,), {'use_cache': False}))")
-    tries = (["mode='portable'"] if mode != "portable" else []) + (["dynamic=False"] if dynamic else [])
+    tries = (["mode='portable' (CLI: --mode portable)"] if mode != "portable" else []) + (
+        ["dynamic=False (CLI: --static)"] if dynamic else [])
     return f"try {' or '.join(tries)}" if tries else "please report it with the model"
 
 
-def _fused_calls(model: nn.Module, bound: dict[str, Any], plans) -> int:
+def _fused_calls(model: nn.Module, bound: dict[str, Any], plans) -> tuple[int, Any]:
     """One forward at the example inputs, its layers lowered as the exporter will see them, before the
     export. Inputs the model cannot take are named here (inside torch.export they fail with an error
     about the export, and a hint, another mode, that cannot help). Returns the com.microsoft.MoE nodes
     the fused graph must hold: the calls of fused layers (a layer that runs more than once, as ALBERT's
-    layer shared across depth, is one node per call)."""
+    layer shared across depth, is one node per call); and the output, whose structure names the graph's."""
     fused = {name: stand_in for name, _, stand_in, _ in plans if stand_in.fused}
     try:
         with counting_calls(fused) as calls, torch.no_grad(), eval_mode(model), _lowered_layers(plans):
-            model(**bound)
+            out = model(**bound)
     except Exception as exc:  # noqa: BLE001 - whatever the forward raises, the inputs are the cause
         shapes = _shape_text(bound)
         raise ExportError(f"the example inputs{f' ({shapes})' if shapes else ''} do not run on "
                           f"{type(model).__name__} ({one_line(exc, limit=300)}): pass inputs its forward accepts") \
             from exc
-    return sum(calls.values())
+    return sum(calls.values()), out
+
+
+# outputs ------------------------------------------------------------------------------------------
+def _output_names(out: Any, prefix: str = "") -> list[str]:
+    """A name for each tensor `flatten_outputs` finds in `out`, in its order: a dict's (a Hugging Face
+    ModelOutput's) keys, `_i` after a sequence's name for its items, `output` for an unnamed root
+    (`logits`, `hidden_states_0`; `output`; `output_0`, `output_1_0`)."""
+    if isinstance(out, torch.Tensor):
+        return [prefix or "output"]
+    if isinstance(out, dict):
+        return [n for key, v in out.items() for n in _output_names(v, f"{prefix}_{key}" if prefix else str(key))]
+    if isinstance(out, (tuple, list)):
+        return [n for i, v in enumerate(out) for n in _output_names(v, f"{prefix or 'output'}_{i}")]
+    return []
+
+
+def _chosen_output_names(out: Any, given: Sequence[str] | None) -> list[str]:
+    """The graph's output names: `given` (checked against the output's tensors), else `_output_names`."""
+    names = _output_names(out)
+    if given is None:
+        return names
+    given = [given] if isinstance(given, str) else list(given)
+    if len(given) != len(names) or not all(isinstance(n, str) and n for n in given):
+        raise ExportError(f"output_names has {len(given)} name(s) but the model returns {len(names)} output "
+                          f"tensor(s) ({', '.join(names)}): give one non-empty name per tensor, in that order")
+    if len(set(given)) != len(given):
+        raise ExportError(f"output_names repeats a name ({', '.join(given)}): give each output its own")
+    return given
+
+
+def _name_outputs(ir_model, names: list[str], report: ExportReport) -> None:
+    """Rename the graph's outputs to `names` (the exporter names them after the nodes computing them,
+    `linear_10`, which also differ between modes). Left as they are, with a note, where a name cannot be
+    given: outputs that are not one tensor each, or a name another value of the graph holds."""
+    graph = ir_model.graph
+    outputs = list(graph.outputs)
+    if [v.name for v in outputs] == names:
+        return
+    own = {id(v) for v in outputs}
+    taken = {v.name for v in graph.inputs} | set(graph.initializers) | {
+        v.name for node in graph.all_nodes() for v in node.outputs if id(v) not in own}
+    why = None
+    if len(outputs) != len(names):
+        why = f"the graph has {len(outputs)} outputs for {len(names)} output tensors"
+    elif len(own) != len(outputs) or any(v.producer() is None for v in outputs):
+        why = "an output repeats another, or is an input"
+    elif set(names) & taken:
+        why = f"{', '.join(sorted(set(names) & taken))} name other values of the graph"
+    if why:
+        report.notes.append(f"outputs keep the exporter's names ({why})")
+        return
+    for value, name in zip(outputs, names, strict=True):
+        value.name = name
+
+
+def _signature(model_proto) -> str:
+    """`inputs: ids[batch, seq]; outputs: logits[batch, seq, 64]` of an ONNX graph."""
+    def text(values) -> str:
+        return ", ".join(f"{v.name}[{', '.join(d.dim_param or str(d.dim_value) for d in v.type.tensor_type.shape.dim)}]"
+                         for v in values)
+
+    return f"inputs: {text(model_proto.graph.input)}; outputs: {text(model_proto.graph.output)}"
 
 
 def _validate_graph(onnx_path: Path, want: int, report: ExportReport) -> None:

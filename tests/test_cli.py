@@ -223,6 +223,20 @@ def test_export_external_data(tmp_path):
     assert not (tmp_path / "s.onnx.data").exists()
 
 
+def test_export_names_the_graphs_outputs(tmp_path):
+    import onnx
+
+    out = tmp_path / "out"
+    assert run("convert", MLP, "-o", str(out), "--num-experts", "4", "--top-k", "2").exit_code == 0
+    r = run("export", str(out), "-o", str(tmp_path / "m.onnx"), "--output-name", "scores")
+    assert r.exit_code == 0, r.output
+    assert [o.name for o in onnx.load(str(tmp_path / "m.onnx")).graph.output] == ["scores"]
+    assert "outputs: scores[batch, " in r.output
+    r = run("export", str(out), "-o", str(tmp_path / "n.onnx"), "--output-name", "a", "--output-name", "b")
+    assert r.exit_code == 2 and r.output.startswith("error: output_names has 2 name(s) but the model returns 1")
+    assert not (tmp_path / "n.onnx").exists()
+
+
 def test_export_and_stats_take_the_weights_of_a_later_checkpoint(tmp_path):
     """--weights: the plan from OUT_DIR, the weights of a checkpoint written after training (a folder
     holding model.safetensors, as save_pretrained writes); the ONNX model computes the trained model."""
