@@ -49,12 +49,13 @@ or, for exact GELU only, `allow_approximate_gelu=True` (the op's tanh GELU; the 
 from __future__ import annotations
 
 import inspect
+import io
 import logging
 import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -889,27 +890,49 @@ TORCH_NOISE_WARNINGS = (
     (UserWarning, r"# ONNX model has different number of inputs than the flatten dynamic_shapes\. The dynamic axes "
                   r"will not be renamed\.$"),
 )
-# logs "torchvision is not installed. Skipping torchvision::nms" (and 3 more ops) at every export
-TORCH_REGISTRY_LOGGER = "torch.onnx._internal.exporter._registration"
+# What torch logs that no user can act on: (logger, message start). The registry logs "torchvision is not
+# installed. Skipping torchvision::nms" (and 3 more ops) at every export; symbolic shapes, when the model
+# branches on a tensor's values, logs the whole traced graph (500 lines) above the error that says so.
+TORCH_NOISE_LOGS = (
+    ("torch.onnx._internal.exporter._registration", "torchvision is not installed"),
+    ("torch.fx.experimental.symbolic_shapes", "Unable to find user code corresponding to"),
+)
 
 
-def _not_torchvision_skip(record: logging.LogRecord) -> bool:
-    return not record.getMessage().startswith("torchvision is not installed")
+class _DropLogLines(logging.Filter):
+    def __init__(self, start: str) -> None:
+        super().__init__()
+        self.start = start
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.start)
 
 
 @contextmanager
 def _quiet_torch_internals():
-    """Silence TORCH_NOISE_WARNINGS and the registry's torchvision lines (moeify never needs torchvision
-    ops); the registry's other log lines, and every other warning, still show. Restored on exit."""
-    logger = logging.getLogger(TORCH_REGISTRY_LOGGER)
-    logger.addFilter(_not_torchvision_skip)
+    """Silence TORCH_NOISE_WARNINGS and TORCH_NOISE_LOGS; every other log line and warning still shows.
+    Restored on exit. What goes to sys.stderr meanwhile is held: written after a success; after a
+    failure, kept as a note of the exception (shown only with its traceback, as `moeify --debug` does).
+    A failing torch.export prints the partial graph of each capture it tried there: hundreds of lines
+    above the one-line error that says what failed."""
+    filters = [(logging.getLogger(name), _DropLogLines(start)) for name, start in TORCH_NOISE_LOGS]
+    for logger, drop in filters:
+        logger.addFilter(drop)
+    held = io.StringIO()
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), redirect_stderr(held):
             for category, pattern in TORCH_NOISE_WARNINGS:
                 warnings.filterwarnings("ignore", pattern, category)
             yield
+    except BaseException as exc:
+        if held.getvalue().strip():
+            exc.add_note(f"torch's output while exporting:\n{held.getvalue()}")
+        held = io.StringIO()
+        raise
     finally:
-        logger.removeFilter(_not_torchvision_skip)
+        sys.stderr.write(held.getvalue())
+        for logger, drop in filters:
+            logger.removeFilter(drop)
 
 
 def _root_cause(exc: BaseException) -> str:
@@ -938,6 +961,9 @@ def _export_hint(root: str, mode: str, dynamic: bool) -> str:
     if "cache_utils" in root:  # a transformers Cache among the outputs: torch.export cannot flatten it
         return ("the model returns a transformers cache: pass use_cache=False in example_kwargs (for `moeify "
                 "export`: example_inputs() in the model file returning ((ids,), {'use_cache': False}))")
+    if root.startswith("GuardOnDataDependentSymNode"):  # the forward's Python control flow reads a tensor
+        return ("the forward branches on a tensor's values (a Python `if` or `bool()` on a tensor), which a graph "
+                "cannot hold: compute both sides and pick with torch.where, or use torch.cond")
     tries = (["mode='portable' (CLI: --mode portable)"] if mode != "portable" else []) + (
         ["dynamic=False (CLI: --static)"] if dynamic else [])
     return f"try {' or '.join(tries)}" if tries else "please report it with the model"

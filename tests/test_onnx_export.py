@@ -440,7 +440,39 @@ def test_a_successful_export_shows_no_torch_noise(tmp_path, capfd, caplog):
     shown = [str(w.message) for w in caught] + [capfd.readouterr().err, caplog.text]
     assert not [(n, s) for n in TORCH_NOISE for s in shown if n in s]
     assert warnings.filters == filters  # silenced for the export only
-    assert not logging.getLogger("torch.onnx._internal.exporter._registration").filters
+    assert not any(logging.getLogger(name).filters for name, _ in moeify.onnx_export.TORCH_NOISE_LOGS)
+
+
+class Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(D, FF), nn.ReLU(), nn.Linear(FF, D))
+
+    def forward(self, x):
+        y = self.mlp(x)
+        print("from the model's forward", file=sys.stderr)
+        return y if y.sum() > 0 else -y  # a branch on a tensor's value
+
+
+def test_a_failed_export_prints_one_line_and_keeps_torchs_output_for_the_traceback(tmp_path, capfd):
+    """torch.export printed the partial graph of each capture it tried (about 500 lines) above the error."""
+    x = torch.randn(2, 5, D)
+    model = moeify.convert(Branchy(), MoEConfig(num_experts=E, top_k=2), example_inputs=(x,)).model
+    capfd.readouterr()
+    with pytest.raises(ExportError, match=r"GuardOnDataDependentSymNode.*branches on a tensor's values.*torch\.where"
+                       ) as info:
+        export_onnx(model, (x,), tmp_path / "m.onnx", mode="portable")
+    err = capfd.readouterr().err
+    assert "GraphModule" not in err and "def forward" not in err and len(err.splitlines()) <= 3, err
+    notes = [n for e in (info.value.__cause__, info.value.__context__) if e is not None
+             for n in getattr(e, "__notes__", [])]
+    assert any("torch's output while exporting" in n and "def forward" in n for n in notes)
+    # a successful export writes what was printed meanwhile (here the model's own, while torch.export traced it)
+    ok = moeify.convert(ExactGeluFFN(), MoEConfig(num_experts=E, top_k=2), example_inputs=(x,)).model
+    ok.register_forward_hook(lambda *_: print("traced", file=sys.stderr) if torch.compiler.is_exporting() else None)
+    capfd.readouterr()
+    export_onnx(ok, (x,), tmp_path / "ok.onnx", mode="portable")
+    assert "traced" in capfd.readouterr().err
 
 
 def test_not_an_moe_model_is_refused(tmp_path):
