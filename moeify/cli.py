@@ -253,7 +253,7 @@ def stats(out_dir: str, plot_path: str | None, weights: str | None) -> None:
               help="fused mode: accept the op's tanh GELU for exact-GELU experts (up to 5e-4 off per activation; "
                    "the report notes how far the outputs move)")
 @click.option("--static", is_flag=True, help="fixed batch and sequence axes (default: dynamic)")
-@click.option("--force", is_flag=True, help="replace an existing ONNX file")
+@click.option("--force", is_flag=True, help="replace an earlier export (an ONNX file, and the .data file it uses)")
 @click.option("--check/--no-check", default=True, show_default=True,
               help="compare onnxruntime with PyTorch at two input shapes before writing")
 @click.option("--external-data/--single-file", default=None,

@@ -753,6 +753,7 @@ def export_onnx(model: nn.Module, example_inputs: Sequence[Any] = (), path: str 
     data_name = f"{path.name}.data"  # where weights kept beside the model go (see EXTERNAL_DATA_BYTES)
     for output in (path, path.parent / data_name):
         check_output(output, force=force, directory=False)
+    _refuse_replacing_other_files(path, data_name)
 
     plans = _plan_layers(model, mode, fallback, allow_approximate_gelu)
     bound = _bind(model, example_inputs, kwargs)
@@ -1099,16 +1100,48 @@ def _external_data(ir_model, data_name: str, wanted: bool | None, report: Export
     return True
 
 
+def _refuse_replacing_other_files(path: Path, data_name: str) -> None:
+    """What `force` may replace: an earlier export at `path` (an ONNX model), and beside it the data file that
+    model keeps its weights in; not a file of another kind given by mistake, nor another data file of that
+    name (a single-file export next to it does not own it)."""
+    import onnx
+
+    data = path.parent / data_name
+    if not (path.exists() or data.exists()):
+        return
+    try:
+        earlier = onnx.load(str(path), load_external_data=False) if path.exists() else None
+    except Exception:  # noqa: BLE001 - protobuf raises DecodeError and others on a file that is no model
+        earlier = None
+    if path.exists() and earlier is None:
+        raise ExportError(f"{path} exists and is not an ONNX model, which force replaces: choose another output path")
+    owned = earlier is not None and any(e.key == "location" and e.value == data_name
+                                        for t in _initializers(earlier.graph) for e in t.external_data)
+    if data.exists() and not owned:
+        raise ExportError(f"{data} exists and is not the external data of an earlier export to {path.name}: move it "
+                          "away or choose another output path")
+
+
 def _save(model_proto, path: Path, data_name: str | None) -> None:
     """The model at `path`; with `data_name`, its weights in that file beside it (and `model_proto` then
     refers to them there instead of holding them)."""
     import onnx
+    from onnx.external_data_helper import set_external_data
 
-    if data_name is None:
-        onnx.save(model_proto, str(path))
-    else:
-        onnx.save(model_proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                  location=data_name, size_threshold=EXTERNAL_MIN_BYTES)
+    if data_name is not None:  # onnx.save(save_as_external_data=True) refuses when a file of that name exists
+        for tensor in _initializers(model_proto.graph):  # in the working directory, wherever `path` is
+            if tensor.HasField("raw_data") and len(tensor.raw_data) >= EXTERNAL_MIN_BYTES:
+                set_external_data(tensor, data_name)
+    onnx.save(model_proto, str(path))  # writes the tensors marked external to `data_name` beside `path`
+
+
+def _initializers(graph):
+    """The initializers of an ONNX graph and of the subgraphs of its nodes (If, Loop, Scan)."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attribute in node.attribute:
+            for subgraph in (*([attribute.g] if attribute.HasField("g") else []), *attribute.graphs):
+                yield from _initializers(subgraph)
 
 
 __all__ = ["ExportReport", "Gating", "LayerExport", "MODES", "export_onnx", "export_saved", "router_gating",

@@ -781,6 +781,21 @@ def test_external_data_keeps_the_weights_beside_the_model_and_runs(tmp_path):
         np.testing.assert_allclose(session.run({session.input_names[0]: x.numpy()})[0], want, atol=ATOL_MODEL, rtol=0)
 
 
+def test_external_data_ignores_files_in_the_working_directory_and_force_replaces_it(tmp_path, monkeypatch):
+    """onnx.save(save_as_external_data=True) looked for the data file's name in the working directory: a stray
+    m.onnx.data there, or exporting again from the output's own directory with force, failed."""
+    ex, model = converted("mlp", {}, {})
+    (tmp_path / "out").mkdir()
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "m.onnx.data").write_text("someone else's file")
+    export_onnx(model, ex.example_inputs(), tmp_path / "out" / "m.onnx", external_data=True)
+    assert (tmp_path / "m.onnx.data").read_text() == "someone else's file"
+    monkeypatch.chdir(tmp_path / "out")
+    report = export_onnx(model, ex.example_inputs(), "m.onnx", external_data=True, force=True)
+    assert len(report.checks) == 2 and all(d <= ATOL_MODEL for _, d in report.checks), report
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["m.onnx", "m.onnx.data"]
+
+
 def test_weights_past_one_files_limit_go_beside_it_unless_refused(tmp_path, monkeypatch):
     """By default the weights leave the file only when it could not hold them (the limit lowered here);
     external_data=False then refuses, naming the fix, and writes nothing."""
@@ -806,8 +821,20 @@ def test_external_data_failures_leave_nothing_and_replacing_needs_force(tmp_path
     with pytest.raises(moeify.errors.SerializationError, match="m.onnx.data already exists"):
         export_onnx(model, ex.example_inputs(), tmp_path / "m.onnx", external_data=True, check=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx.data"]
+    # force replaces an earlier export and its own data file, not another file of that name, nor a non-ONNX file
+    with pytest.raises(ExportError, match=r"m.onnx.data exists and is not the external data of an earlier export "
+                                          r"to m.onnx: move it away"):
+        export_onnx(model, ex.example_inputs(), tmp_path / "m.onnx", external_data=True, force=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx.data"]
+    assert (tmp_path / "m.onnx.data").read_bytes() == b"someone else's"
+    (tmp_path / "notes.md").write_text("# my notes")
+    with pytest.raises(ExportError, match="notes.md exists and is not an ONNX model, which force replaces"):
+        export_onnx(model, ex.example_inputs(), tmp_path / "notes.md", force=True)
+    assert (tmp_path / "notes.md").read_text() == "# my notes"
+    (tmp_path / "notes.md").unlink()
+    (tmp_path / "m.onnx.data").unlink()
+    export_onnx(model, ex.example_inputs(), tmp_path / "m.onnx", external_data=True)
     export_onnx(model, ex.example_inputs(), tmp_path / "m.onnx", external_data=True, force=True)
-    assert (tmp_path / "m.onnx.data").read_bytes() != b"someone else's"
     # replaced by a single file: the old weights beside it go with the old model
     export_onnx(model, ex.example_inputs(), tmp_path / "one.onnx", external_data=True)
     export_onnx(model, ex.example_inputs(), tmp_path / "one.onnx", external_data=False, force=True, check=False)
