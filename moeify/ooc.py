@@ -387,7 +387,7 @@ def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], di
 
 
 def convert_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, config: MoEConfig | None = None,
-                       *, model: nn.Module | Callable[[], nn.Module], source: ModelSource | None = None,
+                       *, model: nn.Module | Callable[[], nn.Module], source: ModelSource | str | None = None,
                        force: bool = False, fast: bool = True,
                        reader_factory: Callable[[Path], Checkpoint] = open_checkpoint,
                        ) -> ConversionResult:
@@ -398,11 +398,14 @@ def convert_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike
     `model`: the dense model built on the meta device, or a factory called under
     `torch.device("meta")` (no weights are allocated); it must match the checkpoint's names,
     shapes and dtypes. `source`: how `moeify.load` rebuilds the dense model (recorded in the plan;
-    a model file is copied next to it). `fast=False` builds every layer with `build_moe_layer`
+    a model file is copied next to it), a `ModelSource` or its spec as `moeify.convert` takes it
+    (`model.py[:NAME]`, `package.module:factory`). `fast=False` builds every layer with `build_moe_layer`
     even where raw copies would do (the tests compare both). Returns the `ConversionResult` whose
     `.model` lives on the meta device.
     """
     cfg = config or MoEConfig()
+    if source is not None and not isinstance(source, ModelSource):
+        source = ModelSource.parse(source).check()
     dense = _meta_model(model)
     # copy_noise needs real weights (noise std): the structure is the same as with plain copy
     struct_cfg = dataclasses.replace(cfg, init="copy") if cfg.init == "copy_noise" else cfg

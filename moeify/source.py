@@ -29,6 +29,10 @@ class ModelSource:
 
     @classmethod
     def parse(cls, spec: str) -> ModelSource:
+        if not isinstance(spec, (str, Path)) or not str(spec):
+            raise ModelSourceError(f"source={spec!r} is not a model spec: pass a string, 'model.py[:NAME]' or "
+                                   "'package.module:factory'")
+        spec = str(spec)
         path_part, _, name = spec.partition(":") if not (len(spec) > 1 and spec[1] == ":") else (spec, "", "")
         if path_part.endswith(".py") or "/" in path_part or Path(path_part).exists():
             return cls("file", path_part, name or "build_model")
@@ -46,6 +50,11 @@ class ModelSource:
         if self.kind == "file" and not Path(self.target).is_file():
             raise ModelSourceError(f"model file {self.target} does not exist: pass the path to a .py file "
                                    "that defines build_model()")
+        if self.kind == "file":
+            defined = _top_level_names(Path(self.target))
+            if defined is not None and self.name not in defined:
+                raise ModelSourceError(f"{self.target} defines no {self.name!r}: name its factory after a colon "
+                                       f"(defined there: {', '.join(sorted(defined, key=lambda n: (not n.islower(), n))[:8]) or 'nothing'})")
         if self.kind == "import":
             try:
                 found = importlib.util.find_spec(self.target) is not None
@@ -131,3 +140,28 @@ def example_inputs_of(module: Any, where: str) -> tuple[tuple, dict]:
     if not isinstance(value, (tuple, list)):
         value = (value,)
     return tuple(value), {}
+
+
+def _top_level_names(path: Path) -> set[str] | None:
+    """The names a Python file binds at its top level, read without running it; None where that cannot be
+    known so (a `from ... import *`, a file that does not parse: running it will say what is wrong)."""
+    import ast
+
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    except (SyntaxError, UnicodeDecodeError, ValueError):
+        return None
+    names: set[str] = set()
+    for node in ast.walk(tree):  # walks into if/try blocks too; binding in functions only adds names
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            names.add(node.id)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            if any(alias.name == "*" for alias in node.names):
+                return None
+            names.update((alias.asname or alias.name).split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("globals", "setattr",
+                                                                                                "exec"):
+            return None  # names bound at run time
+    return None if "__getattr__" in names else names

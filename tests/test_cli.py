@@ -170,7 +170,11 @@ def test_help_and_argument_errors_come_before_torch_loads():
              "import moeify.convert, moeify.distill; "
              "assert callable(moeify.convert) and moeify.convert.__module__ == 'moeify.convert'; "
              "assert moeify.distill.__name__ == 'distill' and moeify.MoEConfig.__name__ == 'MoEConfig'; "
-             "assert sorted(moeify.__all__) == sorted(moeify._PUBLIC) and set(moeify.__all__) <= set(dir(moeify))")
+             "assert sorted(moeify.__all__) == sorted(moeify._PUBLIC) and set(moeify.__all__) <= set(dir(moeify)); "
+             # submodules the README calls through the package after a plain `import moeify`
+             "assert callable(moeify.ooc.convert_checkpoint) and callable(moeify.plots.plot_utilization); "
+             "assert callable(moeify.inference.open_session); "
+             "assert not hasattr(moeify, 'nosuch') and not hasattr(moeify, '_private')")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
 

@@ -7,7 +7,7 @@ import torch
 
 import moeify
 from moeify.errors import NoFFNRegionError, VerificationError
-from tests.conftest import load_example
+from tests.conftest import ROOT, load_example
 
 EXAMPLES = ["mlp", "gpt", "llama"]
 ROUTERS = [dict(router="topk", top_k=2), dict(router="switch", top_k=1)]
@@ -339,8 +339,12 @@ def test_example_inputs_may_be_one_bare_tensor_and_must_run():
         moeify.convert(ex.build_model(), moeify.MoEConfig(num_experts=2, top_k=1), example_inputs=(x[:, :3],))
 
 
-@pytest.mark.parametrize("source, needle", [("nosuch.py", "does not exist"),
-                                            ("nosuch_pkg.models:build", "cannot import nosuch_pkg.models")])
+@pytest.mark.parametrize("source, needle", [
+    ("nosuch.py", "does not exist"), ("nosuch_pkg.models:build", "cannot import nosuch_pkg.models"),
+    # read without running the file: it was accepted, and the saved output failed to load
+    (str(ROOT / "examples" / "gpt.py") + ":nosuch", r"gpt.py defines no 'nosuch': name its factory after a colon "
+                                                    r"\(defined there: .*build_model"),
+    (123, r"source=123 is not a model spec: pass a string")])
 def test_a_source_that_cannot_load_is_refused_at_convert(source, needle):
     from moeify.errors import ModelSourceError
 

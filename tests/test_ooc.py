@@ -132,14 +132,15 @@ def test_ooc_records_source_for_load(tmp_path):
 
     source = ModelSource.parse(str(ROOT / "examples" / "mlp.py"))
     dense, ckpt = _dense_checkpoint(tmp_path, "mlp")
-    convert_checkpoint(ckpt, tmp_path / "out", moeify.MoEConfig(num_experts=2), model=lambda: source.build()[0],
-                       source=source)
-    assert (tmp_path / "out" / "model_source.py").is_file()
-    loaded = moeify.load(tmp_path / "out").model.eval()
     want = moeify.convert(dense, moeify.MoEConfig(num_experts=2), verify=False).model.eval()
     (x,) = load_example("mlp").example_inputs()
-    with torch.no_grad():
-        assert torch.equal(loaded(x), want(x))
+    for spec in (source, str(ROOT / "examples" / "mlp.py")):  # a spec string as moeify.convert takes one, too
+        out = tmp_path / f"out_{type(spec).__name__}"
+        convert_checkpoint(ckpt, out, moeify.MoEConfig(num_experts=2), model=lambda: source.build()[0], source=spec)
+        assert (out / "model_source.py").is_file()
+        loaded = moeify.load(out).model.eval()
+        with torch.no_grad():
+            assert torch.equal(loaded(x), want(x))
 
 
 @pytest.mark.parametrize("fast", [True, False])
