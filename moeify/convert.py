@@ -27,7 +27,8 @@ from torch import nn
 from moeify import capture as capture_mod
 from moeify.compare import abs_diff
 from moeify.config import MoEConfig
-from moeify.errors import CaptureError, ExampleInputsError, MoeifyError, NoFFNRegionError, VerificationError, one_line
+from moeify.errors import (CaptureError, ExampleInputsError, MoeifyError, NoFFNRegionError, VerificationError,
+                           expect_type, one_line)
 from moeify.moe.build import DenseFFN, build_moe_layer
 from moeify.moe.layer import MoELayer, install_forward_marker
 from moeify.moe.projection import build_projection_layer
@@ -220,6 +221,7 @@ def convert(model: nn.Module, config: MoEConfig | None = None, *, example_inputs
             verify: bool = True, atol: float = 1e-5, source: str | None = None,
             none_inputs: dict[str, Sequence[str]] | None = None) -> ConversionResult:
     """Convert the FFN regions of `model` into MoE layers. `model` itself is left unchanged.
+    `config`: a `MoEConfig` (default: MoEConfig()), or a dict of its fields.
 
     `example_inputs`: positional inputs of the forward (a tuple, or one tensor), or a dict of keyword
     inputs; `example_kwargs`: keyword inputs next to positional ones.
@@ -237,6 +239,11 @@ def convert(model: nn.Module, config: MoEConfig | None = None, *, example_inputs
     """
     from moeify.source import ModelSource
 
+    expect_type(model, nn.Module, "convert's model", "pass the dense model itself (build_model(), not build_model)")
+    if isinstance(config, Mapping):  # the fields as a dict, as plan.json and --config hold them
+        config = MoEConfig.from_dict(config)
+    expect_type(config, (MoEConfig, type(None)), "convert's config", "pass moeify.MoEConfig(...) or a dict of its fields")
+    expect_type(verify, bool, "verify", "pass True or False")
     source_record = ModelSource.parse(source).check().to_dict() if source is not None else None
     if isinstance(example_inputs, torch.Tensor):  # one input given bare, as to export_onnx
         example_inputs = (example_inputs,)

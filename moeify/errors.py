@@ -78,6 +78,17 @@ class TokenMaskError(MoeifyError, ValueError):
     """A token mask does not fit the tokens an MoE layer saw (see `moeify.token_mask`)."""
 
 
+class ArgumentTypeError(MoeifyError, TypeError):
+    """A public function was given an argument of the wrong kind (the model's factory for the model)."""
+
+
+def expect_type(value: object, kind: type | tuple[type, ...], what: str, fix: str) -> None:
+    """Raise ArgumentTypeError naming `what`, what it got and `fix` unless `value` is a `kind`."""
+    if not isinstance(value, kind):
+        names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise ArgumentTypeError(f"{what} must be a {names}, not {type(value).__name__}: {fix}")
+
+
 def one_line(exc: BaseException, limit: int = 200) -> str:
     """`Type: message` of an exception moeify did not raise, on one line: its first non-empty line, and
     the next one too when the first only announces it (ends with ':'), cut at a word within `limit`."""

@@ -9,13 +9,14 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from moeify.errors import TokenMaskError
+from moeify.errors import TokenMaskError, expect_type
 from moeify.moe.layer import MoELayer
 from moeify.moe.router import TokenMask
 
 
 def aux_losses(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
     """Per layer, the weighted aux losses of the last forward: {layer name: {loss name: tensor}}."""
+    expect_type(model, nn.Module, "the model", "pass the converted model (result.model)")
     return {name: dict(m.aux.last_losses) for name, m in model.named_modules() if isinstance(m, MoELayer)}
 
 

@@ -25,7 +25,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from moeify.config import MoEConfig
-from moeify.errors import ModelSourceError, MoeifyError, SerializationError, one_line
+from moeify.errors import ModelSourceError, MoeifyError, SerializationError, expect_type, one_line
 from moeify.report import ConversionReport, describe_json
 from moeify.source import ModelSource
 
@@ -194,6 +194,10 @@ def plan_of(result) -> dict[str, Any]:
 
 def save(result, out_dir: str | os.PathLike, *, force: bool = False) -> Path:
     """Save a `ConversionResult` (from `moeify.convert`)."""
+    from moeify.convert import ConversionResult  # local: convert imports this module
+
+    expect_type(result, ConversionResult, "save's result", "pass what moeify.convert returned, not its .model")
+    expect_type(out_dir, (str, os.PathLike), "save's out_dir", "pass a folder path")
     meta = next((name for name, t in result.model.state_dict().items() if t.is_meta), None)
     if meta is not None:
         raise SerializationError(f"the model's parameters are on the meta device (such as {meta!r}), which holds "
@@ -413,6 +417,10 @@ def load(out_dir: str | os.PathLike, model: nn.Module | None = None, *,
     config and report, and the weights file's header."""
     from moeify.convert import convert, set_calls_per_forward  # local: convert imports this package's siblings
 
+    expect_type(out_dir, (str, os.PathLike), "load's out_dir", "pass the folder moeify.save or moeify convert wrote")
+    expect_type(model, (nn.Module, type(None)), "load's model",
+                "pass the dense model itself (build_model(), not build_model), or None to rebuild it from the saved "
+                "model source")
     plan = read_plan(out_dir)
     plan_path = Path(out_dir) / "plan.json"
     try:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from moeify.errors import expect_type
 from moeify.moe.layer import MoELayer
 
 
@@ -39,6 +40,7 @@ def _shares(counts: list[int]) -> list[float]:
 
 def router_stats(model: nn.Module) -> list[LayerStats]:
     """One row per MoE layer that ran in the model's last forward, in module order."""
+    expect_type(model, nn.Module, "the model", "pass the converted model (result.model)")
     rows = []
     for name, m in model.named_modules():
         if isinstance(m, MoELayer) and m.aux.last_stats:
@@ -52,6 +54,7 @@ def router_stats(model: nn.Module) -> list[LayerStats]:
 def format_stats(rows: list[LayerStats]) -> str:
     """A table, one line per layer with each expert's share of the kept assignments; a layer whose
     capacity limit dropped some gets a second line with the shares the router chose (its demand)."""
+    expect_type(rows, (list, tuple), "format_stats' rows", "pass what moeify.router_stats(model) returned")
     lines = [f"{'layer':<28} {'tokens':>7} {'dropped':>8} {'entropy':>8}  share per expert"]
     for r in rows:
         share = " ".join(f"{s:4.2f}" for s in r.share)

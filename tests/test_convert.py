@@ -478,3 +478,34 @@ def test_a_dict_of_example_inputs_is_keyword_inputs():
     with pytest.raises(ExampleInputsError, match="in one of them"):
         moeify.convert(bert, moeify.MoEConfig(num_experts=4, top_k=2), example_inputs=inputs,
                        example_kwargs={"token_type_ids": torch.zeros_like(ids)})
+
+
+def test_arguments_of_the_wrong_kind_are_typed_errors_that_say_the_fix(tmp_path):
+    """Likely mistakes (the factory for the model, result.model for the result, None for stats rows) raised
+    AttributeError / TypeError from deep inside; each is one MoeifyError naming what to pass."""
+    from moeify.errors import ArgumentTypeError, MoeifyError
+
+    ex = load_example("mlp")
+    cfg = moeify.MoEConfig(num_experts=2, top_k=1)
+    result = moeify.convert(ex.build_model(), {"num_experts": 2, "top_k": 1}, example_inputs=ex.example_inputs())
+    assert result.config == cfg  # a dict of the config's fields is taken as the config
+    calls = [
+        (lambda: moeify.convert(ex.build_model, cfg), r"convert's model must be a Module, not function: pass the "
+                                                      r"dense model itself \(build_model\(\), not build_model\)"),
+        (lambda: moeify.convert(ex.build_model(), "big"), "convert's config must be a MoEConfig or NoneType, not str"),
+        (lambda: moeify.convert(ex.build_model(), cfg, verify="yes"), "verify must be a bool, not str"),
+        (lambda: moeify.save(result.model, tmp_path / "a"), r"save's result must be a ConversionResult, not MLP: "
+                                                            r"pass what moeify.convert returned, not its .model"),
+        (lambda: moeify.save(result, 123), "save's out_dir must be a str or PathLike, not int"),
+        (lambda: moeify.load(tmp_path / "a", model=ex.build_model), "load's model must be a Module or NoneType, not "
+                                                                    "function"),
+        (lambda: moeify.aux_loss("x"), r"the model must be a Module, not str: pass the converted model"),
+        (lambda: moeify.router_stats(None), "the model must be a Module, not NoneType"),
+        (lambda: moeify.format_stats(None), r"format_stats' rows must be a list or tuple, not NoneType: pass what "
+                                            r"moeify.router_stats\(model\) returned"),
+    ]
+    for call, message in calls:
+        with pytest.raises(ArgumentTypeError, match=message) as info:
+            call()
+        assert isinstance(info.value, (MoeifyError, TypeError))
+    assert not (tmp_path / "a").exists()
