@@ -242,7 +242,8 @@ def convert(model: nn.Module, config: MoEConfig | None = None, *, example_inputs
     expect_type(model, nn.Module, "convert's model", "pass the dense model itself (build_model(), not build_model)")
     if isinstance(config, Mapping):  # the fields as a dict, as plan.json and --config hold them
         config = MoEConfig.from_dict(config)
-    expect_type(config, (MoEConfig, type(None)), "convert's config", "pass moeify.MoEConfig(...) or a dict of its fields")
+    expect_type(config, (MoEConfig, type(None)), "convert's config",
+                "pass moeify.MoEConfig(...) or a dict of its fields")
     expect_type(verify, bool, "verify", "pass True or False")
     source_record = ModelSource.parse(source).check().to_dict() if source is not None else None
     if isinstance(example_inputs, torch.Tensor):  # one input given bare, as to export_onnx

@@ -661,7 +661,8 @@ def _run_check(onnx_path: Path, model_proto, model: nn.Module, bound_list: list[
         if _approximated(plans):
             with torch.no_grad(), eval_mode(model):
                 exact = _flat_tensors(model(**bound))
-            drift = max([drift, *(_max_diff(torch.from_numpy(g), w, masks)[0] for g, w in zip(got, exact, strict=True))])
+            drift = max([drift, *(_max_diff(torch.from_numpy(g), w, masks)[0]
+                                  for g, w in zip(got, exact, strict=True))])
         shape = _shape_text(bound)
         report.checks.append((shape, diff))
         if not diff <= report.atol:

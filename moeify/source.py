@@ -53,8 +53,9 @@ class ModelSource:
         if self.kind == "file":
             defined = _top_level_names(Path(self.target))
             if defined is not None and self.name not in defined:
+                shown = sorted(defined, key=lambda n: (not n.islower(), n))[:8]  # functions before constants
                 raise ModelSourceError(f"{self.target} defines no {self.name!r}: name its factory after a colon "
-                                       f"(defined there: {', '.join(sorted(defined, key=lambda n: (not n.islower(), n))[:8]) or 'nothing'})")
+                                       f"(defined there: {', '.join(shown) or 'nothing'})")
         if self.kind == "import":
             try:
                 found = importlib.util.find_spec(self.target) is not None
