@@ -27,8 +27,15 @@ from torch import nn
 from moeify import capture as capture_mod
 from moeify.compare import abs_diff
 from moeify.config import MoEConfig
-from moeify.errors import (CaptureError, ExampleInputsError, MoeifyError, NoFFNRegionError, VerificationError,
-                           expect_type, one_line)
+from moeify.errors import (
+    CaptureError,
+    ExampleInputsError,
+    MoeifyError,
+    NoFFNRegionError,
+    VerificationError,
+    expect_type,
+    one_line,
+)
 from moeify.moe.build import DenseFFN, build_moe_layer
 from moeify.moe.layer import MoELayer, install_forward_marker
 from moeify.moe.projection import build_projection_layer
