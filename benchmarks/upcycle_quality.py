@@ -47,6 +47,7 @@ from moeify.distill import DistillConfig, distill
 from moeify.plots import plot_loss_curves, plot_utilization
 
 ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"  # the full run's; --quick writes to RESULTS / "quick"
 ARMS = ("dense", "upcycled_top2", "upcycled_switch", "moe_scratch", "distilled")
 ARM_TITLES = {"dense": "(a) dense continued", "upcycled_top2": "(b) upcycled 8e top-2",
               "upcycled_switch": "(c) upcycled 8e switch", "moe_scratch": "(d) MoE from scratch",
@@ -256,7 +257,9 @@ def write_loss_plot(path: Path, config: dict, runs: list[dict]) -> Path:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny model and few steps: checks the pipeline only")
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--out", type=Path, default=None,
+                   help="results folder (default benchmarks/results; with --quick benchmarks/results/quick, so a "
+                        "pipeline check never replaces the full run's results)")
     for key, value in FULL.items():
         p.add_argument(f"--{key.replace('_', '-')}", type=int, default=None,
                        help=f"default {value} (quick {QUICK[key]})")
@@ -266,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch threads (use 1 on a machine busy with other work)")
     p.add_argument("--plot-only", action="store_true", help="redraw loss_curves.png from <out>/upcycle_quality.json")
     a = p.parse_args(argv)
+    if a.out is None:
+        a.out = RESULTS / "quick" if a.quick else RESULTS
     if a.plot_only:
         data = json.loads((a.out / "upcycle_quality.json").read_text())
         print(write_loss_plot(a.out / "loss_curves.png", data["config"], data["runs"]))

@@ -21,12 +21,18 @@ def load_benchmark(monkeypatch):
 
 
 def run(tmp_path, monkeypatch, extra):
+    """A --quick run with the repository root moved to tmp_path: its default results folder is
+    benchmarks/results/quick there (a pipeline check replaced the full run's committed results)."""
     bench = load_benchmark(monkeypatch)
+    monkeypatch.setattr(bench, "RESULTS", tmp_path / "benchmarks" / "results")
     threads = torch.get_num_threads()
     try:
-        assert bench.main(["--quick", "--out", str(tmp_path), "--threads", "1", *extra]) == 0
+        assert bench.main(["--quick", "--threads", "1", *extra]) == 0
     finally:
         torch.set_num_threads(threads)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["benchmarks"]
+    assert [p.name for p in (tmp_path / "benchmarks" / "results").iterdir()] == ["quick"]
+    tmp_path = tmp_path / "benchmarks" / "results" / "quick"
     for name in OUTPUTS:
         assert (tmp_path / name).is_file() and (tmp_path / name).stat().st_size > 0, name
     assert not list(tmp_path.glob(".*"))  # no temporary file left behind
@@ -56,7 +62,7 @@ def test_tiny_pipeline_writes_outputs(tmp_path, monkeypatch):
              "--corpus-bytes", "20000", "--seeds", "2"]
     bench, data = run(tmp_path, monkeypatch, extra)
     check_payload(bench, data, seeds=2, n=2, m=2)
-    text = (tmp_path / "upcycle_quality.txt").read_text()
+    text = (tmp_path / "benchmarks" / "results" / "quick" / "upcycle_quality.txt").read_text()
     assert "(b) upcycled top-2 beats (a)" in text and "distillation" in text
 
 
