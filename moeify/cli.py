@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,25 @@ def build_config(config_file: str | None, options: dict[str, Any]) -> MoEConfig:
     return MoEConfig.from_dict(data)
 
 
+def cli_spelling(message: str) -> str:
+    """A message's Python spellings of MoEConfig fields as this CLI's options: `MoEConfig.num_experts=1` is
+    `--num-experts 1`, `router='topk'` `--router topk`, `preserve_scale=False` `--no-preserve-scale` and
+    `capacity_factor=None` `no --capacity-factor`. Other values (tuples) are left as written."""
+    kinds = {f.name: str(f.type) for f in dataclasses.fields(MoEConfig) if f.name != "version"}
+    names = "|".join(sorted(kinds, key=len, reverse=True))
+
+    def option(match: re.Match) -> str:
+        name, value = match.group(1), match.group(2)
+        flag = "--" + name.replace("_", "-")
+        if value == "None":
+            return f"no {flag}"
+        if kinds[name] == "bool" and value in ("True", "False"):
+            return flag if value == "True" else f"--no-{flag[2:]}"
+        return f"{flag} {value.strip(chr(39))}"
+
+    return re.sub(rf"(?:MoEConfig\.)?\b({names})=('[^']*'|[\w.+-]+)", option, message)
+
+
 def handle_errors(fn):
     """Print a MoeifyError as one line and exit 2; anything else that escapes (a bug, or input moeify
     did not foresee) as one line naming its type, and exit 1. `--debug` re-raises with the traceback."""
@@ -92,7 +112,7 @@ def handle_errors(fn):
             if ctx.find_root().params.get("debug"):
                 raise
             if isinstance(exc, MoeifyError):
-                click.echo(f"error: {exc}", err=True)
+                click.echo(f"error: {cli_spelling(str(exc))}", err=True)
                 ctx.exit(2)
             click.echo(f"error: {one_line(exc)} (moeify --debug {ctx.info_name} ... shows the traceback)",
                        err=True)
@@ -229,9 +249,11 @@ def stats(out_dir: str, plot_path: str | None, weights: str | None) -> None:
     import torch
 
     import moeify
-    from moeify.plots import plot_utilization
+    from moeify.plots import check_plot_path, plot_utilization
     from moeify.serialization import saved_example_inputs
 
+    if plot_path:
+        check_plot_path(plot_path)
     model = moeify.load(out_dir, weights=weights).model.eval()
     args, kwargs = saved_example_inputs(out_dir)
     with torch.no_grad():

@@ -252,7 +252,7 @@ def convert(model: nn.Module, config: MoEConfig | None = None, *, example_inputs
     expect_type(config, (MoEConfig, type(None)), "convert's config",
                 "pass moeify.MoEConfig(...) or a dict of its fields")
     expect_type(verify, bool, "verify", "pass True or False")
-    source_record = ModelSource.parse(source).check().to_dict() if source is not None else None
+    source_record = ModelSource.parse(source).check(defines=True).to_dict() if source is not None else None
     if isinstance(example_inputs, torch.Tensor):  # one input given bare, as to export_onnx
         example_inputs = (example_inputs,)
     if isinstance(example_inputs, Mapping):  # keyword inputs ({"input_ids": ..., "attention_mask": ...}), as

@@ -405,7 +405,7 @@ def convert_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike
     """
     cfg = config or MoEConfig()
     if source is not None and not isinstance(source, ModelSource):
-        source = ModelSource.parse(source).check()
+        source = ModelSource.parse(source).check(defines=True)
     dense = _meta_model(model)
     # copy_noise needs real weights (noise std): the structure is the same as with plain copy
     struct_cfg = dataclasses.replace(cfg, init="copy") if cfg.init == "copy_noise" else cfg

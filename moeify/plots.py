@@ -27,13 +27,21 @@ def _figure(**kwargs):
     return Figure(**kwargs)
 
 
-def _save(fig, path: str | os.PathLike) -> Path:
-    """Write the figure as a PNG, atomically; an existing image at `path` is replaced."""
-    from moeify.serialization import write_file_atomically
+def check_plot_path(path: str | os.PathLike) -> Path:
+    """Refuse a path a plot cannot be written to, before any work: the CLI's `--plot` is checked first."""
+    from moeify.serialization import check_output
 
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise ConfigError(f"plot path {path} must end in .png: moeify writes PNG images")
+    return check_output(path, force=True, directory=False)
+
+
+def _save(fig, path: str | os.PathLike) -> Path:
+    """Write the figure as a PNG, atomically; an existing image at `path` is replaced."""
+    from moeify.serialization import write_file_atomically
+
+    path = check_plot_path(path)
     return write_file_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"),
                                  force=True)
 

@@ -317,17 +317,19 @@ def saved_example_inputs(out_dir: str | os.PathLike) -> tuple[tuple, dict]:
     from moeify.source import example_inputs_of
 
     source = saved_source(out_dir, read_plan(out_dir))
+    in_python = "in Python, run moeify.router_stats or moeify.export_onnx on moeify.load(out_dir{}).model with inputs"
     if source is None:
-        raise ModelSourceError(f"{out_dir} records no model source to take example_inputs() from: run "
-                               "moeify.router_stats or moeify.export_onnx on moeify.load(out_dir, model=dense).model "
-                               "with inputs of your own")
-    return example_inputs_of(source.load_module(), source.target)
+        raise ModelSourceError(f"{out_dir} records no model source to take example_inputs() from (it was saved from "
+                               f"Python without source=): {in_python.format(', model=dense')} of your own")
+    return example_inputs_of(source.load_module(), source.target, otherwise=f"{in_python.format('')} of your own")
 
 
 def rebuild_dense(out_dir: str | os.PathLike, plan: dict[str, Any]) -> nn.Module:
     spec = saved_source(out_dir, plan)
     if spec is None:
-        raise SerializationError(f"{out_dir} records no model source: call moeify.load(path, model=dense_model)")
+        raise SerializationError(f"{out_dir} records no model source (it was saved from Python without source=): "
+                                 "load it in Python with moeify.load(path, model=dense_model), or convert with "
+                                 "source='model.py' (the CLI's `moeify convert model.py` records it)")
     model, _ = spec.build()
     return model
 

@@ -44,13 +44,14 @@ class ModelSource:
     def to_dict(self) -> dict[str, str]:
         return {"kind": self.kind, "target": self.target, "name": self.name}
 
-    def check(self) -> ModelSource:
+    def check(self, *, defines: bool = False) -> ModelSource:
         """Refuse a source that cannot be loaded later (a missing file, a module that is not importable),
-        without running it."""
+        without running it. `defines`: also a model file that does not define the factory's name (for a source
+        recorded without being run; one about to run says what is wrong itself)."""
         if self.kind == "file" and not Path(self.target).is_file():
             raise ModelSourceError(f"model file {self.target} does not exist: pass the path to a .py file "
                                    "that defines build_model()")
-        if self.kind == "file":
+        if self.kind == "file" and defines:
             defined = _top_level_names(Path(self.target))
             if defined is not None and self.name not in defined:
                 shown = sorted(defined, key=lambda n: (not n.islower(), n))[:8]  # functions before constants
@@ -123,12 +124,13 @@ class ModelSource:
         return model, module
 
 
-def example_inputs_of(module: Any, where: str) -> tuple[tuple, dict]:
-    """(args, kwargs) from the module's example_inputs(), or an error saying it is missing."""
+def example_inputs_of(module: Any, where: str, *, otherwise: str = "pass --no-verify") -> tuple[tuple, dict]:
+    """(args, kwargs) from the module's example_inputs(), or an error saying it is missing and what else
+    works (`otherwise`, for the command at hand)."""
     fn = getattr(module, "example_inputs", None)
     if fn is None:
         raise ModelSourceError(f"{where} defines no example_inputs(): define example_inputs() returning a tuple of "
-                               "inputs for the model's forward (needed to verify the conversion), or pass --no-verify")
+                               f"inputs for the model's forward, or {otherwise}")
     try:
         value = fn()
     except Exception as exc:

@@ -59,8 +59,12 @@ NO_EXAMPLES = "import torch\ndef build_model():\n    return torch.nn.Sequential(
     (NO_BUILD, [], "defines no 'build_model'"),
     (NO_FFN, [], "no FFN region found"),
     (NO_EXAMPLES, [], "defines no example_inputs()"),
-    (NO_EXAMPLES, ["--num-experts", "1"], "MoEConfig.num_experts=1 is invalid"),
-    (NO_EXAMPLES, ["--no-verify", "--router", "nope"], "MoEConfig.router='nope' is invalid"),
+    # config errors in the CLI's spelling (the API's says MoEConfig.num_experts=1, top_k=1, router='topk')
+    (NO_EXAMPLES, ["--num-experts", "1"], "error: --num-experts 1 is invalid"),
+    (NO_EXAMPLES, ["--no-verify", "--router", "nope"], "--router nope is invalid"),
+    (NO_EXAMPLES, ["--no-verify", "--router", "switch"], "--top-k 2 is invalid: the switch router is top-1: set "
+                                                         "--top-k 1 or use --router topk"),
+    (NO_EXAMPLES, ["--no-verify", "--split-method", "cluster"], "set --init split"),
     (NO_EXAMPLES, ["--no-verify", "--config", "missing.json"], "config file missing.json does not exist"),
 ])
 def test_bad_input_is_one_line_nonzero_and_writes_nothing(tmp_path, source, extra, needle):
@@ -338,3 +342,26 @@ def test_model_file_imports_its_siblings(tmp_path):
     # the saved copy (out/model_source.py) imports them from the original's folder
     assert moeify.load(tmp_path / "out").model is not None
     sys.modules.pop("layers", None)
+
+
+def test_cli_spelling_of_config_fields_in_messages():
+    from moeify.cli import cli_spelling
+
+    assert cli_spelling("convert with capacity_factor=None (dropless); preserve_scale=False") == \
+        "convert with no --capacity-factor (dropless); --no-preserve-scale"
+    assert cli_spelling("group_top_k=3 and num_layers=2, dynamic=False") == "--group-top-k 3 and num_layers=2, " \
+                                                                            "dynamic=False"  # not config fields
+
+
+def test_stats_and_export_without_example_inputs_say_what_works_there(tmp_path):
+    """They suggested --no-verify, an option of convert only; stats checks its --plot path before the work."""
+    model = write(tmp_path, "model.py", NO_EXAMPLES)
+    out = tmp_path / "out"
+    assert run("convert", model, "-o", str(out), "--no-verify", "--num-experts", "2", "--top-k", "1").exit_code == 0
+    for args in (("stats", str(out)), ("export", str(out), "-o", str(tmp_path / "m.onnx"))):
+        r = run(*args)
+        assert r.exit_code == 2 and "defines no example_inputs()" in r.output, r.output
+        assert "--no-verify" not in r.output and "in Python, run moeify.router_stats or moeify.export_onnx" in r.output
+    r = run("stats", str(out), "--plot", str(tmp_path / "util.txt"))
+    assert r.exit_code == 2 and r.output == f"error: plot path {tmp_path / 'util.txt'} must end in .png: moeify " \
+                                            "writes PNG images\n", r.output
