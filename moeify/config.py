@@ -190,6 +190,9 @@ class MoEConfig:
                   "or leave split_method='random'")
         if self.drop_policy not in DROP_POLICIES:
             _fail("drop_policy", self.drop_policy, f"choose one of {', '.join(DROP_POLICIES)}")
+        if self.drop_policy != "position" and (self.capacity_factor, self.eval_capacity_factor) == (None, None):
+            _fail("drop_policy", self.drop_policy, "it chooses what a capacity limit drops, and there is none: set "
+                  "capacity_factor, or leave drop_policy='position'")
         if self.every_n < 1:
             _fail("every_n", self.every_n, "use an integer >= 1 (1 converts every selected region)")
         if self.layers is not None and any(i < 0 for i in self.layers):

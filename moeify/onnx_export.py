@@ -744,6 +744,8 @@ def export_onnx(model: nn.Module, example_inputs: Sequence[Any] = (), path: str 
     """
     if mode not in MODES:
         raise ExportError(f"export mode {mode!r} is unknown: use one of {', '.join(MODES)}")
+    if fallback == "none":  # as the CLI spells it
+        fallback = None
     if fallback not in (None, "portable"):
         raise ExportError(f"fallback={fallback!r} is unknown: use None (refuse) or 'portable'")
     if hasattr(model, "model") and hasattr(model, "config") and not isinstance(model, nn.Module):

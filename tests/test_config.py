@@ -19,6 +19,7 @@ from moeify.errors import ConfigError, MoeifyError
     ({"targets": ("(",)}, "regular expression"),
     ({"num_groups": 3, "num_experts": 8}, "divide"),
     ({"z_loss_coef": -1.0}, "z_loss_coef"),
+    ({"drop_policy": "gate"}, "capacity limit drops, and there is none: set capacity_factor"),  # was accepted, unused
 ])
 def test_invalid_values_raise_typed_error_with_fix(kwargs, needle):
     with pytest.raises(ConfigError) as info:

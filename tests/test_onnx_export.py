@@ -1057,7 +1057,8 @@ def test_graph_outputs_are_named_after_the_models_outputs(mode, tmp_path):
 def test_output_names_given_replace_the_derived_ones_and_are_checked(tmp_path):
     x = torch.randn(2, 5, D)
     model = moeify.convert(NamedOutputs(), MoEConfig(num_experts=E, top_k=2), example_inputs=(x,)).model
-    export_onnx(model, (x,), tmp_path / "m.onnx", mode="portable", output_names=["y", "twice", "shifted"])
+    export_onnx(model, (x,), tmp_path / "m.onnx", mode="portable", output_names=["y", "twice", "shifted"],
+                fallback="none")  # the CLI's spelling of fallback=None is taken too
     assert [o.name for o in open_session(tmp_path / "m.onnx").get_outputs()] == ["y", "twice", "shifted"]
     with pytest.raises(ExportError, match=r"output_names has 1 name\(s\) but the model returns 3 output tensor\(s\) "
                                           r"\(logits, hidden_0, hidden_1\)"):
