@@ -75,11 +75,14 @@ def build_config(config_file: str | None, options: dict[str, Any]) -> MoEConfig:
         if value is None or (isinstance(value, tuple) and not value):
             continue
         data[f.name] = value
-    return MoEConfig.from_dict(data)
+    try:
+        return MoEConfig.from_dict(data)
+    except ConfigError as exc:  # the options' values: say which options (from --config too, which they override)
+        raise ConfigError(cli_spelling(str(exc))) from exc
 
 
 def cli_spelling(message: str) -> str:
-    """A message's Python spellings of MoEConfig fields as this CLI's options: `MoEConfig.num_experts=1` is
+    """A config error's Python spellings of MoEConfig fields as this CLI's options: `MoEConfig.num_experts=1` is
     `--num-experts 1`, `router='topk'` `--router topk`, `preserve_scale=False` `--no-preserve-scale` and
     `capacity_factor=None` `no --capacity-factor`. Other values (tuples) are left as written."""
     kinds = {f.name: str(f.type) for f in dataclasses.fields(MoEConfig) if f.name != "version"}
@@ -112,7 +115,7 @@ def handle_errors(fn):
             if ctx.find_root().params.get("debug"):
                 raise
             if isinstance(exc, MoeifyError):
-                click.echo(f"error: {cli_spelling(str(exc))}", err=True)
+                click.echo(f"error: {exc}", err=True)
                 ctx.exit(2)
             click.echo(f"error: {one_line(exc)} (moeify --debug {ctx.info_name} ... shows the traceback)",
                        err=True)

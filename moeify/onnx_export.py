@@ -118,7 +118,8 @@ def router_gating(name: str, router: nn.Module) -> Gating:
     if capacity is not None and capacity.factor(training=False) is not None:  # (dropless at inference exports)
         raise ExportError(f"{name}: capacity dropping at inference (eval_capacity_factor="
                           f"{capacity.eval_capacity_factor}) cannot be exported to ONNX by moeify: which tokens are "
-                          "dropped depends on the whole batch; convert with capacity_factor=None (dropless)")
+                          "dropped depends on the whole batch; convert with eval_capacity_factor=inf (dropless at "
+                          "inference; CLI: --eval-capacity-factor inf) or capacity_factor=None (dropless)")
     # exact types: a subclass may route differently
     if type(router) is TopKRouter:
         k = router.top_k
