@@ -76,6 +76,19 @@ class FoundRegion:
         return tuple(sorted(_join(self.unit.path, name) for name in self.region.linears.values()))
 
 
+def _task_heads(found: Sequence[FoundRegion]) -> dict[int, str]:
+    """The regions that look like a task head (ELECTRA's classifier and discriminator_predictions, a
+    sequence-classification head) rather than a block's FFN, each with why: outside the repeated blocks
+    (no `.N.` in its path) that the other regions sit in, and writing another width than it reads (a
+    block's FFN writes back into the residual stream, as wide as what it read)."""
+    in_stack = [re.search(r"(^|\.)\d+(\.|$)", f.owner) is not None for f in found]
+    if not any(in_stack):
+        return {}
+    return {i: f"outside the repeated blocks the other FFNs sit in, and maps width {f.region.d_model} to "
+               f"{f.region.d_out}"
+            for i, f in enumerate(found) if not in_stack[i] and f.region.d_out != f.region.d_model}
+
+
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix and name else (prefix or name)
 
@@ -312,7 +325,7 @@ def _rewrite(model: nn.Module, cfg: MoEConfig, example_inputs: tuple, example_kw
                                    "build the same architecture the plan was made from")
         plan_skips: list[Skip] = []
     else:
-        selected, plan_skips = plan_regions([f.owner for f in found], cfg)
+        selected, plan_skips = plan_regions([f.owner for f in found], cfg, _task_heads(found))
     if not selected:
         raise NoFFNRegionError(f"{len(found)} FFN region(s) found ({', '.join(f.owner or '<model>' for f in found)}) "
                                f"but the config selected none: {_nearest(plan_skips)}")

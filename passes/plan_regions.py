@@ -1,6 +1,6 @@
 """Choose which found FFN regions to convert, from `MoEConfig` selection fields.
 
-    regions (model order) -> filter targets/exclude regexes on the owner name
+    regions (model order) -> filter targets/exclude regexes on the owner name, and task heads
                           -> keep indices in `layers` -> keep every `every_n`-th   => selected, skipped
 
 Every region not selected is returned as a Skip with the rule that dropped it.
@@ -9,14 +9,17 @@ Every region not selected is returned as a Skip with the rule that dropped it.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from moeify.config import MoEConfig
 from moeify.passes.infra import Skip
 
 
-def plan_regions(names: Sequence[str], cfg: MoEConfig) -> tuple[list[int], list[Skip]]:
-    """`names`: each region's owner module name, in model order. Returns selected indices and skips."""
+def plan_regions(names: Sequence[str], cfg: MoEConfig,
+                 heads: Mapping[int, str] | None = None) -> tuple[list[int], list[Skip]]:
+    """`names`: each region's owner module name, in model order. `heads`: the regions that look like a task
+    head rather than a block's FFN (index -> why), left out unless `targets` are given (then they choose).
+    Returns selected indices and skips."""
     skipped: list[Skip] = []
     eligible: list[int] = []
     for i, name in enumerate(names):
@@ -25,6 +28,9 @@ def plan_regions(names: Sequence[str], cfg: MoEConfig) -> tuple[list[int], list[
             skipped.append(Skip(name, f"excluded by exclude regex {excluded!r}", "remove it from MoEConfig.exclude"))
         elif cfg.targets and not any(re.search(p, name) for p in cfg.targets):
             skipped.append(Skip(name, f"matches none of targets {list(cfg.targets)}", "add a regex to targets"))
+        elif not cfg.targets and heads and i in heads:
+            skipped.append(Skip(name, f"a task head, not a block's FFN: {heads[i]}",
+                                "name it in targets, with the blocks' FFNs, to convert it too"))
         else:
             eligible.append(i)
     selected = []

@@ -509,3 +509,27 @@ def test_arguments_of_the_wrong_kind_are_typed_errors_that_say_the_fix(tmp_path)
             call()
         assert isinstance(info.value, (MoeifyError, TypeError))
     assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize("head", ["ElectraForPreTraining", "ElectraForSequenceClassification"])
+def test_task_heads_stay_dense_by_default(head):
+    """ELECTRA's discriminator_predictions and classification head are Linear -> act -> Linear too; they were
+    upcycled along with the encoder's FFNs. Outside the repeated blocks and mapping the width down, they now
+    stay dense with a reason, and targets converts them where wanted."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.ElectraConfig(vocab_size=64, embedding_size=16, hidden_size=32, num_hidden_layers=2,
+                                        num_attention_heads=4, intermediate_size=64, num_labels=3)
+    dense = getattr(transformers, head)(config).eval()
+    ids = torch.randint(0, 64, (2, 7))
+    result = moeify.convert(dense, moeify.MoEConfig(num_experts=4, top_k=2), example_inputs=(ids,))
+    head_name = {"ElectraForPreTraining": "discriminator_predictions", "ElectraForSequenceClassification":
+                 "classifier"}[head]
+    assert sorted(moeify.moe_layers(result.model)) == [f"electra.encoder.layer.{i}.output.moe" for i in range(2)]
+    (skip,) = [s for s in result.report.skipped if s.where == head_name]
+    assert skip.reason.startswith("a task head, not a block's FFN: outside the repeated blocks the other FFNs sit "
+                                  "in, and maps width 32 to ")
+    chosen = moeify.convert(dense, moeify.MoEConfig(num_experts=4, top_k=2, targets=("encoder", head_name)),
+                            example_inputs=(ids,))
+    assert f"{head_name}.moe" in moeify.moe_layers(chosen.model) and chosen.report.max_abs_diff <= 1e-5

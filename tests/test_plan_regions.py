@@ -29,3 +29,14 @@ def test_missing_layer_index_is_reported():
     got, skipped = plan_regions(NAMES[:2], MoEConfig(layers=(1, 7)))
     assert got == [1]
     assert any(s.where == "layers" and "[7]" in s.reason for s in skipped)
+
+
+def test_task_heads_are_left_out_unless_targets_choose_them():
+    names = [*NAMES[:3], "classifier"]
+    heads = {3: "maps width 32 to 2"}
+    got, skipped = plan_regions(names, MoEConfig(every_n=3), heads)
+    assert got == [2]  # layer positions count the blocks' FFNs only
+    assert [(s.where, s.reason) for s in skipped if s.where == "classifier"] == [
+        ("classifier", "a task head, not a block's FFN: maps width 32 to 2")]
+    assert plan_regions(names, MoEConfig(targets=("mlp", "classifier")), heads)[0] == [0, 1, 2, 3]
+    assert plan_regions(names, MoEConfig(targets=("mlp",)), heads)[0] == [0, 1, 2]
