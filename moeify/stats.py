@@ -55,11 +55,13 @@ def format_stats(rows: list[LayerStats]) -> str:
     """A table, one line per layer with each expert's share of the kept assignments; a layer whose
     capacity limit dropped some gets a second line with the shares the router chose (its demand)."""
     expect_type(rows, (list, tuple), "format_stats' rows", "pass what moeify.router_stats(model) returned")
-    lines = [f"{'layer':<28} {'tokens':>7} {'dropped':>8} {'entropy':>8}  share per expert"]
+    width = max([28, *(len(r.layer) for r in rows)])  # Hugging Face names run past 28 characters
+    lines = [f"{'layer':<{width}} {'tokens':>7} {'dropped':>8} {'entropy':>8}  share per expert"]
     for r in rows:
         share = " ".join(f"{s:4.2f}" for s in r.share)
-        lines.append(f"{r.layer:<28} {r.num_tokens:>7} {r.dropped_fraction:>8.3f} {r.gate_entropy:>8.3f}  {share}")
+        lines.append(f"{r.layer:<{width}} {r.num_tokens:>7} {r.dropped_fraction:>8.3f} {r.gate_entropy:>8.3f}  "
+                     f"{share}")
         if r.demand_per_expert != r.tokens_per_expert:
             demand = " ".join(f"{s:4.2f}" for s in r.demand_share)
-            lines.append(f"{'':<28} {'':>7} {'':>8} {'demand':>8}  {demand}")
+            lines.append(f"{'':<{width}} {'':>7} {'':>8} {'demand':>8}  {demand}")
     return "\n".join(lines)

@@ -342,3 +342,14 @@ def test_router_init_is_a_truncated_normal():
     # the std of a normal truncated at +-2 sigma: sigma * sqrt(1 - 2 a phi(a) / (2 Phi(a) - 1)), a = 2
     phi, Phi = math.exp(-2) / math.sqrt(2 * math.pi), 0.5 * (1 + math.erf(2 / math.sqrt(2)))
     assert w.std().item() == pytest.approx(std * math.sqrt(1 - 2 * 2 * phi / (2 * Phi - 1)), rel=0.01)
+
+
+def test_stats_columns_line_up_under_long_layer_names():
+    from moeify.stats import LayerStats
+
+    short = LayerStats("h.0.mlp.moe", [4, 4], 8, 0.0, 0.5, [4, 4])
+    long = LayerStats("model.decoder.layers.11.encoder_attn_ffn.output.moe", [4, 3], 8, 0.125, 0.5, [4, 4])
+    header, *lines = moeify.format_stats([short, long]).splitlines()
+    column = header.index("tokens") + len("tokens")  # right-aligned: every count ends where the header does
+    assert all(line[:column].endswith("8") for line in lines[:2]), lines
+    assert lines[2].index("demand") == header.index("entropy") + 1  # the demand line under the long layer
