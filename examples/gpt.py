@@ -1,6 +1,6 @@
 """A small GPT-style causal language model in plain PyTorch (pre-norm blocks, GELU MLP).
 
-    moeify convert examples/gpt.py --num-experts 8 --top-k 2 -o out/gpt
+    moeify convert examples/gpt.py --num-experts 8 --top-k 2 -o out/gpt_cli
 """
 
 from __future__ import annotations

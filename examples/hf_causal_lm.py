@@ -13,7 +13,7 @@ place. The converted model keeps its class (`GPT2LMHeadModel`, `LlamaForCausalLM
 `Phi3ForCausalLM`, `OPTForCausalLM`) and `.generate()`s.
 
     python examples/hf_causal_lm.py            # all four
-    moeify convert examples/hf_causal_lm.py:build_llama -o out/llama
+    moeify convert examples/hf_causal_lm.py:build_llama -o out/hf_llama
 """
 
 from __future__ import annotations

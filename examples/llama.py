@@ -1,6 +1,6 @@
 """A small Llama-style block stack: RMSNorm, causal attention, SwiGLU MLP (gate/up/down, no bias).
 
-    moeify convert examples/llama.py --num-experts 8 --top-k 2 -o out/llama
+    moeify convert examples/llama.py --num-experts 8 --top-k 2 -o out/llama_topk
 """
 
 from __future__ import annotations
