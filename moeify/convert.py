@@ -174,7 +174,7 @@ def _distinct_regions(found: list[FoundRegion]) -> tuple[list[FoundRegion], list
 def _nearest(skipped: list[Skip], model: nn.Module | None = None, cap: capture_mod.Capture | None = None,
              limit: int = 5) -> str:
     if not skipped and model is not None:
-        moe = sorted({type(m).__name__ for m in model.modules() if re.search(r"moe|experts", type(m).__name__, re.I)})
+        moe = native_moe_types(model)
         if moe:
             return f"none: it already holds mixture-of-experts modules ({', '.join(moe[:3])})"
         untraced = f" ({len(cap.failures)} modules did not trace, e.g. {cap.failures[0][0] or '<model>'}: " \
@@ -182,6 +182,13 @@ def _nearest(skipped: list[Skip], model: nn.Module | None = None, cap: capture_m
         return f"no Linear layer was seen in the parts of the model that trace{untraced}"
     more = f"; and {len(skipped) - limit} more" if len(skipped) > limit else ""
     return "; ".join(str(s) for s in skipped[:limit]) + more
+
+
+def native_moe_types(model: nn.Module) -> list[str]:
+    """The mixture-of-experts module classes a model holds of its own, not moeify's, by their names' ending
+    (MixtralSparseMoeBlock, Qwen2MoeExperts, DeepseekV3MoE, SwitchTransformersSparseMLP; not Qwen2MoeAttention)."""
+    return sorted({type(m).__name__ for m in model.modules() if not isinstance(m, MoELayer)
+                   and re.search(r"(experts|moe|moeblock|sparsemlp|moelayer)$", type(m).__name__, re.I)})
 
 
 def region_builder(cfg: MoEConfig, generator: torch.Generator) -> Callable[[FFNRegion, fx.GraphModule], MoELayer]:
@@ -363,6 +370,11 @@ def _rewrite(model: nn.Module, cfg: MoEConfig, example_inputs: tuple, example_kw
     install_forward_marker(converted)
     report.params_after = count_params(converted)
     report.active_params_per_token = active_params(converted)
+    native = native_moe_types(model)
+    if native:  # Qwen2-MoE: its shared expert is the dense FFN found; its own experts are left as they are
+        report.notes.append(f"the model already holds mixture-of-experts modules of its own ({', '.join(native[:3])}): "
+                            "only its dense FFNs were converted, and the active parameters per token count its "
+                            "own experts as if every token used them all")
     return ConversionResult(converted, report, cfg, source=source_record,
                             regions=[list(found[i].key) for i in selected], none_inputs=none_inputs)
 

@@ -533,3 +533,22 @@ def test_task_heads_stay_dense_by_default(head):
     chosen = moeify.convert(dense, moeify.MoEConfig(num_experts=4, top_k=2, targets=("encoder", head_name)),
                             example_inputs=(ids,))
     assert f"{head_name}.moe" in moeify.moe_layers(chosen.model) and chosen.report.max_abs_diff <= 1e-5
+
+
+def test_a_model_with_experts_of_its_own_says_what_was_converted():
+    """Qwen2-MoE: its shared expert is a dense gated FFN and is upcycled; its own experts are not FFN regions.
+    The report said nothing of them, and counted them all as active per token."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.Qwen2MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                                         shared_expert_intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                                         num_key_value_heads=2, num_experts=4, num_experts_per_tok=2)
+    ids = torch.randint(0, 64, (2, 7))
+    result = moeify.convert(transformers.Qwen2MoeForCausalLM(config).eval(), moeify.MoEConfig(num_experts=4, top_k=2),
+                            example_inputs=(ids,), example_kwargs={"use_cache": False})
+    assert list(moeify.moe_layers(result.model)) == ["model.layers.0.mlp.shared_expert.moe"]
+    (note,) = [n for n in result.report.notes if "mixture-of-experts modules of its own" in n]
+    assert "Qwen2MoeSparseMoeBlock" in note and "only its dense FFNs were converted" in note
+    plain = moeify.convert(load_example("gpt").build_model(), moeify.MoEConfig(num_experts=4, top_k=2), verify=False)
+    assert not any("of its own" in n for n in plain.report.notes)
