@@ -224,12 +224,15 @@ def convert_checkpoint(model_spec: str, checkpoint: str, output: str, force: boo
     model.safetensors.index.json, or the folder holding either) out of core: one layer in memory at a time."""
     from moeify.ooc import convert_checkpoint as ooc_convert
     from moeify.serialization import check_output
-    from moeify.source import ModelSource
+    from moeify.source import ModelSource, example_inputs_of
 
     cfg = build_config(config_file, options)
     check_output(output, force=force)
     source = ModelSource.parse(model_spec)
-    result = ooc_convert(checkpoint, output, cfg, model=lambda: source.build()[0], source=source, force=force)
+    module = source.load_module()  # its example_inputs(), if any, show which optional inputs stay None
+    args, kwargs = example_inputs_of(module, source.target) if hasattr(module, "example_inputs") else ((), {})
+    result = ooc_convert(checkpoint, output, cfg, model=lambda: source.build()[0], source=source, force=force,
+                         example_inputs=args, example_kwargs=kwargs)
     click.echo(str(result.report))
     click.echo(f"saved to {output}")
 

@@ -34,8 +34,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
 
+from moeify.capture import observe_none_inputs
 from moeify.config import MoEConfig
 from moeify.convert import (
     ConversionResult,
@@ -45,7 +47,7 @@ from moeify.convert import (
     moe_layers,
     region_builder,
 )
-from moeify.errors import SerializationError
+from moeify.errors import SerializationError, one_line
 from moeify.moe.build import make_router
 from moeify.serialization import DTYPE_OF, DTYPES, write_atomically, write_plan
 from moeify.source import ModelSource
@@ -390,6 +392,7 @@ def convert_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike
                        *, model: nn.Module | Callable[[], nn.Module], source: ModelSource | str | None = None,
                        force: bool = False, fast: bool = True,
                        reader_factory: Callable[[Path], Checkpoint] = open_checkpoint,
+                       example_inputs: tuple = (), example_kwargs: dict[str, Any] | None = None,
                        ) -> ConversionResult:
     """Upcycle the dense `checkpoint` into `out_dir` (plan.json + model.safetensors) layer by layer.
 
@@ -400,8 +403,12 @@ def convert_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike
     shapes and dtypes. `source`: how `moeify.load` rebuilds the dense model (recorded in the plan;
     a model file is copied next to it), a `ModelSource` or its spec as `moeify.convert` takes it
     (`model.py[:NAME]`, `package.module:factory`). `fast=False` builds every layer with `build_moe_layer`
-    even where raw copies would do (the tests compare both). Returns the `ConversionResult` whose
-    `.model` lives on the meta device.
+    even where raw copies would do (the tests compare both). `example_inputs` / `example_kwargs`: run once
+    on the meta device to see which optional inputs the model leaves None (`observe_none_inputs`), as the
+    in-memory conversion does on its example: a decoder-only XGLM or BartForCausalLM layer takes
+    encoder_hidden_states, which traced as a tensor hides the FFN or makes it required. A model whose
+    forward needs values (`.item()`) cannot run there: the report notes it, and those inputs trace as
+    given. Returns the `ConversionResult` whose `.model` lives on the meta device.
     """
     cfg = config or MoEConfig()
     if source is not None and not isinstance(source, ModelSource):
@@ -409,12 +416,15 @@ def convert_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike
     dense = _meta_model(model)
     # copy_noise needs real weights (noise std): the structure is the same as with plain copy
     struct_cfg = dataclasses.replace(cfg, init="copy") if cfg.init == "copy_noise" else cfg
-    result = convert(dense, struct_cfg, verify=False)
+    none_inputs, why = _none_inputs_on_meta(dense, tuple(example_inputs), dict(example_kwargs or {}))
+    result = convert(dense, struct_cfg, verify=False, none_inputs=none_inputs)
     result.config = cfg
     result.report.function_preserving = function_preserving(cfg)
+    if why:
+        result.report.notes.append(why)
     if source is not None:
         result.source = source.to_dict()
-    found, _, _ = find_regions(dense)
+    found, _, _ = find_regions(dense, result.none_inputs)
     region_of = {f.key: f for f in found}
     layers = moe_layers(result.model)
 
@@ -428,6 +438,20 @@ def convert_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike
 
         write_atomically(out_dir, fill, force=force)
     return result
+
+
+def _none_inputs_on_meta(dense: nn.Module, args: tuple, kwargs: dict[str, Any]
+                         ) -> tuple[dict[str, frozenset[str]] | None, str | None]:
+    """`observe_none_inputs` of the meta-device model on the example moved there: (what it saw, None), or
+    (None, why not) when the forward cannot run on the meta device; (None, None) without an example."""
+    if not (args or kwargs):
+        return None, None
+    args, kwargs = pytree.tree_map_only(torch.Tensor, lambda t: t.to("meta"), (args, kwargs))
+    try:
+        return observe_none_inputs(dense, args, kwargs), None
+    except Exception as exc:  # noqa: BLE001 - whatever the forward raises on meta tensors
+        return None, (f"the example inputs did not run on the meta device ({one_line(exc, limit=120)}): optional "
+                      "inputs were traced as tensors; convert in memory if an FFN is missing")
 
 
 def _plan(reader: Checkpoint, result: ConversionResult, dense: nn.Module, region_of: dict,

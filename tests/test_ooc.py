@@ -366,3 +366,42 @@ def test_ooc_sharded_small_equals_single_file(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SerializationError, match="holds neither model.safetensors nor model.safetensors.index.json"):
         convert_checkpoint(tmp_path / "empty", tmp_path / "c", cfg, model=_small)
+
+
+def test_ooc_sees_the_optional_inputs_the_example_leaves_none(tmp_path):
+    """XGLM's decoder layers take encoder_hidden_states: traced as a tensor, they hid the FFN from the out-of-core
+    path (it found none) while the in-memory conversion, running its example, found them all. With the example
+    it runs once on the meta device and converts bit for bit as in memory; a model that cannot run there
+    (BartForCausalLM calls .item()) gets a note instead."""
+    import transformers
+
+    config = transformers.XGLMConfig(vocab_size=64, d_model=32, num_layers=2, attention_heads=4, ffn_dim=64)
+    torch.manual_seed(0)
+    dense = transformers.XGLMForCausalLM(config).eval()
+    save_model(dense, str(tmp_path / "dense.safetensors"))
+    cfg = moeify.MoEConfig(num_experts=4, top_k=2)
+    x = torch.randint(2, 64, (2, 7))
+    kwargs = {"use_cache": False}
+    mem = moeify.convert(dense, cfg, example_inputs=(x,), example_kwargs=kwargs)
+    moeify.save(mem, tmp_path / "mem")
+    with pytest.raises(moeify.errors.NoFFNRegionError):
+        convert_checkpoint(tmp_path / "dense.safetensors", tmp_path / "blind", cfg,
+                           model=lambda: transformers.XGLMForCausalLM(config))
+    result = convert_checkpoint(tmp_path / "dense.safetensors", tmp_path / "ooc", cfg,
+                                model=lambda: transformers.XGLMForCausalLM(config), example_inputs=(x,),
+                                example_kwargs=kwargs)
+    assert len(result.report.regions) == len(mem.report.regions) == 2
+    want, got = load_file(tmp_path / "mem" / "model.safetensors"), load_file(tmp_path / "ooc" / "model.safetensors")
+    assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
+    loaded = moeify.load(tmp_path / "ooc", model=transformers.XGLMForCausalLM(config)).model.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x, **kwargs).logits, mem.model.eval()(x, **kwargs).logits)
+
+    bart = transformers.BartConfig(vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=2, encoder_ffn_dim=64,
+                                   decoder_ffn_dim=64, encoder_attention_heads=4, decoder_attention_heads=4)
+    save_model(transformers.BartForCausalLM(bart), str(tmp_path / "bart.safetensors"))
+    result = convert_checkpoint(tmp_path / "bart.safetensors", tmp_path / "bart", cfg,
+                                model=lambda: transformers.BartForCausalLM(bart), example_inputs=(x,),
+                                example_kwargs=kwargs)
+    assert any(n.startswith("the example inputs did not run on the meta device (RuntimeError: Tensor.item()")
+               for n in result.report.notes), result.report.notes
