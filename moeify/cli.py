@@ -287,22 +287,39 @@ def stats(out_dir: str, plot_path: str | None, weights: str | None) -> None:
 @click.option("--external-data/--single-file", default=None,
               help="weights in OUTPUT.data beside the ONNX file, or in the file itself (default: beside it only "
                    "from 2 GiB on, which one file cannot hold)")
+@click.option("--dynamic-axes", "dynamic_axes", default=None, metavar="JSON",
+              help="name the dynamic axes of inputs the guess gets wrong, as export_onnx's dynamic_axes: "
+                   "'{\"input\": {\"0\": \"seq\", \"1\": \"batch\"}}' ({} makes an input static)")
+@click.option("--atol", type=float, default=1e-4, show_default=True,
+              help="largest |onnxruntime - PyTorch| the check accepts")
 @click.option("--output-name", "output_names", multiple=True,
               help="name the graph's outputs, one per output tensor in order (repeat the option); default: after the "
                    "model's outputs (logits, last_hidden_state; output, output_0... for tensors and tuples)")
 @weights_option
 @handle_errors
 def export(out_dir: str, output: str, mode: str, fallback: str, allow_approximate_gelu: bool, static: bool,
-           force: bool, check: bool, external_data: bool | None, output_names: tuple[str, ...],
-           weights: str | None) -> None:
+           force: bool, check: bool, external_data: bool | None, dynamic_axes: str | None, atol: float,
+           output_names: tuple[str, ...], weights: str | None) -> None:
     """Export the saved conversion OUT_DIR to ONNX (example inputs from its saved model_source.py)."""
     from moeify.onnx_export import export_saved
 
     report = export_saved(out_dir, output, mode=mode, fallback=None if fallback == "none" else fallback,
                           allow_approximate_gelu=allow_approximate_gelu, dynamic=not static, check=check,
                           force=force, external_data=external_data, output_names=output_names or None,
-                          weights=weights)
+                          weights=weights, atol=atol, dynamic_axes=_dynamic_axes(dynamic_axes))
     click.echo(report.format())
+
+
+def _dynamic_axes(text: str | None) -> dict[str, dict[int, str]] | None:
+    """--dynamic-axes JSON as export_onnx takes it: {input: {dim: axis name}} (JSON keys are strings)."""
+    if text is None:
+        return None
+    try:
+        data = json.loads(text)
+        return {str(name): {int(dim): str(axis) for dim, axis in dims.items()} for name, dims in data.items()}
+    except (json.JSONDecodeError, AttributeError, TypeError, ValueError) as exc:
+        raise ConfigError(f"--dynamic-axes {text!r} is not a JSON object of {{input: {{dim: axis name}}}} ({exc}): "
+                          "for example '{\"input\": {\"0\": \"seq\", \"1\": \"batch\"}}'") from None
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -857,8 +857,8 @@ def _check_dynamic_axes(model_proto, report: ExportReport) -> None:
         if fixed:
             raise ExportError(f"torch.export fixed the dynamic axis {fixed} of input {name!r}: the model treats it "
                               "as a constant (or, with nn.LSTM, one process exported twice, a torch issue); pass "
-                              f"dynamic_axes={{{name!r}: {{...}}}} naming only the axes that vary (from the CLI: "
-                              "--static), or export in a fresh process")
+                              f"dynamic_axes={{{name!r}: {{...}}}} naming only the axes that vary (CLI: "
+                              f"--dynamic-axes '{{\"{name}\": {{...}}}}', or --static), or export in a fresh process")
     _name_dynamic_axes(model_proto, report)
 
 

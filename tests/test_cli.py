@@ -365,3 +365,19 @@ def test_stats_and_export_without_example_inputs_say_what_works_there(tmp_path):
     r = run("stats", str(out), "--plot", str(tmp_path / "util.txt"))
     assert r.exit_code == 2 and r.output == f"error: plot path {tmp_path / 'util.txt'} must end in .png: moeify " \
                                             "writes PNG images\n", r.output
+
+
+def test_export_takes_dynamic_axes_and_atol(tmp_path):
+    """The README's fix for inputs whose axes are guessed wrong (dynamic_axes) had no CLI spelling."""
+    out = tmp_path / "out"
+    assert run("convert", MLP, "-o", str(out), "--num-experts", "4", "--top-k", "2").exit_code == 0
+    r = run("export", str(out), "-o", str(tmp_path / "m.onnx"), "--dynamic-axes", '{"x": {"0": "rows"}}')
+    assert r.exit_code == 0, r.output
+    assert "inputs: x[rows, 16]" in r.output
+    r = run("export", str(out), "-o", str(tmp_path / "s.onnx"), "--dynamic-axes", '{"x": {}}')
+    assert r.exit_code == 0 and "no dynamic axis: checked at the example shape only" in r.output, r.output
+    r = run("export", str(out), "-o", str(tmp_path / "n.onnx"), "--dynamic-axes", '{"x": [0]}')
+    assert r.exit_code == 2 and r.output.startswith("error: --dynamic-axes '{\"x\": [0]}' is not a JSON object")
+    r = run("export", str(out), "-o", str(tmp_path / "n.onnx"), "--atol", "-1")
+    assert r.exit_code == 2 and "(> atol -1)" in r.output, r.output
+    assert not (tmp_path / "n.onnx").exists()

@@ -1152,3 +1152,26 @@ def test_an_approximate_gelu_export_reports_how_far_it_moves_the_outputs(tmp_pat
     assert at_example > ATOL_MODEL  # the approximation is visible here, and the check still passed
     assert reported >= at_example * (1 - 1e-3)  # the note's figure is the max over both checked shapes
     assert all(d <= ATOL_MODEL for _, d in report.checks)
+
+
+class FlattensTheSequence(nn.Module):
+    """A head over the flattened sequence: its length is a constant of the model."""
+
+    def __init__(self):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(D, FF), nn.ReLU(), nn.Linear(FF, D))
+        self.head = nn.Linear(5 * D, 3)
+
+    def forward(self, x):
+        return self.head(self.mlp(x).reshape(x.shape[0], 5 * D))
+
+
+def test_an_axis_the_model_fixes_names_dynamic_axes_in_both_spellings(tmp_path):
+    x = torch.randn(2, 5, D)
+    model = moeify.convert(FlattensTheSequence(), MoEConfig(num_experts=E, top_k=2), example_inputs=(x,)).model
+    with pytest.raises(ExportError, match=r"torch.export fixed the dynamic axis \{'seq': 5\} of input 'x'.*pass "
+                                          r"dynamic_axes=\{'x': \{...\}\} naming only the axes that vary \(CLI: "
+                                          r"--dynamic-axes '\{\"x\": \{...\}\}', or --static\)"):
+        export_onnx(model, (x,), tmp_path / "m.onnx", mode="portable")
+    report = export_onnx(model, (x,), tmp_path / "m.onnx", mode="portable", dynamic_axes={"x": {0: "batch"}})
+    assert report.signature.startswith("inputs: x[batch, 5, 16]; outputs: output[batch, 3]")
