@@ -36,7 +36,7 @@ def _option_for(f: dataclasses.Field):
         return None
     flag = "--" + f.name.replace("_", "-")
     kind = str(f.type).replace(" ", "")
-    help_text = f"MoEConfig.{f.name} (default {f.default!r})"
+    help_text = f"{f.metadata['help']} (MoEConfig.{f.name}, default {f.default!r})"
     choices = {"router": ROUTERS, "init": INITS, "split_method": SPLIT_METHODS, "drop_policy": DROP_POLICIES}
     if f.name in choices:
         help_text += f": one of {', '.join(choices[f.name])}"

@@ -67,6 +67,11 @@ def _type_fix(value: Any, hint: Any) -> str:
     return f"{wanted}, not {type(value).__name__}"
 
 
+def _field(default: Any, help_text: str) -> Any:
+    """A config field with its one-line help (the CLI's option help; `dataclasses.fields(...)[i].metadata`)."""
+    return field(default=default, metadata={"help": help_text})
+
+
 @dataclass(frozen=True)
 class MoEConfig:
     """How to turn each selected dense FFN into a Mixture-of-Experts layer.
@@ -86,45 +91,58 @@ class MoEConfig:
     gates (the report then states how far the outputs moved at init).
     """
 
-    num_experts: int = 8
-    top_k: int = 2
-    router: str = "topk"
-    init: str = "copy"
-    seed: int = 0
+    num_experts: int = _field(8, "experts per MoE layer (each starts as a copy of the dense FFN)")
+    top_k: int = _field(2, "experts each token is routed to")
+    router: str = _field("topk", "how tokens choose experts")
+    init: str = _field("copy", "how experts start from the dense FFN: exact copies, copies plus noise, or its "
+                               "hidden neurons split among them")
+    seed: int = _field(0, "seed of the new layers' random draws (router weights, noise)")
 
     # selection
-    targets: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = ()
-    layers: tuple[int, ...] | None = None
-    every_n: int = 1
+    targets: tuple[str, ...] = _field((), "regexes (re.search) on the FFN's owner module name: convert only the "
+                                          "matching regions (task heads too)")
+    exclude: tuple[str, ...] = _field((), "regexes on the owner module name of regions to leave dense; win over "
+                                          "targets")
+    layers: tuple[int, ...] | None = _field(None, "indices into the selected regions, in model order, to convert")
+    every_n: int = _field(1, "convert every n-th selected region, from the n-th (2: every other layer, as in "
+                             "Switch)")
 
     # upcycling init
-    init_noise: float = 0.01  # copy_noise: std of the added noise relative to each weight's std
-    split_method: str = "random"  # init="split": how hidden neurons are partitioned
+    init_noise: float = _field(0.01, "copy_noise: std of the noise added to each weight, relative to its std")
+    split_method: str = _field("random", "init=split: how the hidden neurons are partitioned among experts")
 
     # router
-    normalize_gates: bool = True  # topk: renormalise the selected softmax gates to sum 1
-    softmax_before_topk: bool = True  # topk: softmax over all experts, then top-k (Mixtral); else top-k then softmax
-    preserve_scale: bool = True
-    router_jitter: float = 0.0  # switch: multiplicative uniform noise (1 +- eps) on router inputs while training
-    router_init_scale: float = 1.0  # router weight ~ truncnormal(0, sqrt(scale / d_model)); Switch suggests 0.1
-    router_bias: bool = False
-    num_groups: int | None = None  # hierarchical MoE (Shazeer app. B): groups chosen by a primary gate
-    group_top_k: int = 1
-    num_shared_experts: int = 0
-    expert_choice_capacity: float = 1.0  # expert_choice: each expert takes capacity * T * k / E tokens
+    normalize_gates: bool = _field(True, "topk: renormalise the selected gates to sum to 1")
+    softmax_before_topk: bool = _field(True, "topk: softmax over all experts, then top-k (Mixtral); else top-k, "
+                                             "then softmax over the kept logits")
+    preserve_scale: bool = _field(True, "make a token's forward gates sum to 1, so a fresh upcycled model "
+                                        "computes the dense function (see MoEConfig)")
+    router_jitter: float = _field(0.0, "switch: multiplicative uniform noise (1 +- eps) on the router's input "
+                                       "while training")
+    router_init_scale: float = _field(1.0, "router weight ~ truncnormal(0, sqrt(scale / d_model)); Switch "
+                                           "suggests 0.1")
+    router_bias: bool = _field(False, "give the router's gate Linear a bias")
+    num_groups: int | None = _field(None, "hierarchical MoE (Shazeer app. B): experts in this many groups, chosen "
+                                          "by a primary gate")
+    group_top_k: int = _field(1, "hierarchical MoE: groups each token is routed to")
+    num_shared_experts: int = _field(0, "experts every token goes through besides the routed ones")
+    expert_choice_capacity: float = _field(1.0, "expert_choice: each expert takes capacity * T * k / E tokens")
 
     # auxiliary-loss coefficients
-    load_balance_coef: float = 0.01  # Switch: alpha * N * sum_i f_i P_i
-    z_loss_coef: float = 0.001  # ST-MoE router z-loss
-    importance_coef: float = 0.0  # Shazeer: w_importance * CV(Importance)^2
-    load_coef: float = 0.0  # Shazeer: w_load * CV(Load)^2 (noisy_topk only)
+    load_balance_coef: float = _field(0.01, "Switch's load-balancing loss alpha * N * sum_i f_i P_i")
+    z_loss_coef: float = _field(0.001, "ST-MoE's router z-loss: mean squared logsumexp of the router logits")
+    importance_coef: float = _field(0.0, "Shazeer's importance loss w * CV(Importance)^2")
+    load_coef: float = _field(0.0, "Shazeer's smooth load loss w * CV(Load)^2 (noisy_topk only)")
 
     # capacity and dropout
-    capacity_factor: float | None = None  # None (or inf): dropless
-    eval_capacity_factor: float | None = None  # None: same as capacity_factor; inf: dropless in eval
-    drop_policy: str = "position"
-    expert_dropout: float | None = None  # None: keep the dense FFN's own dropout inside experts
+    capacity_factor: float | None = _field(None, "tokens an expert takes, as a multiple of an even share "
+                                                 "(T * k / E); the overflow is dropped. None or inf: dropless")
+    eval_capacity_factor: float | None = _field(None, "capacity factor in eval mode. None: capacity_factor's; "
+                                                      "inf: dropless")
+    drop_policy: str = _field("position", "which tokens a full expert drops: the later ones (position) or those "
+                                          "with the lowest gate (gate)")
+    expert_dropout: float | None = _field(None, "dropout inside experts (Switch's expert dropout). None: the "
+                                                "dense FFN's own")
 
     version: int = field(default=CONFIG_VERSION)
 

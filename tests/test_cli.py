@@ -189,9 +189,12 @@ def test_every_config_field_is_an_option():
     from moeify.config import MoEConfig
 
     help_text = run("convert", "--help").output
+    flat = " ".join(help_text.split())  # click wraps the help
     for f in dataclasses.fields(MoEConfig):
         if f.name != "version":
             assert "--" + f.name.replace("_", "-") in help_text
+            # each says what it does, not only its name (it was "MoEConfig.targets (default ())")
+            assert len(f.metadata["help"].split()) >= 4 and " ".join(f.metadata["help"].split()[:4]) in flat, f.name
 
 
 MLP = str(ROOT / "examples" / "mlp.py")
