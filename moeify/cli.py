@@ -1,6 +1,6 @@
 """The `moeify` command line.
 
-    moeify inspect model.py[:NAME]                       FFN regions found and candidates refused
+    moeify inspect model.py[:NAME]                       FFN regions found and candidates skipped
     moeify convert model.py[:NAME] -o out/ [options]     convert, verify, save, print a summary
     moeify export out/ -o model.onnx [--mode fused]      ONNX for onnxruntime (checked against PyTorch)
     moeify convert-checkpoint model.py dense.safetensors -o out/   out-of-core upcycling, one layer in memory
@@ -166,11 +166,13 @@ def main(debug: bool) -> None:
 @click.argument("model_spec")
 @handle_errors
 def inspect(model_spec: str) -> None:
-    """List the FFN regions of MODEL_SPEC (model.py[:NAME]) and the candidates refused, without converting."""
-    from moeify.convert import find_regions
+    """List the FFN regions of MODEL_SPEC (model.py[:NAME]) and the candidates skipped, without converting."""
+    from moeify.convert import find_regions, task_heads
+    from moeify.passes.plan_regions import plan_regions
 
     model, _, _ = load_model(model_spec)
     found, skipped, cap = find_regions(model)
+    skipped = skipped + plan_regions([f.owner for f in found], MoEConfig(), task_heads(found))[1]  # as convert's
     click.echo(f"{type(model).__name__}: {len(found)} FFN region(s)")
     rows = [("owner", "kind", "activation", "d_model", "d_ff", "linears", "captured by")]
     rows += [(f.owner or "<model>", f.region.kind, f.region.activation or "-", str(f.region.d_model),
@@ -179,7 +181,7 @@ def inspect(model_spec: str) -> None:
     for row in rows:
         click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
     if skipped:
-        click.echo(f"refused ({len(skipped)}):")
+        click.echo(f"skipped ({len(skipped)}), as convert reports them:")
         for s in skipped:
             click.echo(f"  - {s}")
     for module, why in cap.failures:

@@ -76,7 +76,7 @@ class FoundRegion:
         return tuple(sorted(_join(self.unit.path, name) for name in self.region.linears.values()))
 
 
-def _task_heads(found: Sequence[FoundRegion]) -> dict[int, str]:
+def task_heads(found: Sequence[FoundRegion]) -> dict[int, str]:
     """The regions that look like a task head (ELECTRA's classifier and discriminator_predictions, a
     sequence-classification head) rather than a block's FFN, each with why: outside the repeated blocks
     (no `.N.` in its path) that the other regions sit in, and writing another width than it reads (a
@@ -332,7 +332,7 @@ def _rewrite(model: nn.Module, cfg: MoEConfig, example_inputs: tuple, example_kw
                                    "build the same architecture the plan was made from")
         plan_skips: list[Skip] = []
     else:
-        selected, plan_skips = plan_regions([f.owner for f in found], cfg, _task_heads(found))
+        selected, plan_skips = plan_regions([f.owner for f in found], cfg, task_heads(found))
     if not selected:
         raise NoFFNRegionError(f"{len(found)} FFN region(s) found ({', '.join(f.owner or '<model>' for f in found)}) "
                                f"but the config selected none: {_nearest(plan_skips)}")

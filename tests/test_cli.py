@@ -22,10 +22,18 @@ def run(*args):
     return CliRunner().invoke(main, list(args))
 
 
-def test_inspect_lists_regions_and_refusals():
+def test_inspect_lists_regions_and_refusals(tmp_path):
     r = run("inspect", GPT)
     assert r.exit_code == 0, r.output
-    assert "2 FFN region(s)" in r.output and "blocks.1.mlp" in r.output and "refused" in r.output
+    assert "2 FFN region(s)" in r.output and "blocks.1.mlp" in r.output and "skipped (" in r.output
+    # a task head is listed as found, and skipped as convert skips it (convert's report says "skipped" too)
+    electra = write(tmp_path, "electra.py", "import transformers\ndef build_model():\n    return "
+                    "transformers.ElectraForPreTraining(transformers.ElectraConfig(vocab_size=64, embedding_size=16, "
+                    "hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64))\n")
+    r = run("inspect", electra)
+    assert r.exit_code == 0, r.output
+    assert "3 FFN region(s)" in r.output
+    assert "  - discriminator_predictions: a task head, not a block's FFN" in r.output
 
 
 def test_convert_writes_plan_and_weights(tmp_path):
