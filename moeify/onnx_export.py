@@ -1117,6 +1117,8 @@ def _refuse_replacing_other_files(path: Path, data_name: str) -> None:
         earlier = onnx.load(str(path), load_external_data=False) if path.exists() else None
     except Exception:  # noqa: BLE001 - protobuf raises DecodeError and others on a file that is no model
         earlier = None
+    if earlier is not None and not (earlier.ir_version and earlier.graph.node):  # bytes that parse as an empty one
+        earlier = None
     if path.exists() and earlier is None:
         raise ExportError(f"{path} exists and is not an ONNX model, which force replaces: choose another output path")
     owned = earlier is not None and any(e.key == "location" and e.value == data_name

@@ -831,6 +831,9 @@ def test_external_data_failures_leave_nothing_and_replacing_needs_force(tmp_path
     with pytest.raises(ExportError, match="notes.md exists and is not an ONNX model, which force replaces"):
         export_onnx(model, ex.example_inputs(), tmp_path / "notes.md", force=True)
     assert (tmp_path / "notes.md").read_text() == "# my notes"
+    (tmp_path / "notes.md").write_bytes(b"\x08\x07")  # bytes protobuf parses as a model with no graph
+    with pytest.raises(ExportError, match="notes.md exists and is not an ONNX model"):
+        export_onnx(model, ex.example_inputs(), tmp_path / "notes.md", force=True)
     (tmp_path / "notes.md").unlink()
     (tmp_path / "m.onnx.data").unlink()
     export_onnx(model, ex.example_inputs(), tmp_path / "m.onnx", external_data=True)
