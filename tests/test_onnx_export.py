@@ -148,6 +148,14 @@ class Fan(nn.Module):
         return tuple(layer(x) for layer in self.layers)
 
 
+class OneMLP(nn.Module):
+    """A model around one Linear -> act -> Linear (`self.mlp`); subclasses give the forward around it."""
+
+    def __init__(self, act: nn.Module | None = None):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(D, FF), act or nn.ReLU(), nn.Linear(FF, D))
+
+
 def contains_matrix(arrays, w):
     """w is stored somewhere: as is, transposed, as a slice of a stacked tensor, or as the even/odd
     rows of a SwiGLU-fused fc1."""
@@ -443,10 +451,7 @@ def test_a_successful_export_shows_no_torch_noise(tmp_path, capfd, caplog):
     assert not any(logging.getLogger(name).filters for name, _ in moeify.onnx_export.TORCH_NOISE_LOGS)
 
 
-class Branchy(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(D, FF), nn.ReLU(), nn.Linear(FF, D))
+class Branchy(OneMLP):
 
     def forward(self, x):
         y = self.mlp(x)
@@ -624,10 +629,7 @@ class _Box:  # not a pytree: torch.export cannot flatten an output holding it
         self.t = t
 
 
-class ReturnsBox(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(D, FF), nn.ReLU(), nn.Linear(FF, D))
+class ReturnsBox(OneMLP):
 
     def forward(self, x):
         return self.mlp(x), _Box(x)
@@ -657,12 +659,8 @@ def test_a_transformers_cache_among_the_outputs_is_named_with_its_fix(tmp_path):
     assert not (tmp_path / "m.onnx").exists()
 
 
-class RandomMask(nn.Module):
+class RandomMask(OneMLP):
     """ViT-MAE's shape: the forward draws a random mask even in eval mode."""
-
-    def __init__(self):
-        super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(D, FF), nn.ReLU(), nn.Linear(FF, D))
 
     def forward(self, x):
         return self.mlp(x) * (torch.rand(x.shape[:-1]) > 0.5).unsqueeze(-1)
@@ -1019,10 +1017,9 @@ def test_a_float_attention_mask_varies_with_the_token_ids(tmp_path):
 
 
 # output names and padding --------------------------------------------------------------------------------
-class NamedOutputs(nn.Module):
+class NamedOutputs(OneMLP):
     def __init__(self):
-        super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(D, FF), nn.GELU(approximate="tanh"), nn.Linear(FF, D))
+        super().__init__(nn.GELU(approximate="tanh"))
 
     def forward(self, x):
         y = self.mlp(x)
@@ -1071,10 +1068,7 @@ def test_output_names_given_replace_the_derived_ones_and_are_checked(tmp_path):
     assert not (tmp_path / "n.onnx").exists()
 
 
-class ReturnsItsInputName(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(D, FF), nn.ReLU(), nn.Linear(FF, D))
+class ReturnsItsInputName(OneMLP):
 
     def forward(self, logits):
         return {"logits": self.mlp(logits)}
@@ -1130,10 +1124,9 @@ def test_a_left_padded_causal_lm_exports_and_matches_at_its_tokens(tmp_path):
     np.testing.assert_allclose(got[0][real], want[real], atol=ATOL_MODEL, rtol=0)
 
 
-class ExactGeluFFN(nn.Module):
+class ExactGeluFFN(OneMLP):
     def __init__(self):
-        super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(D, FF), nn.GELU(), nn.Linear(FF, D))
+        super().__init__(nn.GELU())
         with torch.no_grad():
             self.mlp[0].weight.mul_(8.0)  # pre-activations around +-3, where tanh and exact GELU differ most
 
@@ -1157,12 +1150,11 @@ def test_an_approximate_gelu_export_reports_how_far_it_moves_the_outputs(tmp_pat
     assert all(d <= ATOL_MODEL for _, d in report.checks)
 
 
-class FlattensTheSequence(nn.Module):
+class FlattensTheSequence(OneMLP):
     """A head over the flattened sequence: its length is a constant of the model."""
 
     def __init__(self):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(D, FF), nn.ReLU(), nn.Linear(FF, D))
         self.head = nn.Linear(5 * D, 3)
 
     def forward(self, x):
