@@ -304,7 +304,9 @@ def export(out_dir: str, output: str, mode: str, fallback: str, allow_approximat
            output_names: tuple[str, ...], weights: str | None) -> None:
     """Export the saved conversion OUT_DIR to ONNX (example inputs from its saved model_source.py)."""
     from moeify.onnx_export import export_saved
+    from moeify.serialization import check_output
 
+    check_output(output, force=force, directory=False)  # before loading anything
     report = export_saved(out_dir, output, mode=mode, fallback=None if fallback == "none" else fallback,
                           allow_approximate_gelu=allow_approximate_gelu, dynamic=not static, check=check,
                           force=force, external_data=external_data, output_names=output_names or None,

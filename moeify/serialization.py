@@ -47,6 +47,8 @@ def check_output(out_path: str | os.PathLike, *, force: bool = False, directory:
     output must be a moeify output (it holds plan.json) or empty, a file output must be a file, and
     neither may be a symbolic link, the working directory or one of its parents.
     """
+    if not str(out_path).strip():
+        raise SerializationError("the output path is empty: name the output to write (-o PATH)")
     out = Path(out_path)
     try:
         return _check_output(out, force, directory)

@@ -107,7 +107,7 @@ class ModelSource:
         obj = getattr(module, self.name, None)
         where = f"{self.target}:{self.name}"
         if obj is None:
-            have = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))[:8]
+            have = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))[:8] or ["none"]
             raise ModelSourceError(f"{self.target} defines no {self.name!r}: define build_model() returning the "
                                    f"dense nn.Module, or name one after a colon (callables found: {', '.join(have)})")
         if isinstance(obj, nn.Module):

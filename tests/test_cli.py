@@ -65,6 +65,8 @@ NO_EXAMPLES = "import torch\ndef build_model():\n    return torch.nn.Sequential(
     (None, [], "does not exist"),
     (RAISES, [], "raised while loading: RuntimeError: boom at import"),
     (NO_BUILD, [], "defines no 'build_model'"),
+    ("", [], "defines no 'build_model': define build_model() returning the dense nn.Module, or name one after a "
+             "colon (callables found: none)"),
     (NO_FFN, [], "no FFN region found"),
     (NO_EXAMPLES, [], "defines no example_inputs()"),
     # config errors in the CLI's spelling (the API's says MoEConfig.num_experts=1, top_k=1, router='topk')
@@ -392,3 +394,13 @@ def test_export_takes_dynamic_axes_and_atol(tmp_path):
     r = run("export", str(out), "-o", str(tmp_path / "n.onnx"), "--atol", "-1")
     assert r.exit_code == 2 and "(> atol -1)" in r.output, r.output
     assert not (tmp_path / "n.onnx").exists()
+
+
+def test_an_empty_output_path_is_named_as_such(tmp_path, monkeypatch):
+    """-o '' said that the working directory already exists."""
+    monkeypatch.chdir(tmp_path)
+    for args in (("convert", MLP, "-o", ""), ("export", str(tmp_path), "-o", "")):
+        r = run(*args)
+        assert r.exit_code == 2 and r.output == "error: the output path is empty: name the output to write (-o PATH)\n", \
+            r.output
+    assert list(tmp_path.iterdir()) == []
