@@ -401,6 +401,6 @@ def test_an_empty_output_path_is_named_as_such(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for args in (("convert", MLP, "-o", ""), ("export", str(tmp_path), "-o", "")):
         r = run(*args)
-        assert r.exit_code == 2 and r.output == "error: the output path is empty: name the output to write (-o PATH)\n", \
-            r.output
+        assert r.exit_code == 2, r.output
+        assert r.output == "error: the output path is empty: name the output to write (-o PATH)\n", r.output
     assert list(tmp_path.iterdir()) == []
