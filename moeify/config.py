@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from moeify.annotations import fits, union_options
-from moeify.errors import ConfigError
+from moeify.errors import ConfigError, UnknownFieldError
 
 CONFIG_VERSION = 1
 
@@ -146,6 +146,18 @@ class MoEConfig:
 
     version: int = field(default=CONFIG_VERSION)
 
+    def __new__(cls, *args: Any, **fields: Any) -> MoEConfig:
+        # the generated __init__ would refuse a misspelt field with a bare TypeError; name the
+        # nearest field instead, for keyword arguments, from_dict's JSON and replace() alike
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            near = [f"{name} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(name, known, n=1))
+                    else name for name in map(str, unknown)]
+            raise UnknownFieldError(f"MoEConfig has no field(s) {', '.join(near)}: fix or remove them, "
+                                    "or upgrade moeify")
+        return super().__new__(cls)
+
     def __post_init__(self) -> None:
         # tuples may arrive as lists (from JSON or a CLI), a lone target as a string; normalise
         # them before validating, and leave anything else as it is for the type check to refuse
@@ -271,12 +283,6 @@ class MoEConfig:
         if not isinstance(data, Mapping):
             raise ConfigError(f"MoEConfig needs a JSON object of fields, not {type(data).__name__}: "
                               'write {"num_experts": 8, ...}')
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            near = [f"{name} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(name, known, n=1))
-                    else name for name in map(str, unknown)]
-            raise ConfigError(f"MoEConfig has no field(s) {', '.join(near)}: fix or remove them, or upgrade moeify")
         return cls(**{name: math.inf if name in INFINITE_OK and value == INF_JSON else value
                       for name, value in data.items()})
 

@@ -17,6 +17,10 @@ class ConfigError(MoeifyError, ValueError):
     """A configuration value is invalid."""
 
 
+class UnknownFieldError(ConfigError, TypeError):
+    """A config was given a field it does not have (a TypeError too, as for any unknown keyword)."""
+
+
 class CaptureError(MoeifyError):
     """The model (or a part of it) could not be captured as a graph."""
 

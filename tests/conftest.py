@@ -22,6 +22,14 @@ def load_example(name: str):
     return module
 
 
+def enable_checkpointing(model, reentrant: bool) -> None:
+    """transformers' gradient checkpointing under its current name (the old one warns: gone in v6)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+
+
 @pytest.fixture
 def example():
     return load_example

@@ -1,9 +1,11 @@
+import copy
 import json
+import pickle
 
 import pytest
 
 from moeify import MoEConfig
-from moeify.errors import ConfigError, MoeifyError
+from moeify.errors import ConfigError, MoeifyError, UnknownFieldError
 
 
 @pytest.mark.parametrize("kwargs, needle", [
@@ -122,3 +124,19 @@ def test_valid_values_are_kept_and_round_trip(kwargs, field_name, stored):
 def test_unknown_field_suggests_the_nearest():
     with pytest.raises(ConfigError, match=r"num_expert \(did you mean num_experts\?\)"):
         MoEConfig.from_dict({"num_expert": 4})
+
+
+@pytest.mark.parametrize("make", [lambda: MoEConfig(num_expert=4), lambda: MoEConfig(num_experts=4).replace(topk=1)],
+                         ids=["constructor", "replace"])
+def test_unknown_keyword_is_a_config_error_naming_the_nearest_field(make):
+    # the generated __init__ said only "unexpected keyword argument"; still a TypeError for callers catching that
+    near = r"no field\(s\) (num_expert|topk) \(did you mean (num_experts|top_k)\?\)"
+    with pytest.raises(UnknownFieldError, match=near):
+        make()
+    assert issubclass(UnknownFieldError, ConfigError) and issubclass(UnknownFieldError, TypeError)
+
+
+def test_config_pickles_and_copies_with_its_checked_constructor():
+    cfg = MoEConfig(num_experts=4, top_k=1, router="switch", capacity_factor=1.25)
+    assert pickle.loads(pickle.dumps(cfg)) == cfg
+    assert copy.deepcopy(cfg) == cfg

@@ -7,7 +7,7 @@ import torch
 
 import moeify
 from moeify.errors import NoFFNRegionError, VerificationError
-from tests.conftest import ROOT, load_example
+from tests.conftest import ROOT, enable_checkpointing, load_example
 
 EXAMPLES = ["mlp", "gpt", "llama"]
 ROUTERS = [dict(router="topk", top_k=2), dict(router="switch", top_k=1)]
@@ -399,7 +399,7 @@ def test_reentrant_checkpointing_is_refused_not_trained_without_aux_losses(reent
     from moeify.errors import CheckpointingError
 
     model = moeify.convert(load_example("hf_causal_lm").build_llama(), moeify.MoEConfig(num_experts=4, top_k=2)).model
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    enable_checkpointing(model, reentrant)
     model.train()
     x = torch.randint(0, 64, (2, 8))
     loss = loss_of(model(x, use_cache=False).logits) + moeify.aux_loss(model)

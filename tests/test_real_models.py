@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import load_example
+from conftest import enable_checkpointing, load_example
 
 import moeify
 from moeify.errors import NoFFNRegionError
@@ -277,7 +277,7 @@ def test_opt_layers_train_under_gradient_checkpointing():
     runs = []
     for checkpointing in (False, True):
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(model, reentrant=False)
         model.zero_grad()
         torch.manual_seed(3)
         loss = model(ids, labels=ids).loss

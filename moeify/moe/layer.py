@@ -134,8 +134,8 @@ class AuxLossRecorder(nn.Module):
             raise CheckpointingError(
                 "an MoE layer ran without autograd in training and then again inside backward: reentrant "
                 "gradient checkpointing (torch.utils.checkpoint(..., use_reentrant=True), or transformers' "
-                "gradient_checkpointing_kwargs={'use_reentrant': True}) leaves its aux losses without gradient; "
-                "use use_reentrant=False")
+                "activation_checkpointing_kwargs / gradient_checkpointing_kwargs={'use_reentrant': True}) leaves "
+                "its aux losses without gradient; use use_reentrant=False")
         else:
             self._ungraded = False
 
