@@ -24,7 +24,7 @@ CONFIG_VERSION = 1
 ROUTERS = ("topk", "switch", "noisy_topk", "expert_choice")
 INITS = ("copy", "copy_noise", "split")
 SPLIT_METHODS = ("random", "cluster")
-DROP_POLICIES = ("position", "gate")
+DROP_POLICIES = ("choice", "position", "gate")
 
 
 # torch.Generator.manual_seed takes any integer in [-2**63, 2**64) (negatives wrap modulo 2**64)
@@ -139,8 +139,9 @@ class MoEConfig:
                                                  "(T * k / E); the overflow is dropped. None or inf: dropless")
     eval_capacity_factor: float | None = _field(None, "capacity factor in eval mode. None: capacity_factor's; "
                                                       "inf: dropless")
-    drop_policy: str = _field("position", "which tokens a full expert drops: the later ones (position) or those "
-                                          "with the lowest gate (gate)")
+    drop_policy: str = _field("choice", "which assignments a full expert drops: later choices, then later tokens "
+                                        "(choice: GShard's top-2); later tokens with all their choices "
+                                        "(position); the lowest gates (gate)")
     expert_dropout: float | None = _field(None, "dropout inside experts (Switch's expert dropout). None: the "
                                                 "dense FFN's own")
 
@@ -220,9 +221,9 @@ class MoEConfig:
                   "or leave split_method='random'")
         if self.drop_policy not in DROP_POLICIES:
             _fail("drop_policy", self.drop_policy, f"choose one of {', '.join(DROP_POLICIES)}")
-        if self.drop_policy != "position" and (self.capacity_factor, self.eval_capacity_factor) == (None, None):
+        if self.drop_policy == "gate" and (self.capacity_factor, self.eval_capacity_factor) == (None, None):
             _fail("drop_policy", self.drop_policy, "it chooses what a capacity limit drops, and there is none: set "
-                  "capacity_factor, or leave drop_policy='position'")
+                  "capacity_factor, or leave drop_policy='choice'")
         if self.every_n < 1:
             _fail("every_n", self.every_n, "use an integer >= 1 (1 converts every selected region)")
         if self.layers is not None and any(i < 0 for i in self.layers):

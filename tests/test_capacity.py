@@ -1,8 +1,9 @@
 """Expert capacity (Switch §2.2): C = ceil(T * k * factor / E), overflow dropped by policy.
 
 References are independent: the capacity from exact fractions, the kept set from a greedy loop over
-tokens (policy "position") or a sort of the router probabilities computed here (policy "gate"),
-and the dense FFN computed from its weights with F.linear.
+tokens (policy "position"), over choice ranks then tokens (policy "choice", GShard's top-2 order),
+or a sort of the router probabilities computed here (policy "gate"), and the dense FFN computed
+from its weights with F.linear.
 """
 
 import json
@@ -72,7 +73,7 @@ def test_capacity_formula(T, k, factor, E_):
 
 @pytest.mark.parametrize("router, k, factor, policy", [
     ("switch", 1, 1.0, "position"), ("switch", 1, 1.0, "gate"), ("topk", 2, 1.0, "position"),
-    ("topk", 2, 0.75, "gate"), ("topk", 1, 1.5, "position"),
+    ("topk", 2, 0.75, "gate"), ("topk", 1, 1.5, "position"), ("topk", 2, 1.0, "choice"), ("switch", 1, 1.0, "choice"),
 ])
 def test_forced_expert_processes_exactly_capacity(router, k, factor, policy):
     T = 16
@@ -84,7 +85,7 @@ def test_forced_expert_processes_exactly_capacity(router, k, factor, policy):
         y = layer.eval()(x)
     C = math.ceil(Fraction(T * k) * Fraction(str(factor)) / E)
     assert seen[0].tolist() == [C] * k + [0] * (E - k)  # exactly C rows on each favourite expert
-    if policy == "position":
+    if policy != "gate":  # every token prefers expert 0, then 1: by position and by choice, the first C tokens
         kept = {0: set(range(C)), 1: set(range(C))}
     else:
         probs = probs_here(layer, x)
@@ -162,10 +163,27 @@ def greedy_position_reference(probs, k, C):
     return kept
 
 
+def greedy_choice_reference(probs, k, C):
+    """GShard's order: every token's best choice in token order, then every token's second, ...; keep a
+    choice while its expert has room."""
+    load = [0] * probs.shape[1]
+    kept = set()
+    ranked = [sorted(range(probs.shape[1]), key=lambda j: -probs[t, j].item())[:k] for t in range(probs.shape[0])]
+    for c in range(k):
+        for t in range(probs.shape[0]):
+            e = ranked[t][c]
+            if load[e] < C:
+                load[e] += 1
+                kept.add((t, e))
+    return kept
+
+
+@pytest.mark.parametrize("policy, reference", [("position", greedy_position_reference),
+                                               ("choice", greedy_choice_reference)])
 @pytest.mark.parametrize("k, factor", [(1, 1.0), (2, 1.0), (2, 0.5), (3, 1.25)])
-def test_position_policy_matches_greedy_loop(k, factor):
+def test_policy_matches_its_greedy_loop(k, factor, policy, reference):
     T = 40
-    cfg = MoEConfig_(router="topk", top_k=k, capacity_factor=factor)
+    cfg = MoEConfig_(router="topk", top_k=k, capacity_factor=factor, drop_policy=policy)
     layer = build_moe_layer(cfg, dense_ffn())
     with torch.no_grad():  # uneven random router: some experts overflow
         layer.router.gate.weight.normal_(0, 1, generator=torch.Generator().manual_seed(5))
@@ -173,7 +191,26 @@ def test_position_policy_matches_greedy_loop(k, factor):
     x = torch.randn(T, D, generator=torch.Generator().manual_seed(6))
     routing = layer.router(x)
     got = set(zip(routing.token_N.tolist(), routing.expert_N.tolist(), strict=True))
-    assert got == greedy_position_reference(probs_here(layer, x), k, expert_capacity(T, k, factor, E))
+    assert got == reference(probs_here(layer, x), k, expert_capacity(T, k, factor, E))
+
+
+def test_choice_policy_is_the_default_and_keeps_first_choices_that_position_drops():
+    """Top-2 at capacity 1: token order drops first choices of late tokens to keep early tokens' second
+    choices; GShard's order (the default) keeps every first choice here."""
+    T, k = 40, 2
+    x = torch.randn(T, D, generator=torch.Generator().manual_seed(6))
+    first_choices_kept = {}
+    for policy in ("choice", "position"):
+        kw = {} if policy == "choice" else {"drop_policy": policy}
+        layer = build_moe_layer(MoEConfig_(router="topk", top_k=k, capacity_factor=1.0, **kw), dense_ffn())
+        with torch.no_grad():
+            layer.router.gate.weight.normal_(0, 1, generator=torch.Generator().manual_seed(5))
+            layer.router.gate.bias.copy_(torch.tensor([1.0, 0.5, 0.0, -1.0]))
+        routing = layer.router(x)
+        best = probs_here(layer, x).argmax(-1)
+        kept = set(zip(routing.token_N.tolist(), routing.expert_N.tolist(), strict=True))
+        first_choices_kept[policy] = sum((t, int(best[t])) in kept for t in range(T))
+    assert first_choices_kept["choice"] == T and first_choices_kept["position"] < T, first_choices_kept
 
 
 def test_dropped_tokens_pass_through_the_residual(example):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import operator
 import warnings
 
@@ -78,3 +79,43 @@ def test_lstm_with_proj_size_is_skipped_with_the_reason(proj_size):
     skip = next(s for s in result.skipped if s.where == "lstm1")
     assert f"proj_size={proj_size}" in skip.reason and "fused LSTM kernel" in skip.reason
     assert "proj_size=0" in skip.fix
+
+
+@pytest.mark.parametrize("ffn", [False, True], ids=["projection", "ffn"])
+def test_lstm_lm_with_experts_apart_equals_an_moe_at_every_time_step(ffn):
+    """Shazeer §5: the MoE between the LSTMs applies to every (batch, time) position on its own. With the
+    router and experts moved off their init, the converted model's logits equal a loop over positions
+    that mixes each position's top-2 experts by their softmax gates, then runs lstm2 and the decoder."""
+    dense = _lm(ffn=ffn)
+    ids = torch.randint(0, 100, (3, 7), generator=torch.Generator().manual_seed(1))
+    model = moeify.convert(dense, moeify.MoEConfig(num_experts=4, top_k=2), example_inputs=(ids,)).model.eval()
+    (layer,) = moeify.moe_layers(model).values()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        layer.router.gate.weight.normal_(0, 1.0, generator=g)
+        for p in layer.experts.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    ex = layer.experts
+
+    def expert(i, v):
+        if not ffn:
+            return ex.w_EOD[i].double() @ v + ex.b_EO[i].double()
+        hidden = torch.relu(ex.w1_EFD[i].double() @ v + ex.b1_EF[i].double())
+        return ex.w2_EDF[i].double() @ hidden + ex.b2_ED[i].double()
+
+    with torch.no_grad():
+        got = model(ids)
+        h, _ = model.lstm1(model.embed(ids))
+        mid = torch.zeros(*h.shape[:2], dense.lstm2.input_size, dtype=torch.float64)
+        for b in range(h.shape[0]):
+            for s in range(h.shape[1]):
+                v = h[b, s].double()
+                logits = layer.router.gate.weight.double() @ v
+                top = torch.topk(logits, 2).indices.tolist()
+                z = sum(math.exp(logits[i]) for i in top)
+                for i in top:
+                    mid[b, s] += math.exp(logits[i]) / z * expert(i, v)
+        want = model.decoder(model.lstm2(mid.float())[0])
+        moved = (got - dense(ids)).abs().max()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert moved > 1e-3  # the experts' changes reach the logits: the check can fail

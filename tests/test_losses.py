@@ -175,6 +175,29 @@ def test_switch_balance_and_z_loss_match_formula(router_kind, k):
                                                                 rel=1e-4)
 
 
+@pytest.mark.parametrize("router_kind, k, factor", [("switch", 1, 0.5), ("topk", 2, 0.75)])
+def test_switch_balance_counts_the_routers_choices_before_capacity_drops(router_kind, k, factor):
+    """f_i in Switch eq. 4 is the share the router chose for expert i (Mesh TF counts the argmax before the
+    capacity limit): a skewed router must see its skew even where the capacity limit evened the load."""
+    from moeify.moe.capacity import CapacityLimit
+
+    router = SwitchRouter(D, E) if router_kind == "switch" else TopKRouter(D, E, k)
+    with torch.no_grad():
+        router.gate.weight.normal_(0, 1, generator=torch.Generator().manual_seed(3))
+        router.gate.weight[0] += 2.0  # expert 0 is everyone's favourite: over capacity
+    router.capacity = CapacityLimit(E, k, factor)
+    x = inputs(1)
+    routing = router(x)
+    assert routing.losses["dropped_fraction"].item() > 0.1  # the limit did drop many assignments
+    logits = (x @ router.gate.weight.T).tolist()
+    probs = [softmax(row) for row in logits]
+    chosen = [sorted(range(E), key=lambda i: -p[i])[:k] for p in probs]
+    kept = [[e for t_, e, _ in triples(routing) if t_ == t] for t in range(T)]
+    before, after = paper_switch_loss(probs, chosen, E), paper_switch_loss(probs, kept, E)
+    assert routing.losses["load_balance"].item() == pytest.approx(before, rel=1e-5)
+    assert abs(before - after) > 0.05 * before  # the two counts differ: the check can tell them apart
+
+
 def test_balanced_switch_loss_is_one():
     """Switch eq. 4 is minimised at 1 under uniform routing (a property the formula promises)."""
     probs = torch.full((8, 4), 0.25)

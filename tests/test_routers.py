@@ -110,6 +110,25 @@ def test_noise_only_in_training():
     assert not (torch.equal(c.expert_N, d.expert_N) and torch.allclose(c.weight_N, d.weight_N))
 
 
+def test_noise_is_standard_normal_scaled_by_softplus_plus_floor():
+    """Shazeer eq. 4 without re-seeding the RNG: (H - x W_g) / (Softplus(x W_noise) + 0.01) is N(0, 1):
+    mean 0, variance 1, 68.3% within one standard deviation (a uniform of variance 1 has 57.7%)."""
+    from moeify.moe.router import noisy_logits
+
+    router = NoisyTopKRouter(D, 6, 2)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        router.gate.weight.normal_(0, 1, generator=g)
+        router.noise.weight.normal_(0, 1, generator=g)
+    x = torch.randn(20000, D, generator=g)
+    torch.manual_seed(0)
+    _, h, _ = noisy_logits(x, router.gate, router.noise, router.noise_eps, training=True)
+    std = F.softplus(logits_here(router.noise, x)) + 0.01
+    z = ((h.double() - logits_here(router.gate, x)) / std).flatten()
+    assert abs(z.mean().item()) < 0.02 and z.var().item() == pytest.approx(1.0, abs=0.03)
+    assert (z.abs() < 1).double().mean().item() == pytest.approx(0.6827, abs=0.01)
+
+
 @pytest.mark.parametrize("E, k, T, capacity", [(4, 1, 16, 1.0), (8, 2, 30, 1.0), (8, 2, 30, 0.5), (4, 2, 10, 2.0)])
 def test_expert_choice_takes_top_c_tokens(E, k, T, capacity):
     router = ExpertChoiceRouter(D, E, k, capacity=capacity, preserve_scale=False)
@@ -236,6 +255,72 @@ def test_router_float32_experts_bf16_under_autocast(layout):
     assert seen["expert_in"] == torch.float32 and seen["expert_out"] == torch.bfloat16  # cast inside, matmul in bf16
     assert layer.experts.w1_EFD.dtype == torch.float32 and y.dtype == torch.bfloat16
     assert all(v.dtype == torch.float32 for v in routing.losses.values())
+
+
+@pytest.mark.parametrize("cast", ["autocast", "model_bf16"])
+def test_router_logits_are_float32_values_in_a_bf16_model(cast):
+    """Switch's selective precision is about the values, not only the dtype: the logits equal a float64
+    computation from the (bf16-representable) weights to float32 rounding, where a bf16 matmul is off by
+    about 1e-2; also after `layer.bfloat16()` casts the router's weights (the computation stays float32)."""
+    g = torch.Generator().manual_seed(0)
+    d, f = 64, 128
+    dense = DenseFFN("gelu", torch.randn(f, d, generator=g), torch.randn(d, f, generator=g))
+    layer = build_moe_layer(moeify.MoEConfig(num_experts=8, top_k=2), dense).eval()
+    with torch.no_grad():
+        layer.router.gate.weight.normal_(0, 1, generator=g)
+        layer.router.gate.weight.copy_(layer.router.gate.weight.bfloat16().float())  # the same weights in both
+    x = torch.randn(64, d, generator=g).bfloat16()
+    seen = {}
+    layer.router.register_forward_hook(lambda m, a, routing: seen.update(logits=routing.logits_TE))
+    if cast == "autocast":
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+            layer(x.float())
+    else:
+        layer = layer.bfloat16()
+        with torch.no_grad():
+            layer(x)
+    want = x.double() @ layer.router.gate.weight.double().T
+    bf16_matmul = (x @ layer.router.gate.weight.bfloat16().T).double()
+    assert seen["logits"].dtype == torch.float32
+    assert (seen["logits"].double() - want).abs().max() < 1e-4 < (bf16_matmul - want).abs().max()
+
+
+def test_switch_jitter_multiplies_the_router_input_by_uniform_noise_in_training_only():
+    """Switch §2.4: the router input times U(1 - eps, 1 + eps) while training; untouched in eval."""
+    eps = 0.01
+    layer = build_moe_layer(moeify.MoEConfig(num_experts=4, top_k=1, router="switch", router_jitter=eps),
+                            dense_ffn())
+    x = torch.randn(4096, D, generator=torch.Generator().manual_seed(1)).abs() + 0.5  # no ratio of ~0/~0
+    seen = []
+    logits = layer.router.logits
+    layer.router.logits = lambda x_TD: (seen.append(x_TD.detach().clone()), logits(x_TD))[1]  # the router's input
+    torch.manual_seed(0)
+    layer.train()(x)
+    ratio = (seen[-1].double() / x.double()).flatten()
+    assert ratio.min() >= 1 - eps - 1e-6 and ratio.max() <= 1 + eps + 1e-6
+    assert ratio.mean().item() == pytest.approx(1.0, abs=3e-4)
+    assert ratio.var().item() == pytest.approx(eps ** 2 / 3, rel=0.05)  # a uniform's variance, not a constant
+    with torch.no_grad():
+        layer.eval()(x)
+    assert torch.equal(seen[-1], x)
+
+
+def test_switch_router_gradient_is_the_papers_with_and_without_preserve_scale():
+    """preserve_scale multiplies the expert output by 1 + p - stopgrad(p) instead of p: the forward keeps
+    the dense function, and the router's gradient for a given dL/dy is Switch's <dL/dy, E(x)> either way."""
+    grads, outputs = {}, {}
+    x = torch.randn(32, D, generator=torch.Generator().manual_seed(2))
+    dy = torch.randn(32, D, generator=torch.Generator().manual_seed(3))
+    for preserve in (True, False):
+        layer = perturbed_layer(moeify.MoEConfig(num_experts=4, top_k=1, router="switch", preserve_scale=preserve,
+                                                 load_balance_coef=0.0, z_loss_coef=0.0))
+        y = layer.train()(x)
+        (y * dy).sum().backward()
+        grads[preserve], outputs[preserve] = layer.router.gate.weight.grad, y.detach()
+    p_T = torch.softmax(logits_here(layer.router.gate, x), -1).max(-1).values.float()  # same router in both
+    torch.testing.assert_close(outputs[False], outputs[True] * p_T[:, None], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grads[True], grads[False], atol=1e-6, rtol=1e-5)
+    assert grads[True].abs().max() > 1e-3
 
 
 # ---- expert dropout ------------------------------------------------------------------------------------

@@ -54,6 +54,8 @@ ROUTERS = {
     "expert-choice": dict(router="expert_choice", top_k=2, **ALL_LOSSES),
     "switch-capacity": dict(router="switch", top_k=1, capacity_factor=1.0, **ALL_LOSSES),
     "topk-capacity-gate": dict(router="topk", top_k=2, capacity_factor=0.75, drop_policy="gate", **ALL_LOSSES),
+    "topk-capacity-choice": dict(router="topk", top_k=2, capacity_factor=0.75, drop_policy="choice", **ALL_LOSSES),
+    "topk-capacity-position": dict(router="topk", top_k=2, capacity_factor=0.75, drop_policy="position", **ALL_LOSSES),
 }
 
 

@@ -9,8 +9,13 @@ Dropped assignments are removed from the `Routing`, so the MoE layer contributes
 the token passes through unchanged on the model's residual path. Gates of the kept assignments are
 not renormalised (GShard/Switch). Which assignments an over-full expert keeps is the drop policy:
 
-    "position": the earliest tokens (flattened batch order, then the token's own assignment order)
+    "choice":   every token's first choice before any token's second choice, then the earliest
+                tokens (flattened batch order): GShard's, and DeepSpeed's and fairseq's top-2
+    "position": the earliest tokens, each with all its choices (then the token's own choice order)
     "gate":     the highest router probability probs_TE[t, e] (batch-prioritised routing, V-MoE)
+
+A token's choices are its assignments in the router's order (best first for top-k). With top-1
+routing "choice" and "position" are the same.
 
 Under a token mask (`moeify.token_mask`) C counts only the counted tokens, and padding takes only
 the slots that no counted token needs: it comes last in every expert's queue, and
@@ -47,9 +52,14 @@ def keep_within_capacity(routing: Routing, num_experts: int, capacity: int, poli
     """Boolean mask over the N assignments: True where the assignment fits in its expert's capacity.
     Assignments of padding (`counted_N` False) queue behind every counted one of their expert."""
     N = routing.expert_N.shape[0]
-    if policy == "position":
+    if policy in ("position", "choice"):
         # token-major order; assignment index breaks ties inside a token
         first = torch.argsort(routing.token_N, stable=True)
+        if policy == "choice":  # then choice-major: the c-th choices of all tokens, in token order, for c = 0, 1, ..
+            counts_T = count_indices(routing.token_N, routing.logits_TE.shape[0])
+            token_starts_T = torch.cumsum(counts_T, 0) - counts_T
+            choice_N = torch.arange(N, device=first.device) - token_starts_T[routing.token_N[first]]  # in `first` order
+            first = first[torch.argsort(choice_N, stable=True)]
     elif policy == "gate":
         priority_N = routing.probs_TE.detach()[routing.token_N, routing.expert_N]
         first = torch.argsort(priority_N, descending=True, stable=True)
@@ -71,7 +81,7 @@ class CapacityLimit(nn.Module):
     """Drops the assignments over capacity from a `Routing` (training or eval factor by mode)."""
 
     def __init__(self, num_experts: int, top_k: int, capacity_factor: float | None,
-                 eval_capacity_factor: float | None = None, policy: str = "position") -> None:
+                 eval_capacity_factor: float | None = None, policy: str = "choice") -> None:
         super().__init__()
         if policy not in DROP_POLICIES:
             raise ConfigError(f"drop_policy={policy!r} is unknown: choose one of {', '.join(DROP_POLICIES)}")
