@@ -13,6 +13,7 @@ Steps (check everything first, then mutate a copy):
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -296,6 +297,10 @@ def _convert(model: nn.Module, cfg: MoEConfig, example_inputs: tuple, example_kw
                                  "upcycle its checkpoint out of core (moeify convert-checkpoint)")
     with example_errors(model):  # the dense outputs first: bad inputs fail before any work is done
         dense_out = _outputs(model, example_inputs, example_kwargs) if checked else []
+    if checked and not dense_out:  # a check over no tensor would pass whatever the conversion did
+        raise VerificationError(f"{type(model).__name__}'s output holds no tensor that moeify can compare (it looks "
+                                "in tensors, tuples, lists, dicts and dataclasses): return one of those, or pass "
+                                "verify=False (--no-verify) to convert unchecked")
     # the converted model's check runs from the RNG state the dense run started from: what the rewrite
     # draws (the observing forward, layer constructors) is undone
     with rng_kept(model, example_inputs, example_kwargs):
@@ -514,15 +519,24 @@ def _rewrite_split(model: nn.Module, found: FoundRegion, cfg: MoEConfig, generat
         notes=list(split.notes), sharding=layer_sharding(tail_gm, name)))
 
 
+def output_items(out: Any) -> list[tuple[str, Any]] | None:
+    """The named parts of a container output: a dict's (a Hugging Face ModelOutput's) items, a
+    dataclass instance's fields, a sequence's items named by index; None for anything else."""
+    if isinstance(out, dict):
+        return [(str(key), value) for key, value in out.items()]
+    if dataclasses.is_dataclass(out) and not isinstance(out, type):
+        return [(f.name, getattr(out, f.name)) for f in dataclasses.fields(out)]
+    if isinstance(out, (tuple, list)):
+        return [(str(i), value) for i, value in enumerate(out)]
+    return None
+
+
 def flatten_outputs(out: Any) -> list[torch.Tensor]:
-    """Every tensor in a model output (tensor, tuple, list, dict, HF ModelOutput), in order."""
+    """Every tensor in a model output (tensor, tuple, list, dict, HF ModelOutput, dataclass), in order."""
     if isinstance(out, torch.Tensor):
         return [out]
-    if isinstance(out, dict):
-        return [t for v in out.values() for t in flatten_outputs(v)]
-    if isinstance(out, (tuple, list)):
-        return [t for v in out for t in flatten_outputs(v)]
-    return []
+    items = output_items(out)
+    return [] if items is None else [t for _, value in items for t in flatten_outputs(value)]
 
 
 # Verification compares |dense - converted| with atol + VERIFY_RTOL * |dense|: float32 rounding of an

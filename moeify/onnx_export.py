@@ -48,6 +48,7 @@ or, for exact GELU only, `allow_approximate_gelu=True` (the op's tanh GELU; the 
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import io
 import logging
@@ -480,24 +481,62 @@ def _dynamic_dims(t: torch.Tensor) -> dict[int, str]:
     return dims
 
 
-def _axes_spec(bound: dict[str, Any], given: dict[str, dict[int, str]] | None) -> dict[str, dict[int, str]]:
-    """Dynamic axes per tensor input: `given` where it names the input, else inferred (`_dynamic_dims`)."""
-    given = dict(given or {})
-    unknown = sorted(set(given) - set(bound))
-    if unknown:
-        raise ExportError(f"dynamic_axes names {unknown}, which are not inputs of the model: use the forward "
-                          f"argument names {sorted(bound)}")
-    spec = {}
+def _leaves(bound: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The tensors of the inputs by the names the ONNX graph gives them: an input's own name, and for the
+    tensors inside a dict, dataclass, tuple or list input (`forward(self, batch)` with a dict batch) the
+    input's name and the key, field or index, joined by '_' (`batch_input_ids`), in the exporter's order."""
+    from moeify.convert import output_items
+
+    leaves: dict[str, torch.Tensor] = {}
+
+    def walk(value: Any, name: str) -> None:
+        if isinstance(value, torch.Tensor):
+            leaves[name] = value
+        for key, item in output_items(value) or ():
+            walk(item, f"{name}_{key}")
     for name, value in bound.items():
-        if not isinstance(value, torch.Tensor):
-            continue
+        walk(value, name)
+    return leaves
+
+
+def _map_leaves(value: Any, name: str, fn: Callable[[str, torch.Tensor], Any]) -> Any:
+    """`value` with each tensor in it replaced by fn(its `_leaves` name, it); containers rebuilt as dicts,
+    lists and tuples (what torch.export's dynamic_shapes and the inputs of a second check take)."""
+    from moeify.convert import output_items
+
+    if isinstance(value, torch.Tensor):
+        return fn(name, value)
+    items = output_items(value)
+    if items is None:
+        return value
+    mapped = {key: _map_leaves(item, f"{name}_{key}", fn) for key, item in items}
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a namedtuple
+        return type(value)(*mapped.values())
+    if isinstance(value, (tuple, list)):
+        return type(value)(mapped.values())
+    if isinstance(value, dict):
+        return dict(zip(value, mapped.values(), strict=True))
+    return dataclasses.replace(value, **mapped)
+
+
+def _axes_spec(bound: dict[str, Any], given: dict[str, dict[int, str]] | None) -> dict[str, dict[int, str]]:
+    """Dynamic axes per tensor input (`_leaves` names): `given` where it names the input, else inferred
+    (`_dynamic_dims`)."""
+    given = dict(given or {})
+    leaves = _leaves(bound)
+    unknown = sorted(set(given) - set(leaves))
+    if unknown:
+        raise ExportError(f"dynamic_axes names {unknown}, which are not inputs of the model: use the input "
+                          f"names {sorted(leaves)}")
+    spec = {}
+    for name, value in leaves.items():
         dims = dict(given[name]) if name in given else _dynamic_dims(value)
         bad = [d for d in dims if not (isinstance(d, int) and 0 <= d < value.dim())]
         if bad:
             raise ExportError(f"dynamic_axes[{name!r}] names dims {bad}, but that input has rank {value.dim()}: "
                               f"use dims 0..{value.dim() - 1}")
         spec[name] = dims
-    return _separate_sequences(bound, spec, set(given))
+    return _separate_sequences(leaves, spec, set(given))
 
 
 def _separate_sequences(bound: dict[str, Any], spec: dict[str, dict[int, str]],
@@ -611,7 +650,7 @@ def _flat_tensors(values: Any) -> list[torch.Tensor]:
 
 
 def _shape_text(bound: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={tuple(v.shape)}" for k, v in bound.items() if isinstance(v, torch.Tensor))
+    return ", ".join(f"{k}={tuple(v.shape)}" for k, v in _leaves(bound).items())
 
 
 # export -------------------------------------------------------------------------------------------
@@ -639,7 +678,8 @@ def _run_check(onnx_path: Path, model_proto, model: nn.Module, bound_list: list[
     drift = 0.0  # max |ORT - the model with its own activations| where the op approximates them
     names = [i.name for i in session.get_inputs()]
     for bound in bound_list:
-        tensors = [v for v in bound.values() if isinstance(v, torch.Tensor)]
+        leaves = _leaves(bound)
+        tensors = list(leaves.values())
         if len(tensors) != len(names):
             raise ExportError(f"the exported model has {len(names)} inputs but the example has {len(tensors)} "
                               "tensors: pass every tensor input explicitly")
@@ -654,8 +694,8 @@ def _run_check(onnx_path: Path, model_proto, model: nn.Module, bound_list: list[
             want = _flat_tensors(model(**bound))
         if len(got) != len(want):
             raise ExportError(f"the ONNX model returns {len(got)} outputs, PyTorch {len(want)}")
-        masks = [v for n, v in bound.items() if isinstance(v, torch.Tensor) and v.dim() == 2
-                 and (n == "attention_mask" or n.endswith("_attention_mask"))]
+        masks = [v for n, v in leaves.items()
+                 if v.dim() == 2 and (n == "attention_mask" or n.endswith("_attention_mask"))]
         compared = [_max_diff(torch.from_numpy(g), w, masks) for g, w in zip(got, want, strict=True)]
         diff = max((d for d, _ in compared), default=0.0)
         padded |= any(skipped for _, skipped in compared)
@@ -703,9 +743,10 @@ def _loosen_outputs(model_proto, got: list, bound: dict[str, Any], report: Expor
     another size that the output did not have the shape it expected. True when any changed."""
     changed = False
     sizes: dict[str, int] = {}
+    leaves = _leaves(bound)
     for name, dims in report.dynamic_axes.items():
         for d, axis in dims.items():
-            sizes.setdefault(axis, bound[name].shape[d])
+            sizes.setdefault(axis, leaves[name].shape[d])
     for value, array in zip(model_proto.graph.output, got, strict=False):
         for d, dim in enumerate(value.type.tensor_type.shape.dim):
             if dim.HasField("dim_value") and d < array.ndim and dim.dim_value != array.shape[d]:
@@ -771,15 +812,17 @@ def export_onnx(model: nn.Module, example_inputs: Sequence[Any] = (), path: str 
         dims = _axes_spec(bound, dynamic_axes)
         shared = {axis: torch.export.Dim(axis, min=1) for spec in dims.values() for axis in spec.values()}
         _refuse_var_keyword_inputs(model, bound)
-        dynamic_shapes = {name: ({d: shared[axis] for d, axis in dims[name].items()} if name in dims else None)
-                          for name in bound}
+        dynamic_shapes = {name: _map_leaves(value, name, lambda leaf, _: {d: shared[axis] for d, axis
+                                                                        in dims.get(leaf, {}).items()} or None)
+                          for name, value in bound.items()}
         report.dynamic_axes = {name: spec for name, spec in dims.items() if spec}
     elif dynamic_axes:
         raise ExportError("dynamic_axes was given with dynamic=False: drop one of them")
 
     table = fused_translation_table(allow_approximate_gelu) if any(p[2].fused for p in plans) else None
     try:
-        with torch.no_grad(), eval_mode(model), _lowered_layers(plans), _quiet_torch_internals():
+        with torch.no_grad(), eval_mode(model), _lowered_layers(plans), _quiet_torch_internals(), \
+                _dataclasses_as_pytrees(example_out):
             program = torch.onnx.export(model, (), kwargs=bound, dynamo=True, dynamic_shapes=dynamic_shapes,
                                         custom_translation_table=table, opset_version=OPSET, optimize=True,
                                         external_data=False, verbose=False)
@@ -803,7 +846,8 @@ def export_onnx(model: nn.Module, example_inputs: Sequence[Any] = (), path: str 
     inputs = [bound]
     if check and report.dynamic_axes:
         gen = torch.Generator().manual_seed(0)
-        inputs.append({n: _resized(v, dims.get(n) or {}, gen) for n, v in bound.items()})
+        inputs.append({n: _map_leaves(v, n, lambda leaf, t: _resized(t, dims.get(leaf) or {}, gen))
+                       for n, v in bound.items()})
     elif check:
         report.notes.append("no dynamic axis: checked at the example shape only")
 
@@ -951,9 +995,10 @@ def _root_cause(exc: BaseException) -> str:
 def _size_one_hint(bound: dict[str, Any], report: ExportReport, fixed: dict[str, int] | None = None) -> str | None:
     """The fix when the example has size 1 on a dynamic axis: torch.export takes an axis of size 1 for a
     constant (its 0/1 specialisation), which fails or fixes that axis whatever the model does."""
+    leaves = _leaves(bound)
     ones = sorted({axis for axis, size in (fixed or {}).items() if size == 1} |
                   {axis for name, dims in report.dynamic_axes.items() for d, axis in dims.items()
-                   if isinstance(bound.get(name), torch.Tensor) and bound[name].shape[d] == 1})
+                   if name in leaves and leaves[name].shape[d] == 1})
     if not ones:
         return None
     return (f"the example has size 1 on the dynamic axis {', '.join(ones)}, which torch.export takes for a constant: "
@@ -966,12 +1011,39 @@ def _export_hint(root: str, mode: str, dynamic: bool) -> str:
     if "cache_utils" in root:  # a transformers Cache among the outputs: torch.export cannot flatten it
         return ("the model returns a transformers cache: pass use_cache=False in example_kwargs (for `moeify "
                 "export`: example_inputs() in the model file returning ((ids,), {'use_cache': False}))")
+    if "register a pytree" in root:  # an output object torch.export cannot flatten
+        return ("the model returns an object torch.export cannot take apart (named above), in every mode: return "
+                "tensors, or tuples, lists, dicts or dataclasses of them")
     if root.startswith("GuardOnDataDependentSymNode"):  # the forward's Python control flow reads a tensor
         return ("the forward branches on a tensor's values (a Python `if` or `bool()` on a tensor), which a graph "
                 "cannot hold: compute both sides and pick with torch.where, or use torch.cond")
     tries = (["mode='portable' (CLI: --mode portable)"] if mode != "portable" else []) + (
         ["dynamic=False (CLI: --static)"] if dynamic else [])
     return f"try {' or '.join(tries)}" if tries else "please report it with the model"
+
+
+@contextmanager
+def _dataclasses_as_pytrees(out: Any):
+    """Inside, the dataclass types in a model output are pytree nodes, as torch.export needs to flatten the
+    output (it knows no user dataclass); afterwards torch knows them as it did before."""
+    from moeify.convert import output_items
+
+    found: list[type] = []
+
+    def walk(value: Any) -> None:
+        kind = type(value)
+        if dataclasses.is_dataclass(value) and kind not in pytree.SUPPORTED_NODES and kind not in found:
+            found.append(kind)
+        for _, item in output_items(value) or ():
+            walk(item)
+    walk(out)
+    for kind in found:
+        pytree.register_dataclass(kind)
+    try:
+        yield
+    finally:
+        for kind in found:
+            pytree._deregister_pytree_node(kind)
 
 
 def _fused_calls(model: nn.Module, bound: dict[str, Any], plans) -> tuple[int, Any]:
@@ -995,15 +1067,19 @@ def _fused_calls(model: nn.Module, bound: dict[str, Any], plans) -> tuple[int, A
 # outputs ------------------------------------------------------------------------------------------
 def _output_names(out: Any, prefix: str = "") -> list[str]:
     """A name for each tensor `flatten_outputs` finds in `out`, in its order: a dict's (a Hugging Face
-    ModelOutput's) keys, `_i` after a sequence's name for its items, `output` for an unnamed root
+    ModelOutput's) keys or a dataclass's fields, `_i` after a sequence's name for its items, `output` for an
+    unnamed root
     (`logits`, `hidden_states_0`; `output`; `output_0`, `output_1_0`)."""
+    from moeify.convert import output_items
+
     if isinstance(out, torch.Tensor):
         return [prefix or "output"]
-    if isinstance(out, dict):
-        return [n for key, v in out.items() for n in _output_names(v, f"{prefix}_{key}" if prefix else str(key))]
-    if isinstance(out, (tuple, list)):
-        return [n for i, v in enumerate(out) for n in _output_names(v, f"{prefix or 'output'}_{i}")]
-    return []
+    items = output_items(out)
+    if items is None:
+        return []
+    if isinstance(out, (tuple, list)):  # items named by index: after the sequence's name
+        return [n for i, v in items for n in _output_names(v, f"{prefix or 'output'}_{i}")]
+    return [n for key, v in items for n in _output_names(v, f"{prefix}_{key}" if prefix else key)]
 
 
 def _chosen_output_names(out: Any, given: Sequence[str] | None) -> list[str]:

@@ -1,9 +1,11 @@
 """moeify.convert on the core examples x routers: function preservation, gradients, aux loss, training."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
+from torch import nn
 
 import moeify
 from moeify.errors import NoFFNRegionError, VerificationError
@@ -552,3 +554,39 @@ def test_a_model_with_experts_of_its_own_says_what_was_converted():
     assert "Qwen2MoeSparseMoeBlock" in note and "only its dense FFNs were converted" in note
     plain = moeify.convert(load_example("gpt").build_model(), moeify.MoEConfig(num_experts=4, top_k=2), verify=False)
     assert not any("of its own" in n for n in plain.report.notes)
+
+
+@dataclasses.dataclass
+class _Out:
+    logits: torch.Tensor
+
+
+class _DataclassOut(nn.Module):
+    def __init__(self, as_dataclass: bool = True):
+        super().__init__()
+        torch.manual_seed(0)
+        self.mlp, self.as_dataclass = nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 8)), as_dataclass
+
+    def forward(self, x):
+        y = x + self.mlp(x)
+        return _Out(y) if self.as_dataclass else "no tensor here"
+
+
+def test_verification_compares_the_tensors_of_a_dataclass_output():
+    """A dataclass output held no tensor the check could see: it compared nothing and reported 0 moved
+    (0.632 in the audit's model). A capacity that drops tokens must show its real difference."""
+    x = torch.randn(2, 16, 8, generator=torch.Generator().manual_seed(1))
+    dense = _DataclassOut()
+    cfg = moeify.MoEConfig(num_experts=4, top_k=1, router="switch", capacity_factor=0.25)
+    result = moeify.convert(dense, cfg, example_inputs=(x,))
+    with torch.no_grad():
+        moved = (result.model.eval()(x).logits - dense(x).logits).abs().max().item()
+    assert moved > 0.01 and result.report.max_abs_diff == pytest.approx(moved)
+
+
+def test_an_output_with_no_tensor_is_refused_rather_than_checked_against_nothing():
+    x = torch.randn(2, 4, 8)
+    with pytest.raises(VerificationError, match="output holds no tensor .* verify=False"):
+        moeify.convert(_DataclassOut(as_dataclass=False), moeify.MoEConfig(num_experts=4), example_inputs=(x,))
+    moeify.convert(_DataclassOut(as_dataclass=False), moeify.MoEConfig(num_experts=4), example_inputs=(x,),
+                   verify=False)

@@ -9,6 +9,7 @@ the heavier example exports are marked slow.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import subprocess
@@ -635,18 +636,69 @@ class ReturnsBox(OneMLP):
         return self.mlp(x), _Box(x)
 
 
-@pytest.mark.parametrize(("mode", "dynamic", "hint"), [("fused", True, "try mode='portable' (CLI: --mode portable) "
-                                                                        "or dynamic=False (CLI: --static)"),
-                                                       ("portable", True, "try dynamic=False (CLI: --static)"),
-                                                       ("portable", False, "please report it with the model")])
-def test_an_export_failure_names_its_root_cause_and_only_untried_options(mode, dynamic, hint, tmp_path):
+@pytest.mark.parametrize(("mode", "dynamic"), [("fused", True), ("portable", True), ("portable", False)])
+def test_an_export_failure_names_its_root_cause_and_a_fix_that_applies(mode, dynamic, tmp_path):
+    """An output torch.export cannot flatten fails in every mode: the hint says what to return (it said to
+    try the portable mode, which failed the same way)."""
     x = torch.randn(2, 5, D)
     model = moeify.convert(ReturnsBox(), MoEConfig(num_experts=E, top_k=2), example_inputs=(x,)).model
     with pytest.raises(ExportError) as info:
         export_onnx(model, (x,), tmp_path / "box.onnx", mode=mode, dynamic=dynamic)
     message = str(info.value)
-    assert "_Box" in message and message.endswith(hint)  # the innermost error, not the exporter's "step 1/3"
+    assert "_Box" in message  # the innermost error, not the exporter's "step 1/3"
+    assert message.endswith("return tensors, or tuples, lists, dicts or dataclasses of them")
     assert not (tmp_path / "box.onnx").exists()
+
+
+@pytest.mark.parametrize(("mode", "dynamic", "hint"), [("fused", True, "try mode='portable' (CLI: --mode portable) "
+                                                                        "or dynamic=False (CLI: --static)"),
+                                                       ("portable", True, "try dynamic=False (CLI: --static)"),
+                                                       ("portable", False, "please report it with the model")])
+def test_an_unrecognised_export_failure_suggests_only_untried_options(mode, dynamic, hint):
+    assert moeify.onnx_export._export_hint("RuntimeError: something new", mode, dynamic) == hint
+
+
+@dataclasses.dataclass
+class Prediction:  # a user dataclass: no pytree until the export registers it
+    logits: torch.Tensor
+    hidden: torch.Tensor
+
+
+class DictInDataclassOut(OneMLP):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(40, D)
+
+    def forward(self, batch):
+        x = self.embed(batch["input_ids"]) + batch["features"][0] * batch["features"][1]
+        return Prediction(logits=self.mlp(x), hidden=x)
+
+
+@pytest.mark.parametrize("mode", ["fused", "portable"])
+def test_a_dict_input_and_a_dataclass_output_export_with_dynamic_axes(mode, tmp_path):
+    """`forward(self, batch)` with a dict batch failed with torch's IndexError (its dynamic_shapes did not
+    follow the dict), and the check counted no tensor in it; a dataclass output failed in torch.export."""
+    def batch(B, S, seed):
+        g = torch.Generator().manual_seed(seed)
+        return {"input_ids": torch.randint(0, 40, (B, S), generator=g),
+                "features": [torch.randn(B, S, D, generator=g), torch.randn(B, S, D, generator=g)]}
+
+    example = (batch(2, 6, 0),)
+    model = moeify.convert(DictInDataclassOut(), MoEConfig(num_experts=E, top_k=2), example_inputs=example).model
+    report = export_onnx(model, example, tmp_path / "m.onnx", mode=mode)
+    assert report.signature == ("inputs: batch_input_ids[batch, seq], batch_features_0[batch, seq, 16], "
+                                "batch_features_1[batch, seq, 16]; outputs: logits[batch, seq, 16], "
+                                "hidden[batch, seq, 16]")
+    assert len(report.checks) == 2, report  # the check ran at a second shape
+    (other,) = (batch(3, 9, 1),)
+    session = open_session(tmp_path / "m.onnx")
+    got = session.run({"batch_input_ids": other["input_ids"].numpy(), "batch_features_0": other["features"][0].numpy(),
+                       "batch_features_1": other["features"][1].numpy()}, ["logits", "hidden"])
+    with torch.no_grad():
+        want = model(other)
+    np.testing.assert_allclose(got[0], want.logits.numpy(), atol=ATOL_MODEL, rtol=0)
+    np.testing.assert_allclose(got[1], want.hidden.numpy(), atol=ATOL_MODEL, rtol=0)
+    assert Prediction not in torch.utils._pytree.SUPPORTED_NODES  # registered for the export only
 
 
 @pytest.mark.slow
