@@ -167,12 +167,15 @@ def main(debug: bool) -> None:
 @handle_errors
 def inspect(model_spec: str) -> None:
     """List the FFN regions of MODEL_SPEC (model.py[:NAME]) and the candidates skipped, without converting."""
-    from moeify.convert import find_regions, task_heads
+    from moeify.convert import find_regions, nearest_candidates, task_heads
     from moeify.passes.plan_regions import plan_regions
 
     model, _, _ = load_model(model_spec)
     found, skipped, cap = find_regions(model)
     skipped = skipped + plan_regions([f.owner for f in found], MoEConfig(), task_heads(found))[1]  # as convert's
+    if not found and not skipped:  # nothing to list: say why, as convert would
+        click.echo(f"{type(model).__name__}: 0 FFN regions: {nearest_candidates(skipped, model, cap)}")
+        return
     click.echo(f"{type(model).__name__}: {len(found)} FFN region(s)")
     rows = [("owner", "kind", "activation", "d_model", "d_ff", "linears", "captured by")]
     rows += [(f.owner or "<model>", f.region.kind, f.region.activation or "-", str(f.region.d_model),

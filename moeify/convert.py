@@ -172,7 +172,7 @@ def _distinct_regions(found: list[FoundRegion]) -> tuple[list[FoundRegion], list
     return kept, skipped
 
 
-def _nearest(skipped: list[Skip], model: nn.Module | None = None, cap: capture_mod.Capture | None = None,
+def nearest_candidates(skipped: list[Skip], model: nn.Module | None = None, cap: capture_mod.Capture | None = None,
              limit: int = 5) -> str:
     if not skipped and model is not None:
         moe = native_moe_types(model)
@@ -324,10 +324,14 @@ def _rewrite(model: nn.Module, cfg: MoEConfig, example_inputs: tuple, example_kw
     else:
         none_inputs = {}
     found, skipped, cap = find_regions(converted, none_inputs)
+    if not found and (done := moe_layers(model)):
+        raise NoFFNRegionError(f"{type(model).__name__} has {len(done)} MoE layer(s) ({', '.join(list(done)[:3])}"
+                               f"{', ...' if len(done) > 3 else ''}) and no dense FFN left: it was converted "
+                               "already; convert the dense model (result.model is the converted one)")
     if not found:
         raise NoFFNRegionError(f"no FFN region found in {type(model).__name__}: nearest candidates: "
-                               f"{_nearest(skipped, model, cap)}. moeify converts Linear -> act -> Linear and "
-                               "gated FFNs")
+                               f"{nearest_candidates(skipped, model, cap)}. moeify converts Linear -> act -> Linear "
+                               "and gated FFNs")
     if only is not None:
         wanted = {tuple(k) for k in only}
         selected = [i for i, f in enumerate(found) if f.key in wanted]
@@ -340,7 +344,7 @@ def _rewrite(model: nn.Module, cfg: MoEConfig, example_inputs: tuple, example_kw
         selected, plan_skips = plan_regions([f.owner for f in found], cfg, task_heads(found))
     if not selected:
         raise NoFFNRegionError(f"{len(found)} FFN region(s) found ({', '.join(f.owner or '<model>' for f in found)}) "
-                               f"but the config selected none: {_nearest(plan_skips)}")
+                               f"but the config selected none: {nearest_candidates(plan_skips)}")
 
     tied = _tied_weights(converted, [found[i] for i in selected])  # read before the rewrite removes the Linears
     report = ConversionReport(model_class=type(model).__name__, skipped=skipped + plan_skips,

@@ -3,6 +3,7 @@ leave padding out of them (`token_mask`)."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -23,12 +24,17 @@ def aux_losses(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
 def aux_loss(model: nn.Module) -> torch.Tensor:
     """Weighted sum of every MoE layer's aux losses from the last forward (a scalar with grad).
 
-    Add it to the task loss. Zero (without grad) when the model has no MoE layer, all
-    coefficients are zero, or the forward ran with autograd off (`torch.no_grad()`, as in
-    inference): routers then compute no losses, since nothing can train on them.
+    Add it to the task loss. Zero (without grad) when the model has no MoE layer (with a warning:
+    the dense model passed by mistake), all coefficients are zero, or the forward ran with autograd
+    off (`torch.no_grad()`, as in inference): routers then compute no losses, since nothing can
+    train on them.
     """
     total = None
-    for losses in aux_losses(model).values():
+    layers = aux_losses(model)
+    if not layers:
+        warnings.warn(f"moeify.aux_loss: {type(model).__name__} has no MoE layer, so its aux loss is 0; pass the "
+                      "converted model (result.model), not the dense one", UserWarning, stacklevel=2)
+    for losses in layers.values():
         for value in losses.values():
             total = value if total is None else total + value
     if total is None:

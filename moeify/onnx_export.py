@@ -671,9 +671,13 @@ def _run_check(onnx_path: Path, model_proto, model: nn.Module, bound_list: list[
                report: ExportReport) -> bool:
     """onnxruntime on the written file against PyTorch at each input set; True when the declared output
     shapes had to be loosened (`model_proto` changed)."""
+    import onnxruntime as ort
+
     from moeify.inference import open_session
 
     session = open_session(onnx_path, providers=("CPUExecutionProvider",)).session
+    quiet_run = ort.RunOptions()
+    quiet_run.log_severity_level = 4  # a failed run is reported in the ExportError, not logged to stderr too
     loosened = padded = False
     drift = 0.0  # max |ORT - the model with its own activations| where the op approximates them
     names = [i.name for i in session.get_inputs()]
@@ -685,10 +689,10 @@ def _run_check(onnx_path: Path, model_proto, model: nn.Module, bound_list: list[
                               "tensors: pass every tensor input explicitly")
         feeds = {n: t.detach().cpu().numpy() for n, t in zip(names, tensors, strict=True)}
         try:
-            got = session.run(None, feeds)
+            got = session.run(None, feeds, quiet_run)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own pybind error types
             raise ExportError(f"onnxruntime failed to run the exported model at {_shape_text(bound)} "
-                              f"({one_line(exc, limit=300)}); nothing was written") from exc
+                              f"({one_line(exc, limit=300)}); nothing was written{_rnn_hint(model, report)}") from exc
         loosened |= _loosen_outputs(model_proto, got, bound, report)
         with torch.no_grad(), eval_mode(model), _reference_activation(plans):
             want = _flat_tensors(model(**bound))
@@ -719,6 +723,18 @@ def _run_check(onnx_path: Path, model_proto, model: nn.Module, bound_list: list[
         report.notes.append(f"the op's tanh GELU moves the outputs by up to {drift:.3g} from the model's exact GELU "
                             "(the check compared with PyTorch in tanh GELU)")
     return loosened
+
+
+def _rnn_hint(model: nn.Module, report: ExportReport) -> str:
+    """Why a graph with a sequence-first recurrent layer fails at another length: torch.export keeps the
+    example's sequence length inside a batch_first=False nn.LSTM / GRU / RNN (the dense model fails alike)."""
+    rnns = [name for name, m in model.named_modules() if isinstance(m, nn.RNNBase) and not m.batch_first]
+    if not rnns or not report.dynamic_axes:
+        return ""
+    axes = {name: {1: "batch"} for name in report.dynamic_axes}  # sequence-first inputs: (seq, batch, ...)
+    return (f". {type(model).__name__} runs {rnns[0]} sequence-first (batch_first=False), whose sequence length "
+            f"torch.export fixes at the example's: let only the batch vary, e.g. dynamic_axes={axes} for "
+            "(seq, batch) inputs (CLI: --dynamic-axes), or build the recurrent layers with batch_first=True")
 
 
 def _max_diff(got: torch.Tensor, want: torch.Tensor, masks: list[torch.Tensor]) -> tuple[float, bool]:

@@ -55,6 +55,9 @@ def format_stats(rows: list[LayerStats]) -> str:
     """A table, one line per layer with each expert's share of the kept assignments; a layer whose
     capacity limit dropped some gets a second line with the shares the router chose (its demand)."""
     expect_type(rows, (list, tuple), "format_stats' rows", "pass what moeify.router_stats(model) returned")
+    if not rows:  # an empty table said nothing
+        return ("no MoE layer ran in the model's last forward (router_stats(model) of the converted model, after a "
+                "forward)")
     width = max([28, *(len(r.layer) for r in rows)])  # Hugging Face names run past 28 characters
     lines = [f"{'layer':<{width}} {'tokens':>7} {'dropped':>8} {'entropy':>8}  share per expert"]
     for r in rows:

@@ -34,6 +34,12 @@ def test_inspect_lists_regions_and_refusals(tmp_path):
     assert r.exit_code == 0, r.output
     assert "3 FFN region(s)" in r.output
     assert "  - discriminator_predictions: a task head, not a block's FFN" in r.output
+    # nothing found and nothing skipped: why, as convert says it (it printed an empty table)
+    cnn = write(tmp_path, "cnn.py", "import torch\ndef build_model():\n    return torch.nn.Sequential("
+                "torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3))\n")
+    r = run("inspect", cnn)
+    assert r.exit_code == 0, r.output
+    assert r.output == "Sequential: 0 FFN regions: no Linear layer was seen in the parts of the model that trace\n"
 
 
 def test_convert_writes_plan_and_weights(tmp_path):

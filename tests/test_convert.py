@@ -590,3 +590,11 @@ def test_an_output_with_no_tensor_is_refused_rather_than_checked_against_nothing
         moeify.convert(_DataclassOut(as_dataclass=False), moeify.MoEConfig(num_experts=4), example_inputs=(x,))
     moeify.convert(_DataclassOut(as_dataclass=False), moeify.MoEConfig(num_experts=4), example_inputs=(x,),
                    verify=False)
+
+
+def test_converting_a_converted_model_says_so():
+    """It listed the attention Linears as the nearest candidates, and not that the FFNs were MoE layers already."""
+    ex = load_example("gpt")
+    result = moeify.convert(ex.build_model(), moeify.MoEConfig(num_experts=4), example_inputs=ex.example_inputs())
+    with pytest.raises(NoFFNRegionError, match=r"has 2 MoE layer\(s\) .* converted already; convert the dense model"):
+        moeify.convert(result.model, moeify.MoEConfig(num_experts=4), example_inputs=ex.example_inputs())

@@ -8,6 +8,7 @@ balancing loss.
 """
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -356,3 +357,19 @@ def test_every_loss_reaches_aux_loss_per_layer(example):
 def test_load_loss_needs_noisy_router():
     with pytest.raises(moeify.MoeifyError, match="load_coef.*noisy_topk"):
         moeify.MoEConfig(router="topk", load_coef=0.1)
+
+
+def test_aux_loss_of_a_model_without_moe_layers_warns_and_format_stats_says_none_ran(example):
+    """The dense model passed by mistake gave a silent 0 (and router_stats an empty table)."""
+    ex = example("gpt")
+    dense = ex.build_model()
+    with pytest.warns(UserWarning, match="has no MoE layer, so its aux loss is 0; pass the converted model"):
+        assert moeify.aux_loss(dense).item() == 0.0
+    assert moeify.format_stats(moeify.router_stats(dense)).startswith("no MoE layer ran in the model's last forward")
+    model = moeify.convert(dense, moeify.MoEConfig(num_experts=4)).model
+    assert moeify.format_stats(moeify.router_stats(model)).startswith("no MoE layer ran")  # before any forward
+    model(*ex.example_inputs())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert moeify.aux_loss(model).item() > 0
+    assert moeify.format_stats(moeify.router_stats(model)).startswith("layer")

@@ -326,6 +326,47 @@ def test_lstm_lm_fused_in_fresh_process(tmp_path):
     assert "does not match actual shape" not in done.stderr, done.stderr[-3000:]
 
 
+@pytest.mark.slow
+def test_sequence_first_lstm_export_names_the_fixed_length_and_exports_with_the_batch_axis_only(tmp_path):
+    """A batch_first=False nn.LSTM exports with its sequence length fixed by torch.export (the dense model
+    too): the check fails at another length in onnxruntime, and the error says why and what to pass (it
+    named only a Reshape node, and onnxruntime also logged the failure to stderr). A fresh process, as above."""
+    code = textwrap.dedent(f"""
+        import torch, moeify
+        from torch import nn
+        from moeify.errors import ExportError
+        from moeify.onnx_export import export_onnx
+
+        class SeqFirst(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.emb, self.rnn1, self.rnn2 = nn.Embedding(50, 16), nn.LSTM(16, 24), nn.LSTM(16, 24)
+                self.ffn = nn.Sequential(nn.Linear(24, 64), nn.ReLU(), nn.Linear(64, 16))
+                self.out = nn.Linear(24, 50)
+
+            def forward(self, ids):  # (seq, batch)
+                return self.out(self.rnn2(self.ffn(self.rnn1(self.emb(ids))[0]))[0])
+
+        torch.manual_seed(0)
+        ids = torch.randint(0, 50, (12, 2))
+        model = moeify.convert(SeqFirst().eval(), moeify.MoEConfig(num_experts=4, top_k=2), example_inputs=(ids,)).model
+        try:
+            export_onnx(model, (ids,), {str(tmp_path / 'a.onnx')!r}, mode="portable")
+            raise SystemExit("exported")
+        except ExportError as exc:
+            print("ERROR:", exc)
+        report = export_onnx(model, (ids,), {str(tmp_path / 'b.onnx')!r}, mode="portable",
+                             dynamic_axes={{"ids": {{1: "batch"}}}})
+        assert len(report.checks) == 2 and all(d <= 1e-4 for _, d in report.checks), report
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "rnn1 sequence-first (batch_first=False)" in done.stdout, done.stdout
+    assert "dynamic_axes={'ids': {1: 'batch'}}" in done.stdout and "nothing was written" in done.stdout
+    assert "[E:onnxruntime" not in done.stderr, done.stderr[-3000:]
+    assert not (tmp_path / "a.onnx").exists()
+
+
 # refusals: typed error, nothing written -----------------------------------------------------------------
 REFUSALS = [
     pytest.param("gpt", {}, "fused", {}, "allow_approximate_gelu", id="exact-gelu-fused"),
