@@ -470,10 +470,14 @@ def _rewrite_owner(model: nn.Module, owner: str, group: list[FoundRegion], cfg: 
         owner_module.activation_relu_or_gelu = False
     report.changes += [f"{owner or '<model>'}: {c}" for c in log.changes]
     report.skipped += log.skipped
+    seen_notes = {f.key: f.region.notes for f in group}  # found on the discovery trace: notes about the region's
+    # surroundings (an input transposed by the caller) are not visible on the owner's own trace
     for region, (name, layer) in zip(firsts.values(), rewrite.installed.items(), strict=True):
         sites = calls[region.key]
-        notes = list(region.notes) + ([f"called at {sites} places of {owner or '<model>'}'s forward: one MoE layer, "
-                                       "its weights shared as the dense FFN's were"] if sites > 1 else [])
+        key = tuple(sorted(_join(prefix, n) for n in region.linears.values()))
+        shared = [f"called at {sites} places of {owner or '<model>'}'s forward: one MoE layer, its weights shared "
+                  "as the dense FFN's were"] if sites > 1 else []
+        notes = list(dict.fromkeys([*seen_notes.get(key, []), *region.notes])) + shared
         report.regions.append(RegionReport(
             name=_join(owner, name), owner=owner, kind=region.kind, activation=region.activation,
             d_model=region.d_model, d_ff=region.d_ff, linears=[_join(prefix, n) for n in region.linears.values()],

@@ -124,6 +124,22 @@ def _is_inplace_activation(node: fx.Node) -> bool:
         node.kwargs.get("inplace") is True
 
 
+AXES_SWAPS = frozenset({"transpose", "permute", "swapaxes", "swapdims", "t", "mT"})
+
+
+def _axes_swap(node: fx.Node) -> str | None:
+    """How `node` moves its input's axes (`transpose`, `permute`, `.mT`, ...), or None when it does not."""
+    if node.op == "call_method" and node.target in AXES_SWAPS:
+        return str(node.target)
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        if name in AXES_SWAPS:
+            return name
+        if name == "getattr" and len(node.args) > 1 and node.args[1] in AXES_SWAPS:
+            return str(node.args[1])
+    return None
+
+
 def _users(node: fx.Node) -> str:
     return ", ".join(u.name for u in node.users) or "nothing"
 
@@ -495,6 +511,11 @@ class FindFFNRegions(GraphPass):
             if region.kind != "projection" and region.d_out != region.d_model:
                 region.notes.append(f"it maps {region.d_model} features to {region.d_out}, which a transformer FFN "
                                     "does not: it may be a head; MoEConfig(exclude=...) keeps it dense")
+            if (swap := _axes_swap(region.input)) is not None:
+                region.notes.append(f"its input comes through {swap}: it mixes along another axis than the features "
+                                    "(MLP-Mixer's token mixing), so its MoE routes rows that are not the model's "
+                                    "tokens, and moeify.token_mask cannot mask them; MoEConfig(exclude=...) keeps "
+                                    "it dense")
         position = _position(gm.graph)
         regions.sort(key=lambda r: position(r.output))
         return PassResult(gm, modified=False, skipped=skipped, analysis=regions,

@@ -633,3 +633,28 @@ def test_swiglu_with_a_division_near_misses_are_refused(miss, reason, fused):
     with pytest.raises(NoFFNRegionError):
         moeify.convert(DividedNearMiss(miss, fused), moeify.MoEConfig(num_experts=4, top_k=2),
                        example_inputs=(torch.randn(5, 8),))
+
+
+class _MixerBlock(nn.Module):
+    """MLP-Mixer: a token-mixing MLP over the patch axis (its input transposed), then a channel MLP."""
+
+    def __init__(self, patches=6, d=8):
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.token_mixing = nn.Sequential(nn.Linear(patches, 12), nn.GELU(), nn.Linear(12, patches))
+        self.channel_mixing = nn.Sequential(nn.Linear(d, 32), nn.GELU(), nn.Linear(32, d))
+
+    def forward(self, x):  # (B, patches, d)
+        x = x + self.token_mixing(self.norm(x).transpose(1, 2)).transpose(1, 2)
+        return x + self.channel_mixing(self.norm(x))
+
+
+def test_an_ffn_over_a_transposed_input_is_noted_in_the_conversion_report():
+    """Its MoE routes (batch x channel) rows, not tokens, and token_mask cannot mask them: converted, with a note
+    (the note is found on the block's trace, and kept when the rewrite traces the MLP on its own)."""
+    x = torch.randn(2, 6, 8)
+    report = moeify.convert(_MixerBlock(), moeify.MoEConfig(num_experts=4), example_inputs=(x,)).report
+    notes = {r.owner: r.notes for r in report.regions}
+    assert notes["channel_mixing"] == []
+    assert len(notes["token_mixing"]) == 1 and notes["token_mixing"][0].startswith(
+        "its input comes through transpose: it mixes along another axis than the features (MLP-Mixer's token mixing)")
