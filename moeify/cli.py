@@ -179,7 +179,7 @@ def inspect(model_spec: str) -> None:
     click.echo(f"{type(model).__name__}: {len(found)} FFN region(s)")
     rows = [("owner", "kind", "activation", "d_model", "d_ff", "linears", "captured by")]
     rows += [(f.owner or "<model>", f.region.kind, f.region.activation or "-", str(f.region.d_model),
-              str(f.region.d_ff or "-"), ", ".join(f.key), f.unit.how) for f in found]
+              str(f.region.d_ff or "-"), ", ".join(dict.fromkeys(f.key)), f.unit.how) for f in found]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())

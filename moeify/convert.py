@@ -366,7 +366,7 @@ def _rewrite(model: nn.Module, cfg: MoEConfig, example_inputs: tuple, example_kw
                 capture_mod.remove_modules(f.unit.graph_module, list(f.region.linears.values()))
 
     for region in report.regions:
-        region.notes += [tied[name] for name in region.linears if name in tied]
+        region.notes += [tied[name] for name in dict.fromkeys(region.linears) if name in tied]
     for module in converted.modules():  # a new layer is born in training mode: give it its parent's mode
         for child in module.children():
             if isinstance(child, MoELayer):
@@ -398,14 +398,22 @@ def _tied_weights(model: nn.Module, selected: list[FoundRegion]) -> dict[str, st
             if param is not None:
                 holders.setdefault(id(param), []).append(_join(path, name))
     for f in selected:
-        own = {_join(f.unit.path, n) for n in f.region.linears.values()}
+        roles: dict[str, list[str]] = {}
+        for role, name in f.region.linears.items():
+            roles.setdefault(_join(f.unit.path, name), []).append(role)
+        for linear, its_roles in roles.items():  # one Linear in two places of the FFN: fc(act(fc(x)))
+            if len(its_roles) > 1:
+                notes[linear] = (f"{linear} is the FFN's {' and its '.join(its_roles)}: each expert gets a copy for "
+                                 "each, so that tie is not kept")
+        own = set(roles)
         for linear in sorted(own):
             module = model.get_submodule(linear)
             others = sorted({h for p in module._parameters.values() if p is not None for h in holders[id(p)]
                              if h.rpartition(".")[0] not in own})
             if others:
-                notes[linear] = (f"{linear} shares parameters with {', '.join(others[:3])}: its experts are copies, "
-                                 "so that tie is not kept")
+                notes[linear] = (f"{notes[linear]}; " if linear in notes else "") + (
+                    f"{linear} shares parameters with {', '.join(others[:3])}: its experts are copies, so that tie is "
+                    "not kept")
     return notes
 
 
@@ -470,14 +478,15 @@ def _rewrite_owner(model: nn.Module, owner: str, group: list[FoundRegion], cfg: 
         owner_module.activation_relu_or_gelu = False
     report.changes += [f"{owner or '<model>'}: {c}" for c in log.changes]
     report.skipped += log.skipped
-    seen_notes = {f.key: f.region.notes for f in group}  # found on the discovery trace: notes about the region's
-    # surroundings (an input transposed by the caller) are not visible on the owner's own trace
+    # the notes of the discovery trace, which sees the region's surroundings (an input transposed by the caller,
+    # an output feeding an LSTM), where the owner's own trace sees its forward's inputs and outputs
+    seen_notes = {f.key: f.region.notes for f in group}
     for region, (name, layer) in zip(firsts.values(), rewrite.installed.items(), strict=True):
         sites = calls[region.key]
         key = tuple(sorted(_join(prefix, n) for n in region.linears.values()))
         shared = [f"called at {sites} places of {owner or '<model>'}'s forward: one MoE layer, its weights shared "
                   "as the dense FFN's were"] if sites > 1 else []
-        notes = list(dict.fromkeys([*seen_notes.get(key, []), *region.notes])) + shared
+        notes = list(seen_notes.get(key, region.notes)) + shared
         report.regions.append(RegionReport(
             name=_join(owner, name), owner=owner, kind=region.kind, activation=region.activation,
             d_model=region.d_model, d_ff=region.d_ff, linears=[_join(prefix, n) for n in region.linears.values()],

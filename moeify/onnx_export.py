@@ -499,17 +499,19 @@ def _leaves(bound: dict[str, Any]) -> dict[str, torch.Tensor]:
     return leaves
 
 
-def _map_leaves(value: Any, name: str, fn: Callable[[str, torch.Tensor], Any]) -> Any:
-    """`value` with each tensor in it replaced by fn(its `_leaves` name, it); containers rebuilt as dicts,
-    lists and tuples (what torch.export's dynamic_shapes and the inputs of a second check take)."""
+def _map_leaves(value: Any, name: str, fn: Callable[[str, torch.Tensor], Any],
+                other: Callable[[Any], Any] | None = None) -> Any:
+    """`value` with each tensor in it replaced by fn(its `_leaves` name, it), and anything else that is
+    not a container by other(it) (default: kept); containers rebuilt as dicts, lists and tuples (what
+    torch.export's dynamic_shapes, None for a non-tensor, and the inputs of a second check take)."""
     from moeify.convert import output_items
 
     if isinstance(value, torch.Tensor):
         return fn(name, value)
     items = output_items(value)
     if items is None:
-        return value
-    mapped = {key: _map_leaves(item, f"{name}_{key}", fn) for key, item in items}
+        return value if other is None else other(value)
+    mapped = {key: _map_leaves(item, f"{name}_{key}", fn, other) for key, item in items}
     if isinstance(value, tuple) and hasattr(value, "_fields"):  # a namedtuple
         return type(value)(*mapped.values())
     if isinstance(value, (tuple, list)):
@@ -829,7 +831,8 @@ def export_onnx(model: nn.Module, example_inputs: Sequence[Any] = (), path: str 
         shared = {axis: torch.export.Dim(axis, min=1) for spec in dims.values() for axis in spec.values()}
         _refuse_var_keyword_inputs(model, bound)
         dynamic_shapes = {name: _map_leaves(value, name, lambda leaf, _: {d: shared[axis] for d, axis
-                                                                        in dims.get(leaf, {}).items()} or None)
+                                                                        in dims.get(leaf, {}).items()} or None,
+                                            other=lambda _: None)
                           for name, value in bound.items()}
         report.dynamic_axes = {name: spec for name, spec in dims.items() if spec}
     elif dynamic_axes:

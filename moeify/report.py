@@ -129,7 +129,7 @@ class ConversionReport:
 
     def table(self) -> str:
         rows = [("MoE layer", "kind", "d_model", "d_ff", "experts", "top-k", "router", "captured by")]
-        rows += [(r.name, f"{r.kind}/{r.activation}" if r.activation else r.kind, str(r.d_model), str(r.d_ff),
+        rows += [(r.name, f"{r.kind}/{r.activation}" if r.activation else r.kind, str(r.d_model), str(r.d_ff or "-"),
                   str(r.num_experts),
                   str(r.top_k), r.router, r.capture) for r in self.regions]
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]

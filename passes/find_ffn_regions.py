@@ -124,6 +124,15 @@ def _is_inplace_activation(node: fx.Node) -> bool:
         node.kwargs.get("inplace") is True
 
 
+def _feeds_recurrent(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """`node` (through dropouts) is the input of an nn.LSTM / GRU / RNN: the FFN between stacked recurrent
+    layers maps to their input size, which need not be its own (Shazeer 2017 §5), and is no head."""
+    user = ops.single_user(node)
+    while user is not None and ops.dropout_p(user, gm) is not None:
+        user = ops.single_user(user)
+    return user is not None and isinstance(ops.call_module(user, gm), nn.RNNBase)
+
+
 AXES_SWAPS = frozenset({"transpose", "permute", "swapaxes", "swapdims", "t", "mT"})
 
 
@@ -508,7 +517,8 @@ class FindFFNRegions(GraphPass):
                     skipped.append(Skip(where, f"Linear not followed by an activation (feeds {_users(node)})",
                                         "only Linear -> act -> Linear and gated FFNs are converted"))
         for region in regions:
-            if region.kind != "projection" and region.d_out != region.d_model:
+            widens = region.kind != "projection" and region.d_out != region.d_model
+            if widens and not _feeds_recurrent(region.output, gm):
                 region.notes.append(f"it maps {region.d_model} features to {region.d_out}, which a transformer FFN "
                                     "does not: it may be a head; MoEConfig(exclude=...) keeps it dense")
             if (swap := _axes_swap(region.input)) is not None:

@@ -5,6 +5,7 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import moeify
@@ -598,3 +599,22 @@ def test_converting_a_converted_model_says_so():
     result = moeify.convert(ex.build_model(), moeify.MoEConfig(num_experts=4), example_inputs=ex.example_inputs())
     with pytest.raises(NoFFNRegionError, match=r"has 2 MoE layer\(s\) .* converted already; convert the dense model"):
         moeify.convert(result.model, moeify.MoEConfig(num_experts=4), example_inputs=ex.example_inputs())
+
+
+class _SelfTiedFFN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return x + self.fc(F.gelu(self.fc(x)))
+
+
+def test_a_linear_used_twice_inside_one_ffn_is_noted_as_an_untied_copy():
+    """fc(gelu(fc(x))) converts to experts with separate fc1 and fc2 (function preserved at init): a tie
+    between two FFNs was noted, one inside an FFN was not."""
+    x = torch.randn(3, 8)
+    result = moeify.convert(_SelfTiedFFN(), moeify.MoEConfig(num_experts=2, top_k=1), example_inputs=(x,))
+    (region,) = result.report.regions
+    assert region.notes == ["fc is the FFN's fc1 and its fc2: each expert gets a copy for each, so that tie is not "
+                            "kept"]

@@ -119,3 +119,26 @@ def test_lstm_lm_with_experts_apart_equals_an_moe_at_every_time_step(ffn):
         moved = (got - dense(ids)).abs().max()
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert moved > 1e-3  # the experts' changes reach the logits: the check can fail
+
+
+def test_an_ffn_between_lstms_of_other_widths_is_not_called_a_head():
+    """Between LSTMs of hidden size 48 and input size 32 the FFN maps 48 -> 32, as a head would: it was noted
+    as one. A Linear -> ReLU -> Linear after the last LSTM of such a model still is."""
+    torch.manual_seed(0)
+
+    class TwoLSTMs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm1, self.lstm2 = nn.LSTM(32, 48, batch_first=True), nn.LSTM(32, 48, batch_first=True)
+            self.between = nn.Sequential(nn.Linear(48, 64), nn.ReLU(), nn.Dropout(0.1), nn.Linear(64, 32))
+            self.head = nn.Sequential(nn.Linear(48, 64), nn.ReLU(), nn.Linear(64, 5))
+
+        def forward(self, x):
+            return self.head(self.lstm2(self.between(self.lstm1(x)[0]))[0])
+
+    dense = TwoLSTMs().eval()
+    x = torch.randn(2, 5, 32)
+    report = moeify.convert(dense, moeify.MoEConfig(num_experts=2, top_k=1), example_inputs=(x,)).report
+    notes = {r.owner: r.notes for r in report.regions}
+    assert not any("may be a head" in n for n in notes["between"])
+    assert any("may be a head" in n for n in notes["head"])
