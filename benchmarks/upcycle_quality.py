@@ -115,7 +115,7 @@ def train(model, start: int, stop: int, a, data, windows, lr_at, curve: Curve) -
             group["lr"] = lr_at(step)
         logits = model(idx)
         loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), idx[:, 1:].reshape(-1))
-        loss = loss + moeify.aux_loss(model)
+        loss = loss + moeify.aux_loss(model, dense_ok=True)  # the dense baseline trains in this loop too
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

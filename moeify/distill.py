@@ -114,7 +114,7 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable[tuple], *,
             with torch.no_grad():
                 teacher_logits = _logits(teacher(*args, **kwargs), "teacher")
             student_logits = _logits(student(*args, **kwargs), "student")
-            loss = distillation_loss(student_logits, teacher_logits, labels, cfg) + aux_loss(student)
+            loss = distillation_loss(student_logits, teacher_logits, labels, cfg) + aux_loss(student, dense_ok=True)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip is not None:

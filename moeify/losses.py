@@ -21,19 +21,22 @@ def aux_losses(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
     return {name: dict(m.aux.last_losses) for name, m in model.named_modules() if isinstance(m, MoELayer)}
 
 
-def aux_loss(model: nn.Module) -> torch.Tensor:
+def aux_loss(model: nn.Module, *, dense_ok: bool = False) -> torch.Tensor:
     """Weighted sum of every MoE layer's aux losses from the last forward (a scalar with grad).
 
-    Add it to the task loss. Zero (without grad) when the model has no MoE layer (with a warning:
-    the dense model passed by mistake), all coefficients are zero, or the forward ran with autograd
-    off (`torch.no_grad()`, as in inference): routers then compute no losses, since nothing can
-    train on them.
+    Add it to the task loss. Zero (without grad) when the model has no MoE layer, all coefficients
+    are zero, or the forward ran with autograd off (`torch.no_grad()`, as in inference): routers then
+    compute no losses, since nothing can train on them. A model without MoE layers warns (the dense
+    model passed by mistake) unless `dense_ok`: a loop that trains dense models too (a dense baseline,
+    a dense student distilled from the MoE).
     """
+    expect_type(dense_ok, bool, "dense_ok", "pass True or False")
     total = None
     layers = aux_losses(model)
-    if not layers:
+    if not layers and not dense_ok:
         warnings.warn(f"moeify.aux_loss: {type(model).__name__} has no MoE layer, so its aux loss is 0; pass the "
-                      "converted model (result.model), not the dense one", UserWarning, stacklevel=2)
+                      "converted model (result.model), or dense_ok=True in a loop that trains dense models too",
+                      UserWarning, stacklevel=2)
     for losses in layers.values():
         for value in losses.values():
             total = value if total is None else total + value

@@ -365,6 +365,9 @@ def test_aux_loss_of_a_model_without_moe_layers_warns_and_format_stats_says_none
     dense = ex.build_model()
     with pytest.warns(UserWarning, match="has no MoE layer, so its aux loss is 0; pass the converted model"):
         assert moeify.aux_loss(dense).item() == 0.0
+    with warnings.catch_warnings():  # a loop that trains dense models too says so
+        warnings.simplefilter("error")
+        assert moeify.aux_loss(dense, dense_ok=True).item() == 0.0
     assert moeify.format_stats(moeify.router_stats(dense)).startswith("no MoE layer ran in the model's last forward")
     model = moeify.convert(dense, moeify.MoEConfig(num_experts=4)).model
     assert moeify.format_stats(moeify.router_stats(model)).startswith("no MoE layer ran")  # before any forward
