@@ -495,6 +495,7 @@ class FindFFNRegions(GraphPass):
                     claimed.update(found.nodes)
                 elif isinstance(found, Skip):
                     refusals.setdefault(node, found)
+        explained: set[fx.Node] = set()
         for region in list(regions):  # the rewrite removes the region's Linears: no other call may use them
             names = set(region.linears.values())
             other = next((n for n in gm.graph.nodes
@@ -502,6 +503,7 @@ class FindFFNRegions(GraphPass):
             if other is not None:
                 regions.remove(region)
                 claimed.difference_update(region.nodes)
+                explained.update(region.nodes)  # refused below as a whole: its Linears need no line of their own
                 refusals.setdefault(region.output, Skip(
                     str(next(iter(region.linears.values()))), f"{other.target} is also called outside the FFN (by "
                     f"{other.name})", "give the other call its own Linear, or keep this FFN dense"))
@@ -511,7 +513,8 @@ class FindFFNRegions(GraphPass):
                 where = f"{self.prefix}.{skip.where}" if self.prefix else skip.where
                 skipped.append(Skip(where, skip.reason, skip.fix))
         for node in gm.graph.nodes:  # Linear-like nodes no rule looked at
-            if node not in claimed and node not in refusals and ops.linear_of(node, gm) is not None:
+            if node not in claimed and node not in explained and node not in refusals \
+                    and ops.linear_of(node, gm) is not None:
                 if not any(node in r.nodes for r in regions):
                     where = f"{self.prefix}.{node.target}" if self.prefix else str(node.target)
                     skipped.append(Skip(where, f"Linear not followed by an activation (feeds {_users(node)})",

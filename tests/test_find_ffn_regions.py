@@ -397,6 +397,8 @@ def test_a_linear_also_called_outside_the_ffn_is_refused():
     r = find(_SharedFc2())
     regions, skipped = r.analysis, r.skipped
     assert regions == [] and any("fc2 is also called outside the FFN" in s.reason for s in skipped)
+    # the refused FFN's own Linears get no second, contradicting line ("fc1: not followed by an activation")
+    assert not any(s.reason.startswith("Linear not followed by an activation") for s in skipped), skipped
 
 
 class _InplaceAct(nn.Module):
