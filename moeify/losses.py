@@ -46,6 +46,23 @@ def aux_loss(model: nn.Module, *, dense_ok: bool = False) -> torch.Tensor:
     return total
 
 
+def _encoder_and_decoder(model: nn.Module, layers: dict[str, MoELayer]) -> tuple[str, str] | None:
+    """The names of an encoder-decoder's two stacks under `model` (Hugging Face's get_encoder() and
+    get_decoder(), else `encoder` and `decoder` children) when both hold MoE layers; else None."""
+    stacks: tuple[object, object] = (getattr(model, "encoder", None), getattr(model, "decoder", None))
+    if callable(getattr(model, "get_encoder", None)) and callable(getattr(model, "get_decoder", None)):
+        try:
+            stacks = (model.get_encoder(), model.get_decoder())  # a decoder-only model returns itself as encoder
+        except Exception:  # noqa: BLE001 - a model's own accessor; without it there are no stacks to name
+            return None
+    names = {id(m): name for name, m in model.named_modules()}
+    encoder, decoder = (names.get(id(m)) if isinstance(m, nn.Module) else None for m in stacks)
+    if not encoder or not decoder or encoder.startswith(f"{decoder}.") or decoder.startswith(f"{encoder}."):
+        return None
+    holds = [any(name.startswith(f"{stack}.") for name in layers) for stack in (encoder, decoder)]
+    return (encoder, decoder) if all(holds) else None
+
+
 @contextmanager
 def token_mask(model: nn.Module, mask: torch.Tensor) -> Iterator[None]:
     """Within the block, the MoE layers under `model` leave the tokens where `mask` is 0 (padding) out of
@@ -66,8 +83,9 @@ def token_mask(model: nn.Module, mask: torch.Tensor) -> Iterator[None]:
     that many tokens, laid out as the mask when the layer's input has as many leading dims (a (B, S)
     mask given to a sequence-first (S, B, D) layer is refused), or its forward raises `TokenMaskError`:
     mask an encoder-decoder's two stacks apart, `token_mask(model.encoder, src_mask)` and
-    `token_mask(model.decoder, tgt_mask)`. An encoder's mask reaching a decoder of the same length
-    cannot be told apart, nor a flattened (B*S,) mask from its order.
+    `token_mask(model.decoder, tgt_mask)`; given a model whose encoder and decoder both hold MoE layers,
+    it raises at once (at equal lengths the decoder would take the encoder's mask unnoticed). A
+    flattened (B*S,) mask cannot be told apart from its order.
 
     The backward may run after the block: a forward that activation checkpointing recomputes there
     uses the mask of the layer's last forward (run each forward's backward before the next forward, as
@@ -89,6 +107,12 @@ def token_mask(model: nn.Module, mask: torch.Tensor) -> Iterator[None]:
     if not layers:
         raise TokenMaskError(f"{type(model).__name__} holds no MoE layer: pass the converted model "
                              "(moeify.convert(...).model) or the submodule holding its MoE layers")
+    stacks = _encoder_and_decoder(model, layers)
+    if stacks is not None:  # one mask cannot fit both: at equal lengths the decoder took the encoder's silently
+        encoder, decoder = stacks
+        raise TokenMaskError(f"{type(model).__name__} has MoE layers in its encoder ({encoder}) and its decoder "
+                             f"({decoder}), which see different tokens: mask each apart, token_mask(model.{encoder}, "
+                             f"attention_mask) and token_mask(model.{decoder}, decoder_attention_mask)")
     with _masks_set(layers, lambda name: TokenMask(keep_T, name or "MoELayer", tuple(mask.shape))):
         yield
 

@@ -168,10 +168,44 @@ def test_each_stack_takes_its_own_mask():
 
 def test_a_mask_that_does_not_fit_names_the_layer():
     model, src, tgt = converted_encoder_decoder()
-    with pytest.raises(TokenMaskError, match=r"10 entries but MoE layer 'decoder\.moe' sees 6 tokens.*model\.encoder"):
-        with moeify.token_mask(model, torch.ones(2, 5)):
+    with pytest.raises(TokenMaskError, match=r"10 entries but MoE layer 'moe' sees 6 tokens.*model\.encoder"):
+        with moeify.token_mask(model.decoder, torch.ones(2, 5)):
             model(src, tgt)
     assert all(layer.router.token_mask is None for layer in moeify.moe_layers(model).values())  # restored
+
+
+@pytest.mark.parametrize("tgt_len", [3, 5], ids=["lengths-differ", "lengths-equal"])
+def test_one_mask_for_an_encoder_and_a_decoder_is_refused_at_once(tgt_len):
+    """At equal lengths the encoder's mask fitted the decoder's layers and was applied to them silently."""
+    torch.manual_seed(0)
+    src, tgt = torch.randn(2, 5, D), torch.randn(2, tgt_len, D)
+    model = moeify.convert(EncoderDecoder(), moeify.MoEConfig(num_experts=E, top_k=2), example_inputs=(src, tgt)).model
+    with pytest.raises(TokenMaskError, match=r"MoE layers in its encoder \(encoder\) and its decoder \(decoder\).*"
+                                             r"token_mask\(model\.encoder, attention_mask\)"):
+        with moeify.token_mask(model, torch.ones(2, 5)):
+            model(src, tgt)
+
+
+def test_a_hugging_face_seq2seq_model_names_its_stacks():
+    import transformers
+
+    cfg = transformers.BartConfig(vocab_size=64, d_model=32, encoder_ffn_dim=64, decoder_ffn_dim=64, encoder_layers=1,
+                                  decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4)
+    ids = torch.randint(3, 64, (2, 6))
+    model = moeify.convert(transformers.BartForConditionalGeneration(cfg).eval(), moeify.MoEConfig(num_experts=E),
+                           example_inputs=(ids,), example_kwargs={"decoder_input_ids": ids}).model
+    with pytest.raises(TokenMaskError, match=r"token_mask\(model\.model\.encoder, attention_mask\) and "
+                                             r"token_mask\(model\.model\.decoder, decoder_attention_mask\)"):
+        with moeify.token_mask(model, torch.ones(2, 6)):
+            pass
+    mask = torch.ones(2, 6)
+    with moeify.token_mask(model.model.encoder, mask), moeify.token_mask(model.model.decoder, mask):
+        model(ids, decoder_input_ids=ids)
+    decoder_only = moeify.convert(transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=4)), moeify.MoEConfig(num_experts=E), example_inputs=(ids,)).model
+    with moeify.token_mask(decoder_only, mask):  # its get_encoder() is the model itself: one stack
+        decoder_only(ids)
 
 
 @pytest.mark.parametrize("mask, message", [
