@@ -571,8 +571,8 @@ def _write_fast(writer: StreamingWriter, reader: Checkpoint, unit: _Unit, source
             writer.copy_range(key, reader, sources[f"{linear}.{what}"], repeat=cfg.num_experts)
         else:
             if router is None:  # built after the experts, as build_moe_layer does (copy draws nothing)
-                d_model = reader.shape(sources[f"{src['w1_EFD'][0]}.weight"])[1]
-                router = make_router(cfg, d_model, generator)
+                w1 = sources[f"{src['w1_EFD'][0]}.weight"]
+                router = make_router(cfg, reader.shape(w1)[1], generator, reader.dtype(w1))
             writer.write_tensor(key, router.get_parameter(local.removeprefix("router.")))
     if router is None:
         raise SerializationError(f"{unit.name}: no router parameters to write; the fast path expects a router")

@@ -285,6 +285,19 @@ def test_router_logits_are_float32_values_in_a_bf16_model(cast):
     assert (seen["logits"].double() - want).abs().max() < 1e-4 < (bf16_matmul - want).abs().max()
 
 
+@pytest.mark.parametrize("name", ["gpt", "llama"])
+def test_a_float64_model_routes_in_float64(example, name):
+    """The router was made float32 in every model: a float64 model kept only float32 precision (2e-8 off
+    dense, where a float64 conversion is at 1e-15)."""
+    ex = example(name)
+    dense = ex.build_model().double()
+    model = moeify.convert(dense, moeify.MoEConfig(num_experts=4, top_k=2), example_inputs=ex.example_inputs()).model
+    routers = [layer.router for layer in moeify.moe_layers(model).values()]
+    assert {p.dtype for router in routers for p in router.parameters()} == {torch.float64}
+    with torch.no_grad():
+        assert (model(*ex.example_inputs()) - dense(*ex.example_inputs())).abs().max() < 1e-12
+
+
 def test_switch_jitter_multiplies_the_router_input_by_uniform_noise_in_training_only():
     """Switch §2.4: the router input times U(1 - eps, 1 + eps) while training; untouched in eval."""
     eps = 0.01

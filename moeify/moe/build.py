@@ -54,8 +54,10 @@ class DenseFFN:
         return self.w2.shape[0]
 
 
-def make_router(cfg: MoEConfig, d_model: int, generator: torch.Generator) -> nn.Module:
-    """The router `cfg` names, initialised (Switch §2.4 scale), with its capacity limit if any."""
+def make_router(cfg: MoEConfig, d_model: int, generator: torch.Generator,
+                model_dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The router `cfg` names, initialised (Switch §2.4 scale), with its capacity limit if any; in float32,
+    or the model's dtype where that is wider (a float64 model keeps float64 routing)."""
     common = {"preserve_scale": cfg.preserve_scale, "bias": cfg.router_bias}
     if cfg.num_groups is not None:
         router = HierarchicalRouter(d_model, cfg.num_experts, cfg.num_groups, cfg.group_top_k, cfg.top_k,
@@ -75,6 +77,7 @@ def make_router(cfg: MoEConfig, d_model: int, generator: torch.Generator) -> nn.
         raise ConfigError(f"router {cfg.router!r} is not available in this build: use one of "
                           "topk, switch, noisy_topk, expert_choice")
     router.init_weights(cfg.router_init_scale, generator)
+    router.to(torch.promote_types(model_dtype, torch.float32))
     if cfg.capacity_factor is not None or cfg.eval_capacity_factor is not None:
         router.capacity = CapacityLimit(cfg.num_experts, router.top_k, cfg.capacity_factor,
                                         cfg.eval_capacity_factor, cfg.drop_policy)
@@ -132,7 +135,7 @@ def build_moe_layer(cfg: MoEConfig, dense: DenseFFN, *, generator: torch.Generat
         init_split(experts, dense, cfg, generator)
     else:
         raise ConfigError(f"init {cfg.init!r} is not available in this build: use 'copy' or 'copy_noise'")
-    router = make_router(cfg, dense.d_model, generator).to(device)
+    router = make_router(cfg, dense.d_model, generator, dtype).to(device)
     if cfg.init == "split":
         uniform_router(router, cfg)
     coefs = {name: getattr(cfg, field) for name, field in LOSS_COEF_FIELDS.items()}

@@ -67,6 +67,6 @@ def build_projection_layer(cfg: MoEConfig, weight: torch.Tensor, bias: torch.Ten
     experts = ProjectionExperts(cfg.num_experts, weight.shape[1], weight.shape[0], bias=bias is not None,
                                 dtype=weight.dtype, device=weight.device)
     init_projection(experts, weight, bias, cfg.init_noise if cfg.init == "copy_noise" else 0.0, generator)
-    router = make_router(cfg, weight.shape[1], generator).to(weight.device)
+    router = make_router(cfg, weight.shape[1], generator, weight.dtype).to(weight.device)
     coefs = {name: getattr(cfg, field) for name, field in LOSS_COEF_FIELDS.items()}
     return MoELayer(router, experts, coefs=coefs)
