@@ -65,7 +65,7 @@ def expert_rows(layer):
 
 
 @pytest.mark.parametrize("T, k, factor, E_", [(16, 1, 1.0, 4), (10, 1, 1.2, 4), (7, 2, 1.25, 3), (33, 2, 0.5, 8),
-                                               (1, 1, 1.0, 8), (100, 4, 2.0, 64)])
+                                               (1, 1, 1.0, 8), (100, 4, 2.0, 64), (16, 2, 1e-12, 4), (0, 2, 1.0, 4)])
 def test_capacity_formula(T, k, factor, E_):
     exact = Fraction(T * k) * Fraction(str(factor)) / E_
     assert expert_capacity(T, k, factor, E_) == math.ceil(exact)

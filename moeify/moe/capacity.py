@@ -43,8 +43,10 @@ from moeify.moe.router import Routing
 
 
 def expert_capacity(num_tokens: int, top_k: int, factor: float, num_experts: int) -> int:
-    """ceil(T * k * factor / E); rounded first so that e.g. 1.2 * 10 / 4 is 3, not 4."""
-    return math.ceil(round(num_tokens * top_k * factor / num_experts, 9))
+    """ceil(T * k * factor / E); rounded first so that e.g. 1.2 * 10 / 4 is 3, not 4, and at least 1 for any
+    tokens (the rounding took a factor below 5e-10 / (T * k / E) to 0: every token dropped)."""
+    capacity = math.ceil(round(num_tokens * top_k * factor / num_experts, 9))
+    return max(capacity, 1) if num_tokens > 0 else capacity
 
 
 def keep_within_capacity(routing: Routing, num_experts: int, capacity: int, policy: str,
