@@ -188,7 +188,8 @@ def nearest_candidates(skipped: list[Skip], model: nn.Module | None = None, cap:
 def native_moe_types(model: nn.Module) -> list[str]:
     """The mixture-of-experts module classes a model holds of its own, not moeify's, by their names' ending
     (MixtralSparseMoeBlock, Qwen2MoeExperts, DeepseekV3MoE, SwitchTransformersSparseMLP; not Qwen2MoeAttention)."""
-    return sorted({type(m).__name__ for m in model.modules() if not isinstance(m, MoELayer)
+    ours = {id(m) for layer in moe_layers(model).values() for m in layer.modules()}  # moeify's: a second conversion
+    return sorted({type(m).__name__ for m in model.modules() if id(m) not in ours
                    and re.search(r"(experts|moe|moeblock|sparsemlp|moelayer)$", type(m).__name__, re.I)})
 
 
@@ -379,6 +380,11 @@ def _rewrite(model: nn.Module, cfg: MoEConfig, example_inputs: tuple, example_kw
     install_forward_marker(converted)
     report.params_after = count_params(converted)
     report.active_params_per_token = active_params(converted)
+    report.converted_from = list(moe_layers(model))
+    if report.converted_from:  # plan.json records this conversion only: loading needs the model it started from
+        report.notes.append(f"the model already held {len(report.converted_from)} moeify MoE layer(s) "
+                            f"({', '.join(report.converted_from[:3])}): moeify.save records this conversion only, "
+                            "so moeify.load it with model= the model it was converted from")
     native = native_moe_types(model)
     if native:  # Qwen2-MoE: its shared expert is the dense FFN found; its own experts are left as they are
         report.notes.append(f"the model already holds mixture-of-experts modules of its own ({', '.join(native[:3])}): "

@@ -103,6 +103,7 @@ class ConversionReport:
     max_abs_diff: float | None = None  # outputs at init vs the dense model, on the example inputs (inf: a NaN in one)
     function_preserving: bool | None = None  # the config promises equality at init
     notes: list[str] = field(default_factory=list)
+    converted_from: list[str] = field(default_factory=list)  # moeify MoE layers the converted model already held
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

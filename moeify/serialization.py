@@ -419,7 +419,7 @@ def load(out_dir: str | os.PathLike, model: nn.Module | None = None, *,
 
     Everything that can be checked without running the model source is checked first: the plan, its
     config and report, and the weights file's header."""
-    from moeify.convert import convert, set_calls_per_forward  # local: convert imports this package's siblings
+    from moeify.convert import convert, moe_layers, set_calls_per_forward  # local: convert imports this package
 
     expect_type(out_dir, (str, os.PathLike), "load's out_dir", "pass the folder moeify.save or moeify convert wrote")
     expect_type(model, (nn.Module, type(None)), "load's model",
@@ -440,6 +440,13 @@ def load(out_dir: str | os.PathLike, model: nn.Module | None = None, *,
         layout = {name: (list(reader.shape(name)), reader.dtype(name)) for name in reader.entries}
     try:
         dense = model if model is not None else rebuild_dense(out_dir, plan)
+        missing = [name for name in report.converted_from if name not in moe_layers(dense)]
+        if missing:
+            raise SerializationError(f"{out_dir} holds a conversion of a model that was converted already (its MoE "
+                                     f"layers {', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''} are not in "
+                                     f"the {'model given' if model is not None else 'model rebuilt from its source'}): "
+                                     "pass model= the model it was converted from (moeify.load of the first "
+                                     "conversion's output, then .model)")
         try:
             result = convert(dense, cfg, only=plan["regions"], none_inputs=plan.get("none_inputs", {}), verify=False)
         except MoeifyError as exc:

@@ -318,3 +318,28 @@ def test_load_refuses_weights_of_another_model(tmp_path):
     with pytest.raises(SerializationError, match=r"^weights \S+nowhere does not exist: pass a save_pretrained "
                                                  "folder"):
         moeify.load(out, model=ex.build_model(), weights=tmp_path / "nowhere")
+
+
+def test_a_conversion_of_a_converted_model_loads_onto_the_model_it_started_from(tmp_path):
+    """Converting twice (4 experts in block 0, then 8 in block 1) saved fine, but loading rebuilt the dense
+    model from the source and failed on mismatched keys, blaming the model's sizes. The report now records
+    the MoE layers it started from, and load names what to pass."""
+    ex = load_example("gpt")
+    x = ex.example_inputs()
+    source = str(ROOT / "examples" / "gpt.py") + ":build_model"
+    first = moeify.convert(ex.build_model(), moeify.MoEConfig(num_experts=4, layers=(0,)), example_inputs=x,
+                           source=source)
+    second = moeify.convert(first.model, moeify.MoEConfig(num_experts=8), example_inputs=x, source=source)
+    assert second.report.converted_from == ["blocks.0.mlp.moe"]
+    assert any("already held 1 moeify MoE layer" in n for n in second.report.notes)
+    assert not any("mixture-of-experts modules of its own" in n for n in second.report.notes)  # not "native" MoE
+    moeify.save(first, tmp_path / "first")
+    moeify.save(second, tmp_path / "second")
+    with pytest.raises(SerializationError, match=r"converted already \(its MoE layers blocks\.0\.mlp\.moe are not in "
+                                                 r"the model rebuilt from its source\): pass model="):
+        moeify.load(tmp_path / "second")
+    again = moeify.load(tmp_path / "second", model=moeify.load(tmp_path / "first").model)
+    with torch.no_grad():
+        assert torch.equal(again.model(*x), second.model(*x))
+    assert {name: layer.num_experts for name, layer in moeify.moe_layers(again.model).items()} == \
+        {"blocks.0.mlp.moe": 4, "blocks.1.mlp.moe": 8}
