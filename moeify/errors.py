@@ -78,6 +78,11 @@ class DistillError(MoeifyError, ValueError):
     """A distillation batch is not an (inputs, labels) pair."""
 
 
+class TransformError(MoeifyError, RuntimeError):
+    """An MoE layer ran under a torch.func transform it cannot support (vmap: routing sizes each expert's
+    batch from the data)."""
+
+
 class TokenMaskError(MoeifyError, ValueError):
     """A token mask does not fit the tokens an MoE layer saw (see `moeify.token_mask`)."""
 

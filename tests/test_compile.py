@@ -119,3 +119,29 @@ def test_compiled_converted_model_keeps_every_call_of_a_reused_layer_without_rec
             assert len(losses) == 3 and len(recorder._records) == 3
             torch.testing.assert_close(moeify.aux_loss(model).detach(), 0.5 * sum(losses).detach())
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+def test_torch_func_grad_runs_on_the_plain_loop_and_vmap_is_refused_in_one_line(example):
+    """torch.func.grad failed inside the CPU loop's autograd.Function (no setup_context), and vmap with a
+    scatter_add_ message naming no layer. grad now takes the per-expert loop of plain torch ops, and equals
+    an ordinary backward; vmap, which cannot batch data-dependent expert sizes, raises TransformError."""
+    from torch.func import functional_call, grad, vmap
+
+    from moeify.errors import TransformError
+
+    ex = example("gpt")
+    (x,) = ex.example_inputs()
+    model = moeify.convert(ex.build_model(), moeify.MoEConfig(num_experts=4, top_k=2), example_inputs=(x,)).model.eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # experts apart: the router's gradient is not round-off
+        for layer in moeify.moe_layers(model).values():
+            for p in layer.experts.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    got = grad(lambda p: functional_call(model, p, (x,)).square().mean())(params)
+    model(x).square().mean().backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(got[name], p.grad, atol=1e-6 * float(p.grad.abs().max()) + 1e-9, rtol=1e-4)
+    assert all(float(layer.router.gate.weight.grad.abs().max()) > 1e-4 for layer in moeify.moe_layers(model).values())
+    with pytest.raises(TransformError, match="cannot run under torch.func.vmap"):
+        vmap(lambda xi: functional_call(model, params, (xi[None],)))(x)

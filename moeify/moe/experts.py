@@ -271,6 +271,9 @@ class GroupedExperts(nn.Module):
         """The backend this call runs: "auto" picks expert_loop for eager CPU, grouped_mm elsewhere."""
         if self.backend != "auto":
             return self.backend
+        if not torch.compiler.is_compiling() and any(torch._C._functorch.is_functorch_wrapped_tensor(t)
+                                                     for t in (x_ND, self.w1_EFD)):
+            return "loop"  # under torch.func.grad / jacrev: plain torch ops (the other two are autograd.Functions)
         if x_ND.device.type == "cpu" and not torch.compiler.is_compiling():
             return "expert_loop"
         if grouped_mm_usable(x_ND, self.w1_EFD, _compute_dtype(x_ND)):

@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from moeify.errors import CheckpointingError
+from moeify.errors import CheckpointingError, TransformError
 from moeify.moe.dispatch import DispatchPlan, LocalCombine, LocalDispatch
 from moeify.moe.experts import GroupedExperts
 from moeify.moe.losses import count_indices, token_mean
@@ -24,6 +24,10 @@ from moeify.moe.router import Routing
 
 def flatten_tokens(x: torch.Tensor, d_model: int) -> torch.Tensor:
     """(..., D) -> (T, D): the MoE routes every position of every sequence independently."""
+    if not torch.compiler.is_compiling() and torch._C._functorch.is_batchedtensor(x):
+        raise TransformError("an MoE layer cannot run under torch.func.vmap: its routing gives each expert a number "
+                             "of tokens that depends on the data, which vmap cannot batch; loop over the samples, "
+                             "or run them as one batch (every token is routed on its own)")
     return x.reshape(-1, d_model)
 
 
