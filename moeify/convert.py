@@ -232,9 +232,14 @@ def preservation_gap(cfg: MoEConfig) -> str | None:
         return None
     if cfg.init == "split" and cfg.top_k < cfg.num_experts:
         return "init='split' with top_k < num_experts runs only part of the FFN's neurons per token"
-    limits = [f for f in (cfg.capacity_factor, cfg.eval_capacity_factor) if f is not None and not math.isinf(f)]
-    if limits:  # (an infinite factor is dropless)
-        return f"tokens over an expert's capacity (capacity factor {limits[0]:g}) are dropped"
+    def drops(factor: float | None) -> bool:  # None and inf: dropless
+        return factor is not None and not math.isinf(factor)
+    eval_factor = cfg.capacity_factor if cfg.eval_capacity_factor is None else cfg.eval_capacity_factor
+    if drops(eval_factor):
+        return f"tokens over an expert's capacity (capacity factor {eval_factor:g}) are dropped"
+    if drops(cfg.capacity_factor):
+        return (f"in training, tokens over an expert's capacity (capacity factor {cfg.capacity_factor:g}) are "
+                "dropped; evaluation is dropless")
     if not (cfg.preserve_scale or (cfg.router == "topk" and cfg.normalize_gates)):
         return "preserve_scale=False: the gate values scale the experts' outputs"
     return None
@@ -649,4 +654,4 @@ def check_outputs(dense_out: list[torch.Tensor], converted: nn.Module, args: Seq
                                 "it")
     if not report.function_preserving:
         report.notes.append(f"this config does not promise the dense function ({preservation_gap(cfg)}): outputs "
-                            f"at init moved by max |diff| {diff:.3g} on the example inputs")
+                            f"at init moved by max |diff| {diff:.3g} on the example inputs, in eval mode")

@@ -2,6 +2,7 @@
 
 import copy
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -111,6 +112,23 @@ def test_copy_noise_is_reported_not_function_preserving():
                             example_inputs=ex.example_inputs())
     assert result.report.function_preserving is False and result.report.max_abs_diff > 0
     assert any("does not promise the dense function" in n for n in result.report.notes)
+
+
+@pytest.mark.parametrize("factors, says", [
+    ((1.0, None), "(tokens over an expert's capacity (capacity factor 1) are dropped)"),
+    ((1.0, math.inf), "(in training, tokens over an expert's capacity (capacity factor 1) are dropped; evaluation "
+                      "is dropless)"),
+    ((None, 0.5), "(tokens over an expert's capacity (capacity factor 0.5) are dropped)")])
+def test_the_capacity_note_names_the_mode_that_drops(factors, says):
+    """With a dropless eval factor the note said tokens are dropped next to a figure measured in eval mode,
+    where none are."""
+    ex = load_example("gpt")
+    train, evaluation = factors
+    cfg = moeify.MoEConfig(num_experts=4, top_k=1, router="switch", capacity_factor=train,
+                           eval_capacity_factor=evaluation)
+    report = moeify.convert(ex.build_model(), cfg, example_inputs=ex.example_inputs()).report
+    (note,) = [n for n in report.notes if "does not promise" in n]
+    assert says in note and note.endswith("on the example inputs, in eval mode")
 
 
 def test_report_counts_parameters():
