@@ -522,7 +522,14 @@ def _write(reader: Checkpoint, path: Path, plan: _Plan, dense: nn.Module, cfg: M
 
 def _source_name(reader: Checkpoint, key: str, meta: torch.Tensor, names: list[str]) -> str:
     """The checkpoint's name of `key` (or of a tensor tied to it), checked against the meta model's `meta`."""
-    src = next((name for name in names if name in reader.entries), None)
+    present = [name for name in names if name in reader.entries]
+    src = present[0] if present else None
+    for other in present[1:]:  # tied in the model, stored apart: one value would silently replace the other
+        if not torch.equal(reader.get_tensor(src), reader.get_tensor(other)):
+            raise SerializationError(
+                f"{reader.path}: the model ties {src} and {other} (one tensor), but the checkpoint holds different "
+                "values for them: build the model untied, as the checkpoint was trained (transformers: "
+                "tie_word_embeddings=False), or pass a checkpoint of this model")
     if src is None:
         raise SerializationError(f"checkpoint {reader.path} has no tensor {key!r} that the model needs: pass the "
                                  "dense model's checkpoint (saved from the same architecture, e.g. with "

@@ -405,3 +405,33 @@ def test_ooc_sees_the_optional_inputs_the_example_leaves_none(tmp_path):
                                 example_kwargs=kwargs)
     assert any(n.startswith("the example inputs did not run on the meta device (RuntimeError: Tensor.item()")
                for n in result.report.notes), result.report.notes
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_ooc_refuses_tied_tensors_the_checkpoint_holds_apart(tmp_path, fast):
+    """A tied model (tie_word_embeddings=True) read from a checkpoint of an untied one, which holds lm_head
+    and the embedding with different values: the output kept one of the two for both (logits 1.8 off the
+    checkpoint's model), where from_pretrained unties them. Equal values in both names still convert."""
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    state = {k: v.contiguous() for k, v in transformers.LlamaForCausalLM(config).state_dict().items()}
+    assert not torch.equal(state["lm_head.weight"], state["model.embed_tokens.weight"])
+    save_file(state, tmp_path / "apart.safetensors")
+    tied = transformers.LlamaConfig(**{**config.to_dict(), "tie_word_embeddings": True})
+
+    def build():
+        return transformers.LlamaForCausalLM(tied)
+
+    cfg = moeify.MoEConfig(num_experts=2, top_k=1)
+    names = r"(lm_head\.weight and model\.embed_tokens\.weight|model\.embed_tokens\.weight and lm_head\.weight)"
+    with pytest.raises(SerializationError, match=rf"the model ties {names} \(one tensor\), but the checkpoint holds "
+                                                 r"different values for them: build the model untied"):
+        convert_checkpoint(tmp_path / "apart.safetensors", tmp_path / "out", cfg, model=build, fast=fast)
+    assert not (tmp_path / "out").exists()
+    state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
+    save_file(state, tmp_path / "equal.safetensors")
+    convert_checkpoint(tmp_path / "equal.safetensors", tmp_path / "out", cfg, model=build, fast=fast)
+    assert (tmp_path / "out" / "model.safetensors").is_file()
