@@ -24,6 +24,8 @@ CASES = [
     pytest.param("mlp", dict(num_experts=2, top_k=1, router="switch", router_bias=True), True, marks=SLOW),
     ("mlp", dict(num_experts=2, top_k=1, router="switch", router_bias=True), False),
     ("lstm_lm", dict(num_experts=4, top_k=2), False),  # a projection region: an MoE of single Linears (KeyError)
+    ("llama", dict(num_experts=4, top_k=2, init="split", split_method="cluster"), False),  # k-means needs values
+    pytest.param("gpt", dict(num_experts=4, top_k=2, init="split", split_method="cluster"), True, marks=SLOW),
 ]
 
 

@@ -95,6 +95,8 @@ def partition_neurons(dense, num_experts: int, method: str, generator: torch.Gen
     if method == "random":
         return random_partition(dense.d_ff, num_experts, generator)
     if method == "cluster":
+        if dense.w1.is_meta:  # a structure without values (out-of-core planning): sizes only, nothing drawn
+            return list(torch.arange(dense.d_ff).tensor_split(num_experts))
         return cluster_partition(dense.w1, num_experts, generator)
     raise ConfigError(f"split_method {method!r} is unknown: use 'random' or 'cluster'")
 
