@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.machinery
 import importlib.util
 import sys
 from contextlib import contextmanager
@@ -49,8 +50,9 @@ class ModelSource:
         without running it. `defines`: also a model file that does not define the factory's name (for a source
         recorded without being run; one about to run says what is wrong itself)."""
         if self.kind == "file" and not Path(self.target).is_file():
-            raise ModelSourceError(f"model file {self.target} does not exist: pass the path to a .py file "
-                                   "that defines build_model()")
+            what = "is a directory" if Path(self.target).is_dir() else "does not exist"
+            raise ModelSourceError(f"model file {self.target} {what}: pass the path to a .py file that defines "
+                                   "build_model()")
         if self.kind == "file" and defines:
             defined = _top_level_names(Path(self.target))
             if defined is not None and self.name not in defined:
@@ -89,7 +91,9 @@ class ModelSource:
         path = Path(self.check().target)
         digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
         mod_name = f"_moeify_model_{path.stem}_{digest}"
-        spec = importlib.util.spec_from_file_location(mod_name, path)
+        # an explicit loader: a model file named without .py is Python too (the default finder gives no spec)
+        spec = importlib.util.spec_from_file_location(mod_name, path,
+                                                      loader=importlib.machinery.SourceFileLoader(mod_name, str(path)))
         module = importlib.util.module_from_spec(spec)
         sys.modules[mod_name] = module  # dataclasses and pickling-free introspection need it registered
         try:

@@ -34,6 +34,14 @@ def test_inspect_lists_regions_and_refusals(tmp_path):
     assert r.exit_code == 0, r.output
     assert "3 FFN region(s)" in r.output
     assert "  - discriminator_predictions: a task head, not a block's FFN" in r.output
+    # a model file named without .py is Python too (it failed with "'NoneType' object has no attribute 'loader'")
+    bare = tmp_path / "model_without_extension"
+    bare.write_text((ROOT / "examples" / "gpt.py").read_text())
+    r = run("inspect", str(bare))
+    assert r.exit_code == 0 and "2 FFN region(s)" in r.output, r.output
+    r = run("inspect", str(tmp_path))
+    assert r.exit_code == 2 and r.output == f"error: model file {tmp_path} is a directory: pass the path to a .py " \
+                                            "file that defines build_model()\n", r.output
     # nothing found and nothing skipped: why, as convert says it (it printed an empty table)
     cnn = write(tmp_path, "cnn.py", "import torch\ndef build_model():\n    return torch.nn.Sequential("
                 "torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3))\n")
