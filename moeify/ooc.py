@@ -531,6 +531,12 @@ def _source_name(reader: Checkpoint, key: str, meta: torch.Tensor, names: list[s
                 "values for them: build the model untied, as the checkpoint was trained (transformers: "
                 "tie_word_embeddings=False), or pass a checkpoint of this model")
     if src is None:
+        prefix = _prefix_hint(reader, key)
+        if prefix is not None:
+            raise SerializationError(f"checkpoint {reader.path} has no tensor {key!r} that the model needs, but "
+                                     f"{prefix}: build the model class the checkpoint was saved from (a base model "
+                                     "against a task model: GPT2Model and GPT2LMHeadModel, BertModel and "
+                                     "BertForMaskedLM)")
         raise SerializationError(f"checkpoint {reader.path} has no tensor {key!r} that the model needs: pass the "
                                  "dense model's checkpoint (saved from the same architecture, e.g. with "
                                  "safetensors.torch.save_model)")
@@ -540,6 +546,19 @@ def _source_name(reader: Checkpoint, key: str, meta: torch.Tensor, names: list[s
             f"{meta.dtype} {list(meta.shape)}: build the model with the checkpoint's sizes and dtype, or pass this "
             "model's checkpoint")
     return src
+
+
+def _prefix_hint(reader: Checkpoint, key: str) -> str | None:
+    """How the checkpoint's names differ from the model's by a leading prefix, when they do for `key`:
+    Hugging Face base and task models name the same tensors with and without `transformer.` / `bert.`."""
+    parts = key.split(".")
+    for i in range(1, len(parts)):  # the model's name has a prefix the checkpoint's lacks
+        if ".".join(parts[i:]) in reader.entries:
+            return f"it has {'.'.join(parts[i:])!r}: its names lack the model's prefix {'.'.join(parts[:i]) + '.'!r}"
+    longer = next((name for name in reader.entries if name.endswith(f".{key}")), None)
+    if longer is not None:  # the checkpoint's names have a prefix the model's lack
+        return f"it has {longer!r}: its names carry a prefix {longer[:-len(key)]!r} the model's lack"
+    return None
 
 
 def _linear_names(found) -> dict[str, str]:

@@ -437,3 +437,23 @@ def test_ooc_refuses_tied_tensors_the_checkpoint_holds_apart(tmp_path, fast):
     save_file(state, tmp_path / "equal.safetensors")
     convert_checkpoint(tmp_path / "equal.safetensors", tmp_path / "out", cfg, model=build, fast=fast)
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_ooc_names_a_checkpoint_of_the_base_model_against_a_task_model(tmp_path):
+    """Hub checkpoints of GPT-2 and BERT name tensors without and with the task model's prefix: the error
+    said to pass the dense model's checkpoint; it now names the prefix and the class to build."""
+    import transformers
+
+    gpt2 = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4, n_positions=16)
+    bert = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                   intermediate_size=64)
+    cases = [(transformers.GPT2Model(gpt2), lambda: transformers.GPT2LMHeadModel(gpt2),
+              r"it has 'wpe\.weight': its names lack the model's prefix 'transformer\.'"),
+             (transformers.BertForMaskedLM(bert), lambda: transformers.BertModel(bert),
+              r"it has 'bert\.embeddings\.\w+\.weight': its names carry a prefix 'bert\.' the model's lack")]
+    for i, (saved, build, needle) in enumerate(cases):
+        save_model(saved, str(tmp_path / f"{i}.safetensors"))
+        with pytest.raises(SerializationError, match=needle + r": build the model class the checkpoint was saved from"):
+            convert_checkpoint(tmp_path / f"{i}.safetensors", tmp_path / f"out{i}", moeify.MoEConfig(num_experts=2),
+                               model=build)
+        assert not (tmp_path / f"out{i}").exists()
