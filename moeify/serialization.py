@@ -399,9 +399,14 @@ def _load_checkpoint(model: nn.Module, reader, path: Path) -> None:
     unexpected = [name for name in reader.entries if name not in state]
     held = {state[name].data_ptr() for name in reader.entries if name in state}
     missing = [name for name, t in state.items() if name not in reader.entries and t.data_ptr() not in held]
+    if unexpected and any(".moe." in name for name in missing) and not any(".moe." in name for name in unexpected):
+        raise SerializationError(f"{path} looks like the dense model's checkpoint: it holds no MoE weights "
+                                 f"({len(missing)} missing, e.g. {missing[0]}) and the Linears the conversion replaced "
+                                 f"(e.g. {unexpected[0]}); pass a checkpoint saved after the conversion, or leave "
+                                 "weights out to load the conversion's own")
     if missing or unexpected:
-        raise SerializationError(f"{path} does not fit the plan of this conversion (missing {missing[:5]}, "
-                                 f"unexpected {unexpected[:5]}): pass a checkpoint of the model this plan converted")
+        raise SerializationError(f"{path} does not fit the plan of this conversion (missing {missing[:3]}, "
+                                 f"unexpected {unexpected[:3]}): pass a checkpoint of the model this plan converted")
     with torch.no_grad():
         for name in reader.entries:
             state[name].copy_(reader.get_tensor(name))

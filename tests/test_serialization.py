@@ -311,10 +311,18 @@ def test_load_refuses_weights_of_another_model(tmp_path):
     out = moeify.save(moeify.convert(ex.build_model(), moeify.MoEConfig(num_experts=2, top_k=1)), tmp_path / "o")
     dense_state = {k: v.contiguous() for k, v in ex.build_model().state_dict().items()}
     save_file(dense_state, tmp_path / "dense.safetensors")
-    with pytest.raises(SerializationError, match=r"dense\.safetensors does not fit the plan of this conversion "
+    with pytest.raises(SerializationError, match=r"dense\.safetensors looks like the dense model's checkpoint: it "
+                                                 r"holds no MoE weights \(\d+ missing, e\.g\. \S+\) and the Linears "
+                                                 r"the conversion replaced \(e\.g\. blocks\.\d\.fc\d\.\w+\); pass a "
+                                                 r"checkpoint saved after the conversion"):
+        moeify.load(out, model=ex.build_model(), weights=tmp_path / "dense.safetensors")
+    converted = moeify.convert(ex.build_model(), moeify.MoEConfig(num_experts=2, top_k=1)).model.state_dict()
+    renamed = {f"other.{k}" if ".moe." in k else k: v.contiguous() for k, v in converted.items()}  # MoE, named apart
+    save_file(renamed, tmp_path / "other.safetensors")
+    with pytest.raises(SerializationError, match=r"other\.safetensors does not fit the plan of this conversion "
                                                  r"\(missing \[.*w1_EFD.*\], unexpected \[.*\]\): pass a "
                                                  r"checkpoint of the model this plan converted$"):
-        moeify.load(out, model=ex.build_model(), weights=tmp_path / "dense.safetensors")
+        moeify.load(out, model=ex.build_model(), weights=tmp_path / "other.safetensors")
     with pytest.raises(SerializationError, match=r"^weights \S+nowhere does not exist: pass a save_pretrained "
                                                  "folder"):
         moeify.load(out, model=ex.build_model(), weights=tmp_path / "nowhere")
