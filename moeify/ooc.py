@@ -47,7 +47,7 @@ from moeify.convert import (
     moe_layers,
     region_builder,
 )
-from moeify.errors import SerializationError, one_line
+from moeify.errors import ModelSourceError, MoeifyError, SerializationError, one_line
 from moeify.moe.build import make_router
 from moeify.serialization import DTYPE_OF, DTYPES, write_atomically, write_plan
 from moeify.source import ModelSource
@@ -358,8 +358,17 @@ def _join(prefix: str, name: str) -> str:
 def _meta_model(model: nn.Module | Callable[[], nn.Module]) -> nn.Module:
     if isinstance(model, nn.Module):
         return model
-    with torch.device("meta"):
-        return model()
+    try:
+        with torch.device("meta"):
+            return model()
+    except MoeifyError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the user's factory: one line naming it and the fix
+        raise ModelSourceError(f"the model factory failed on the meta device ({one_line(exc)}): out-of-core "
+                               "conversion builds the architecture without weights and reads them from the "
+                               "checkpoint, so build it from a config (transformers: "
+                               "AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))), not with "
+                               "from_pretrained or code that reads tensor values") from exc
 
 
 def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, list[str]]]:

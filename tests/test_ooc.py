@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file, save_model
 
 import moeify
-from moeify.errors import SerializationError
+from moeify.errors import ModelSourceError, SerializationError
 from moeify.ooc import SafetensorsReader, convert_checkpoint
 from tests.conftest import load_example
 
@@ -457,3 +457,19 @@ def test_ooc_names_a_checkpoint_of_the_base_model_against_a_task_model(tmp_path)
             convert_checkpoint(tmp_path / f"{i}.safetensors", tmp_path / f"out{i}", moeify.MoEConfig(num_experts=2),
                                model=build)
         assert not (tmp_path / f"out{i}").exists()
+
+
+def test_ooc_names_a_factory_that_needs_values_on_the_meta_device(tmp_path):
+    """A build_model() that loads weights (from_pretrained) or reads values fails on meta with torch's raw
+    error; it now says why the structure is built on meta and how to build it."""
+    model, path = _dense_checkpoint(tmp_path, "mlp")
+
+    def reads_values():
+        built = load_example("mlp").build_model()
+        float(built.blocks[0].fc1.weight.sum())  # what from_pretrained's weight handling does, in effect
+        return built
+
+    with pytest.raises(ModelSourceError, match=r"the model factory failed on the meta device \(.*\): out-of-core "
+                                               r"conversion builds the architecture without weights .*from_config"):
+        convert_checkpoint(path, tmp_path / "out", moeify.MoEConfig(num_experts=2), model=reads_values)
+    assert not (tmp_path / "out").exists()
