@@ -309,8 +309,6 @@ def export(out_dir: str, output: str, mode: str, fallback: str, allow_approximat
     from moeify.onnx_export import export_saved
     from moeify.serialization import check_output
 
-    if static and dynamic_axes is not None:
-        raise ConfigError("--dynamic-axes was given with --static, which fixes every axis: drop one of them")
     check_output(output, force=force, directory=False)  # before loading anything
     report = export_saved(out_dir, output, mode=mode, fallback=None if fallback == "none" else fallback,
                           allow_approximate_gelu=allow_approximate_gelu, dynamic=not static, check=check,

@@ -38,6 +38,7 @@ from moeify.errors import (
     one_line,
 )
 from moeify.moe.build import DenseFFN, build_moe_layer
+from moeify.moe.capacity import mode_factor
 from moeify.moe.layer import MoELayer, install_forward_marker
 from moeify.moe.projection import build_projection_layer
 from moeify.passes import ops
@@ -74,7 +75,12 @@ class FoundRegion:
 
     @property
     def key(self) -> tuple[str, ...]:
-        return tuple(sorted(_join(self.unit.path, name) for name in self.region.linears.values()))
+        return region_key(self.unit.path, self.region)
+
+
+def region_key(prefix: str, region: FFNRegion) -> tuple[str, ...]:
+    """Identity of a region across traces: its Linear modules' names, qualified by the traced unit's path."""
+    return tuple(sorted(_join(prefix, name) for name in region.linears.values()))
 
 
 def task_heads(found: Sequence[FoundRegion]) -> dict[int, str]:
@@ -232,13 +238,12 @@ def preservation_gap(cfg: MoEConfig) -> str | None:
         return None
     if cfg.init == "split" and cfg.top_k < cfg.num_experts:
         return "init='split' with top_k < num_experts runs only part of the FFN's neurons per token"
-    def drops(factor: float | None) -> bool:  # None and inf: dropless
-        return factor is not None and not math.isinf(factor)
-    eval_factor = cfg.capacity_factor if cfg.eval_capacity_factor is None else cfg.eval_capacity_factor
-    if drops(eval_factor):
+    train_factor, eval_factor = (mode_factor(cfg.capacity_factor, cfg.eval_capacity_factor, training)
+                                 for training in (True, False))
+    if eval_factor is not None:
         return f"tokens over an expert's capacity (capacity factor {eval_factor:g}) are dropped"
-    if drops(cfg.capacity_factor):
-        return (f"in training, tokens over an expert's capacity (capacity factor {cfg.capacity_factor:g}) are "
+    if train_factor is not None:
+        return (f"in training, tokens over an expert's capacity (capacity factor {train_factor:g}) are "
                 "dropped; evaluation is dropless")
     if not (cfg.preserve_scale or (cfg.router == "topk" and cfg.normalize_gates)):
         return "preserve_scale=False: the gate values scale the experts' outputs"
@@ -469,13 +474,16 @@ def _rewrite_owner(model: nn.Module, owner: str, group: list[FoundRegion], cfg: 
         raise CaptureError(f"{owner or '<model>'} holds FFN regions but does not trace on its own "
                            f"({type(exc).__name__}: {exc}); exclude it with MoEConfig(exclude=...)") from exc
     regions = FindFFNRegions(prefix=prefix)(gm).analysis
-    keys = {f.key for f in group}
-    chosen = [r for r in regions if tuple(sorted(_join(prefix, n) for n in r.linears.values())) in keys]
+    # the notes of the discovery trace, which sees the region's surroundings (an input transposed by the caller,
+    # an output feeding an LSTM), where the owner's own trace sees its forward's inputs and outputs
+    found_notes = {f.key: f.region.notes for f in group}
+    chosen = [r for r in regions if region_key(prefix, r) in found_notes]
     firsts: dict[tuple[str, ...], FFNRegion] = {}  # one per region, in order
     calls: dict[tuple[str, ...], int] = {}  # its call sites: several where one FFN runs at every depth
     for r in chosen:
-        firsts.setdefault(r.key, r)
-        calls[r.key] = calls.get(r.key, 0) + 1
+        key = region_key(prefix, r)
+        firsts.setdefault(key, r)
+        calls[key] = calls.get(key, 0) + 1
     if len(firsts) != len(group):
         raise CaptureError(f"{owner}: the region(s) found on the whole graph were not found again on the owner's own "
                            "trace; its forward may depend on its caller")
@@ -489,15 +497,11 @@ def _rewrite_owner(model: nn.Module, owner: str, group: list[FoundRegion], cfg: 
         owner_module.activation_relu_or_gelu = False
     report.changes += [f"{owner or '<model>'}: {c}" for c in log.changes]
     report.skipped += log.skipped
-    # the notes of the discovery trace, which sees the region's surroundings (an input transposed by the caller,
-    # an output feeding an LSTM), where the owner's own trace sees its forward's inputs and outputs
-    seen_notes = {f.key: f.region.notes for f in group}
-    for region, (name, layer) in zip(firsts.values(), rewrite.installed.items(), strict=True):
-        sites = calls[region.key]
-        key = tuple(sorted(_join(prefix, n) for n in region.linears.values()))
+    for (key, region), (name, layer) in zip(firsts.items(), rewrite.installed.items(), strict=True):
+        sites = calls[key]
         shared = [f"called at {sites} places of {owner or '<model>'}'s forward: one MoE layer, its weights shared "
                   "as the dense FFN's were"] if sites > 1 else []
-        notes = list(seen_notes.get(key, region.notes)) + shared
+        notes = list(found_notes[key]) + shared
         report.regions.append(RegionReport(
             name=_join(owner, name), owner=owner, kind=region.kind, activation=region.activation,
             d_model=region.d_model, d_ff=region.d_ff, linears=[_join(prefix, n) for n in region.linears.values()],

@@ -55,7 +55,7 @@ import logging
 import os
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, redirect_stderr
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -481,22 +481,22 @@ def _dynamic_dims(t: torch.Tensor) -> dict[int, str]:
     return dims
 
 
-def _leaves(bound: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The tensors of the inputs by the names the ONNX graph gives them: an input's own name, and for the
-    tensors inside a dict, dataclass, tuple or list input (`forward(self, batch)` with a dict batch) the
-    input's name and the key, field or index, joined by '_' (`batch_input_ids`), in the exporter's order."""
+def _named_tensors(value: Any, name: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors in `value` in the exporter's order, each named `name` and the keys, fields or indices
+    leading to it, joined by '_' (`batch_input_ids`, `hidden_0`; a key alone under an empty `name`)."""
     from moeify.convert import output_items
 
-    leaves: dict[str, torch.Tensor] = {}
+    if isinstance(value, torch.Tensor):
+        yield name, value
+    for key, item in output_items(value) or ():
+        yield from _named_tensors(item, f"{name}_{key}" if name else key)
 
-    def walk(value: Any, name: str) -> None:
-        if isinstance(value, torch.Tensor):
-            leaves[name] = value
-        for key, item in output_items(value) or ():
-            walk(item, f"{name}_{key}")
-    for name, value in bound.items():
-        walk(value, name)
-    return leaves
+
+def _leaves(bound: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The tensors of the inputs by the names the ONNX graph gives them: an input's own name, and for the
+    tensors inside a dict, dataclass, tuple or list input (`forward(self, batch)` with a dict batch) their
+    `_named_tensors` names (`batch_input_ids`)."""
+    return {leaf: t for name, value in bound.items() for leaf, t in _named_tensors(value, name)}
 
 
 def _map_leaves(value: Any, name: str, fn: Callable[[str, torch.Tensor], Any],
@@ -808,6 +808,7 @@ def export_onnx(model: nn.Module, example_inputs: Sequence[Any] = (), path: str 
         fallback = None
     if fallback not in (None, "portable"):
         raise ExportError(f"fallback={fallback!r} is unknown: use None (refuse) or 'portable'")
+    _check_axes_options(dynamic, dynamic_axes)
     if hasattr(model, "model") and hasattr(model, "config") and not isinstance(model, nn.Module):
         model = model.model  # a ConversionResult
     example_inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
@@ -835,8 +836,6 @@ def export_onnx(model: nn.Module, example_inputs: Sequence[Any] = (), path: str 
                                             other=lambda _: None)
                           for name, value in bound.items()}
         report.dynamic_axes = {name: spec for name, spec in dims.items() if spec}
-    elif dynamic_axes:
-        raise ExportError("dynamic_axes was given with dynamic=False: drop one of them")
 
     table = fused_translation_table(allow_approximate_gelu) if any(p[2].fused for p in plans) else None
     try:
@@ -892,6 +891,7 @@ def export_saved(out_dir: str | os.PathLike, path: str | os.PathLike, *, weights
     (`example_inputs()` in model_source.py). `options` go to `export_onnx`."""
     from moeify.serialization import load, saved_example_inputs
 
+    _check_axes_options(options.get("dynamic", True), options.get("dynamic_axes"))  # before loading anything
     args, kwargs = saved_example_inputs(out_dir)
     model = load(out_dir, weights=weights).model
     dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()} - {"float32"})
@@ -903,6 +903,12 @@ def export_saved(out_dir: str | os.PathLike, path: str | os.PathLike, *, weights
     if dtypes:
         report.notes.append(f"the saved weights are {', '.join(dtypes)}: exported in float32")
     return report
+
+
+def _check_axes_options(dynamic: bool, dynamic_axes: dict | None) -> None:
+    if dynamic_axes and not dynamic:
+        raise ExportError("dynamic_axes was given with dynamic=False (CLI: --dynamic-axes with --static), which "
+                          "fixes every axis: drop one of them")
 
 
 def _check_dynamic_axes(model_proto, report: ExportReport) -> None:
@@ -1084,21 +1090,13 @@ def _fused_calls(model: nn.Module, bound: dict[str, Any], plans) -> tuple[int, A
 
 
 # outputs ------------------------------------------------------------------------------------------
-def _output_names(out: Any, prefix: str = "") -> list[str]:
+def _output_names(out: Any) -> list[str]:
     """A name for each tensor `flatten_outputs` finds in `out`, in its order: a dict's (a Hugging Face
     ModelOutput's) keys or a dataclass's fields, `_i` after a sequence's name for its items, `output` for an
     unnamed root
     (`logits`, `hidden_states_0`; `output`; `output_0`, `output_1_0`)."""
-    from moeify.convert import output_items
-
-    if isinstance(out, torch.Tensor):
-        return [prefix or "output"]
-    items = output_items(out)
-    if items is None:
-        return []
-    if isinstance(out, (tuple, list)):  # items named by index: after the sequence's name
-        return [n for i, v in items for n in _output_names(v, f"{prefix or 'output'}_{i}")]
-    return [n for key, v in items for n in _output_names(v, f"{prefix}_{key}" if prefix else key)]
+    root = "output" if isinstance(out, (tuple, list)) else ""  # a sequence's items after a name: output_0
+    return [name or "output" for name, _ in _named_tensors(out, root)]
 
 
 def _chosen_output_names(out: Any, given: Sequence[str] | None) -> list[str]:

@@ -445,7 +445,8 @@ def load(out_dir: str | os.PathLike, model: nn.Module | None = None, *,
         layout = {name: (list(reader.shape(name)), reader.dtype(name)) for name in reader.entries}
     try:
         dense = model if model is not None else rebuild_dense(out_dir, plan)
-        missing = [name for name in report.converted_from if name not in moe_layers(dense)]
+        held = moe_layers(dense)
+        missing = [name for name in report.converted_from if name not in held]
         if missing:
             raise SerializationError(f"{out_dir} holds a conversion of a model that was converted already (its MoE "
                                      f"layers {', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''} are not in "

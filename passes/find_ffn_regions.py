@@ -96,7 +96,7 @@ def _entry_linear(node: fx.Node, gm: fx.GraphModule) -> tuple[ops.LinearParams, 
     return params, where, x
 
 
-def _skip_passthrough(node: fx.Node, gm: fx.GraphModule) -> tuple[fx.Node | None, float, list[fx.Node]]:
+def skip_passthrough(node: fx.Node, gm: fx.GraphModule) -> tuple[fx.Node | None, float, list[fx.Node]]:
     """Step over the dropouts and nn.Identity modules right after `node` (timm's Mlp puts both
     between its activation and fc2): (the next other node, the combined dropout p, the nodes stepped
     over). The dropout becomes the experts' dropout; an identity computes nothing."""
@@ -113,7 +113,7 @@ def _skip_passthrough(node: fx.Node, gm: fx.GraphModule) -> tuple[fx.Node | None
 
 
 def _feeds_linear(node: fx.Node, gm: fx.GraphModule) -> bool:
-    nxt = _skip_passthrough(node, gm)[0]
+    nxt = skip_passthrough(node, gm)[0]
     return nxt is not None and ops.linear_of(nxt, gm) is not None
 
 
@@ -127,9 +127,7 @@ def _is_inplace_activation(node: fx.Node) -> bool:
 def _feeds_recurrent(node: fx.Node, gm: fx.GraphModule) -> bool:
     """`node` (through dropouts) is the input of an nn.LSTM / GRU / RNN: the FFN between stacked recurrent
     layers maps to their input size, which need not be its own (Shazeer 2017 §5), and is no head."""
-    user = ops.single_user(node)
-    while user is not None and ops.dropout_p(user, gm) is not None:
-        user = ops.single_user(user)
+    user = skip_passthrough(node, gm)[0]
     return user is not None and isinstance(ops.call_module(user, gm), nn.RNNBase)
 
 
@@ -180,7 +178,7 @@ class MLPRule:
         if act is None:
             return Skip(where, f"feeds {what}, not a supported activation",
                         f"FFN regions are Linear -> {'/'.join(ops.SUPPORTED_ACTIVATIONS)} -> Linear")
-        fc2, p, drop_nodes = _skip_passthrough(act_node, gm)
+        fc2, p, drop_nodes = skip_passthrough(act_node, gm)
         p2 = None if fc2 is None else ops.linear_of(fc2, gm)
         if p2 is None:
             feeds = "several nodes" if fc2 is None else fc2.name
@@ -333,7 +331,7 @@ def _product_refusal(product: _Product, gm: fx.GraphModule) -> Skip | None:
 def _gated_down(mul: fx.Node, gm: fx.GraphModule, where: str, d_ff: int, bias: bool):
     """The output Linear of a gated product (over dropouts/identities), checked against the hidden size
     and bias of the gate/up side: (down node, its params, dropout p, nodes stepped over), or a Skip."""
-    down, p, stepped = _skip_passthrough(mul, gm)
+    down, p, stepped = skip_passthrough(mul, gm)
     pd = None if down is None else ops.linear_of(down, gm)
     if pd is None:
         return Skip(where, "the gated product does not feed a single output Linear",

@@ -19,7 +19,7 @@ import torch.fx as fx
 from torch import nn
 
 from moeify.passes import ops
-from moeify.passes.find_ffn_regions import FFNRegion, common_owner
+from moeify.passes.find_ffn_regions import FFNRegion, common_owner, skip_passthrough
 from moeify.passes.infra import Skip
 
 
@@ -64,11 +64,7 @@ class LSTMProjectionRule:
         source, _ = _step_dropouts_back(node.args[0], gm)
         if _lstm_output(source, gm) is None:
             return None  # not between LSTMs: other rules (or the unclaimed-Linear report) speak for it
-        user = ops.single_user(node)
-        drops: list[fx.Node] = []
-        while user is not None and ops.dropout_p(user, gm) is not None:
-            drops.append(user)
-            user = ops.single_user(user)
+        user, _, drops = skip_passthrough(node, gm)
         where = str(node.target)
         feeds = drops[-1] if drops else node
         if user is None or lstm_of(user, gm) is None or not user.args or user.args[0] is not feeds:

@@ -420,9 +420,9 @@ def test_an_empty_output_path_is_named_as_such(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_export_static_with_dynamic_axes_is_refused_in_the_clis_words(tmp_path):
-    """It said 'dynamic_axes was given with dynamic=False', the API's names, after loading the conversion."""
+def test_export_static_with_dynamic_axes_is_refused_naming_the_flags(tmp_path):
+    """It named only the API's dynamic_axes and dynamic=False, after loading the conversion."""
     r = run("export", str(tmp_path), "-o", str(tmp_path / "m.onnx"), "--static", "--dynamic-axes", '{"x": {"0": "b"}}')
-    assert r.exit_code == 2 and r.output == ("error: --dynamic-axes was given with --static, which fixes every axis: "
-                                             "drop one of them\n"), r.output
-    assert list(tmp_path.iterdir()) == []
+    assert r.exit_code == 2 and r.output == ("error: dynamic_axes was given with dynamic=False (CLI: --dynamic-axes "
+                                             "with --static), which fixes every axis: drop one of them\n"), r.output
+    assert list(tmp_path.iterdir()) == []  # refused before reading the (here empty) conversion folder

@@ -49,6 +49,13 @@ def expert_capacity(num_tokens: int, top_k: int, factor: float, num_experts: int
     return max(capacity, 1) if num_tokens > 0 else capacity
 
 
+def mode_factor(capacity_factor: float | None, eval_capacity_factor: float | None, training: bool) -> float | None:
+    """The capacity factor a mode runs with, as the config fields give them; None for dropless (an infinite
+    factor is one, and an eval factor of None takes the training one)."""
+    factor = capacity_factor if training or eval_capacity_factor is None else eval_capacity_factor
+    return None if factor is None or math.isinf(factor) else factor
+
+
 def keep_within_capacity(routing: Routing, num_experts: int, capacity: int, policy: str,
                          counted_N: torch.Tensor | None = None) -> torch.Tensor:
     """Boolean mask over the N assignments: True where the assignment fits in its expert's capacity.
@@ -96,11 +103,9 @@ class CapacityLimit(nn.Module):
                 f"policy={self.policy}")
 
     def factor(self, training: bool | None = None) -> float | None:
-        """The factor of this mode (or of training / evaluation when given); None for dropless (an
-        infinite factor is one)."""
+        """The factor of this mode (or of training / evaluation when given); None for dropless."""
         training = self.training if training is None else training
-        factor = self.capacity_factor if training else self.eval_capacity_factor
-        return None if factor is None or math.isinf(factor) else factor
+        return mode_factor(self.capacity_factor, self.eval_capacity_factor, training)
 
     def capacity(self, num_tokens: int) -> int | None:
         factor = self.factor()
