@@ -224,9 +224,16 @@ def test_every_config_field_is_an_option():
 MLP = str(ROOT / "examples" / "mlp.py")
 
 
-def test_export_fused_and_refusal_without_file(tmp_path):
-    out = tmp_path / "out"
+@pytest.fixture(scope="module")
+def mlp_out(tmp_path_factory):
+    """The MLP example converted once by the CLI (4 experts, top-2), for the tests that only read it."""
+    out = tmp_path_factory.mktemp("mlp") / "out"
     assert run("convert", MLP, "-o", str(out), "--num-experts", "4", "--top-k", "2").exit_code == 0
+    return out
+
+
+def test_export_fused_and_refusal_without_file(tmp_path, mlp_out):
+    out = mlp_out
     onnx_path = tmp_path / "m.onnx"
     r = run("export", str(out), "-o", str(onnx_path), "--mode", "fused")
     assert r.exit_code == 0, r.output
@@ -247,22 +254,20 @@ def test_export_fused_and_refusal_without_file(tmp_path):
     assert not (tmp_path / "g.onnx").exists()
 
 
-def test_export_external_data(tmp_path):
-    out = tmp_path / "out"
-    assert run("convert", MLP, "-o", str(out), "--num-experts", "4", "--top-k", "2").exit_code == 0
+def test_export_external_data(tmp_path, mlp_out):
+    out = mlp_out
     r = run("export", str(out), "-o", str(tmp_path / "m.onnx"), "--external-data")
     assert r.exit_code == 0, r.output
     assert "m.onnx.data beside m.onnx" in r.output
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data", "out"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
     assert run("export", str(out), "-o", str(tmp_path / "s.onnx"), "--single-file").exit_code == 0
     assert not (tmp_path / "s.onnx.data").exists()
 
 
-def test_export_names_the_graphs_outputs(tmp_path):
+def test_export_names_the_graphs_outputs(tmp_path, mlp_out):
     import onnx
 
-    out = tmp_path / "out"
-    assert run("convert", MLP, "-o", str(out), "--num-experts", "4", "--top-k", "2").exit_code == 0
+    out = mlp_out
     r = run("export", str(out), "-o", str(tmp_path / "m.onnx"), "--output-name", "scores")
     assert r.exit_code == 0, r.output
     assert [o.name for o in onnx.load(str(tmp_path / "m.onnx")).graph.output] == ["scores"]
@@ -272,7 +277,7 @@ def test_export_names_the_graphs_outputs(tmp_path):
     assert not (tmp_path / "n.onnx").exists()
 
 
-def test_export_and_stats_take_the_weights_of_a_later_checkpoint(tmp_path):
+def test_export_and_stats_take_the_weights_of_a_later_checkpoint(tmp_path, mlp_out):
     """--weights: the plan from OUT_DIR, the weights of a checkpoint written after training (a folder
     holding model.safetensors, as save_pretrained writes); the ONNX model computes the trained model."""
     import onnxruntime as ort
@@ -281,8 +286,7 @@ def test_export_and_stats_take_the_weights_of_a_later_checkpoint(tmp_path):
     import moeify
     from tests.conftest import load_example
 
-    out = tmp_path / "out"
-    assert run("convert", MLP, "-o", str(out), "--num-experts", "4", "--top-k", "2").exit_code == 0
+    out = mlp_out
     trained = moeify.load(out).model.eval()
     with torch.no_grad():
         for p in trained.parameters():
@@ -394,10 +398,9 @@ def test_stats_and_export_without_example_inputs_say_what_works_there(tmp_path):
                                             "writes PNG images\n", r.output
 
 
-def test_export_takes_dynamic_axes_and_atol(tmp_path):
+def test_export_takes_dynamic_axes_and_atol(tmp_path, mlp_out):
     """The README's fix for inputs whose axes are guessed wrong (dynamic_axes) had no CLI spelling."""
-    out = tmp_path / "out"
-    assert run("convert", MLP, "-o", str(out), "--num-experts", "4", "--top-k", "2").exit_code == 0
+    out = mlp_out
     r = run("export", str(out), "-o", str(tmp_path / "m.onnx"), "--dynamic-axes", '{"x": {"0": "rows"}}')
     assert r.exit_code == 0, r.output
     assert "inputs: x[rows, 16]" in r.output

@@ -397,7 +397,25 @@ def test_a_linear_also_called_outside_the_ffn_is_refused():
     r = find(_SharedFc2())
     regions, skipped = r.analysis, r.skipped
     assert regions == [] and any("fc2 is also called outside the FFN" in s.reason for s in skipped)
-    # the refused FFN's own Linears get no second, contradicting line ("fc1: not followed by an activation")
+
+
+class _SharedUp(nn.Module):
+    """The FFN's first Linear called again outside it, through another activation (tanh)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down, self.probe = nn.Linear(8, 32), nn.Linear(32, 8), nn.Linear(32, 3)
+
+    def forward(self, x):
+        x = x + self.down(F.relu(self.up(x)))
+        return self.probe(torch.tanh(self.up(x)))
+
+
+def test_an_ffn_refused_for_a_shared_linear_gets_one_line():
+    """Its Linear was also listed as 'Linear not followed by an activation (feeds relu)', which contradicts
+    the FFN it was found in."""
+    skipped = find(_SharedUp()).skipped
+    assert [s.where for s in skipped if "also called outside the FFN" in s.reason] == ["up"]
     assert not any(s.reason.startswith("Linear not followed by an activation") for s in skipped), skipped
 
 

@@ -84,6 +84,13 @@ def paper_switch_loss(probs, chosen_lists, num_experts):
     return num_experts * sum(fi * Pi for fi, Pi in zip(f, P, strict=True))
 
 
+def paper_choices(router, x, k):
+    """The router's logits, softmax probabilities and top-k experts per token, from its weights (lists)."""
+    logits = (x @ router.gate.weight.T).tolist()
+    probs = [softmax(row) for row in logits]
+    return logits, probs, [sorted(range(len(p)), key=lambda i: -p[i])[:k] for p in probs]
+
+
 def paper_z_loss(logits):
     """ST-MoE eq. 5: 1/B sum_x (log sum_j exp(x_j))^2."""
     return sum(math.log(sum(math.exp(v) for v in row)) ** 2 for row in logits) / len(logits)
@@ -163,9 +170,7 @@ def test_switch_balance_and_z_loss_match_formula(router_kind, k):
         router.gate.weight.normal_(0, 1, generator=torch.Generator().manual_seed(3))
     x = inputs(1)
     routing = router(x)
-    logits = (x @ router.gate.weight.T).tolist()
-    probs = [softmax(row) for row in logits]
-    chosen = [sorted(range(E), key=lambda i: -p[i])[:k] for p in probs]
+    logits, probs, chosen = paper_choices(router, x, k)
     assert routing.losses["load_balance"].item() == pytest.approx(paper_switch_loss(probs, chosen, E), rel=1e-5)
     assert routing.losses["z_loss"].item() == pytest.approx(paper_z_loss(logits), rel=1e-5)
     # importance of a token-choice router: CV^2 of the summed gates
@@ -190,9 +195,7 @@ def test_switch_balance_counts_the_routers_choices_before_capacity_drops(router_
     x = inputs(1)
     routing = router(x)
     assert routing.losses["dropped_fraction"].item() > 0.1  # the limit did drop many assignments
-    logits = (x @ router.gate.weight.T).tolist()
-    probs = [softmax(row) for row in logits]
-    chosen = [sorted(range(E), key=lambda i: -p[i])[:k] for p in probs]
+    _, probs, chosen = paper_choices(router, x, k)
     kept = [[e for t_, e, _ in triples(routing) if t_ == t] for t in range(T)]
     before, after = paper_switch_loss(probs, chosen, E), paper_switch_loss(probs, kept, E)
     assert routing.losses["load_balance"].item() == pytest.approx(before, rel=1e-5)

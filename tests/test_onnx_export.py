@@ -1193,6 +1193,7 @@ def test_the_check_skips_padding_positions_only():
     assert diff_at(got[:, :3], want[:, :3], [mask]) == (5.0, False)  # another length: not this mask's output
 
 
+@pytest.mark.slow  # a whole Llama export (5.5 s); the skip rule itself: test_the_check_skips_padding_positions_only
 def test_a_left_padded_causal_lm_exports_and_matches_at_its_tokens(tmp_path):
     """Llama with left padding: the first query positions of the padded row see no key; PyTorch and
     onnxruntime put different values there (the export was refused, 0.08 off), equal ones elsewhere."""

@@ -265,11 +265,11 @@ def test_ooc_checkpoint_shrinking_while_read_is_not_masked(tmp_path, init):
 
 
 # sharded checkpoints (Hugging Face: model-0000i-of-0000n.safetensors + model.safetensors.index.json) -----------
-def _tiny_llama():
+def _tiny_llama(layers: int = 3, tied: bool = False):
     import transformers
 
-    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
     return lambda: transformers.LlamaForCausalLM(config)
 
 
@@ -414,18 +414,11 @@ def test_ooc_refuses_tied_tensors_the_checkpoint_holds_apart(tmp_path, fast):
     """A tied model (tie_word_embeddings=True) read from a checkpoint of an untied one, which holds lm_head
     and the embedding with different values: the output kept one of the two for both (logits 1.8 off the
     checkpoint's model), where from_pretrained unties them. Equal values in both names still convert."""
-    import transformers
-
-    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
     torch.manual_seed(0)
-    state = {k: v.contiguous() for k, v in transformers.LlamaForCausalLM(config).state_dict().items()}
+    state = {k: v.contiguous() for k, v in _tiny_llama(layers=2)().state_dict().items()}
     assert not torch.equal(state["lm_head.weight"], state["model.embed_tokens.weight"])
     save_file(state, tmp_path / "apart.safetensors")
-    tied = transformers.LlamaConfig(**{**config.to_dict(), "tie_word_embeddings": True})
-
-    def build():
-        return transformers.LlamaForCausalLM(tied)
+    build = _tiny_llama(layers=2, tied=True)
 
     cfg = moeify.MoEConfig(num_experts=2, top_k=1)
     names = r"(lm_head\.weight and model\.embed_tokens\.weight|model\.embed_tokens\.weight and lm_head\.weight)"

@@ -341,12 +341,19 @@ def test_a_conversion_of_a_converted_model_loads_onto_the_model_it_started_from(
     assert second.report.converted_from == ["blocks.0.mlp.moe"]
     assert any("already held 1 moeify MoE layer" in n for n in second.report.notes)
     assert not any("mixture-of-experts modules of its own" in n for n in second.report.notes)  # not "native" MoE
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # trained apart: a load that kept the rebuilt weights would not pass below
+        for p in second.model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.01)
     moeify.save(first, tmp_path / "first")
     moeify.save(second, tmp_path / "second")
     with pytest.raises(SerializationError, match=r"converted already \(its MoE layers blocks\.0\.mlp\.moe are not in "
                                                  r"the model rebuilt from its source\): pass model="):
         moeify.load(tmp_path / "second")
     again = moeify.load(tmp_path / "second", model=moeify.load(tmp_path / "first").model)
+    want = second.model.state_dict()
+    assert again.model.state_dict().keys() == want.keys()
+    assert all(torch.equal(t, want[k]) for k, t in again.model.state_dict().items())
     with torch.no_grad():
         assert torch.equal(again.model(*x), second.model(*x))
     assert {name: layer.num_experts for name, layer in moeify.moe_layers(again.model).items()} == \

@@ -33,7 +33,7 @@ def _trained(trainer_class, model, ids, tmp_path, batch, accumulation):
         lr_scheduler_type="constant", max_grad_norm=0.0, logging_strategy="no", disable_tqdm=True)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     trainer_class(model=model, args=args, train_dataset=data, optimizers=(optimizer, None)).train()
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
+    return _snapshot(model)
 
 
 def _plain_loop(model, ids, accumulation):
@@ -45,7 +45,7 @@ def _plain_loop(model, ids, accumulation):
         out = model(input_ids=batch, labels=batch, use_cache=False)
         ((out.loss + moeify.aux_loss(model)) / accumulation).backward()
     optimizer.step()
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
+    return _snapshot(model)
 
 
 class _AuxAddedAsIs(transformers.Trainer):  # the recipe the README gave before
@@ -53,6 +53,16 @@ class _AuxAddedAsIs(transformers.Trainer):  # the recipe the README gave before
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, **kwargs)
         loss = loss + moeify.aux_loss(model)
         return (loss, outputs) if return_outputs else loss
+
+
+def _snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _restore(model, state):
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(state[n])
 
 
 def _max_diff(a, b):
@@ -64,17 +74,15 @@ def test_moe_trainer_takes_the_plain_loops_step(tmp_path, accumulation):
     """Llama takes num_items_in_batch, so Trainer does not divide its loss by the micro-batch count; the aux
     loss added as it was counted 4 times over with 4 micro-batches (router gradient 1.76 against 0.48)."""
     model, ids = _tiny_llama()
-    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    start = _snapshot(model)
     want = _plain_loop(model, ids, accumulation)
     moved = _max_diff(want, start)
     assert moved > 1e-3  # the step moved the weights, routers included
     assert max((want[n] - start[n]).abs().max().item() for n in want if "router" in n) > 1e-4
-    for p, value in zip(model.parameters(), start.values(), strict=True):
-        p.data.copy_(value)
+    _restore(model, start)
     got = _trained(MoETrainer, model, ids, tmp_path, 8 // accumulation, accumulation)
     assert _max_diff(got, want) < 1e-5 * max(1.0, moved)
     if accumulation > 1:
-        for p, value in zip(model.parameters(), start.values(), strict=True):
-            p.data.copy_(value)
+        _restore(model, start)
         naive = _trained(_AuxAddedAsIs, model, ids, tmp_path, 8 // accumulation, accumulation)
         assert _max_diff(naive, want) > 100 * _max_diff(got, want) + 1e-6
