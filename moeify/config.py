@@ -219,6 +219,10 @@ class MoEConfig:
         if self.split_method != "random" and self.init != "split":
             _fail("split_method", self.split_method, "it only applies to init='split': set init='split', "
                   "or leave split_method='random'")
+        noise_default = type(self).__dataclass_fields__["init_noise"].default
+        if self.init_noise != noise_default and self.init != "copy_noise":
+            _fail("init_noise", self.init_noise, "it only applies to init='copy_noise': set init='copy_noise', "
+                  f"or leave init_noise={noise_default}")
         if self.drop_policy not in DROP_POLICIES:
             _fail("drop_policy", self.drop_policy, f"choose one of {', '.join(DROP_POLICIES)}")
         if self.drop_policy == "gate" and (self.capacity_factor, self.eval_capacity_factor) == (None, None):

@@ -15,7 +15,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -244,6 +244,14 @@ def saved_source(out_dir: str | os.PathLike, plan: dict[str, Any]) -> ModelSourc
     return ModelSource(source["kind"], source["target"], source["name"])
 
 
+def _drop_ignored_fields(config: Any) -> Any:
+    """A saved config without the init_noise it ignored: earlier moeify accepted init_noise with an init other
+    than copy_noise (where it changes nothing), which MoEConfig now refuses. The saved weights do not depend on it."""
+    if isinstance(config, Mapping) and config.get("init", MoEConfig.init) != "copy_noise":
+        return {k: v for k, v in config.items() if k != "init_noise"}
+    return config
+
+
 def read_plan(out_dir: str | os.PathLike) -> dict[str, Any]:
     """plan.json of a saved conversion, its layout checked (`check_plan`)."""
     path = Path(out_dir) / "plan.json"
@@ -433,7 +441,7 @@ def load(out_dir: str | os.PathLike, model: nn.Module | None = None, *,
     plan = read_plan(out_dir)
     plan_path = Path(out_dir) / "plan.json"
     try:
-        cfg = MoEConfig.from_dict(plan["config"])
+        cfg = MoEConfig.from_dict(_drop_ignored_fields(plan["config"]))
         report = ConversionReport.from_dict(plan["report"])
     except MoeifyError as exc:
         raise SerializationError(f"{plan_path}: {exc}") from exc

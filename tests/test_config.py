@@ -85,6 +85,8 @@ INF = float("inf")
     ({"router": "switch", "top_k": 1, "expert_choice_capacity": 0.5}, "expert_choice_capacity"),
     ({"split_method": "cluster"}, "split_method"),
     ({"init": "copy_noise", "split_method": "cluster"}, "split_method"),
+    ({"init_noise": 0.05}, "init_noise"),
+    ({"init": "split", "init_noise": 0.05}, "init_noise"),
 ])
 def test_bad_field_is_one_line_config_error_naming_it(data, name):
     with pytest.raises(ConfigError) as info:

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import moeify
-from moeify.errors import SerializationError
+from moeify.config import MoEConfig
+from moeify.errors import ConfigError, SerializationError
 from tests.conftest import ROOT, load_example
 
 
@@ -245,6 +246,22 @@ def test_report_keys_from_a_later_moeify_are_ignored(saved_small, tmp_path):
     _edit_plan(lambda p: {**p, "report": {**p["report"], "new_fact": 1,
                                           "regions": [{**p["report"]["regions"][0], "new_fact": 2}]}})(out)
     assert moeify.load(out).report.regions[0].d_ff == 16
+
+
+def test_plan_with_the_init_noise_an_older_moeify_ignored_loads(saved_small, tmp_path):
+    """Earlier moeify accepted init_noise with init='copy' (it changed nothing); MoEConfig now refuses that pair,
+    but a plan saved with it still loads, to the same weights, since the saved tensors never depended on it."""
+    import shutil
+
+    out = tmp_path / "older"
+    shutil.copytree(saved_small, out)
+    _edit_plan(lambda p: {**p, "config": {**p["config"], "init": "copy", "init_noise": 0.3}})(out)
+    with pytest.raises(ConfigError, match="init_noise"):
+        MoEConfig.from_dict(json.loads((out / "plan.json").read_text())["config"])
+    loaded, want = moeify.load(out), moeify.load(saved_small)
+    assert loaded.config.init_noise == MoEConfig().init_noise
+    got = loaded.model.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in want.model.state_dict().items())
 
 
 def test_load_into_a_model_of_other_sizes_names_the_tensor(saved_small):
