@@ -297,6 +297,10 @@ def stats(out_dir: str, plot_path: str | None, weights: str | None) -> None:
                    "'{\"input\": {\"0\": \"seq\", \"1\": \"batch\"}}' ({} makes an input static)")
 @click.option("--atol", type=float, default=1e-4, show_default=True,
               help="largest |onnxruntime - PyTorch| the check accepts")
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
+              help="the exported weights and floating-point inputs (float16: for onnxruntime's CUDA provider; the "
+                   "routers stay float32, and the check compares within 2 float16 epsilons of the largest output "
+                   "where that exceeds --atol)")
 @click.option("--output-name", "output_names", multiple=True,
               help="name the graph's outputs, one per output tensor in order (repeat the option); default: after the "
                    "model's outputs (logits, last_hidden_state; output, output_0... for tensors and tuples)")
@@ -304,7 +308,7 @@ def stats(out_dir: str, plot_path: str | None, weights: str | None) -> None:
 @handle_errors
 def export(out_dir: str, output: str, mode: str, fallback: str, allow_approximate_gelu: bool, static: bool,
            force: bool, check: bool, external_data: bool | None, dynamic_axes: str | None, atol: float,
-           output_names: tuple[str, ...], weights: str | None) -> None:
+           dtype: str, output_names: tuple[str, ...], weights: str | None) -> None:
     """Export the saved conversion OUT_DIR to ONNX (example inputs from its saved model_source.py)."""
     from moeify.onnx_export import export_saved
     from moeify.serialization import check_output
@@ -313,7 +317,7 @@ def export(out_dir: str, output: str, mode: str, fallback: str, allow_approximat
     report = export_saved(out_dir, output, mode=mode, fallback=None if fallback == "none" else fallback,
                           allow_approximate_gelu=allow_approximate_gelu, dynamic=not static, check=check,
                           force=force, external_data=external_data, output_names=output_names or None,
-                          weights=weights, atol=atol, dynamic_axes=_dynamic_axes(dynamic_axes))
+                          weights=weights, atol=atol, dynamic_axes=_dynamic_axes(dynamic_axes), dtype=dtype)
     click.echo(report.format())
 
 

@@ -26,7 +26,7 @@ import torch.fx as fx
 from torch import nn
 
 from moeify import capture as capture_mod
-from moeify.compare import abs_diff
+from moeify.compare import abs_diff, low_precision_eps
 from moeify.config import MoEConfig
 from moeify.errors import (
     CaptureError,
@@ -575,8 +575,6 @@ def flatten_outputs(out: Any) -> list[torch.Tensor]:
 # output of magnitude m is about 1e-7 m, so large outputs (mT5's logits reach 45) move by more than
 # atol under any reordering of their sums; a wrong conversion moves them by about m.
 VERIFY_RTOL = 1e-5
-# Outputs in bfloat16 / float16 are compared within this many epsilons of their dtype (see output_diffs).
-LOW_PRECISION_ULPS = 2
 
 
 @contextmanager
@@ -629,7 +627,7 @@ def output_diffs(dense_out: list[torch.Tensor], converted: nn.Module, args: Sequ
     converted model run as `_outputs` ran the dense one; NaN as in `compare.abs_diff`.
 
     The tolerance is atol + rtol * |dense|, widened for outputs of a low-precision dtype (bfloat16,
-    float16) to LOW_PRECISION_ULPS of its epsilon relative to the output's largest magnitude:
+    float16) to compare.LOW_PRECISION_ULPS of its epsilon relative to the output's largest magnitude:
     there the same sums in another order round differently by that much."""
     got = _outputs(converted, args, kwargs)
     if len(dense_out) != len(got):
@@ -640,8 +638,8 @@ def output_diffs(dense_out: list[torch.Tensor], converted: nn.Module, args: Sequ
             d = abs_diff(y, x)
             x_abs = x.double().cpu().abs()
             a, r = atol, rtol
-            if x.is_floating_point() and torch.finfo(x.dtype).eps > torch.finfo(torch.float32).eps:
-                eps = LOW_PRECISION_ULPS * torch.finfo(x.dtype).eps
+            eps = low_precision_eps(x)
+            if eps:
                 a, r = max(a, eps * x_abs.max().item()), max(r, eps)
             diff, excess = max(diff, d.max().item()), max(excess, (d - a - r * x_abs).max().item())
     return diff, excess

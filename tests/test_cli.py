@@ -8,6 +8,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import moeify
 from moeify.cli import main
 from moeify.errors import ModelSourceError
 
@@ -323,6 +324,35 @@ def test_export_of_a_bfloat16_conversion_goes_through_float32(tmp_path):
 
     graph = onnx.load(str(tmp_path / "m.onnx")).graph
     assert {t.data_type for t in graph.initializer} - {onnx.TensorProto.INT64} == {onnx.TensorProto.FLOAT}
+
+
+def test_export_dtype_float16_casts_the_weights_and_inputs_keeping_the_routers_float32(tmp_path):
+    """`moeify export --dtype float16`: the graph takes and returns float16, holds the experts in float16 and
+    the router in float32, and runs on onnxruntime like the float16 PyTorch model."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    out = tmp_path / "out"
+    assert run("convert", write(tmp_path, "bf16.py", BF16_MLP), "-o", str(out), "--num-experts", "2").exit_code == 0
+    r = run("export", str(out), "-o", str(tmp_path / "m.onnx"), "--dtype", "float16")
+    assert r.exit_code == 0, r.output
+    assert "the saved weights are bfloat16: exported in float16" in r.output
+    graph = onnx.load(str(tmp_path / "m.onnx")).graph
+    kinds = {t.name: t.data_type for t in graph.initializer}
+    assert kinds["moe.router.gate.weight"] == onnx.TensorProto.FLOAT
+    assert kinds["moe.experts.w1_EFD"] == kinds["moe.experts.w2_EDF"] == onnx.TensorProto.FLOAT16
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.type for i in session.get_inputs()] == [o.type for o in session.get_outputs()] == ["tensor(float16)"]
+    model = moeify.load(out).model.half()
+    for layer in moeify.moe_layers(model).values():
+        layer.router.float()
+    x = torch.randn(3, 8).half()
+    with torch.no_grad():
+        want = model(x).float().numpy()
+    got = session.run(None, {"input": x.numpy()})[0].astype(np.float32)
+    assert np.abs(got - want).max() <= 2 * torch.finfo(torch.float16).eps * np.abs(want).max()
+    assert run("export", str(out), "-o", str(tmp_path / "b.onnx"), "--dtype", "bfloat16").exit_code == 2
 
 
 def test_convert_checkpoint_out_of_core_matches_in_memory(tmp_path):

@@ -1264,3 +1264,67 @@ def test_an_axis_the_model_fixes_names_dynamic_axes_in_both_spellings(tmp_path):
         export_onnx(model, (x,), tmp_path / "m.onnx", mode="portable")
     report = export_onnx(model, (x,), tmp_path / "m.onnx", mode="portable", dynamic_axes={"x": {0: "batch"}})
     assert report.signature.startswith("inputs: x[batch, 5, 16]; outputs: output[batch, 3]")
+
+
+# float16 -------------------------------------------------------------------------------------------------
+def _half_with_float32_routers(model: nn.Module) -> nn.Module:
+    """model.half(), its routers put back in float32: what moeify.convert makes of a float16 dense model
+    (Switch's selective precision), and what `moeify export --dtype float16` exports."""
+    model.half()
+    for layer in moeify.moe_layers(model).values():
+        layer.router.float()
+    return model
+
+
+@pytest.mark.parametrize(("mode", "routers"), [("fused", "float32"), ("portable", "float32"), ("fused", "float16")])
+def test_a_float16_model_exports_float16_experts_and_float32_routers(mode, routers, tmp_path):
+    """Expert weights go into the graph in float16, the router's in float32; the fused op takes the logits in
+    float16, the portable loop sums in float32 (onnxruntime's CPU ScatterND cannot add float16). onnxruntime
+    matches PyTorch's float16 model within 2 float16 epsilons of the largest output, and the float32 model
+    within 1% of it (the weights' float16 rounding). A plain model.half() (routers in float16 too) routes in
+    float32 all the same, as its PyTorch forward does."""
+    import copy
+
+    ex, model32 = converted("llama", dict(TINY, d_ff=64), {})
+    model = copy.deepcopy(model32).half() if routers == "float16" else _half_with_float32_routers(
+        copy.deepcopy(model32))
+    layer = next(iter(moeify.moe_layers(model).values()))
+    path = tmp_path / "half.onnx"
+    report = export_onnx(model, ex.example_inputs(), path, mode=mode)
+    assert len(report.checks) == 2 and all(a > report.atol for a in report.tolerances), report
+    assert all(d <= a for (_, d), a in zip(report.checks, report.tolerances, strict=True)), report
+    assert "float16 epsilons of the largest output" in report.format()
+
+    graph = onnx.load(path).graph
+    arrays = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
+    assert contains_matrix([a for a in arrays.values() if a.dtype == np.float16],
+                           layer.experts.w2_EDF[1].detach().numpy())
+    assert contains_matrix([a for a in arrays.values() if a.dtype == np.float32],  # (float16 ones: cast, folded)
+                           layer.router.gate.weight.detach().float().numpy())
+    assert graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+
+    session = open_session(str(path), providers=("CPUExecutionProvider",))
+    (x,) = ex.example_inputs()
+    got = session.run({session.input_names[0]: x.numpy()})[0]
+    with torch.no_grad():
+        want = model32(x).numpy()
+    assert got.dtype == np.float16
+    assert np.abs(got.astype(np.float32) - want).max() <= 0.01 * np.abs(want).max()
+
+
+def test_a_bfloat16_model_is_refused_naming_the_casts(tmp_path):
+    ex, model = converted("mlp", {}, {})
+    with pytest.raises(ExportError, match=r"float32 or float16 \(onnxruntime's CPU provider has no bfloat16 Gemm or "
+                                          r"MoE kernels\): call model.float\(\), or model.half\(\)"):
+        export_onnx(model.bfloat16(), tuple(x.bfloat16() for x in ex.example_inputs()), tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_check_tolerance_widens_for_float16_outputs_only():
+    from moeify.onnx_export import check_tolerance
+
+    eps = torch.finfo(torch.float16).eps
+    assert check_tolerance(torch.tensor([3.0, -1.0]), 1e-4) == 1e-4
+    assert check_tolerance(torch.tensor([3.0, -5.0], dtype=torch.float16), 1e-4) == pytest.approx(2 * eps * 5.0)
+    assert check_tolerance(torch.tensor([1e-3], dtype=torch.float16), 1e-2) == 1e-2  # atol when it is more
+    assert check_tolerance(torch.tensor([7, 9]), 1e-4) == 1e-4
