@@ -24,6 +24,9 @@ from torch import nn
 from moeify.errors import ConfigError, DistillError
 from moeify.losses import aux_loss
 
+# labels that mark a position to leave out (padding), as F.cross_entropy and Hugging Face models take them
+IGNORE_INDEX = -100
+
 SOFT_LOSSES = ("kl", "ce")
 
 
@@ -59,7 +62,9 @@ class DistillConfig:
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
                       config: DistillConfig | None = None) -> torch.Tensor:
-    """The mixed loss for logits of shape (..., V) and integer labels of shape (...), mean over tokens."""
+    """The mixed loss for logits of shape (..., V) and integer labels of shape (...), mean over the labelled
+    tokens: positions labelled IGNORE_INDEX (-100, padding, as F.cross_entropy and Hugging Face use it) count in
+    neither term; with none labelled the loss is 0."""
     cfg = config or DistillConfig()
     if student_logits.shape != teacher_logits.shape:
         raise ConfigError(f"student logits {tuple(student_logits.shape)} and teacher logits "
@@ -70,7 +75,13 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     V = student_logits.shape[-1]
     s_TV = student_logits.reshape(-1, V).float()
     t_TV = teacher_logits.reshape(-1, V).float().detach()
-    hard = F.cross_entropy(s_TV, labels.reshape(-1))
+    labels_T = labels.reshape(-1)
+    keep_T = labels_T != IGNORE_INDEX
+    if not bool(keep_T.all()):
+        if not bool(keep_T.any()):
+            return s_TV.sum() * 0.0  # nothing labelled: no loss, and a graph to call backward on
+        s_TV, t_TV, labels_T = s_TV[keep_T], t_TV[keep_T], labels_T[keep_T]
+    hard = F.cross_entropy(s_TV, labels_T)
     if cfg.teacher_weight == 0:
         return hard
     tau = cfg.temperature

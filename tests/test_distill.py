@@ -19,6 +19,7 @@ def reference_loss(s, t, y, w, tau, soft):
     """Switch §4 / Hinton: w * tau^2 * soft(teacher^tau, student^tau) + (1 - w) * CE(student, y), per-token mean."""
     s, t = s.reshape(-1, s.shape[-1]).astype(np.float64), t.reshape(-1, t.shape[-1]).astype(np.float64)
     y = y.reshape(-1)
+    s, t, y = s[y != -100], t[y != -100], y[y != -100]  # unlabelled positions (padding) count in neither term
     hard = -np_log_softmax(s)[np.arange(len(y)), y].mean()
     lps, lpt = np_log_softmax(s / tau), np_log_softmax(t / tau)
     pt = np.exp(lpt)
@@ -35,6 +36,25 @@ def test_loss_matches_numpy_formula(w, tau, soft):
     got = distillation_loss(s, t, y, DistillConfig(teacher_weight=w, temperature=tau, soft_loss=soft))
     want = reference_loss(s.numpy(), t.numpy(), y.numpy(), w, tau, soft)
     assert got.item() == pytest.approx(want, rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("w", [0.25, 1.0])
+def test_positions_labelled_minus_100_count_in_neither_term(w):
+    """Padding labelled -100: the hard term ignored it (F.cross_entropy) while the soft term averaged over
+    it too (2.4635 instead of 2.5034 in the audit's case); all -100 gave NaN even at teacher_weight 1."""
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(3, 7, 11, generator=g) * 2, torch.randn(3, 7, 11, generator=g) * 2
+    y = torch.randint(0, 11, (3, 7), generator=g)
+    y[0, 4:], y[2, 1:] = -100, -100
+    cfg = DistillConfig(teacher_weight=w)
+    got = distillation_loss(s, t, y, cfg)
+    assert got.item() == pytest.approx(reference_loss(s.numpy(), t.numpy(), y.numpy(), w, 1.0, "kl"), rel=1e-5)
+    keep = y != -100
+    assert got.item() == pytest.approx(distillation_loss(s[keep], t[keep], y[keep], cfg).item(), rel=1e-6)
+    s.requires_grad_(True)
+    none = distillation_loss(s, t, torch.full_like(y, -100), cfg)
+    none.backward()
+    assert none.item() == 0.0 and bool((s.grad == 0).all())
 
 
 def test_soft_loss_gradient_does_not_reach_teacher():
