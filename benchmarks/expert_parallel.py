@@ -159,7 +159,7 @@ def main() -> None:
         f"ratio {ep['bwd_bytes'] / analytic:.3f}",
         f"  of the forward, sent to another rank    {int(ep['remote_fwd_bytes']):12,d}  "
         f"({ep['remote_fwd_bytes'] / ep['fwd_bytes']:.0%}; the rest is each rank's chunk to itself)",
-        f"  counts exchange (int64 per expert)      {int(ep['count_bytes']):12,d}",
+        f"  counts exchange (int64 per expert + 1) {int(ep['count_bytes']):12,d}",
     ]
     if device.type == "cpu":
         lines += ["", "Not run on NCCL in this measurement (no GPU): the same script uses NCCL when CUDA is present."]

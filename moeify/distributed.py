@@ -95,11 +95,19 @@ class _AllToAll(torch.autograd.Function):
 
 
 class AllToAllDispatch(nn.Module):
-    """`LocalDispatch`'s interface over an expert-parallel group: rows go to the rank holding their expert."""
+    """`LocalDispatch`'s interface over an expert-parallel group: rows go to the rank holding their expert.
 
-    def __init__(self, num_experts: int, group, meter: TrafficMeter | None = None) -> None:
+    Every rank must run the same MoE layers in the same order: the exchanges of one rank's layer pair with
+    the other ranks' exchanges of theirs. `layer_id` (the layer's position in the model, `name` for
+    messages) travels with the row counts, and a rank that meets another layer raises DistributedError
+    (a per-rank LayerDrop computed one layer's tokens with another layer's experts, 3.0 off, silently).
+    """
+
+    def __init__(self, num_experts: int, group, meter: TrafficMeter | None = None, *, layer_id: int = 0,
+                 name: str = "") -> None:
         super().__init__()
         self.num_experts = num_experts
+        self.layer_id, self.name = layer_id, name
         self.group = group
         self.ep_size, self.ep_rank = dist.get_world_size(group), dist.get_rank(group)
         self.num_local = num_experts // self.ep_size
@@ -115,10 +123,14 @@ class AllToAllDispatch(nn.Module):
         x_ND = x_TD[token_N]
         # experts are laid out rank-major (rank r holds r*L .. r*L+L-1), so expert-sorted rows are
         # already in destination-rank order: counts_E viewed (W, L) are the send counts
-        send_WL = counts_E.view(W, L).contiguous()
-        recv_WL = torch.empty_like(send_WL)
-        dist.all_to_all_single(recv_WL, send_WL, group=self.group)
-        self.meter.count_bytes += send_WL.numel() * send_WL.element_size()
+        send_WL = counts_E.view(W, L)
+        # one more column: the layer each rank is in, which every other rank checks against its own
+        send_WC = torch.cat([send_WL, send_WL.new_full((W, 1), self.layer_id)], dim=1)
+        recv_WC = torch.empty_like(send_WC)
+        dist.all_to_all_single(recv_WC, send_WC, group=self.group)
+        self.meter.count_bytes += send_WC.numel() * send_WC.element_size()
+        self._check_same_layer(recv_WC[:, L].tolist())
+        send_WL, recv_WL = send_WL.contiguous(), recv_WC[:, :L].contiguous()
         in_splits, out_splits = send_WL.sum(1).tolist(), recv_WL.sum(1).tolist()
         x_MD = _AllToAll.apply(x_ND, out_splits, in_splits, self.group, self.meter, self.ep_rank)
         # received rows are grouped by source rank, then local expert: regroup them by local expert
@@ -128,6 +140,16 @@ class AllToAllDispatch(nn.Module):
         plan = DispatchPlan(token_N, routing.weight_N[order_N], recv_WL.sum(0), x_TD.shape[0],
                             extra=(in_splits, out_splits, regroup_M))
         return x_MD[regroup_M], plan
+
+    def _check_same_layer(self, layer_W: list[int]) -> None:
+        others = {rank: layer for rank, layer in enumerate(layer_W) if layer != self.layer_id}
+        if others:
+            rank, layer = next(iter(others.items()))
+            raise DistributedError(
+                f"expert-parallel rank {self.ep_rank} is in MoE layer {self.layer_id} ({self.name or 'unnamed'}) "
+                f"while rank {rank} is in layer {layer}: every rank must run the same MoE layers in the same order "
+                "(a per-rank LayerDrop or early exit breaks that): draw such choices from a generator seeded alike "
+                "on every rank")
 
 
 class AllToAllCombine(nn.Module):
@@ -505,7 +527,7 @@ def expert_parallel(model: nn.Module, mesh_or_group=None, *, ep_dim: str = EP, d
         layers = {name: model.get_submodule(name) for name in layers}
     meter = TrafficMeter()
     shards: dict[str, ExpertShard] = {}
-    for name, layer in layers.items():
+    for layer_id, (name, layer) in enumerate(layers.items()):
         E = layer.experts.num_experts
         L = E // groups.ep_size
         first = groups.ep_rank * L
@@ -515,7 +537,7 @@ def expert_parallel(model: nn.Module, mesh_or_group=None, *, ep_dim: str = EP, d
             local = old.detach().narrow(dim, first, L).clone()
             layer.experts.register_parameter(pname, nn.Parameter(local, requires_grad=old.requires_grad))
         layer.experts.num_experts = L
-        layer.dispatch = AllToAllDispatch(E, groups.ep, meter)
+        layer.dispatch = AllToAllDispatch(E, groups.ep, meter, layer_id=layer_id, name=name)
         layer.combine = AllToAllCombine(groups.ep, meter)
         shards[name] = ExpertShard(name, E, first, L, dims)
     return ExpertParallel(model, groups, shards, meter)

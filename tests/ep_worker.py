@@ -108,6 +108,15 @@ def refusals(out: Path) -> None:
         except MoeifyError as exc:
             message = f"{type(exc).__name__}: {exc}"
         (out / f"refused_{what}_rank{rank}.txt").write_text(message)
+    # as a per-rank LayerDrop: rank r runs only block r's MoE (each rank's tokens met the other layer's experts)
+    ep = moe_dist.expert_parallel(converted("balanced")[0].model)
+    block = ep.model.blocks[rank]
+    try:
+        block.mlp(torch.randn(2, 5, *block.ln2.normalized_shape))
+        message = "accepted"
+    except MoeifyError as exc:
+        message = f"{type(exc).__name__}: {exc}"
+    (out / f"refused_layerdrop_rank{rank}.txt").write_text(message)
 
 
 def hybrid(out: Path) -> None:
