@@ -17,7 +17,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import re
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,28 @@ from moeify.config import DROP_POLICIES, INITS, ROUTERS, SPLIT_METHODS, MoEConfi
 from moeify.errors import ConfigError, MoeifyError, one_line
 
 _SCALAR = {"int": int, "float": float, "str": str}
+
+
+class _Unset:
+    """The value `--capacity-factor none` gives: set the field to None (an option not given is None too)."""
+
+    def __repr__(self) -> str:
+        return "none"
+
+
+class OrNone(click.ParamType):
+    """A number, or `none` / `null` for a field that may be None (to override a --config file's value)."""
+
+    def __init__(self, kind: type) -> None:
+        self.kind, self.name = kind, f"{kind.__name__}|none"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        if isinstance(value, _Unset) or (isinstance(value, str) and value.strip().lower() in ("none", "null")):
+            return _Unset()
+        try:
+            return self.kind(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not {'an integer' if self.kind is int else 'a number'} or none", param, ctx)
 
 
 def _option_for(f: dataclasses.Field):
@@ -46,6 +70,9 @@ def _option_for(f: dataclasses.Field):
         inner = _SCALAR[kind[len("tuple["):].split(",")[0]]
         return click.option(flag, f.name, type=inner, multiple=True, help=help_text + "; repeat for several")
     base = kind.split("|")[0]
+    if base in _SCALAR and "|None" in kind and base != "str":
+        return click.option(flag, f.name, type=OrNone(_SCALAR[base]), default=None,
+                            help=help_text + "; none sets None")
     if base in _SCALAR:
         return click.option(flag, f.name, type=_SCALAR[base], default=None, help=help_text)
     raise TypeError(f"MoEConfig.{f.name} has a type the CLI cannot express: {f.type}")
@@ -74,7 +101,7 @@ def build_config(config_file: str | None, options: dict[str, Any]) -> MoEConfig:
         value = options.get(f.name)
         if value is None or (isinstance(value, tuple) and not value):
             continue
-        data[f.name] = value
+        data[f.name] = None if isinstance(value, _Unset) else value
     try:
         return MoEConfig.from_dict(data)
     except ConfigError as exc:  # the options' values: say which options (from --config too, which they override)
@@ -111,6 +138,9 @@ def handle_errors(fn):
             return fn(*args, **kwargs)
         except (click.exceptions.Exit, click.ClickException, KeyboardInterrupt):
             raise
+        except BrokenPipeError:  # the reader went away (`moeify inspect ... | head`): stop quietly, as cat does
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at interpreter exit
+            ctx.exit(128 + signal.SIGPIPE)
         except Exception as exc:  # noqa: BLE001 - the last resort: one line, not a traceback
             if ctx.find_root().params.get("debug"):
                 raise

@@ -52,6 +52,7 @@ import dataclasses
 import inspect
 import io
 import logging
+import math
 import os
 import sys
 import warnings
@@ -845,7 +846,7 @@ def export_onnx(model: nn.Module, example_inputs: Sequence[Any] = (), path: str 
         fallback = None
     if fallback not in (None, "portable"):
         raise ExportError(f"fallback={fallback!r} is unknown: use None (refuse) or 'portable'")
-    _check_axes_options(dynamic, dynamic_axes)
+    _check_options(dynamic, dynamic_axes, atol)
     if hasattr(model, "model") and hasattr(model, "config") and not isinstance(model, nn.Module):
         model = model.model  # a ConversionResult
     example_inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
@@ -932,7 +933,7 @@ def export_saved(out_dir: str | os.PathLike, path: str | os.PathLike, *, weights
 
     if dtype not in SAVED_EXPORT_DTYPES:
         raise ExportError(f"export dtype {dtype!r} is unknown: use one of {', '.join(SAVED_EXPORT_DTYPES)}")
-    _check_axes_options(options.get("dynamic", True), options.get("dynamic_axes"))  # before loading anything
+    _check_options(options.get("dynamic", True), options.get("dynamic_axes"), options.get("atol", 1e-4))  # (first)
     args, kwargs = saved_example_inputs(out_dir)
     model = load(out_dir, weights=weights).model
     want = SAVED_EXPORT_DTYPES[dtype]
@@ -951,7 +952,11 @@ def export_saved(out_dir: str | os.PathLike, path: str | os.PathLike, *, weights
     return report
 
 
-def _check_axes_options(dynamic: bool, dynamic_axes: dict | None) -> None:
+def _check_options(dynamic: bool, dynamic_axes: dict | None, atol: float) -> None:
+    """The refusals that need no model: `export_saved` runs them before loading one."""
+    if not (isinstance(atol, (int, float)) and not isinstance(atol, bool) and 0 <= atol < math.inf):
+        raise ExportError(f"atol={atol!r} is invalid (CLI: --atol): use a finite number >= 0, the largest "
+                          "|onnxruntime - PyTorch| the check accepts")
     if dynamic_axes and not dynamic:
         raise ExportError("dynamic_axes was given with dynamic=False (CLI: --dynamic-axes with --static), which "
                           "fixes every axis: drop one of them")

@@ -222,6 +222,28 @@ def test_every_config_field_is_an_option():
             assert len(f.metadata["help"].split()) >= 4 and " ".join(f.metadata["help"].split()[:4]) in flat, f.name
 
 
+def test_none_on_the_command_line_overrides_a_config_files_value(tmp_path):
+    """Fields that may be None take `none` (any case) or `null`: `--expert-dropout None` was 'not a valid float',
+    so a --config file's value could not be reset from the command line."""
+    from moeify.cli import build_config, main
+
+    option = {p.name: p for p in main.commands["convert"].params}
+    def parse(name, text):
+        return option[name].type.convert(text, option[name], None)
+
+    (tmp_path / "c.json").write_text(json.dumps({"expert_dropout": 0.1, "capacity_factor": 1.25, "num_groups": 2,
+                                                 "num_experts": 8}))
+    given = {"expert_dropout": parse("expert_dropout", "None"), "capacity_factor": parse("capacity_factor", "null"),
+             "num_groups": parse("num_groups", "none")}
+    cfg = build_config(str(tmp_path / "c.json"), given)
+    assert (cfg.expert_dropout, cfg.capacity_factor, cfg.num_groups, cfg.num_experts) == (None, None, None, 8)
+    kept = build_config(str(tmp_path / "c.json"), {"expert_dropout": None})  # not given: the file's value
+    assert (kept.expert_dropout, kept.capacity_factor) == (0.1, 1.25)
+    assert parse("capacity_factor", "inf") == float("inf") and parse("num_groups", "4") == 4
+    r = run("convert", MLP, "-o", str(tmp_path / "o"), "--capacity-factor", "lots")
+    assert r.exit_code == 2 and "'lots' is not a number or none" in r.output and not (tmp_path / "o").exists()
+
+
 MLP = str(ROOT / "examples" / "mlp.py")
 
 
@@ -459,3 +481,16 @@ def test_export_static_with_dynamic_axes_is_refused_naming_the_flags(tmp_path):
     assert r.exit_code == 2 and r.output == ("error: dynamic_axes was given with dynamic=False (CLI: --dynamic-axes "
                                              "with --static), which fixes every axis: drop one of them\n"), r.output
     assert list(tmp_path.iterdir()) == []  # refused before reading the (here empty) conversion folder
+
+
+def test_a_reader_that_goes_away_stops_the_command_quietly():
+    """`moeify inspect model.py | head -1`: the closed pipe was reported as an unforeseen error (exit 1);
+    now the command stops as cat does, with SIGPIPE's status and nothing on stderr."""
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-m", "moeify.cli", "inspect", str(ROOT / "examples" / "gpt.py")],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    p.stdout.close()  # before the command writes its first line
+    err = p.stderr.read()
+    assert p.wait() == 141 and err == b"", err

@@ -379,7 +379,9 @@ REFUSALS = [
                  id="raw-gates-fused"),
     pytest.param("lstm_lm", {}, "fused", {}, "projection", id="projection-fused"),
     pytest.param("mlp", {}, "auto", {}, "mode", id="unknown-mode"),
-    pytest.param("mlp", {}, "fused", dict(atol=-1.0), "differ", id="check-fails"),
+    pytest.param("mlp", {}, "fused", dict(atol=0.0), "differ", id="check-fails"),  # (float32 rounding: ~1e-7)
+    pytest.param("mlp", {}, "fused", dict(atol=-1.0), "atol=-1.0 is invalid", id="atol-negative"),
+    pytest.param("mlp", {}, "fused", dict(atol=float("nan")), "atol=nan is invalid", id="atol-nan"),
     pytest.param("mlp", {}, "fused", dict(dynamic_axes={"pixels": {0: "batch"}}), "not inputs of the model",
                  id="dynamic-axes-unknown-input"),
     pytest.param("mlp", {}, "fused", dict(dynamic_axes={"x": {2: "batch"}}), "rank 2", id="dynamic-axes-bad-dim"),
