@@ -191,12 +191,17 @@ def nearest_candidates(skipped: list[Skip], model: nn.Module | None = None, cap:
     return "; ".join(str(s) for s in skipped[:limit]) + more
 
 
-def native_moe_types(model: nn.Module) -> list[str]:
-    """The mixture-of-experts module classes a model holds of its own, not moeify's, by their names' ending
-    (MixtralSparseMoeBlock, Qwen2MoeExperts, DeepseekV3MoE, SwitchTransformersSparseMLP; not Qwen2MoeAttention)."""
+def native_moe_modules(model: nn.Module) -> dict[str, str]:
+    """{name: class} of the mixture-of-experts modules a model holds of its own, not moeify's, by their class
+    names' ending (MixtralSparseMoeBlock, Qwen2MoeExperts, DeepseekV3MoE, SwitchTransformersSparseMLP; not
+    Qwen2MoeAttention)."""
     ours = {id(m) for layer in moe_layers(model).values() for m in layer.modules()}  # moeify's: a second conversion
-    return sorted({type(m).__name__ for m in model.modules() if id(m) not in ours
-                   and re.search(r"(experts|moe|moeblock|sparsemlp|moelayer)$", type(m).__name__, re.I)})
+    return {name: type(m).__name__ for name, m in model.named_modules() if id(m) not in ours
+            and re.search(r"(experts|moe|moeblock|sparsemlp|moelayer)$", type(m).__name__, re.I)}
+
+
+def native_moe_types(model: nn.Module) -> list[str]:
+    return sorted(set(native_moe_modules(model).values()))
 
 
 def region_builder(cfg: MoEConfig, generator: torch.Generator) -> Callable[[FFNRegion, fx.GraphModule], MoELayer]:
@@ -395,11 +400,16 @@ def _rewrite(model: nn.Module, cfg: MoEConfig, example_inputs: tuple, example_kw
         report.notes.append(f"the model already held {len(report.converted_from)} moeify MoE layer(s) "
                             f"({', '.join(report.converted_from[:3])}): moeify.save records this conversion only, "
                             "so moeify.load it with model= the model it was converted from")
-    native = native_moe_types(model)
+    native = native_moe_modules(model)
     if native:  # Qwen2-MoE: its shared expert is the dense FFN found; its own experts are left as they are
-        report.notes.append(f"the model already holds mixture-of-experts modules of its own ({', '.join(native[:3])}): "
-                            "only its dense FFNs were converted, and the active parameters per token count its "
-                            "own experts as if every token used them all")
+        kinds = sorted(set(native.values()))
+        inside = [f.owner for f in (found[i] for i in selected)
+                  if any(f.owner.startswith(f"{name}.") for name in native)]
+        shared = (f"; of them, {len(inside)} sit inside its own MoE blocks ({', '.join(inside[:3])}: shared experts, "
+                  "which every token ran, now routed; MoEConfig(exclude=...) keeps them dense)") if inside else ""
+        report.notes.append(f"the model already holds mixture-of-experts modules of its own ({', '.join(kinds[:3])}): "
+                            f"only its dense FFNs were converted{shared}, and the active parameters per token count "
+                            "its own experts as if every token used them all")
     return ConversionResult(converted, report, cfg, source=source_record,
                             regions=[list(found[i].key) for i in selected], none_inputs=none_inputs)
 

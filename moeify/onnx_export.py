@@ -494,14 +494,17 @@ def _reference_activation(plans):
 
 
 # inputs -------------------------------------------------------------------------------------------
-def _dynamic_dims(t: torch.Tensor) -> dict[int, str]:
+def _dynamic_dims(t: torch.Tensor, name: str = "") -> dict[int, str]:
     """The axes an input of this kind varies along: dim 0 is the batch; dim 1 is the sequence of token
-    ids and masks (integer, (B, S, ...)) and of (B, S, D) float activations. Float inputs of rank 2
-    ((B, features)) and of rank 4 or more (images (B, C, H, W), video) vary in the batch only: their
-    channels are a constant of the model."""
+    ids and masks (integer, (B, S, ...)) and of (B, S, D) float activations, and the samples of a Hugging
+    Face audio model's waveform (`input_values` (B, samples): wav2vec2, HuBERT, WavLM). Other float inputs
+    of rank 2 ((B, features)) and of rank 4 or more (images (B, C, H, W), video) vary in the batch only:
+    their channels are a constant of the model."""
     dims = {0: "batch"} if t.dim() >= 1 else {}
     if t.dim() >= 2 and (not t.is_floating_point() or t.dim() == 3):
         dims[1] = "seq"
+    elif t.dim() == 2 and name == "input_values":
+        dims[1] = "samples"
     return dims
 
 
@@ -556,7 +559,7 @@ def _axes_spec(bound: dict[str, Any], given: dict[str, dict[int, str]] | None) -
                           f"names {sorted(leaves)}")
     spec = {}
     for name, value in leaves.items():
-        dims = dict(given[name]) if name in given else _dynamic_dims(value)
+        dims = dict(given[name]) if name in given else _dynamic_dims(value, name)
         bad = [d for d in dims if not (isinstance(d, int) and 0 <= d < value.dim())]
         if bad:
             raise ExportError(f"dynamic_axes[{name!r}] names dims {bad}, but that input has rank {value.dim()}: "

@@ -571,6 +571,9 @@ def test_a_model_with_experts_of_its_own_says_what_was_converted():
     assert list(moeify.moe_layers(result.model)) == ["model.layers.0.mlp.shared_expert.moe"]
     (note,) = [n for n in result.report.notes if "mixture-of-experts modules of its own" in n]
     assert "Qwen2MoeSparseMoeBlock" in note and "only its dense FFNs were converted" in note
+    # the shared expert sits inside the model's own MoE block: named, with the way to keep it dense
+    assert "1 sit inside its own MoE blocks (model.layers.0.mlp.shared_expert: shared experts" in note
+    assert "MoEConfig(exclude=...) keeps them dense" in note
     plain = moeify.convert(load_example("gpt").build_model(), moeify.MoEConfig(num_experts=4, top_k=2), verify=False)
     assert not any("of its own" in n for n in plain.report.notes)
 

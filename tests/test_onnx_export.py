@@ -1330,3 +1330,29 @@ def test_the_check_tolerance_widens_for_float16_outputs_only():
     assert check_tolerance(torch.tensor([3.0, -5.0], dtype=torch.float16), 1e-4) == pytest.approx(2 * eps * 5.0)
     assert check_tolerance(torch.tensor([1e-3], dtype=torch.float16), 1e-2) == 1e-2  # atol when it is more
     assert check_tolerance(torch.tensor([7, 9]), 1e-4) == 1e-4
+
+
+@pytest.mark.slow  # a whole wav2vec2 export (about 10 s)
+def test_an_audio_models_waveform_varies_in_length(tmp_path):
+    """wav2vec2's `input_values` (B, samples) kept its example's length (rank-2 float inputs vary in the
+    batch only), so onnxruntime refused any other clip length; it now has a `samples` axis, checked at a
+    second length."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.Wav2Vec2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, conv_dim=(16, 16), conv_stride=(5, 4),
+                                         conv_kernel=(10, 8), num_conv_pos_embeddings=16,
+                                         num_conv_pos_embedding_groups=4)
+    wave = torch.randn(2, 720)
+    result = moeify.convert(transformers.Wav2Vec2Model(config).eval(), MoEConfig(num_experts=E, top_k=2),
+                            example_inputs=(wave,))
+    report = export_onnx(result.model, (wave,), tmp_path / "w.onnx", mode="fused", fallback="portable")
+    assert report.dynamic_axes["input_values"] == {0: "batch", 1: "samples"}
+    assert [shape for shape, _ in report.checks] == ["input_values=(2, 720)", "input_values=(3, 717)"]
+    session = open_session(str(tmp_path / "w.onnx"), providers=("CPUExecutionProvider",))
+    other = torch.randn(1, 600)
+    got = session.run({"input_values": other.numpy()})[0]
+    with torch.no_grad():
+        want = result.model(other).last_hidden_state.numpy()
+    np.testing.assert_allclose(got, want, atol=ATOL_MODEL, rtol=0)
