@@ -460,8 +460,12 @@ def test_export_takes_dynamic_axes_and_atol(tmp_path, mlp_out):
     assert r.exit_code == 0 and "no dynamic axis: checked at the example shape only" in r.output, r.output
     r = run("export", str(out), "-o", str(tmp_path / "n.onnx"), "--dynamic-axes", '{"x": [0]}')
     assert r.exit_code == 2 and r.output.startswith("error: --dynamic-axes '{\"x\": [0]}' is not a JSON object")
-    r = run("export", str(out), "-o", str(tmp_path / "n.onnx"), "--atol", "-1")
-    assert r.exit_code == 2 and "(> atol -1)" in r.output, r.output
+    r = run("export", str(out), "-o", str(tmp_path / "n.onnx"), "--atol", "0")  # float32 rounding: ~1e-7
+    assert r.exit_code == 2 and "(> atol 0)" in r.output, r.output
+    assert not (tmp_path / "n.onnx").exists()
+    r = run("export", str(out), "-o", str(tmp_path / "n.onnx"), "--atol", "-1")  # refused before exporting
+    assert r.exit_code == 2 and r.output == ("error: atol=-1.0 is invalid (CLI: --atol): use a finite number >= 0, "
+                                             "the largest |onnxruntime - PyTorch| the check accepts\n"), r.output
     assert not (tmp_path / "n.onnx").exists()
 
 
