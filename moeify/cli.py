@@ -26,7 +26,7 @@ from typing import Any
 
 import click
 
-from moeify.config import DROP_POLICIES, INITS, ROUTERS, SPLIT_METHODS, MoEConfig
+from moeify.config import DROP_POLICIES, EXPORT_ATOL, INITS, ROUTERS, SPLIT_METHODS, MoEConfig
 from moeify.errors import ConfigError, MoeifyError, one_line
 
 _SCALAR = {"int": int, "float": float, "str": str}
@@ -325,7 +325,7 @@ def stats(out_dir: str, plot_path: str | None, weights: str | None) -> None:
 @click.option("--dynamic-axes", "dynamic_axes", default=None, metavar="JSON",
               help="name the dynamic axes of inputs the guess gets wrong, as export_onnx's dynamic_axes: "
                    "'{\"input\": {\"0\": \"seq\", \"1\": \"batch\"}}' ({} makes an input static)")
-@click.option("--atol", type=float, default=1e-4, show_default=True,
+@click.option("--atol", type=float, default=EXPORT_ATOL, show_default=True,
               help="largest |onnxruntime - PyTorch| the check accepts")
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
               help="the exported weights and floating-point inputs (float16: for onnxruntime's CUDA provider; the "

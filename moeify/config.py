@@ -36,6 +36,9 @@ def _fail(field_name: str, value: Any, fix: str) -> None:
 
 
 # fields where float("inf") means something (an unlimited capacity: dropless); other values must be finite
+# The ONNX export check's default bound on |onnxruntime - PyTorch| (float32 outputs): here, where the CLI's
+# `--atol` default reads it without importing torch
+EXPORT_ATOL = 1e-4
 INFINITE_OK = frozenset({"capacity_factor", "eval_capacity_factor"})
 INF_JSON = "inf"  # how to_dict / from_dict spell an infinite value of those fields in JSON
 _WORDS = {bool: "a bool (true/false)", int: "an integer", float: "a finite number", str: "a string"}
@@ -219,7 +222,7 @@ class MoEConfig:
         if self.split_method != "random" and self.init != "split":
             _fail("split_method", self.split_method, "it only applies to init='split': set init='split', "
                   "or leave split_method='random'")
-        noise_default = type(self).__dataclass_fields__["init_noise"].default
+        noise_default = type(self).init_noise  # the field's default
         if self.init_noise != noise_default and self.init != "copy_noise":
             _fail("init_noise", self.init_noise, "it only applies to init='copy_noise': set init='copy_noise', "
                   f"or leave init_noise={noise_default}")

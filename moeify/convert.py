@@ -87,13 +87,14 @@ def task_heads(found: Sequence[FoundRegion]) -> dict[int, str]:
     """The regions that look like a task head (ELECTRA's classifier and discriminator_predictions, a
     sequence-classification head) rather than a block's FFN, each with why: outside the repeated blocks
     (no `.N.` in its path) that the other regions sit in, and writing another width than it reads (a
-    block's FFN writes back into the residual stream, as wide as what it read)."""
+    block's FFN writes back into the residual stream, as wide as what it read: `FFNRegion.may_be_head`, which
+    exempts projections between recurrent layers)."""
     in_stack = [re.search(r"(^|\.)\d+(\.|$)", f.owner) is not None for f in found]
     if not any(in_stack):
         return {}
     return {i: f"outside the repeated blocks the other FFNs sit in, and maps width {f.region.d_model} to "
                f"{f.region.d_out}"
-            for i, f in enumerate(found) if not in_stack[i] and f.region.d_out != f.region.d_model}
+            for i, f in enumerate(found) if not in_stack[i] and f.region.may_be_head}
 
 
 def _join(prefix: str, name: str) -> str:

@@ -129,9 +129,10 @@ class AllToAllDispatch(nn.Module):
         recv_WC = torch.empty_like(send_WC)
         dist.all_to_all_single(recv_WC, send_WC, group=self.group)
         self.meter.count_bytes += send_WC.numel() * send_WC.element_size()
-        self._check_same_layer(recv_WC[:, L].tolist())
-        send_WL, recv_WL = send_WL.contiguous(), recv_WC[:, :L].contiguous()
-        in_splits, out_splits = send_WL.sum(1).tolist(), recv_WL.sum(1).tolist()
+        recv_rows = recv_WC.tolist()  # one host transfer for the check and the split sizes
+        self._check_same_layer([row[L] for row in recv_rows])
+        recv_WL = recv_WC[:, :L]
+        in_splits, out_splits = send_WL.sum(1).tolist(), [sum(row[:L]) for row in recv_rows]
         x_MD = _AllToAll.apply(x_ND, out_splits, in_splits, self.group, self.meter, self.ep_rank)
         # received rows are grouped by source rank, then local expert: regroup them by local expert
         local_M = torch.repeat_interleave(torch.arange(L, device=recv_WL.device).repeat(W), recv_WL.reshape(-1),
@@ -142,9 +143,9 @@ class AllToAllDispatch(nn.Module):
         return x_MD[regroup_M], plan
 
     def _check_same_layer(self, layer_W: list[int]) -> None:
-        others = {rank: layer for rank, layer in enumerate(layer_W) if layer != self.layer_id}
-        if others:
-            rank, layer = next(iter(others.items()))
+        rank = next((r for r, layer in enumerate(layer_W) if layer != self.layer_id), None)
+        if rank is not None:
+            layer = layer_W[rank]
             raise DistributedError(
                 f"expert-parallel rank {self.ep_rank} is in MoE layer {self.layer_id} ({self.name or 'unnamed'}) "
                 f"while rank {rank} is in layer {layer}: every rank must run the same MoE layers in the same order "

@@ -69,10 +69,11 @@ from torch import nn
 
 from moeify.capture import counting_calls, eval_mode
 from moeify.compare import LOW_PRECISION_ULPS, abs_diff, low_precision_eps
+from moeify.config import EXPORT_ATOL
 from moeify.errors import ExportError, one_line
 from moeify.losses import without_token_masks
 from moeify.moe.experts import GroupedExperts, activation_fn
-from moeify.moe.layer import MoELayer
+from moeify.moe.layer import MoELayer, cast_model
 from moeify.moe.projection import ProjectionExperts
 from moeify.moe.router import (
     ExpertChoiceRouter,
@@ -374,7 +375,7 @@ class ExportReport:
     layers: list[LayerExport] = field(default_factory=list)
     node_counts: dict[str, int] = field(default_factory=dict)  # op type (domain-qualified if not ONNX) -> count
     checks: list[tuple[str, float]] = field(default_factory=list)  # (input shapes, max |ORT - PyTorch|)
-    atol: float = 1e-4
+    atol: float = EXPORT_ATOL
     tolerances: list[float] = field(default_factory=list)  # each check's bound: atol, or wider for float16 outputs
     dynamic_axes: dict[str, dict[int, str]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -818,7 +819,7 @@ def _loosen_outputs(model_proto, got: list, bound: dict[str, Any], report: Expor
 def export_onnx(model: nn.Module, example_inputs: Sequence[Any] = (), path: str | os.PathLike = "model.onnx", *,
                 mode: str = "fused", dynamic: bool = True, check: bool = True,
                 example_kwargs: dict[str, Any] | None = None, allow_approximate_gelu: bool = False,
-                fallback: str | None = None, atol: float = 1e-4,
+                fallback: str | None = None, atol: float = EXPORT_ATOL,
                 dynamic_axes: dict[str, dict[int, str]] | None = None, force: bool = False,
                 external_data: bool | None = None, output_names: Sequence[str] | None = None) -> ExportReport:
     """Export an MoE model (from `moeify.convert`/`moeify.load`, or a `ConversionResult`) to ONNX at `path`.
@@ -936,15 +937,12 @@ def export_saved(out_dir: str | os.PathLike, path: str | os.PathLike, *, weights
 
     if dtype not in SAVED_EXPORT_DTYPES:
         raise ExportError(f"export dtype {dtype!r} is unknown: use one of {', '.join(SAVED_EXPORT_DTYPES)}")
-    _check_options(options.get("dynamic", True), options.get("dynamic_axes"), options.get("atol", 1e-4))  # (first)
+    _check_options(options.get("dynamic", True), options.get("dynamic_axes"), options.get("atol", EXPORT_ATOL))
     args, kwargs = saved_example_inputs(out_dir)
     model = load(out_dir, weights=weights).model
     want = SAVED_EXPORT_DTYPES[dtype]
     before = {name: p.dtype for name, p in model.named_parameters()}
-    model.to(want)  # the loaded model is this call's own
-    for layer in model.modules():
-        if isinstance(layer, MoELayer):
-            layer.router.float()  # Switch's selective precision, as a float16 model converted by moeify has
+    cast_model(model, want)  # the loaded model is this call's own
     cast = sorted({str(before[name]).removeprefix("torch.") for name, p in model.named_parameters()
                    if p.dtype != before[name]})
     args, kwargs = pytree.tree_map_only(torch.Tensor, lambda t: t.to(want) if t.is_floating_point() else t,

@@ -48,6 +48,9 @@ class FFNRegion:
     dropout: float = 0.0
     notes: list[str] = field(default_factory=list)
     gate_half: int = 0  # fused gate/up ("gate_up" linear): which half of its output rows is the gate
+    # writes another width than it reads, as a task head does and a block's FFN does not (a projection
+    # between recurrent layers is exempt): set by FindFFNRegions, read by convert.task_heads
+    may_be_head: bool = False
 
     @property
     def key(self) -> tuple[str, ...]:
@@ -518,8 +521,9 @@ class FindFFNRegions(GraphPass):
                     skipped.append(Skip(where, f"Linear not followed by an activation (feeds {_users(node)})",
                                         "only Linear -> act -> Linear and gated FFNs are converted"))
         for region in regions:
-            widens = region.kind != "projection" and region.d_out != region.d_model
-            if widens and not _feeds_recurrent(region.output, gm):
+            region.may_be_head = region.kind != "projection" and region.d_out != region.d_model \
+                and not _feeds_recurrent(region.output, gm)
+            if region.may_be_head:
                 region.notes.append(f"it maps {region.d_model} features to {region.d_out}, which a transformer FFN "
                                     "does not: it may be a head; MoEConfig(exclude=...) keeps it dense")
             if (swap := _axes_swap(region.input)) is not None:

@@ -62,7 +62,7 @@ class SplitFFNRegion:
         return self.ffn.key
 
     def __getattr__(self, name: str):  # activation, d_model, d_ff, d_out, bias, dropout: the FFN's
-        if name in ("activation", "d_model", "d_ff", "d_out", "bias", "dropout"):
+        if name in ("activation", "d_model", "d_ff", "d_out", "bias", "dropout", "may_be_head"):
             return getattr(self.ffn, name)
         raise AttributeError(name)
 

@@ -366,7 +366,7 @@ def test_export_dtype_float16_casts_the_weights_and_inputs_keeping_the_routers_f
     assert kinds["moe.experts.w1_EFD"] == kinds["moe.experts.w2_EDF"] == onnx.TensorProto.FLOAT16
     session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     assert [i.type for i in session.get_inputs()] == [o.type for o in session.get_outputs()] == ["tensor(float16)"]
-    model = moeify.load(out).model.half()
+    model = moeify.load(out).model.half()  # the reference written out, not export's own cast_model
     for layer in moeify.moe_layers(model).values():
         layer.router.float()
     x = torch.randn(3, 8).half()

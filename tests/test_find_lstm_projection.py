@@ -142,3 +142,29 @@ def test_an_ffn_between_lstms_of_other_widths_is_not_called_a_head():
     notes = {r.owner: r.notes for r in report.regions}
     assert not any("may be a head" in n for n in notes["between"])
     assert any("may be a head" in n for n in notes["head"])
+
+
+def test_an_ffn_between_lstms_is_converted_beside_a_block_stack():
+    """With repeated blocks elsewhere in the model (`blocks.0.mlp`), convert's task-head rule skipped the FFN
+    between the LSTMs (48 -> 32) as a head, though the find pass had exempted it; the rule now reads the
+    pass's decision. A widening FFN after the last LSTM is still left dense as a head."""
+    torch.manual_seed(0)
+
+    class BlocksThenLSTMs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([nn.ModuleDict({"mlp": nn.Sequential(nn.Linear(32, 64), nn.ReLU(),
+                                                                              nn.Linear(64, 32))}) for _ in range(2)])
+            self.lstm1, self.lstm2 = nn.LSTM(32, 48, batch_first=True), nn.LSTM(32, 48, batch_first=True)
+            self.between = nn.Sequential(nn.Linear(48, 64), nn.ReLU(), nn.Linear(64, 32))
+            self.head = nn.Sequential(nn.Linear(48, 64), nn.ReLU(), nn.Linear(64, 5))
+
+        def forward(self, x):
+            for block in self.blocks:
+                x = x + block["mlp"](x)
+            return self.head(self.lstm2(self.between(self.lstm1(x)[0]))[0])
+
+    result = moeify.convert(BlocksThenLSTMs().eval(), moeify.MoEConfig(num_experts=2, top_k=1),
+                            example_inputs=(torch.randn(2, 5, 32),))
+    assert sorted(r.owner for r in result.report.regions) == ["between", "blocks.0.mlp", "blocks.1.mlp"]
+    assert any(s.where == "head" and "a task head" in s.reason for s in result.report.skipped)

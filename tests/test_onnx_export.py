@@ -30,7 +30,7 @@ from moeify.convert import flatten_outputs
 from moeify.errors import ExportError
 from moeify.inference import open_session
 from moeify.moe.build import DenseFFN, build_moe_layer
-from moeify.moe.layer import MoELayer
+from moeify.moe.layer import MoELayer, cast_model
 from moeify.onnx_export import export_onnx
 
 D, FF, E = 16, 24, 4
@@ -1269,15 +1269,6 @@ def test_an_axis_the_model_fixes_names_dynamic_axes_in_both_spellings(tmp_path):
 
 
 # float16 -------------------------------------------------------------------------------------------------
-def _half_with_float32_routers(model: nn.Module) -> nn.Module:
-    """model.half(), its routers put back in float32: what moeify.convert makes of a float16 dense model
-    (Switch's selective precision), and what `moeify export --dtype float16` exports."""
-    model.half()
-    for layer in moeify.moe_layers(model).values():
-        layer.router.float()
-    return model
-
-
 @pytest.mark.parametrize(("mode", "routers"), [("fused", "float32"), ("portable", "float32"), ("fused", "float16")])
 def test_a_float16_model_exports_float16_experts_and_float32_routers(mode, routers, tmp_path):
     """Expert weights go into the graph in float16, the router's in float32; the fused op takes the logits in
@@ -1288,8 +1279,9 @@ def test_a_float16_model_exports_float16_experts_and_float32_routers(mode, route
     import copy
 
     ex, model32 = converted("llama", dict(TINY, d_ff=64), {})
-    model = copy.deepcopy(model32).half() if routers == "float16" else _half_with_float32_routers(
-        copy.deepcopy(model32))
+    # cast_model: float16 with float32 routers, what moeify.convert makes of a float16 dense model
+    model = copy.deepcopy(model32).half() if routers == "float16" else cast_model(copy.deepcopy(model32),
+                                                                                   torch.float16)
     layer = next(iter(moeify.moe_layers(model).values()))
     path = tmp_path / "half.onnx"
     report = export_onnx(model, ex.example_inputs(), path, mode=mode)

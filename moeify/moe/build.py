@@ -21,7 +21,14 @@ from moeify.moe.capacity import CapacityLimit
 from moeify.moe.experts import GroupedExperts
 from moeify.moe.init_split import init_split, split_d_ff, uniform_router
 from moeify.moe.layer import LOSS_COEF_FIELDS, MoELayer
-from moeify.moe.router import ExpertChoiceRouter, HierarchicalRouter, NoisyTopKRouter, SwitchRouter, TopKRouter
+from moeify.moe.router import (
+    ExpertChoiceRouter,
+    HierarchicalRouter,
+    NoisyTopKRouter,
+    SwitchRouter,
+    TopKRouter,
+    router_dtype,
+)
 
 
 @dataclass(frozen=True)
@@ -77,7 +84,7 @@ def make_router(cfg: MoEConfig, d_model: int, generator: torch.Generator,
         raise ConfigError(f"router {cfg.router!r} is not available in this build: use one of "
                           "topk, switch, noisy_topk, expert_choice")
     router.init_weights(cfg.router_init_scale, generator)
-    router.to(torch.promote_types(model_dtype, torch.float32))
+    router.to(router_dtype(model_dtype))
     if cfg.capacity_factor is not None or cfg.eval_capacity_factor is not None:
         router.capacity = CapacityLimit(cfg.num_experts, router.top_k, cfg.capacity_factor,
                                         cfg.eval_capacity_factor, cfg.drop_policy)

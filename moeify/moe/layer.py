@@ -19,7 +19,7 @@ from moeify.errors import CheckpointingError, TransformError
 from moeify.moe.dispatch import DispatchPlan, LocalCombine, LocalDispatch
 from moeify.moe.experts import GroupedExperts
 from moeify.moe.losses import count_indices, token_mean
-from moeify.moe.router import Routing
+from moeify.moe.router import Routing, router_dtype
 
 
 def flatten_tokens(x: torch.Tensor, d_model: int) -> torch.Tensor:
@@ -198,6 +198,16 @@ class AuxLossRecorder(nn.Module):
     def clear(self) -> None:
         """Forget the last forward's losses and statistics."""
         self._records, self._stats, self._calls = {}, None, 0
+
+
+def cast_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """`model.to(dtype)` in place, its MoE routers in `router_dtype(dtype)`: what moeify.convert makes of a
+    dense model of that dtype (a plain model.half() puts the routers in float16 too)."""
+    model.to(dtype)
+    for layer in model.modules():
+        if isinstance(layer, MoELayer):
+            layer.router.to(router_dtype(dtype))
+    return model
 
 
 def mark_new_forward(model: nn.Module, args: tuple) -> None:

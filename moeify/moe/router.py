@@ -88,6 +88,12 @@ def token_major(idx_TK: torch.Tensor, gate_TK: torch.Tensor) -> tuple[torch.Tens
     return token_N, idx_TK.reshape(-1), gate_TK.reshape(-1)
 
 
+def router_dtype(model_dtype: torch.dtype) -> torch.dtype:
+    """A router's parameter dtype in a model of `model_dtype`: float32 at least (Switch §2.4 selective
+    precision), float64 in a float64 model."""
+    return torch.promote_types(model_dtype, torch.float32)
+
+
 def router_linear(linear: nn.Linear, x_TD: torch.Tensor) -> torch.Tensor:
     """`linear(x)` in float32 at least (float64 when the router was made float64, for gradcheck),
     with autocast off: router logits never drop to bf16/fp16 (Switch §2.4)."""
