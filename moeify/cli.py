@@ -266,7 +266,7 @@ def convert_checkpoint(model_spec: str, checkpoint: str, output: str, force: boo
     source = ModelSource.parse(model_spec)
     module = source.load_module()  # its example_inputs(), if any, show which optional inputs stay None
     args, kwargs = example_inputs_of(module, source.target) if hasattr(module, "example_inputs") else ((), {})
-    result = ooc_convert(checkpoint, output, cfg, model=lambda: source.build()[0], source=source, force=force,
+    result = ooc_convert(checkpoint, output, cfg, model=lambda: source.build(module)[0], source=source, force=force,
                          example_inputs=args, example_kwargs=kwargs)
     click.echo(str(result.report))
     click.echo(f"saved to {output}")
@@ -344,7 +344,7 @@ def export(out_dir: str, output: str, mode: str, fallback: str, allow_approximat
     from moeify.serialization import check_output
 
     check_output(output, force=force, directory=False)  # before loading anything
-    report = export_saved(out_dir, output, mode=mode, fallback=None if fallback == "none" else fallback,
+    report = export_saved(out_dir, output, mode=mode, fallback=fallback,
                           allow_approximate_gelu=allow_approximate_gelu, dynamic=not static, check=check,
                           force=force, external_data=external_data, output_names=output_names or None,
                           weights=weights, atol=atol, dynamic_axes=_dynamic_axes(dynamic_axes), dtype=dtype)

@@ -509,6 +509,11 @@ def _dynamic_dims(t: torch.Tensor, name: str = "") -> dict[int, str]:
     return dims
 
 
+def _child_name(name: str, key: Any) -> str:
+    """The name of item `key` inside the input or output `name` (a key alone under an empty `name`)."""
+    return f"{name}_{key}" if name else str(key)
+
+
 def _named_tensors(value: Any, name: str) -> Iterator[tuple[str, torch.Tensor]]:
     """The tensors in `value` in the exporter's order, each named `name` and the keys, fields or indices
     leading to it, joined by '_' (`batch_input_ids`, `hidden_0`; a key alone under an empty `name`)."""
@@ -517,7 +522,7 @@ def _named_tensors(value: Any, name: str) -> Iterator[tuple[str, torch.Tensor]]:
     if isinstance(value, torch.Tensor):
         yield name, value
     for key, item in output_items(value) or ():
-        yield from _named_tensors(item, f"{name}_{key}" if name else key)
+        yield from _named_tensors(item, _child_name(name, key))
 
 
 def _leaves(bound: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -539,7 +544,7 @@ def _map_leaves(value: Any, name: str, fn: Callable[[str, torch.Tensor], Any],
     items = output_items(value)
     if items is None:
         return value if other is None else other(value)
-    mapped = {key: _map_leaves(item, f"{name}_{key}", fn, other) for key, item in items}
+    mapped = {key: _map_leaves(item, _child_name(name, key), fn, other) for key, item in items}
     if isinstance(value, tuple) and hasattr(value, "_fields"):  # a namedtuple
         return type(value)(*mapped.values())
     if isinstance(value, (tuple, list)):

@@ -529,12 +529,30 @@ def _write(reader: Checkpoint, path: Path, plan: _Plan, dense: nn.Module, cfg: M
     writer.close()
 
 
+def _same_bytes(reader: Checkpoint, a: str, b: str) -> bool:
+    """Whether tensors `a` and `b` hold the same dtype and bytes, read COPY_CHUNK at a time (the whole tensors,
+    an embedding and its tied head, would be two copies of the model's largest tensor in memory)."""
+    if reader.dtype(a) != reader.dtype(b) or reader.shape(a) != reader.shape(b):
+        return False
+    (fa, (pa, end)), (fb, (pb, _)) = [(reader.reader_for(n), reader.reader_for(n).span(n)) for n in (a, b)]
+    while pa < end:
+        size = min(COPY_CHUNK, end - pa)
+        chunk_a, chunk_b = os.pread(fa.fileno(), size, pa), os.pread(fb.fileno(), size, pb)
+        for name, f, pos, chunk in ((a, fa, pa, chunk_a), (b, fb, pb, chunk_b)):
+            if len(chunk) != size:  # the file shrank after it was opened
+                raise f.truncation_error(name, pos + len(chunk))
+        if chunk_a != chunk_b:
+            return False
+        pa, pb = pa + size, pb + size
+    return True
+
+
 def _source_name(reader: Checkpoint, key: str, meta: torch.Tensor, names: list[str]) -> str:
     """The checkpoint's name of `key` (or of a tensor tied to it), checked against the meta model's `meta`."""
     present = [name for name in names if name in reader.entries]
     src = present[0] if present else None
     for other in present[1:]:  # tied in the model, stored apart: one value would silently replace the other
-        if not torch.equal(reader.get_tensor(src), reader.get_tensor(other)):
+        if not _same_bytes(reader, src, other):
             raise SerializationError(
                 f"{reader.path}: the model ties {src} and {other} (one tensor), but the checkpoint holds different "
                 "values for them: build the model untied, as the checkpoint was trained (transformers: "

@@ -105,9 +105,10 @@ class ModelSource:
                                    "(run it with python to see the traceback)") from exc
         return module
 
-    def build(self) -> tuple[nn.Module, Any]:
-        """(model, module) where module is the loaded Python module (for example_inputs)."""
-        module = self.load_module()
+    def build(self, module: Any = None) -> tuple[nn.Module, Any]:
+        """(model, module) where module is the loaded Python module (for example_inputs); `module`: one
+        `load_module` already returned, rather than running the file again."""
+        module = self.load_module() if module is None else module
         obj = getattr(module, self.name, None)
         where = f"{self.target}:{self.name}"
         if obj is None:

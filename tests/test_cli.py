@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from torch import nn
 
 import moeify
 from moeify.cli import main
@@ -407,6 +408,23 @@ def test_convert_checkpoint_out_of_core_matches_in_memory(tmp_path):
     assert r.exit_code == 0, r.output
     c = load_file(str(tmp_path / "ooc_sharded" / "model.safetensors"))
     assert c.keys() == b.keys() and all(torch.equal(c[k], b[k]) for k in c)
+
+
+def test_convert_checkpoint_runs_the_model_file_once(tmp_path):
+    """The file ran twice (once for example_inputs(), again for the model): import-time work and side effects
+    happened twice."""
+    from safetensors.torch import save_model
+
+    counter = tmp_path / "runs.txt"
+    model_py = write(tmp_path, "m.py", f"import pathlib, torch\nfrom torch import nn\n"
+                     f"p = pathlib.Path({str(counter)!r}); p.write_text(p.read_text() + 'x' if p.exists() else 'x')\n"
+                     "def build_model():\n    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8))\n"
+                     "def example_inputs():\n    return (torch.randn(3, 8),)\n")
+    save_model(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8)), str(tmp_path / "d.safetensors"))
+    r = run("convert-checkpoint", model_py, str(tmp_path / "d.safetensors"), "-o", str(tmp_path / "o"),
+            "--num-experts", "2")
+    assert r.exit_code == 0, r.output
+    assert counter.read_text() == "x"
 
 
 def test_model_file_imports_its_siblings(tmp_path):
