@@ -41,8 +41,9 @@ bench: install
 	$(PY) benchmarks/small_gemm.py
 	$(PY) benchmarks/convert_scale.py
 
-bench-gpu: install
-	$(PY) benchmarks/moe_layer.py --device cuda
+# not through .venv, which holds torch's CPU build: the python on PATH (PYTHON=...) must hold a CUDA build
+bench-gpu:
+	bash benchmarks/gpu.sh
 
 bench-onnx: install
 	$(PY) benchmarks/onnx_latency.py

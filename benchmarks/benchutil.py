@@ -26,3 +26,21 @@ def write_results(path: str | os.PathLike, text: str) -> Path:
     tmp.write_text(text)
     os.replace(tmp, path)
     return path
+
+
+def cuda_graph_of(step):
+    """`step` (a fwd+bwd with no host sync) captured as a CUDA graph; returns the graph's replay. Warmed up on a
+    side stream first, as capture requires; the step's grads then live in the graph's memory, and each replay
+    recomputes them from the same input tensors."""
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay

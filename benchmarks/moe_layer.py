@@ -7,7 +7,8 @@
 --device cuda: the issue's GPU run: bfloat16 (--dtype), sizes x4 (--scale: D 2048, F 8192, T in
 {4, 64, 1024, 16384, 32768}); steps end with a device synchronize; achieved TFLOP/s next to each
 time; peak memory from the CUDA caching allocator (max_memory_allocated) in the same process;
-profiles sorted by device time. The CPU-only parts (malloc variants in child processes, RSS) are
+profiles sorted by device time; at the three smallest T, the ideal's and moeify's fwd+bwd replayed
+from a CUDA graph (small T is launch-bound). The CPU-only parts (malloc variants in child processes, RSS) are
 skipped there.
 
 Shape legend: T tokens, D model dim, F FFN dim, E experts, K experts per token, C capacity.
@@ -62,7 +63,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from benchutil import status_bytes, write_results
+from benchutil import cuda_graph_of, status_bytes, write_results
 from torch import nn
 
 from moeify.config import MoEConfig
@@ -71,6 +72,7 @@ from moeify.moe.experts import GroupedExperts
 
 E, K = 8, 2
 INFER_TOKENS = 2  # the inference-forward table covers the first (smallest) token counts
+GRAPH_TOKENS = 3  # and the CUDA-graph table (GPU only) the first three
 CAPACITY_FACTOR = 1.25
 
 
@@ -355,6 +357,16 @@ def cold_clear_fn(module: nn.Module, x_TD):
     return cold_clear
 
 
+def graph_step_fn(module: nn.Module, x_TD, grad_TD):
+    """One fwd+bwd without the device synchronize, for a CUDA graph to capture."""
+    clear = clear_fn(module, x_TD)
+
+    def step():
+        clear()
+        module(x_TD).backward(grad_TD)
+    return step
+
+
 def step_fn(module: nn.Module, x_TD, grad_TD, setup: Setup, more: tuple = ()):
     """One fwd+bwd per call; with `more` inputs, calls cycle through x_TD, *more (new routing each step)."""
     inputs = (x_TD, *more)
@@ -418,7 +430,7 @@ def time_phase(setup: Setup, tokens: list[int], min_time: float, compile_tokens:
                with_profiles: bool) -> dict:
     """Timings of every variant, one process; returns a JSON-able dict."""
     write_bw, read_bw = bandwidths(setup)
-    rows, infer, profiles, compiled = [], [], [], []
+    rows, infer, profiles, compiled, graphs = [], [], [], [], []
     for gated in (False, True):
         kind = "swiglu" if gated else "gelu"
         variants = make_variants(setup, gated)
@@ -444,6 +456,14 @@ def time_phase(setup: Setup, tokens: list[int], min_time: float, compile_tokens:
                          "moeify_vs_experts": paired_ratio(times["moeify"], times["experts"])})
             print(kind, T, {k: round(v, 4) for k, v in rows[-1].items() if k.endswith(("_s", "ratio", "loop"))},
                   flush=True)
+        if setup.cuda:  # small T is launch-bound: the same steps replayed from a CUDA graph
+            for T in tokens[:GRAPH_TOKENS]:
+                times = {}
+                for name in ("ideal", "moeify"):
+                    x_TD = setup.tensor(T, setup.d_model, requires_grad=True)
+                    replay = cuda_graph_of(graph_step_fn(variants[name], x_TD, setup.tensor(T, setup.d_model)))
+                    times[name] = bench(lambda replay=replay: (replay(), setup.sync()), min_time / 4)
+                graphs.append({"kind": kind, "T": T, "ideal_s": times["ideal"], "moeify_s": times["moeify"]})
         for T in tokens[:INFER_TOKENS]:  # decoding-sized batches: the forward alone, as in inference
             inputs = [setup.tensor(T, setup.d_model) for _ in range(BATCHES)]
             fwds = {name: forward_fn(variants[name], inputs, setup) for name in ("ideal", "moeify", "loop")}
@@ -470,7 +490,7 @@ def time_phase(setup: Setup, tokens: list[int], min_time: float, compile_tokens:
                              "compiled_s": min(times["compiled"]), "compile_s": compile_s,
                              "ratio": paired_ratio(times["compiled"], times["eager"])})
     return {"write_bw": write_bw, "read_bw": read_bw, "rows": rows, "infer": infer, "profiles": profiles,
-            "compiled": compiled, "loadavg": os.getloadavg()}
+            "compiled": compiled, "graphs": graphs, "loadavg": os.getloadavg()}
 
 
 def mem_phase(setup: Setup, tokens: list[int]) -> dict:
@@ -525,6 +545,16 @@ def time_table(setup: Setup, name: str, res: dict) -> list[str]:
     for r in res["infer"]:
         lines.append(f"  {r['kind']:7} {r['T']:>5} {r['ideal_s'] * 1e3:>9.3f} {r['moeify_s'] * 1e3:>10.3f} "
                      f"{r['moeify_ratio']:>7.2f} {r['loop_ratio']:>6.2f} {r['moeify_vs_loop']:>8.2f}")
+    if res.get("graphs"):
+        lines.append("fwd+bwd replayed from a CUDA graph (launch overhead removed; one input, so one routing):")
+        lines.append(f"  {'kind':7} {'T':>5} {'ideal ms':>9} {'moeify ms':>10} {'/ideal':>7} {'traffic':>8} "
+                     f"{'/max(ideal, traffic)':>21}")
+        for r in res["graphs"]:
+            wbytes = setup.expert_weight_bytes(r["kind"] == "swiglu")
+            traffic = wbytes / res["write_bw"] + 2 * wbytes / res["read_bw"]
+            lines.append(f"  {r['kind']:7} {r['T']:>5} {r['ideal_s'] * 1e3:>9.3f} {r['moeify_s'] * 1e3:>10.3f} "
+                         f"{r['moeify_s'] / r['ideal_s']:>7.2f} {traffic * 1e3:>8.2f} "
+                         f"{r['moeify_s'] / max(r['ideal_s'], traffic):>21.2f}")
     lines.append(f"load average at the end (1/5/15 min): {tuple(round(v, 2) for v in res['loadavg'])}")
     if res["compiled"]:
         lines.append("torch.compile of the moeify layer (fwd+bwd; compiled runs the grouped_linear custom ops, "

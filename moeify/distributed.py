@@ -39,7 +39,7 @@ import torch.distributed as dist
 from torch import nn
 
 from moeify.errors import DistributedError
-from moeify.moe.dispatch import DispatchPlan, LocalCombine, LocalDispatch, group_by_expert
+from moeify.moe.dispatch import DispatchPlan, LocalCombine, LocalDispatch, combine_rows, group_by_expert
 from moeify.moe.layer import MoELayer
 from moeify.moe.router import Routing
 from moeify.passes.annotate_sharding import EP, META_KEY
@@ -167,9 +167,7 @@ class AllToAllCombine(nn.Module):
         # undo the regrouping: row i of y_MD belongs to received row regroup_M[i]
         y_recv_MD = torch.zeros_like(y_MD).index_copy(0, regroup_M, y_MD)
         y_ND = _AllToAll.apply(y_recv_MD, in_splits, out_splits, self.group, self.meter, self.ep_rank)
-        weighted_ND = y_ND * plan.weight_N.to(y_ND.dtype).unsqueeze(-1)
-        out_TD = y_ND.new_zeros(plan.num_tokens, y_ND.shape[-1])
-        return out_TD.index_add(0, plan.token_N, weighted_ND)
+        return combine_rows(y_ND, plan)
 
 
 @dataclass(frozen=True)

@@ -95,12 +95,14 @@ def copy_to_experts(dst_E: torch.Tensor, src: torch.Tensor, noise: float, genera
     """Every expert's slice of `dst_E` = `src`, plus N(0, (noise * std(src))^2) noise when noise > 0.
 
     The noise is drawn on the CPU from `generator` and then moved to `dst_E`'s device, so a seed
-    gives the same experts whether the dense model sits on the CPU or on an accelerator.
+    gives the same experts whether the dense model sits on the CPU or on an accelerator. std(src) is
+    reduced in float64: a float32 reduction sums in another order on a GPU, and its last bit then
+    changed the noise's scale (found on an H100: one expert weight off by an ulp).
     """
     with torch.no_grad():
         dst_E.copy_(src.detach().to(dst_E.dtype).unsqueeze(0).expand_as(dst_E))
         if noise > 0:
-            std = float(src.detach().float().std()) * noise if src.numel() > 1 else noise
+            std = float(src.detach().double().std()) * noise if src.numel() > 1 else noise
             dst_E.add_((torch.randn(dst_E.shape, generator=generator) * std).to(device=dst_E.device,
                                                                                  dtype=dst_E.dtype))
 

@@ -124,5 +124,5 @@ class CapacityLimit(nn.Module):
         dropped_N = (~keep_N).to(routing.logits_TE.dtype)
         found["dropped_fraction"] = token_mean(dropped_N, counted_N).detach()  # 0 for no tokens
         return routing._replace(token_N=routing.token_N[keep_N], expert_N=routing.expert_N[keep_N],
-                                weight_N=routing.weight_N[keep_N], losses=found,
+                                weight_N=routing.weight_N[keep_N], losses=found, per_token=None,
                                 demand_E=count_indices(routing.expert_N, self.num_experts, counted_N))

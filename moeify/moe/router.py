@@ -48,6 +48,9 @@ class Routing(NamedTuple):
     losses: dict  # name -> unweighted float32 scalar loss; plus the statistic "dropped_fraction"
     keep_T: torch.Tensor | None = None  # bool: the tokens that count (not padding); None: all of them
     demand_E: torch.Tensor | None = None  # int64: counted assignments per expert before a capacity limit dropped any
+    # every token has exactly this many assignments, token-major (token_N = arange(T).repeat_interleave(it)):
+    # dispatch and combine then gather instead of scatter-adding; None: any layout (a capacity limit dropped some)
+    per_token: int | None = None
 
 
 class TokenMask(NamedTuple):
@@ -216,7 +219,8 @@ class _RouterBase(nn.Module):
         found = self.standard_losses(logits_TE, probs_TE, expert_N,
                                      lambda: torch.zeros_like(probs_TE).scatter(1, idx_TK, gate_TK),
                                      keep_T, per_assignment(keep_T, idx_TK.shape[-1]))
-        return self.finish(Routing(token_N, expert_N, weight_N, logits_TE, probs_TE, found | extra_losses, keep_T))
+        return self.finish(Routing(token_N, expert_N, weight_N, logits_TE, probs_TE, found | extra_losses, keep_T,
+                                   per_token=idx_TK.shape[-1]))
 
     def standard_losses(self, logits_TE: torch.Tensor, probs_TE: torch.Tensor, expert_N: torch.Tensor,
                         gates_TE: Callable[[], torch.Tensor], keep_T: torch.Tensor | None,
@@ -458,4 +462,4 @@ class HierarchicalRouter(_RouterBase):
             members_G = losses.token_sum(in_group_TG, keep_T)  # |X^(g)|
             load_GM = load_G.unsqueeze(-1) * sub_load_GM / members_G.clamp_min(1).unsqueeze(-1)
             found["load"] = losses.cv_squared(load_GM.reshape(-1))
-        return self.finish(Routing(token_N, expert_N, weight_N, logits_TE, probs_TE, found, keep_T))
+        return self.finish(Routing(token_N, expert_N, weight_N, logits_TE, probs_TE, found, keep_T, per_token=J * K))
