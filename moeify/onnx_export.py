@@ -533,10 +533,12 @@ def _leaves(bound: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 
 def _map_leaves(value: Any, name: str, fn: Callable[[str, torch.Tensor], Any],
-                other: Callable[[Any], Any] | None = None) -> Any:
+                other: Callable[[Any], Any] | None = None, *, shapes: bool = False) -> Any:
     """`value` with each tensor in it replaced by fn(its `_leaves` name, it), and anything else that is
     not a container by other(it) (default: kept); containers rebuilt as dicts, lists and tuples (what
-    torch.export's dynamic_shapes, None for a non-tensor, and the inputs of a second check take)."""
+    torch.export's dynamic_shapes, None for a non-tensor, and the inputs of a second check take). A
+    dataclass is rebuilt as itself, or with `shapes` (a dynamic_shapes spec) as the list of its fields,
+    which is how torch.export matches a pytree node it was taught (`_dataclasses_as_pytrees`)."""
     from moeify.convert import output_items
 
     if isinstance(value, torch.Tensor):
@@ -544,14 +546,14 @@ def _map_leaves(value: Any, name: str, fn: Callable[[str, torch.Tensor], Any],
     items = output_items(value)
     if items is None:
         return value if other is None else other(value)
-    mapped = {key: _map_leaves(item, _child_name(name, key), fn, other) for key, item in items}
+    mapped = {key: _map_leaves(item, _child_name(name, key), fn, other, shapes=shapes) for key, item in items}
     if isinstance(value, tuple) and hasattr(value, "_fields"):  # a namedtuple
         return type(value)(*mapped.values())
     if isinstance(value, (tuple, list)):
         return type(value)(mapped.values())
     if isinstance(value, dict):
         return dict(zip(value, mapped.values(), strict=True))
-    return dataclasses.replace(value, **mapped)
+    return list(mapped.values()) if shapes else dataclasses.replace(value, **mapped)
 
 
 def _axes_spec(bound: dict[str, Any], given: dict[str, dict[int, str]] | None) -> dict[str, dict[int, str]]:
@@ -880,14 +882,14 @@ def export_onnx(model: nn.Module, example_inputs: Sequence[Any] = (), path: str 
         _refuse_var_keyword_inputs(model, bound)
         dynamic_shapes = {name: _map_leaves(value, name, lambda leaf, _: {d: shared[axis] for d, axis
                                                                         in dims.get(leaf, {}).items()} or None,
-                                            other=lambda _: None)
+                                            other=lambda _: None, shapes=True)
                           for name, value in bound.items()}
         report.dynamic_axes = {name: spec for name, spec in dims.items() if spec}
 
     table = fused_translation_table(allow_approximate_gelu) if any(p[2].fused for p in plans) else None
     try:
         with torch.no_grad(), eval_mode(model), _lowered_layers(plans), _quiet_torch_internals(), \
-                _dataclasses_as_pytrees(example_out):
+                _dataclasses_as_pytrees((example_out, bound)):
             program = torch.onnx.export(model, (), kwargs=bound, dynamo=True, dynamic_shapes=dynamic_shapes,
                                         custom_translation_table=table, opset_version=OPSET, optimize=True,
                                         external_data=False, verbose=False)
@@ -1106,8 +1108,8 @@ def _export_hint(root: str, mode: str, dynamic: bool) -> str:
 
 @contextmanager
 def _dataclasses_as_pytrees(out: Any):
-    """Inside, the dataclass types in a model output are pytree nodes, as torch.export needs to flatten the
-    output (it knows no user dataclass); afterwards torch knows them as it did before."""
+    """Inside, the dataclass types in `out` (the model's output and inputs) are pytree nodes, as torch.export
+    needs to flatten them (it knows no user dataclass); afterwards torch knows them as it did before."""
     from moeify.convert import output_items
 
     found: list[type] = []

@@ -744,6 +744,40 @@ def test_a_dict_input_and_a_dataclass_output_export_with_dynamic_axes(mode, tmp_
     assert Prediction not in torch.utils._pytree.SUPPORTED_NODES  # registered for the export only
 
 
+@dataclasses.dataclass(frozen=True)
+class Batch:  # a user dataclass as the input: no pytree until the export registers it
+    input_ids: torch.Tensor
+    features: torch.Tensor
+    scale: float = 2.0  # not a tensor: stays a constant of the graph
+
+
+class DataclassIn(DictInDataclassOut):
+    def forward(self, batch):
+        return self.mlp(self.embed(batch.input_ids) + batch.scale * batch.features)
+
+
+@pytest.mark.parametrize("mode", ["fused", "portable"])
+def test_a_dataclass_input_exports_with_dynamic_axes(mode, tmp_path):
+    """A dataclass batch failed in torch.export with an IndexError: torch knows no user dataclass, and its
+    dynamic_shapes must list the fields of a pytree node it was taught."""
+    def batch(B, S, seed):
+        g = torch.Generator().manual_seed(seed)
+        return Batch(torch.randint(0, 40, (B, S), generator=g), torch.randn(B, S, D, generator=g))
+
+    example = (batch(2, 6, 0),)
+    model = moeify.convert(DataclassIn(), MoEConfig(num_experts=E, top_k=2), example_inputs=example).model
+    report = export_onnx(model, example, tmp_path / "m.onnx", mode=mode)
+    assert report.signature == ("inputs: batch_input_ids[batch, seq], batch_features[batch, seq, 16]; "
+                                "outputs: output[batch, seq, 16]")
+    assert len(report.checks) == 2 and all(d <= report.atol for _, d in report.checks), report
+    other = batch(3, 9, 1)
+    session = open_session(tmp_path / "m.onnx")
+    (got,) = session.run({"batch_input_ids": other.input_ids.numpy(), "batch_features": other.features.numpy()})
+    with torch.no_grad():
+        np.testing.assert_allclose(got, model(other).numpy(), atol=ATOL_MODEL, rtol=0)
+    assert Batch not in torch.utils._pytree.SUPPORTED_NODES  # registered for the export only
+
+
 @pytest.mark.slow
 def test_a_transformers_cache_among_the_outputs_is_named_with_its_fix(tmp_path):
     ex = load_example("hf_causal_lm")
