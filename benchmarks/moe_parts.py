@@ -28,7 +28,7 @@ from benchutil import cuda_graph_of, write_results
 from moeify.config import MoEConfig
 from moeify.moe.build import DenseFFN, build_moe_layer
 from moeify.moe.dispatch import DispatchPlan, _GatherTokens, combine_rows, inverse_permutation
-from moeify.moe.experts import _grouped_mm, group_sums
+from moeify.moe.experts import group_sums
 
 E, K = 8, 2
 
@@ -86,11 +86,11 @@ def bias_sections(T: int, D: int, FF: int, device: str, dtype) -> list[str]:
     b = torch.randn(E, FF, device=device, dtype=dtype)
 
     def separate():
-        y = _grouped_mm(x, w.transpose(-2, -1), offs_E)
+        y = F.grouped_mm(x, w.transpose(-2, -1), offs=offs_E)
         return y.add_(torch.repeat_interleave(b, sizes, dim=0, output_size=N))
     want = separate().double()
     lines.append(f"  grouped_mm then repeat_interleave add: {timed(separate):.3f} ms; grouped_mm alone "
-                 f"{timed(lambda: _grouped_mm(x, w.transpose(-2, -1), offs_E)):.3f} ms")
+                 f"{timed(lambda: F.grouped_mm(x, w.transpose(-2, -1), offs=offs_E)):.3f} ms")
     try:
         fused = lambda: F.grouped_mm(x, w.transpose(-2, -1), offs=offs_E, bias=b)  # noqa: E731
         lines.append(f"  grouped_mm(bias=): {timed(fused):.3f} ms, err against the separate add "
@@ -166,7 +166,9 @@ def sync_and_graph_sections(Ts: list[int], D: int, FF: int, device: str, dtype) 
             step_of(layer, x, grad)()
         finally:
             torch.cuda.set_sync_debug_mode(0)
-    syncs = [str(w.message).splitlines()[0][:150] for w in caught if "synchroniz" in str(w.message)]
+    # the mode's own notice ("Synchronization debug mode is a prototype feature ...") is not a sync
+    syncs = [str(w.message).splitlines()[0][:150] for w in caught
+             if "synchroniz" in str(w.message).lower() and "debug mode" not in str(w.message)]
     lines += [f"  {len(syncs)} sync(s)", *(f"  {s}" for s in syncs[:8])]
     lines += ["== one fwd+bwd step: eager against a CUDA graph replay (ms)",
               f"{'T':>6} {'ideal':>8} {'ideal graph':>12} {'moeify':>8} {'moeify graph':>12} {'graph err':>10} "

@@ -45,7 +45,7 @@ def grouped_mm_usable(x_ND: torch.Tensor, w_EOI: torch.Tensor, dtype: torch.dtyp
     runs float32, bfloat16 and float16; the CUDA kernels take bfloat16 on compute capability 8.0 or
     newer (torch's documented requirement).
     """
-    if _grouped_mm_fn(x_ND.device.type) is None:
+    if not hasattr(F, "grouped_mm"):
         return False
     size = torch.empty((), dtype=dtype).element_size()
     if (x_ND.shape[-1] * size) % 16 or (w_EOI.shape[-2] * size) % 16:
@@ -55,19 +55,6 @@ def grouped_mm_usable(x_ND: torch.Tensor, w_EOI: torch.Tensor, dtype: torch.dtyp
     if x_ND.device.type == "cuda":
         return dtype == torch.bfloat16 and torch.cuda.get_device_capability(x_ND.device) >= (8, 0)
     return False
-
-
-def _grouped_mm_fn(device_type: str):
-    """`torch.nn.functional.grouped_mm` (torch 2.10 on), or on CUDA the private `torch._grouped_mm` it
-    wraps (torch 2.8 and 2.9, whose CPU kernel is missing); None where neither runs."""
-    public = getattr(F, "grouped_mm", None)
-    if public is not None or device_type != "cuda":
-        return public
-    return getattr(torch, "_grouped_mm", None)
-
-
-def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
-    return _grouped_mm_fn(a.device.type)(a, b, offs=offs_E)
 
 
 def _group_sizes(offs_E: torch.Tensor) -> torch.Tensor:
@@ -92,7 +79,7 @@ def group_sums(a_NO: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
     in bf16: 10.6% off in norm at 8192 rows per group on an H100, against 0.17% here, and 1.05 ms
     against 0.58 at (65536, 8192) (benchmarks/results/moe_parts_cuda.txt)."""
     ones_NC = a_NO.new_ones(a_NO.shape[0], 16 // a_NO.element_size())  # grouped_mm: 16-byte rows
-    return _grouped_mm(a_NO.transpose(0, 1), ones_NC, offs_E)[..., 0].contiguous()
+    return F.grouped_mm(a_NO.transpose(0, 1), ones_NC, offs=offs_E)[..., 0].contiguous()
 
 
 # One custom op pair carries the grouped matmul in eager mode and under torch.compile:
@@ -142,7 +129,7 @@ def _grouped_linear_op(x_NI: torch.Tensor, w_EOI: torch.Tensor, b_EO: torch.Tens
     if _per_expert(x_NI):
         return _per_expert_products(x_NI, _rows_of(offs_E), w_EOI.shape[1], lambda e, rows: _linear(
             x_NI[rows], w_EOI[e], None if b_EO is None else b_EO[e]))
-    y_NO = _grouped_mm(x_NI, w_EOI.transpose(-2, -1), offs_E)
+    y_NO = F.grouped_mm(x_NI, w_EOI.transpose(-2, -1), offs=offs_E)
     if b_EO is not None:
         _add_group_bias_(y_NO, b_EO, offs_E)
     return y_NO
@@ -167,9 +154,9 @@ def _grouped_linear_backward_op(grad_NO: torch.Tensor, x_NI: torch.Tensor, w_EOI
     elif _per_expert(grad_NO):
         grad_x_NI = _per_expert_products(grad_NO, rows, x_NI.shape[1], lambda e, r: _matmul(grad_NO[r], w_EOI[e]))
     else:
-        grad_x_NI = _grouped_mm(grad_NO, w_EOI, offs_E)
+        grad_x_NI = F.grouped_mm(grad_NO, w_EOI, offs=offs_E)
     # grouped along the token dim: experts without tokens get an exactly zero gradient
-    grad_w_EOI = _grouped_mm(grad_NO.transpose(0, 1), x_NI, offs_E) if need_w else grad_NO.new_empty(0)
+    grad_w_EOI = F.grouped_mm(grad_NO.transpose(0, 1), x_NI, offs=offs_E) if need_w else grad_NO.new_empty(0)
     if not need_b:
         grad_b_EO = grad_NO.new_empty(0)
     elif cpu:  # segment_reduce's CPU kernel: 62 ms against 3.5 for these sums at (8192, 2048)
