@@ -21,6 +21,7 @@ import os
 import re
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -97,34 +98,49 @@ def build_config(config_file: str | None, options: dict[str, Any]) -> MoEConfig:
             data = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"config file {config_file} is not valid JSON ({exc})") from exc
+    from_file = set(data)
     for f in dataclasses.fields(MoEConfig):
         value = options.get(f.name)
         if value is None or (isinstance(value, tuple) and not value):
             continue
         data[f.name] = None if isinstance(value, _Unset) else value
+        from_file.discard(f.name)
     try:
         return MoEConfig.from_dict(data)
     except ConfigError as exc:  # the options' values: say which options (from --config too, which they override)
-        raise ConfigError(cli_spelling(str(exc))) from exc
+        def origin(name: str) -> str:
+            if name in from_file:
+                return f"from {config_file}"
+            return "" if name in data else "the default"
+        raise ConfigError(cli_spelling(str(exc), origin)) from exc
 
 
-def cli_spelling(message: str) -> str:
+def cli_spelling(message: str, origin: Callable[[str], str] = lambda name: "") -> str:
     """A config error's Python spellings of MoEConfig fields as this CLI's options: `MoEConfig.num_experts=1` is
     `--num-experts 1`, `router='topk'` `--router topk`, `preserve_scale=False` `--no-preserve-scale` and
-    `capacity_factor=None` `no --capacity-factor`. Other values (tuples) are left as written."""
+    `capacity_factor=None` `no --capacity-factor`. Other values (tuples) are left as written.
+
+    The value the error is about (`MoEConfig.` before its name) says where it came from when `origin(name)`
+    does: a --config file's value keeps the file's spelling (`top_k=0 (from cfg.json)`), a default is marked
+    (`--top-k 2 (the default)`)."""
     kinds = {f.name: str(f.type) for f in dataclasses.fields(MoEConfig) if f.name != "version"}
     names = "|".join(sorted(kinds, key=len, reverse=True))
 
     def option(match: re.Match) -> str:
-        name, value = match.group(1), match.group(2)
+        subject, name, value = match.group(1), match.group(2), match.group(3)
+        where = origin(name) if subject else ""
+        if where.startswith("from "):
+            return f"{name}={value} ({where})"
         flag = "--" + name.replace("_", "-")
         if value == "None":
-            return f"no {flag}"
-        if kinds[name] == "bool" and value in ("True", "False"):
-            return flag if value == "True" else f"--no-{flag[2:]}"
-        return f"{flag} {value.strip(chr(39))}"
+            spelled = f"no {flag}"
+        elif kinds[name] == "bool" and value in ("True", "False"):
+            spelled = flag if value == "True" else f"--no-{flag[2:]}"
+        else:
+            spelled = f"{flag} {value.strip(chr(39))}"
+        return f"{spelled} ({where})" if where else spelled
 
-    return re.sub(rf"(?:MoEConfig\.)?\b({names})=('[^']*'|[\w.+-]+)", option, message)
+    return re.sub(rf"(MoEConfig\.)?\b({names})=('[^']*'|[\w.+-]+)", option, message)
 
 
 def handle_errors(fn):

@@ -39,7 +39,7 @@ import torch.distributed as dist
 from torch import nn
 
 from moeify.errors import DistributedError
-from moeify.moe.dispatch import DispatchPlan, LocalCombine, LocalDispatch, combine_rows, group_by_expert
+from moeify.moe.dispatch import DispatchPlan, LocalCombine, LocalDispatch, combine_rows, sort_by_expert
 from moeify.moe.layer import MoELayer
 from moeify.moe.router import Routing
 from moeify.passes.annotate_sharding import EP, META_KEY
@@ -118,9 +118,8 @@ class AllToAllDispatch(nn.Module):
 
     def forward(self, x_TD: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, DispatchPlan]:
         W, L = self.ep_size, self.num_local
-        order_N, counts_E = group_by_expert(routing, self.num_experts)
-        token_N = routing.token_N[order_N]
-        x_ND = x_TD[token_N]
+        x_ND, local = sort_by_expert(x_TD, routing, self.num_experts)
+        counts_E = local.counts_E
         # experts are laid out rank-major (rank r holds r*L .. r*L+L-1), so expert-sorted rows are
         # already in destination-rank order: counts_E viewed (W, L) are the send counts
         send_WL = counts_E.view(W, L)
@@ -138,9 +137,9 @@ class AllToAllDispatch(nn.Module):
         local_M = torch.repeat_interleave(torch.arange(L, device=recv_WL.device).repeat(W), recv_WL.reshape(-1),
                                           output_size=x_MD.shape[0])
         regroup_M = torch.sort(local_M, stable=True).indices
-        plan = DispatchPlan(token_N, routing.weight_N[order_N], recv_WL.sum(0), x_TD.shape[0],
-                            extra=(in_splits, out_splits, regroup_M))
-        return x_MD[regroup_M], plan
+        # combine gets the rows back in this rank's expert-sorted order: the local plan, with the counts of
+        # the rows this rank's experts compute
+        return x_MD[regroup_M], local._replace(counts_E=recv_WL.sum(0), extra=(in_splits, out_splits, regroup_M))
 
     def _check_same_layer(self, layer_W: list[int]) -> None:
         rank = next((r for r, layer in enumerate(layer_W) if layer != self.layer_id), None)

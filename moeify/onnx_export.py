@@ -627,15 +627,33 @@ def _bind(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
     return _unaliased(bound)
 
 
-def _refuse_var_keyword_inputs(model: nn.Module, bound: dict[str, Any]) -> None:
-    """torch.export gives no dynamic axes to inputs that reach the forward through its `**kwargs` (it fails
-    inside, with an IndexError): say so, and what works."""
+@contextmanager
+def _inputs_as_parameters(model: nn.Module, bound: dict[str, Any]):
+    """While exporting, `model.forward` seen with every input as a parameter of its own.
+
+    torch.export matches dynamic_shapes (and names graph inputs) against the forward's signature, so an
+    input that reaches it through `**kwargs` got no dynamic axis (the export failed inside, with an
+    IndexError). An instance attribute with an explicit `__signature__` shadows the class's forward and
+    passes every input on by keyword; the parameters and their names are the model's own."""
     parameters = inspect.signature(model.forward).parameters
-    extra = [name for name in bound if name not in parameters]
-    if extra:
-        raise ExportError(f"{', '.join(extra)} reach {type(model).__name__}.forward through its **kwargs, which "
-                          "torch.export cannot export with dynamic axes: pass dynamic=False (the CLI's --static), "
-                          "or leave them out of the example inputs")
+    if all(name in parameters for name in bound):
+        yield
+        return
+    forward = model.forward
+    shadowed = model.__dict__.get("forward")  # an instance forward already there (hooks, accelerate) stays
+
+    def named_forward(**inputs: Any) -> Any:
+        return forward(**inputs)
+    named_forward.__signature__ = inspect.Signature(
+        [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY) for name in bound])
+    model.forward = named_forward
+    try:
+        yield
+    finally:
+        if shadowed is None:
+            del model.forward
+        else:
+            model.forward = shadowed
 
 
 def _unaliased(bound: dict[str, Any]) -> dict[str, Any]:
@@ -879,7 +897,6 @@ def export_onnx(model: nn.Module, example_inputs: Sequence[Any] = (), path: str 
     if dynamic:
         dims = _axes_spec(bound, dynamic_axes)
         shared = {axis: torch.export.Dim(axis, min=1) for spec in dims.values() for axis in spec.values()}
-        _refuse_var_keyword_inputs(model, bound)
         dynamic_shapes = {name: _map_leaves(value, name, lambda leaf, _: {d: shared[axis] for d, axis
                                                                         in dims.get(leaf, {}).items()} or None,
                                             other=lambda _: None, shapes=True)
@@ -889,7 +906,7 @@ def export_onnx(model: nn.Module, example_inputs: Sequence[Any] = (), path: str 
     table = fused_translation_table(allow_approximate_gelu) if any(p[2].fused for p in plans) else None
     try:
         with torch.no_grad(), eval_mode(model), _lowered_layers(plans), _quiet_torch_internals(), \
-                _dataclasses_as_pytrees((example_out, bound)):
+                _dataclasses_as_pytrees((example_out, bound)), _inputs_as_parameters(model, bound):
             program = torch.onnx.export(model, (), kwargs=bound, dynamo=True, dynamic_shapes=dynamic_shapes,
                                         custom_translation_table=table, opset_version=OPSET, optimize=True,
                                         external_data=False, verbose=False)

@@ -154,6 +154,24 @@ def _users(node: fx.Node) -> str:
     return ", ".join(u.name for u in node.users) or "nothing"
 
 
+def traced_child(nodes: list[fx.Node], parent: fx.Node) -> str | None:
+    """'path (Class)' of the one module, below the one that issued `parent`, whose forward issued every
+    node of `nodes`: a layer the trace went into (an activation or a norm moeify does not know, such as
+    xIELU or BitNet's sub-norm), which a refusal names rather than the ops it traced to."""
+    entries = set()
+    for node in nodes:
+        stack = list((node.meta.get("nn_module_stack") or {}).values())
+        if not stack:
+            return None
+        path, cls = stack[-1]
+        entries.add((path, getattr(cls, "__name__", str(cls).rpartition(".")[2])))
+    owner = ops.owner_of(parent)
+    if len(entries) != 1:
+        return None
+    path, cls = entries.pop()
+    return f"{path} ({cls})" if path != owner and path.startswith(f"{owner}.") or not owner and path else None
+
+
 class MLPRule:
     """Linear -> act -> [Dropout/Identity] -> Linear."""
 
@@ -173,6 +191,11 @@ class MLPRule:
                 act, act_nodes = inline
                 act_node = act_nodes[-1]
         if act_node is None:
+            child = traced_child(list(fc1.users), fc1)
+            if child is not None:
+                return Skip(where, f"feeds {child}, which moeify does not know as an activation",
+                            f"FFN regions are Linear -> {'/'.join(ops.SUPPORTED_ACTIVATIONS)} -> Linear; "
+                            "keep this FFN dense, or use a supported activation")
             inplace = next((u.name for u in fc1.users if _is_inplace_activation(u)), None)
             fix = (f"{inplace} changes its input in place and the input is used again: write h = act(h)"
                    if inplace else "an FFN's hidden state must feed only its activation")
@@ -337,6 +360,11 @@ def _gated_down(mul: fx.Node, gm: fx.GraphModule, where: str, d_ff: int, bias: b
     down, p, stepped = skip_passthrough(mul, gm)
     pd = None if down is None else ops.linear_of(down, gm)
     if pd is None:
+        child = traced_child([down] if down is not None else list(mul.users), mul)
+        if child is not None:
+            return Skip(where, f"the gated product goes through {child} before the output Linear",
+                        "gated FFNs are act(gate(x)) * up(x) -> down, with nothing but dropout between the "
+                        "product and down; keep this FFN dense")
         return Skip(where, "the gated product does not feed a single output Linear",
                     "gated FFNs are act(gate(x)) * up(x) -> down")
     if pd.in_features != d_ff:

@@ -88,20 +88,37 @@ NO_EXAMPLES = "import torch\ndef build_model():\n    return torch.nn.Sequential(
     # config errors in the CLI's spelling (the API's says MoEConfig.num_experts=1, top_k=1, router='topk')
     (NO_EXAMPLES, ["--num-experts", "1"], "error: --num-experts 1 is invalid"),
     (NO_EXAMPLES, ["--no-verify", "--router", "nope"], "--router nope is invalid"),
-    (NO_EXAMPLES, ["--no-verify", "--router", "switch"], "--top-k 2 is invalid: the switch router is top-1: set "
-                                                         "--top-k 1 or use --router topk"),
+    (NO_EXAMPLES, ["--no-verify", "--router", "switch"], "--top-k 2 (the default) is invalid: the switch router is "
+                                                         "top-1: set --top-k 1 or use --router topk"),
+    (NO_EXAMPLES, ["--no-verify", "--router", "switch", "--top-k", "3"], "error: --top-k 3 is invalid: the switch"),
+    # a --config file's value is named as the file spells it, and where it comes from
+    (NO_EXAMPLES, ["--no-verify", "--config", "{tmp}/k0.json"], "error: top_k=0 (from {tmp}/k0.json) is invalid: use "
+                                                                "an integer >= 1"),
+    (NO_EXAMPLES, ["--no-verify", "--config", "{tmp}/k0.json", "--top-k", "-1"], "error: --top-k -1 is invalid"),
     (NO_EXAMPLES, ["--no-verify", "--split-method", "cluster"], "set --init split"),
     (NO_EXAMPLES, ["--no-verify", "--config", "missing.json"], "config file missing.json does not exist"),
 ])
 def test_bad_input_is_one_line_nonzero_and_writes_nothing(tmp_path, source, extra, needle):
     model = write(tmp_path, "model.py", source) if source is not None else str(tmp_path / "absent.py")
     out = tmp_path / "out"
-    r = run("convert", model, "-o", str(out), *extra)
+    (tmp_path / "k0.json").write_text('{"top_k": 0}')
+    r = run("convert", model, "-o", str(out), *(a.format(tmp=tmp_path) for a in extra))
     assert r.exit_code == 2, r.output
-    assert needle in r.output
+    assert needle.format(tmp=tmp_path) in r.output
     assert r.output.strip().count("\n") == 0 and r.output.startswith("error: ")
     assert not out.exists()
     assert not any(p.name.startswith(".out.") for p in tmp_path.iterdir())  # no temp dirs left
+
+
+def test_cli_spelling_names_where_the_value_came_from():
+    from moeify.cli import cli_spelling
+
+    origins = {"top_k": "the default", "num_experts": "from cfg.json"}.get
+    message = "MoEConfig.top_k=2 is invalid: set top_k=1"
+    assert cli_spelling(message, lambda name: origins(name, "")) == "--top-k 2 (the default) is invalid: set --top-k 1"
+    message = "MoEConfig.num_experts=1 is invalid: use num_experts=2"
+    assert cli_spelling(message, lambda name: origins(name, "")) == "num_experts=1 (from cfg.json) is invalid: use " \
+                                                                    "--num-experts 2"
 
 
 @pytest.mark.parametrize("args, needle", [

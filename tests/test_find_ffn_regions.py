@@ -436,6 +436,54 @@ def test_an_in_place_activation_is_refused_naming_it():
     assert any(s.where == "fc1" and "relu_ changes its input in place" in s.fix for s in r.skipped)
 
 
+class _LearnedAct(nn.Module):
+    """xIELU-like (Apertus): an activation with parameters of its own, traced into several ops."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.alpha = nn.Parameter(torch.tensor(0.8))
+
+    def forward(self, x):
+        return torch.where(x > 0, self.alpha * x * x + x, torch.expm1(x.clamp(max=0)) - x)
+
+
+class _SubNorm(nn.Module):
+    """RMS norm with a weight, as BitNet puts between the gated product and down_proj."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, h):
+        h32 = h.to(torch.float32)
+        return self.weight * (h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + 1e-6)).to(h.dtype)
+
+
+class _UnknownLayers(nn.Module):
+    def __init__(self, sub_norm: bool) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 8)
+        self.gate, self.up, self.down = nn.Linear(8, 16), nn.Linear(8, 16), nn.Linear(16, 8)
+        self.act, self.norm, self.sub_norm = _LearnedAct(), _SubNorm(16), sub_norm
+
+    def forward(self, x):
+        if not self.sub_norm:
+            return self.fc2(self.act(self.fc1(x)))
+        return self.down(self.norm(F.silu(self.gate(x)) * self.up(x)))
+
+
+@pytest.mark.parametrize("sub_norm, where, reason", [
+    (False, "fc1", "feeds act (_LearnedAct), which moeify does not know as an activation"),
+    (True, "gate", "the gated product goes through norm (_SubNorm) before the output Linear"),
+])
+def test_a_layer_traced_into_is_named_in_the_refusal(sub_norm, where, reason):
+    """The refusals named the traced ops ("used by 7 nodes (gt, mul, mul_1, ...)", "does not feed a single
+    output Linear"); the module the user wrote is what they can act on."""
+    r = find(_UnknownLayers(sub_norm))
+    assert r.analysis == []
+    assert any(s.where == where and s.reason == reason for s in r.skipped), r.skipped
+
+
 class UnbracketedSwiGLU(nn.Module):
     """SwiGLU written without brackets, as hand-written Llama MLPs do: `up * g * torch.sigmoid(g)`
     multiplies (up * g) by sigmoid(g), so no node computes SiLU(g) on its own. `fused` takes gate and

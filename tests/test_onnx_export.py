@@ -827,6 +827,8 @@ class _KwargsModel(nn.Module):
 
     def forward(self, x, **options):
         y = self.ffn(x)
+        if "scale" in options:
+            y = y * options["scale"]
         return 2 * y if options.get("double") else y
 
 
@@ -839,8 +841,28 @@ def test_inputs_through_var_keyword_are_passed_not_dropped(tmp_path):
     with torch.no_grad():
         want = model(x, double=True).numpy()
     np.testing.assert_allclose(session.run({"x": x.numpy()})[0], want, atol=1e-5)
-    with pytest.raises(ExportError, match="double reach _KwargsModel.forward through its \\*\\*kwargs"):
-        export_onnx(model, (x,), tmp_path / "d.onnx", example_kwargs={"double": True}, mode="portable")
+
+
+@pytest.mark.parametrize("mode", ["fused", "portable"])
+def test_inputs_through_var_keyword_get_dynamic_axes(mode, tmp_path):
+    """torch.export matched dynamic_shapes against the forward's signature and failed inside (IndexError) on
+    a tensor that reached it through **kwargs; the export was refused. Now `scale` is a graph input of its
+    own with the batch axis, and the model's forward is its own again afterwards."""
+    x, scale = torch.randn(4, D), torch.rand(4, 1) + 0.5
+    model = moeify.convert(_KwargsModel(), MoEConfig(num_experts=2, top_k=1), example_inputs=(x,)).model.eval()
+    report = export_onnx(model, (x,), tmp_path / "m.onnx", example_kwargs={"scale": scale, "double": True},
+                         mode=mode)
+    assert report.dynamic_axes == {"x": {0: "batch"}, "scale": {0: "batch"}}
+    assert "forward" not in model.__dict__
+    graph = onnx.load(tmp_path / "m.onnx").graph
+    assert [i.name for i in graph.input] == ["x", "scale"]
+    session = open_session(str(tmp_path / "m.onnx"), providers=("CPUExecutionProvider",))
+    x7, scale7 = torch.randn(7, D), torch.rand(7, 1) + 0.5
+    with torch.no_grad():
+        want = model(x7, scale=scale7, double=True).numpy()
+    got = session.run({"x": x7.numpy(), "scale": scale7.numpy()})[0]
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert np.abs(got - 2 * model(x7).detach().numpy()).max() > 1e-2  # scale is read, not a constant
 
 
 def test_axis_names_survive_non_tensor_inputs(tmp_path):

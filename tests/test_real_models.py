@@ -300,6 +300,26 @@ def test_a_model_that_already_is_an_moe_is_refused_saying_so():
         moeify.convert(model, CFG, example_inputs=(torch.randint(2, 128, (1, 4)),))
 
 
+@pytest.mark.parametrize("family, message", [
+    ("Apertus", "model.layers.0.mlp.up_proj: feeds act_fn (XIELUActivation), which moeify does not know as an "
+                "activation"),
+    ("BitNet", "model.layers.0.mlp.gate_proj: the gated product goes through ffn_sub_norm (BitNetRMSNorm) before "
+               "the output Linear"),
+])
+def test_unknown_layers_inside_hf_ffns_are_named(family, message):
+    """Apertus's learned xIELU and BitNet's sub-norm: the refusals listed the traced ops (`used by 7 nodes (gt,
+    mul, ...)`, `does not feed a single output Linear`)."""
+    import transformers as T
+
+    config = getattr(T, f"{family}Config")(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                          num_attention_heads=4, num_key_value_heads=2, bos_token_id=1,
+                                          eos_token_id=2, pad_token_id=0)
+    model = getattr(T, f"{family}ForCausalLM")(config)
+    with pytest.raises(NoFFNRegionError) as info:
+        moeify.convert(model, CFG, example_inputs=(torch.randint(3, 64, (1, 4)),))
+    assert message in str(info.value)
+
+
 def test_torch_nn_transformer_encoder_and_decoder_layers():
     """The encoder layer does not trace (its fast-path checks): its _ff_block is rewritten; the decoder
     layer traces as a whole and is rewritten there, once."""

@@ -112,20 +112,27 @@ def combine_rows(y_ND: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
     return out_TD.index_add(0, plan.token_N, weighted_ND)
 
 
+def sort_by_expert(x_TD: torch.Tensor, routing: Routing, num_experts: int) -> tuple[torch.Tensor, DispatchPlan]:
+    """One row of x_TD per assignment, grouped by expert, and the plan that weights and sums them back
+    (gathering where every token has P rows, see `Routing.per_token`). Expert parallelism sends these rows
+    on to the ranks holding their experts and receives them back in this order."""
+    order_N, counts_E = group_by_expert(routing, num_experts)
+    token_N = routing.token_N[order_N]
+    weight_N = routing.weight_N[order_N]
+    if routing.per_token is None:
+        return x_TD[token_N], DispatchPlan(token_N, weight_N, counts_E, x_TD.shape[0])
+    inverse_N = inverse_permutation(order_N)
+    x_ND = _GatherTokens.apply(x_TD, token_N, inverse_N)
+    return x_ND, DispatchPlan(token_N, weight_N, counts_E, x_TD.shape[0], inverse_N=inverse_N)
+
+
 class LocalDispatch(nn.Module):
     def __init__(self, num_experts: int) -> None:
         super().__init__()
         self.num_experts = num_experts
 
     def forward(self, x_TD: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, DispatchPlan]:
-        order_N, counts_E = group_by_expert(routing, self.num_experts)
-        token_N = routing.token_N[order_N]
-        weight_N = routing.weight_N[order_N]
-        if routing.per_token is None:
-            return x_TD[token_N], DispatchPlan(token_N, weight_N, counts_E, x_TD.shape[0])
-        inverse_N = inverse_permutation(order_N)
-        x_ND = _GatherTokens.apply(x_TD, token_N, inverse_N)
-        return x_ND, DispatchPlan(token_N, weight_N, counts_E, x_TD.shape[0], inverse_N=inverse_N)
+        return sort_by_expert(x_TD, routing, self.num_experts)
 
 
 class LocalCombine(nn.Module):
