@@ -14,6 +14,7 @@ traceback only with `--debug`.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import functools
 import json
@@ -98,6 +99,11 @@ def build_config(config_file: str | None, options: dict[str, Any]) -> MoEConfig:
             data = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"config file {config_file} is not valid JSON ({exc})") from exc
+        if not isinstance(data, dict):
+            kind = {"list": "an array", "str": "a string", "NoneType": "null", "bool": "a boolean"}.get(
+                type(data).__name__, "a number")
+            raise ConfigError(f"config file {config_file} holds {kind}, not a JSON object of MoEConfig fields: "
+                              'write {"num_experts": 8, ...}')
     from_file = set(data)
     for f in dataclasses.fields(MoEConfig):
         value = options.get(f.name)
@@ -117,30 +123,36 @@ def build_config(config_file: str | None, options: dict[str, Any]) -> MoEConfig:
 
 def cli_spelling(message: str, origin: Callable[[str], str] = lambda name: "") -> str:
     """A config error's Python spellings of MoEConfig fields as this CLI's options: `MoEConfig.num_experts=1` is
-    `--num-experts 1`, `router='topk'` `--router topk`, `preserve_scale=False` `--no-preserve-scale` and
-    `capacity_factor=None` `no --capacity-factor`. Other values (tuples) are left as written.
+    `--num-experts 1`, `router='topk'` `--router topk`, `preserve_scale=False` `--no-preserve-scale`,
+    `capacity_factor=None` `no --capacity-factor` and `layers=(0, 2)` `--layers 0 --layers 2`.
 
     The value the error is about (`MoEConfig.` before its name) says where it came from when `origin(name)`
-    does: a --config file's value keeps the file's spelling (`top_k=0 (from cfg.json)`), a default is marked
-    (`--top-k 2 (the default)`)."""
+    does: a --config file's value is spelled as in JSON (`top_k=0 (from cfg.json)`, `"router": "x"` as
+    `router="x"`), a default is marked (`--top-k 2 (the default)`)."""
     kinds = {f.name: str(f.type) for f in dataclasses.fields(MoEConfig) if f.name != "version"}
     names = "|".join(sorted(kinds, key=len, reverse=True))
 
     def option(match: re.Match) -> str:
         subject, name, value = match.group(1), match.group(2), match.group(3)
         where = origin(name) if subject else ""
+        try:
+            literal = ast.literal_eval(value)
+        except (ValueError, SyntaxError):  # inf, nan
+            literal = value
         if where.startswith("from "):
-            return f"{name}={value} ({where})"
+            return f"{name}={json.dumps(literal) if literal is not value else value} ({where})"
         flag = "--" + name.replace("_", "-")
         if value == "None":
             spelled = f"no {flag}"
         elif kinds[name] == "bool" and value in ("True", "False"):
             spelled = flag if value == "True" else f"--no-{flag[2:]}"
+        elif isinstance(literal, tuple):
+            spelled = " ".join(f"{flag} {item}" for item in literal) or f"no {flag}"
         else:
             spelled = f"{flag} {value.strip(chr(39))}"
         return f"{spelled} ({where})" if where else spelled
 
-    return re.sub(rf"(MoEConfig\.)?\b({names})=('[^']*'|[\w.+-]+)", option, message)
+    return re.sub(rf"(MoEConfig\.)?\b({names})=('[^']*'|\([^()]*\)|[\w.+-]+)", option, message)
 
 
 def handle_errors(fn):

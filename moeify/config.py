@@ -251,7 +251,8 @@ class MoEConfig:
             _fail("expert_choice_capacity", self.expert_choice_capacity, "it only applies to router='expert_choice': "
                   "use capacity_factor to limit other routers, or leave expert_choice_capacity=1.0")
         if self.router == "expert_choice" and (self.capacity_factor, self.eval_capacity_factor) != (None, None):
-            _fail("capacity_factor", self.capacity_factor,
+            name = "capacity_factor" if self.capacity_factor is not None else "eval_capacity_factor"
+            _fail(name, getattr(self, name),
                   "expert_choice sets each expert's capacity itself: use expert_choice_capacity and leave "
                   "capacity_factor/eval_capacity_factor None")
         if self.load_coef > 0 and self.router != "noisy_topk":

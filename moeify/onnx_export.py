@@ -636,7 +636,8 @@ def _inputs_as_parameters(model: nn.Module, bound: dict[str, Any]):
     IndexError). An instance attribute with an explicit `__signature__` shadows the class's forward and
     passes every input on by keyword; the parameters and their names are the model's own."""
     parameters = inspect.signature(model.forward).parameters
-    if all(name in parameters for name in bound):
+    named = {name for name, p in parameters.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    if named.issuperset(bound):
         yield
         return
     forward = model.forward

@@ -157,19 +157,21 @@ def _users(node: fx.Node) -> str:
 def traced_child(nodes: list[fx.Node], parent: fx.Node) -> str | None:
     """'path (Class)' of the one module, below the one that issued `parent`, whose forward issued every
     node of `nodes`: a layer the trace went into (an activation or a norm moeify does not know, such as
-    xIELU or BitNet's sub-norm), which a refusal names rather than the ops it traced to."""
+    xIELU or BitNet's sub-norm), which a refusal names rather than the ops it traced to. None when a node
+    is a module call (a leaf such as nn.GELU: not traced into) or the module is an nn.Linear subclass."""
     entries = set()
     for node in nodes:
         stack = list((node.meta.get("nn_module_stack") or {}).values())
-        if not stack:
+        if not stack or node.op == "call_module":
             return None
-        path, cls = stack[-1]
-        entries.add((path, getattr(cls, "__name__", str(cls).rpartition(".")[2])))
-    owner = ops.owner_of(parent)
+        entries.add(stack[-1])
     if len(entries) != 1:
         return None
-    path, cls = entries.pop()
-    return f"{path} ({cls})" if path != owner and path.startswith(f"{owner}.") or not owner and path else None
+    (path, cls), owner = entries.pop(), ops.owner_of(parent)
+    if isinstance(cls, type) and issubclass(cls, nn.Linear):
+        return None
+    below = path.startswith(f"{owner}.") if owner else bool(path)
+    return f"{path} ({getattr(cls, '__name__', str(cls).rpartition('.')[2])})" if below else None
 
 
 class MLPRule:

@@ -95,13 +95,27 @@ NO_EXAMPLES = "import torch\ndef build_model():\n    return torch.nn.Sequential(
     (NO_EXAMPLES, ["--no-verify", "--config", "{tmp}/k0.json"], "error: top_k=0 (from {tmp}/k0.json) is invalid: use "
                                                                 "an integer >= 1"),
     (NO_EXAMPLES, ["--no-verify", "--config", "{tmp}/k0.json", "--top-k", "-1"], "error: --top-k -1 is invalid"),
+    (NO_EXAMPLES, ["--no-verify", "--config", "{tmp}/layers.json"], 'error: layers=[-1] (from {tmp}/layers.json) is '
+                                                                    "invalid"),
+    (NO_EXAMPLES, ["--no-verify", "--layers", "0", "--layers", "-1"], "error: --layers 0 --layers -1 is invalid"),
+    (NO_EXAMPLES, ["--no-verify", "--config", "{tmp}/policy.json"], 'error: drop_policy="gate" (from '
+                                                                    '{tmp}/policy.json) is invalid'),
+    # the check names the factor that is set (it named capacity_factor, the default None, for either)
+    (NO_EXAMPLES, ["--no-verify", "--router", "expert_choice", "--eval-capacity-factor", "1"],
+     "error: --eval-capacity-factor 1.0 is invalid: expert_choice sets each expert's capacity itself"),
+    # a file holding no JSON object: a TypeError (exit 1) once the file's keys were read for the messages
+    (NO_EXAMPLES, ["--no-verify", "--config", "{tmp}/five.json"], "error: config file {tmp}/five.json holds a number, "
+                                                                  "not a JSON object of MoEConfig fields"),
+    (NO_EXAMPLES, ["--no-verify", "--config", "{tmp}/list.json", "--top-k", "1"], "holds an array, not a JSON object"),
     (NO_EXAMPLES, ["--no-verify", "--split-method", "cluster"], "set --init split"),
     (NO_EXAMPLES, ["--no-verify", "--config", "missing.json"], "config file missing.json does not exist"),
 ])
 def test_bad_input_is_one_line_nonzero_and_writes_nothing(tmp_path, source, extra, needle):
     model = write(tmp_path, "model.py", source) if source is not None else str(tmp_path / "absent.py")
     out = tmp_path / "out"
-    (tmp_path / "k0.json").write_text('{"top_k": 0}')
+    for name, text in {"k0": '{"top_k": 0}', "layers": '{"layers": [-1]}', "five": "5", "list": "[1]",
+                       "policy": '{"drop_policy": "gate"}'}.items():
+        (tmp_path / f"{name}.json").write_text(text)
     r = run("convert", model, "-o", str(out), *(a.format(tmp=tmp_path) for a in extra))
     assert r.exit_code == 2, r.output
     assert needle.format(tmp=tmp_path) in r.output

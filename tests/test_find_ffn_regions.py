@@ -459,27 +459,48 @@ class _SubNorm(nn.Module):
         return self.weight * (h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + 1e-6)).to(h.dtype)
 
 
-class _UnknownLayers(nn.Module):
-    def __init__(self, sub_norm: bool) -> None:
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 8)
-        self.gate, self.up, self.down = nn.Linear(8, 16), nn.Linear(8, 16), nn.Linear(16, 8)
-        self.act, self.norm, self.sub_norm = _LearnedAct(), _SubNorm(16), sub_norm
+class _LoraLinear(nn.Linear):
+    """An nn.Linear whose forward adds a low-rank term: traced into, as it is no plain Linear."""
+
+    def __init__(self, i: int, o: int) -> None:
+        super().__init__(i, o)
+        self.A, self.B = nn.Parameter(torch.randn(2, i)), nn.Parameter(torch.randn(o, 2))
 
     def forward(self, x):
-        if not self.sub_norm:
+        return F.linear(x, self.weight, self.bias) + x @ self.A.t() @ self.B.t()
+
+
+class _UnknownLayers(nn.Module):
+    def __init__(self, case: str) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 8)
+        self.gate, self.up = nn.Linear(8, 16), nn.Linear(8, 16)
+        self.down = _LoraLinear(16, 8) if case == "lora down" else nn.Linear(16, 8)
+        self.act = nn.GELU() if case == "activation twice" else _LearnedAct()
+        self.norm, self.case = _SubNorm(16), case
+
+    def forward(self, x):
+        if self.case == "learned activation":
             return self.fc2(self.act(self.fc1(x)))
-        return self.down(self.norm(F.silu(self.gate(x)) * self.up(x)))
+        if self.case == "activation twice":  # one supported module, called twice on fc1's output
+            h = self.fc1(x)
+            return self.fc2(self.act(h)) + self.act(h).mean()
+        product = F.silu(self.gate(x)) * self.up(x)
+        return self.down(self.norm(product) if self.case == "sub-norm" else product)
 
 
-@pytest.mark.parametrize("sub_norm, where, reason", [
-    (False, "fc1", "feeds act (_LearnedAct), which moeify does not know as an activation"),
-    (True, "gate", "the gated product goes through norm (_SubNorm) before the output Linear"),
+@pytest.mark.parametrize("case, where, reason", [
+    ("learned activation", "fc1", "feeds act (_LearnedAct), which moeify does not know as an activation"),
+    ("sub-norm", "gate", "the gated product goes through norm (_SubNorm) before the output Linear"),
+    # not traced into: the old reasons, which are right there
+    ("activation twice", "fc1", "its output is used by 2 nodes (act, act_1), not by one activation"),
+    ("lora down", "gate", "the gated product does not feed a single output Linear"),
 ])
-def test_a_layer_traced_into_is_named_in_the_refusal(sub_norm, where, reason):
+def test_a_layer_traced_into_is_named_in_the_refusal(case, where, reason):
     """The refusals named the traced ops ("used by 7 nodes (gt, mul, mul_1, ...)", "does not feed a single
-    output Linear"); the module the user wrote is what they can act on."""
-    r = find(_UnknownLayers(sub_norm))
+    output Linear"); the module the user wrote is what they can act on. A supported activation module
+    called twice is no unknown activation, and an nn.Linear subclass as down is not "before" the output."""
+    r = find(_UnknownLayers(case))
     assert r.analysis == []
     assert any(s.where == where and s.reason == reason for s in r.skipped), r.skipped
 

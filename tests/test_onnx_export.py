@@ -865,6 +865,24 @@ def test_inputs_through_var_keyword_get_dynamic_axes(mode, tmp_path):
     assert np.abs(got - 2 * model(x7).detach().numpy()).max() > 1e-2  # scale is read, not a constant
 
 
+class _NamedLikeItsKwargs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ffn = nn.Sequential(nn.Linear(D, 32), nn.ReLU(), nn.Linear(32, D))
+
+    def forward(self, x, **kw):
+        return self.ffn(x) + kw["kw"] if "kw" in kw else self.ffn(x)
+
+
+def test_an_input_named_like_the_var_keyword_parameter_gets_dynamic_axes(tmp_path):
+    """`forward(x, **kw)` given kw=t: the name is one of the forward's parameters, but not one torch.export
+    can give axes to (it failed with an IndexError)."""
+    x, t = torch.randn(4, D), torch.randn(4, 1)
+    model = moeify.convert(_NamedLikeItsKwargs(), MoEConfig(num_experts=2, top_k=1), example_inputs=(x,)).model.eval()
+    report = export_onnx(model, (x,), tmp_path / "m.onnx", example_kwargs={"kw": t}, mode="portable")
+    assert report.dynamic_axes == {"x": {0: "batch"}, "kw": {0: "batch"}}
+
+
 def test_axis_names_survive_non_tensor_inputs(tmp_path):
     """With use_cache=False among the inputs, torch named the axes after its symbols (s72, s70)."""
     llama = load_example("hf_causal_lm").build_llama(1)
