@@ -154,7 +154,7 @@ def _users(node: fx.Node) -> str:
     return ", ".join(u.name for u in node.users) or "nothing"
 
 
-def traced_child(nodes: list[fx.Node], parent: fx.Node) -> str | None:
+def _traced_child(nodes: list[fx.Node], parent: fx.Node) -> str | None:
     """'path (Class)' of the one module, below the one that issued `parent`, whose forward issued every
     node of `nodes`: a layer the trace went into (an activation or a norm moeify does not know, such as
     xIELU or BitNet's sub-norm), which a refusal names rather than the ops it traced to. None when a node
@@ -193,7 +193,7 @@ class MLPRule:
                 act, act_nodes = inline
                 act_node = act_nodes[-1]
         if act_node is None:
-            child = traced_child(list(fc1.users), fc1)
+            child = _traced_child(list(fc1.users), fc1)
             if child is not None:
                 return Skip(where, f"feeds {child}, which moeify does not know as an activation",
                             f"FFN regions are Linear -> {'/'.join(ops.SUPPORTED_ACTIVATIONS)} -> Linear; "
@@ -362,7 +362,7 @@ def _gated_down(mul: fx.Node, gm: fx.GraphModule, where: str, d_ff: int, bias: b
     down, p, stepped = skip_passthrough(mul, gm)
     pd = None if down is None else ops.linear_of(down, gm)
     if pd is None:
-        child = traced_child([down] if down is not None else list(mul.users), mul)
+        child = _traced_child([down] if down is not None else list(mul.users), mul)
         if child is not None:
             return Skip(where, f"the gated product goes through {child} before the output Linear",
                         "gated FFNs are act(gate(x)) * up(x) -> down, with nothing but dropout between the "
