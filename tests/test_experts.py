@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moeify.moe import expert_loop, grad_buffers
+from moeify.moe import cpu_kernels, expert_loop, grad_buffers
 from moeify.moe import experts as experts_mod
 from moeify.moe.experts import GroupedExperts, grouped_mm_usable
 from moeify.moe.losses import count_indices
@@ -57,16 +57,20 @@ EXPERTS = [  # (backend, gated, activation, bias)
 # weight gradient) through oneDNN (float32 on the CPU) with the weight gradients as matmuls, or
 # through torch's own matmuls (what float64 and other devices take) with the weight gradients as
 # outer products (OUTER_MAX_ROWS), or the active experts in one padded batch (outer products where
-# the batch has one row per expert, [1, 0, 1, 0])
-LOOP_MODES = {"blocks": {"PAD_MAX_ROWS": 0, "ROW_BLOCK": 2, "OUTER_MAX_ROWS": 0},
-              "blocks-aten": {"PAD_MAX_ROWS": 0, "ROW_BLOCK": 2, "ONEDNN": False},
-              "padded": {"PAD_MAX_ROWS": 32}}
+# the batch has one row per expert, [1, 0, 1, 0]), or every expert in one call of moeify's CPU
+# kernels (cpu_kernels.c), one row per expert included
+LOOP_MODES = {"blocks": {"PAD_MAX_ROWS": 0, "ROW_BLOCK": 2, "OUTER_MAX_ROWS": 0, "KERNEL_MAX_ROWS": 0},
+              "blocks-aten": {"PAD_MAX_ROWS": 0, "ROW_BLOCK": 2, "ONEDNN": False, "KERNEL_MAX_ROWS": 0},
+              "padded": {"PAD_MAX_ROWS": 32, "KERNEL_MAX_ROWS": 0},
+              "kernels": {"KERNEL_MIN_ROWS": 1}}
 # grouped_mm's modes on the CPU: per-expert oneDNN products (the default), or torch's grouped_mm
 # kernel, the one accelerators run
 GROUPED_MODES = {"onednn": {}, "kernel": {"GROUPED_ONEDNN": False}}
 
 
 def set_mode(monkeypatch, mode):
+    if mode == "kernels" and cpu_kernels.kernels() is None:
+        pytest.skip(cpu_kernels.status())
     for name, value in LOOP_MODES.get(mode, {}).items():
         monkeypatch.setattr(expert_loop, name, value)
     for name, value in GROUPED_MODES.get(mode, {}).items():
@@ -113,7 +117,7 @@ def test_count_indices_match_bincount():
 
 
 @pytest.mark.parametrize("backend,mode", [("grouped_mm", "blocks"), ("expert_loop", "blocks"),
-                                          ("expert_loop", "padded")])
+                                          ("expert_loop", "padded"), ("expert_loop", "kernels")])
 def test_expert_dropout_drops_hidden_units_and_rescales(backend, mode, monkeypatch):
     """Switch expert dropout: in training each hidden unit is zeroed with probability p, survivors x 1/(1-p)."""
     set_mode(monkeypatch, mode)
@@ -186,7 +190,8 @@ def test_grouped_mm_usable_checks_alignment_and_dtype():
     assert experts.backend_for(torch.empty(3, 6)) == "expert_loop"
 
 
-@pytest.mark.parametrize("mode", list(LOOP_MODES))
+# the CPU kernels are float32 only (their float64 references: tests/test_cpu_kernels.py)
+@pytest.mark.parametrize("mode", [m for m in LOOP_MODES if m != "kernels"])
 @pytest.mark.parametrize("gated,activation", [(False, "gelu"), (True, "silu"), (False, "quick_gelu"),
                                              (True, "quick_gelu"), (False, "relu2")])
 @pytest.mark.parametrize("counts", [[2, 0, 3], [1, 0, 2]])
@@ -334,7 +339,7 @@ def penalty_step(forward, x_ND, target_ND, params, loss_kind):
     return y, [t.grad.clone() for t in (x_ND, *params)]
 
 
-@pytest.mark.parametrize("mode", [None, "blocks", "padded"])
+@pytest.mark.parametrize("mode", ["kernels", "blocks", "padded"])
 @pytest.mark.parametrize("gated,activation,bias,dropout", [e for e in DOUBLE_BACKWARD_EXPERTS if not e[3]])
 @pytest.mark.parametrize("loss_kind", ["mse", "linear"])
 def test_gradient_penalty_matches_per_expert_reference(mode, gated, activation, bias, dropout, loss_kind,
@@ -379,7 +384,7 @@ def test_gradient_penalty_keeps_the_forward_dropout_mask():
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4, msg=name)
 
 
-@pytest.mark.parametrize("mode", [None, "blocks", "padded"])
+@pytest.mark.parametrize("mode", ["kernels", "blocks", "padded"])
 @pytest.mark.parametrize("gated,activation,bias,dropout", DOUBLE_BACKWARD_EXPERTS)
 def test_first_order_gradients_stay_on_the_hand_written_backward(mode, gated, activation, bias, dropout, monkeypatch):
     """An ordinary backward (no create_graph) never takes the differentiable path, and both paths agree on

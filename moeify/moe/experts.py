@@ -152,7 +152,7 @@ def _grouped_linear_backward_op(grad_NO: torch.Tensor, x_NI: torch.Tensor, w_EOI
     if not need_x:
         grad_x_NI = grad_NO.new_empty(0)
     elif _per_expert(grad_NO):
-        grad_x_NI = _per_expert_products(grad_NO, rows, x_NI.shape[1], lambda e, r: _matmul(grad_NO[r], w_EOI[e]))
+        grad_x_NI = _per_expert_products(grad_NO, rows, x_NI.shape[1], lambda e, r: _matmul(grad_NO[r], w_EOI[e], e))
     else:
         grad_x_NI = F.grouped_mm(grad_NO, w_EOI, offs=offs_E)
     # grouped along the token dim: experts without tokens get an exactly zero gradient

@@ -1,0 +1,211 @@
+"""moeify's CPU expert kernels (moeify/moe/cpu_kernels.c) against plain per-expert float64 products,
+and how the loader builds, caches and falls back."""
+
+import subprocess
+
+import pytest
+import torch
+
+from moeify.moe import cpu_kernels, expert_loop
+from moeify.moe.experts import GroupedExperts
+
+
+@pytest.fixture
+def kernels():
+    found = cpu_kernels.kernels()
+    if found is None:
+        pytest.skip(cpu_kernels.status())
+    return found
+
+
+def offsets(sizes):
+    return torch.tensor([0, *torch.tensor(sizes).cumsum(0).tolist()], dtype=torch.int64)
+
+
+def rows_of(sizes):
+    start = 0
+    for e, n in enumerate(sizes):
+        yield e, slice(start, start + n)
+        start += n
+
+
+# ragged experts with idle ones; row counts that hit every tile (1-3 rows take the wide tile, 6-row
+# tiles plus each remainder), dimensions off the vector width and off the work-item chunks
+SIZES = [[3, 0, 7, 1, 2], [0, 0, 13, 0, 0], [6, 5, 4, 12, 0], [1, 1, 1, 1, 1]]
+DIMS = [(64, 48), (133, 70), (37, 150), (101, 16), (5, 3)]  # (n_out, n_in): a weight's rows, columns
+
+
+def padded_rows(n, width, pad=5):
+    """An (n, width) view of a wider tensor: the kernels take a row stride."""
+    return torch.randn(n, width + pad)[:, :width]
+
+
+@pytest.mark.parametrize("sizes", SIZES)
+@pytest.mark.parametrize("n_out,n_in", DIMS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_dot_matches_per_expert_linear(kernels, sizes, n_out, n_in, bias):
+    E, N = len(sizes), sum(sizes)
+    x_NK, w_EOK = padded_rows(N, n_in), torch.randn(E, n_out, n_in)
+    b_EO = torch.randn(E, n_out) if bias else None
+    out_NO = torch.full((N, n_out), float("nan"))
+    kernels.dot(offsets(sizes), x_NK, w_EOK, b_EO, out_NO)
+    for e, rows in rows_of(sizes):
+        want = x_NK[rows].double() @ w_EOK[e].double().T + (b_EO[e].double() if bias else 0)
+        torch.testing.assert_close(out_NO[rows].double(), want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("sizes", SIZES)
+@pytest.mark.parametrize("n_out,n_in", DIMS)
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_axpy_matches_per_expert_input_gradient(kernels, sizes, n_out, n_in, accumulate):
+    E, N = len(sizes), sum(sizes)
+    g_NO, w_EOK = padded_rows(N, n_out), torch.randn(E, n_out, n_in)
+    before_NK = torch.randn(N, n_in)
+    out_NK = before_NK.clone()
+    kernels.axpy(offsets(sizes), g_NO, w_EOK, out_NK, accumulate)
+    for e, rows in rows_of(sizes):
+        want = g_NO[rows].double() @ w_EOK[e].double() + (before_NK[rows].double() if accumulate else 0)
+        torch.testing.assert_close(out_NK[rows].double(), want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("sizes", SIZES)
+@pytest.mark.parametrize("n_out,n_in", DIMS)
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_outer_matches_per_expert_weight_gradient(kernels, sizes, n_out, n_in, accumulate):
+    E, N = len(sizes), sum(sizes)
+    g_NO, x_NK = padded_rows(N, n_out), padded_rows(N, n_in)
+    before_EOK = torch.full((E, n_out, n_in), float("nan")) if not accumulate else torch.randn(E, n_out, n_in)
+    out_EOK = before_EOK.clone()
+    kernels.outer(offsets(sizes), g_NO, x_NK, out_EOK, accumulate)
+    for e, rows in rows_of(sizes):
+        want = g_NO[rows].double().T @ x_NK[rows].double() + (before_EOK[e].double() if accumulate else 0)
+        # an idle expert: zeros written over the NaNs, or its accumulated gradient left as it was
+        torch.testing.assert_close(out_EOK[e].double(), want, rtol=1e-5, atol=1e-4)
+
+
+def test_results_do_not_depend_on_the_thread_count(kernels):
+    """Each output element is summed by one thread in one order: 1 and 2 threads agree bit for bit."""
+    sizes = [5, 0, 9, 2]
+    E, N, n_out, n_in = 4, 16, 200, 96
+    x_NK, g_NO, w_EOK = torch.randn(N, n_in), torch.randn(N, n_out), torch.randn(E, n_out, n_in)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append((kernels.dot(offsets(sizes), x_NK, w_EOK, None, torch.empty(N, n_out)),
+                            kernels.axpy(offsets(sizes), g_NO, w_EOK, torch.empty(N, n_in)),
+                            kernels.outer(offsets(sizes), g_NO, x_NK, torch.empty(E, n_out, n_in))))
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*results, strict=True):
+        assert torch.equal(one, two)
+
+
+def test_wrong_operands_are_refused_before_the_kernel_reads_them(kernels):
+    off = offsets([2, 3])
+    w_EOK = torch.randn(2, 8, 4)
+    with pytest.raises(ValueError, match="unit column stride"):
+        kernels.dot(off, torch.randn(4, 5).T, w_EOK, None, torch.empty(5, 8))  # x transposed
+    with pytest.raises(ValueError, match=r">= 5, 4"):
+        kernels.dot(off, torch.randn(3, 4), w_EOK, None, torch.empty(5, 8))  # fewer rows than the offsets say
+    with pytest.raises(ValueError, match="offsets"):
+        kernels.dot(off.int(), torch.randn(5, 4), w_EOK, None, torch.empty(5, 8))
+    with pytest.raises(ValueError, match="float32"):
+        kernels.outer(off, torch.randn(5, 8), torch.randn(5, 4), torch.empty(2, 8, 4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_experts_take_the_kernels_and_match_the_torch_path(kernels, gated, monkeypatch):
+    """The layer's expert loop runs every expert in one kernel call (none of torch's matmuls), and its
+    outputs and gradients equal the path with the kernels turned off."""
+    torch.manual_seed(0)
+    experts = GroupedExperts(4, 64, 96, "silu" if gated else "gelu", gated=gated, bias=not gated,
+                             backend="expert_loop")
+    counts_E = torch.tensor([5, 0, 9, 2])
+    x_ND = torch.randn(16, 64, requires_grad=True)
+    grad_ND = torch.randn(16, 64)
+    calls = {"dot": 0, "axpy": 0, "outer": 0}
+    for name in calls:
+        real = getattr(cpu_kernels.Kernels, name)
+
+        def counted(self, *args, _name=name, _real=real):
+            calls[_name] += 1
+            return _real(self, *args)
+        monkeypatch.setattr(cpu_kernels.Kernels, name, counted)
+
+    def step():
+        x_ND.grad = None
+        experts.zero_grad(set_to_none=True)
+        y = experts(x_ND, counts_E)
+        y.backward(grad_ND)
+        return [y.detach(), x_ND.grad, *(p.grad for p in experts.parameters())]
+
+    with_kernels = step()
+    matrices = 3 if gated else 2
+    assert calls == {"dot": matrices, "axpy": matrices, "outer": matrices}
+    monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "0")
+    assert cpu_kernels.kernels() is None and "turned off" in cpu_kernels.status()
+    without = step()
+    assert calls["dot"] == matrices  # no further calls
+    for got, want in zip(with_kernels, without, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for grad in with_kernels[2:]:  # expert 1 has no rows: its weight gradients are exactly zero
+        assert not grad[1].any()
+
+
+def test_rows_past_the_kernel_range_take_the_loop(kernels, monkeypatch):
+    monkeypatch.setattr(expert_loop, "KERNEL_MAX_ROWS", 4)
+    sizes = [5, 1]
+    layout = expert_loop._Layout(sizes, 2, torch.device("cpu"), kernels)
+    assert not any(isinstance(e, expert_loop._KernelExperts) for e, *_ in layout.blocks)
+    monkeypatch.setattr(expert_loop, "KERNEL_MAX_ROWS", 5)
+    layout = expert_loop._Layout(sizes, 2, torch.device("cpu"), kernels)
+    assert isinstance(layout.blocks[0][0], expert_loop._KernelExperts) and layout.empty_experts() == []
+
+
+@pytest.fixture
+def fresh_loader(tmp_path, monkeypatch):
+    """A loader with an empty cache and nothing loaded yet in this process."""
+    monkeypatch.setenv("MOEIFY_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv(cpu_kernels.ENV_SWITCH, raising=False)
+    cpu_kernels._load.cache_clear()
+    yield tmp_path / "cache"
+    cpu_kernels._load.cache_clear()
+
+
+def test_a_missing_compiler_falls_back_to_torch(fresh_loader, monkeypatch):
+    monkeypatch.setenv("CC", str(fresh_loader / "no-such-cc"))
+    assert cpu_kernels.kernels() is None
+    assert "cannot build with" in cpu_kernels.status() and "no-such-cc" in cpu_kernels.status()
+    experts = GroupedExperts(2, 16, 32, "gelu", backend="expert_loop")  # still runs, on torch's matmuls
+    x_ND = torch.randn(6, 16)
+    y = experts(x_ND, torch.tensor([4, 2]))
+    F = torch.nn.functional
+    for e, rows in rows_of([4, 2]):
+        h = F.gelu(F.linear(x_ND[rows], experts.w1_EFD[e], experts.b1_EF[e]))
+        torch.testing.assert_close(y[rows], F.linear(h, experts.w2_EDF[e], experts.b2_ED[e]), rtol=1e-5, atol=1e-5)
+
+
+def test_a_failing_compile_names_the_compiler_error(fresh_loader, tmp_path, monkeypatch):
+    cc = tmp_path / "cc"
+    cc.write_text("#!/bin/sh\necho 'cpu_kernels.c:1: error: this compiler refuses' >&2\nexit 1\n")
+    cc.chmod(0o755)
+    monkeypatch.setenv("CC", str(cc))
+    assert cpu_kernels.kernels() is None
+    assert "failed: cpu_kernels.c:1: error: this compiler refuses" in cpu_kernels.status()
+    assert not list(fresh_loader.iterdir())  # no half-written library left behind
+
+
+def test_builds_once_into_the_cache_and_reuses_it(fresh_loader):
+    try:
+        subprocess.run(["cc", "--version"], check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("no C compiler")
+    found = cpu_kernels.kernels()
+    if found is None:
+        pytest.skip(cpu_kernels.status())
+    assert found.path.parent == fresh_loader and [p.name for p in fresh_loader.iterdir()] == [found.path.name]
+    built = found.path.stat().st_mtime_ns
+    assert cpu_kernels.build(fresh_loader, "cc") == found.path  # the cached build, not a new one
+    assert found.path.stat().st_mtime_ns == built
