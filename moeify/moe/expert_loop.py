@@ -280,7 +280,7 @@ class _Layout:
 
     def empty_experts(self) -> list[int]:
         """Experts whose weight gradients no block writes: they must be zeroed."""
-        if isinstance(self.blocks[0][0], _KernelExperts) if self.blocks else False:
+        if self.blocks and isinstance(self.blocks[0][0], _KernelExperts):
             return []  # the weight-gradient kernel writes their zeros
         if self.padded:  # the batch writes zeros for its own experts without rows
             return [e for e in range(len(self.sizes)) if e not in self.batch]
