@@ -34,6 +34,8 @@ create_graph. An ordinary backward pays only that flag check.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -220,11 +222,15 @@ class _KernelExperts:
     """The block of every expert's rows at once, run by the CPU kernels: where each expert's rows
     start (E + 1 offsets) and each row's expert (for the bias gradients)."""
 
-    def __init__(self, kernels: cpu_kernels.Kernels, sizes: list[int], device: torch.device) -> None:
+    def __init__(self, kernels: cpu_kernels.Kernels, sizes: list[int]) -> None:
         self.kernels = kernels
-        sizes_E = torch.tensor(sizes, dtype=torch.int64)
-        self.off_E1 = torch.cat([sizes_E.new_zeros(1), sizes_E.cumsum(0)])
-        self.expert_N = torch.repeat_interleave(torch.arange(len(sizes), device=device), sizes_E.to(device))
+        self.sizes_E = torch.tensor(sizes, dtype=torch.int64)
+        self.off_E1 = torch.cat([self.sizes_E.new_zeros(1), self.sizes_E.cumsum(0)])
+
+    @functools.cached_property
+    def expert_N(self) -> torch.Tensor:
+        """Each row's expert: only the bias gradients need it."""
+        return torch.repeat_interleave(torch.arange(len(self.sizes_E)), self.sizes_E)
 
 
 class _Layout:
@@ -240,7 +246,7 @@ class _Layout:
         capacity = max(sizes, default=0)
         self.batch = None
         if kernels is not None and KERNEL_MIN_ROWS <= capacity <= KERNEL_MAX_ROWS:  # every expert in one kernel call
-            self.blocks = [(_KernelExperts(kernels, sizes, device), slice(None), True)]
+            self.blocks = [(_KernelExperts(kernels, sizes), slice(None), True)]
             return
         batch = (_batched_experts([e for e, n in enumerate(sizes) if n], num_experts)
                  if 0 < capacity <= PAD_MAX_ROWS else None)
