@@ -83,6 +83,50 @@ def test_outer_matches_per_expert_weight_gradient(kernels, sizes, n_out, n_in, a
         torch.testing.assert_close(out_EOK[e].double(), want, rtol=1e-5, atol=1e-4)
 
 
+def misaligned(*shape):
+    """A tensor whose data starts 4 bytes past a 64-byte boundary: the kernels' plain-store path."""
+    return torch.empty(torch.Size(shape).numel() + 1)[1:].view(shape)
+
+
+@pytest.mark.parametrize("sizes", SIZES)
+@pytest.mark.parametrize("n_out,n_in", DIMS)
+@pytest.mark.parametrize("acc_dx,acc_dw", [(False, False), (True, False), (False, True)])
+def test_grad_matches_per_expert_input_and_weight_gradients(kernels, sizes, n_out, n_in, acc_dx, acc_dw):
+    E, N = len(sizes), sum(sizes)
+    g_NO, x_NK, w_EOK = padded_rows(N, n_out), padded_rows(N, n_in), torch.randn(E, n_out, n_in)
+    dx_before_NK = torch.randn(N, n_in) if acc_dx else torch.full((N, n_in), float("nan"))
+    dw_before_EOK = torch.randn(E, n_out, n_in) if acc_dw else torch.full((E, n_out, n_in), float("nan"))
+    dx_NK, dw_EOK = dx_before_NK.clone(), dw_before_EOK.clone()
+    assert kernels.grad(offsets(sizes), g_NO, x_NK, w_EOK, dx_NK, dw_EOK, acc_dx, acc_dw) is dx_NK
+    for e, rows in rows_of(sizes):
+        g, x = g_NO[rows].double(), x_NK[rows].double()
+        want_dx = g @ w_EOK[e].double() + (dx_before_NK[rows].double() if acc_dx else 0)
+        want_dw = g.T @ x + (dw_before_EOK[e].double() if acc_dw else 0)  # zeros for an idle expert
+        torch.testing.assert_close(dx_NK[rows].double(), want_dx, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(dw_EOK[e].double(), want_dw, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("kernel", ["grad", "outer"])
+def test_weight_gradients_off_the_cache_line_take_plain_stores(kernels, kernel):
+    """Non-temporal stores need 64-byte aligned rows; a gradient that is not gets the same values."""
+    sizes, n_out, n_in = [3, 0, 8], 40, 64
+    E, N = len(sizes), sum(sizes)
+    g_NO, x_NK, w_EOK = torch.randn(N, n_out), torch.randn(N, n_in), torch.randn(E, n_out, n_in)
+    results = []
+    for dw_EOK in (torch.empty(E, n_out, n_in), misaligned(E, n_out, n_in)):
+        dw_EOK.fill_(float("nan"))
+        if kernel == "grad":
+            kernels.grad(offsets(sizes), g_NO, x_NK, w_EOK, torch.empty(N, n_in), dw_EOK)
+        else:
+            kernels.outer(offsets(sizes), g_NO, x_NK, dw_EOK)
+        results.append(dw_EOK)
+    assert results[0].data_ptr() % 64 == 0 and results[1].data_ptr() % 64 == 4
+    for e, rows in rows_of(sizes):
+        torch.testing.assert_close(results[1][e].double(), g_NO[rows].double().T @ x_NK[rows].double(),
+                                   rtol=1e-5, atol=1e-4)
+    assert torch.equal(results[0], results[1])
+
+
 def test_results_do_not_depend_on_the_thread_count(kernels):
     """Each output element is summed by one thread in one order: 1 and 2 threads agree bit for bit."""
     sizes = [5, 0, 9, 2]
@@ -95,7 +139,9 @@ def test_results_do_not_depend_on_the_thread_count(kernels):
             torch.set_num_threads(n)
             results.append((kernels.dot(offsets(sizes), x_NK, w_EOK, None, torch.empty(N, n_out)),
                             kernels.axpy(offsets(sizes), g_NO, w_EOK, torch.empty(N, n_in)),
-                            kernels.outer(offsets(sizes), g_NO, x_NK, torch.empty(E, n_out, n_in))))
+                            kernels.outer(offsets(sizes), g_NO, x_NK, torch.empty(E, n_out, n_in)),
+                            kernels.grad(offsets(sizes), g_NO, x_NK, w_EOK, torch.empty(N, n_in),
+                                         dw_EOK := torch.empty(E, n_out, n_in)), dw_EOK))
     finally:
         torch.set_num_threads(threads)
     for one, two in zip(*results, strict=True):
@@ -113,19 +159,26 @@ def test_wrong_operands_are_refused_before_the_kernel_reads_them(kernels):
         kernels.dot(off.int(), torch.randn(5, 4), w_EOK, None, torch.empty(5, 8))
     with pytest.raises(ValueError, match="float32"):
         kernels.outer(off, torch.randn(5, 8), torch.randn(5, 4), torch.empty(2, 8, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"weights' shape \(2, 8, 4\), got \(2, 4, 8\)"):
+        kernels.grad(off, torch.randn(5, 8), torch.randn(5, 4), w_EOK, torch.empty(5, 4), torch.empty(2, 4, 8))
 
 
 @pytest.mark.parametrize("gated", [False, True])
-def test_experts_take_the_kernels_and_match_the_torch_path(kernels, gated, monkeypatch):
-    """The layer's expert loop runs every expert in one kernel call (none of torch's matmuls), and its
-    outputs and gradients equal the path with the kernels turned off."""
+@pytest.mark.parametrize("fused,input_grad", [(True, True), (False, True), (True, False)])
+def test_experts_take_the_kernels_and_match_the_torch_path(kernels, gated, fused, input_grad, monkeypatch):
+    """The layer's expert loop runs every expert in one kernel call per product (none of torch's
+    matmuls), the backward of each weight in one `grad` pass when few rows allow it (else `axpy` and
+    `outer`; `outer` alone without an input gradient), and its outputs and gradients equal the path with
+    the kernels turned off."""
     torch.manual_seed(0)
+    if not fused:
+        monkeypatch.setattr(expert_loop, "KERNEL_FUSED_MAX_ROWS", 8)  # below the largest expert's 9 rows
     experts = GroupedExperts(4, 64, 96, "silu" if gated else "gelu", gated=gated, bias=not gated,
                              backend="expert_loop")
     counts_E = torch.tensor([5, 0, 9, 2])
-    x_ND = torch.randn(16, 64, requires_grad=True)
+    x_ND = torch.randn(16, 64, requires_grad=input_grad)
     grad_ND = torch.randn(16, 64)
-    calls = {"dot": 0, "axpy": 0, "outer": 0}
+    calls = {"dot": 0, "axpy": 0, "outer": 0, "grad": 0}
     for name in calls:
         real = getattr(cpu_kernels.Kernels, name)
 
@@ -139,18 +192,24 @@ def test_experts_take_the_kernels_and_match_the_torch_path(kernels, gated, monke
         experts.zero_grad(set_to_none=True)
         y = experts(x_ND, counts_E)
         y.backward(grad_ND)
-        return [y.detach(), x_ND.grad, *(p.grad for p in experts.parameters())]
+        return [y.detach(), *([x_ND.grad] if input_grad else []), *(p.grad for p in experts.parameters())]
 
     with_kernels = step()
     matrices = 3 if gated else 2
-    assert calls == {"dot": matrices, "axpy": matrices, "outer": matrices}
+    if not input_grad:  # fc2's input gradient is still needed (for fc1's weights), the layer's is not
+        expected = {"dot": matrices, "axpy": 0, "outer": matrices - 1, "grad": 1}
+    elif fused:
+        expected = {"dot": matrices, "axpy": 0, "outer": 0, "grad": matrices}
+    else:
+        expected = {"dot": matrices, "axpy": matrices, "outer": matrices, "grad": 0}
+    assert calls == expected
     monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "0")
     assert cpu_kernels.kernels() is None and "turned off" in cpu_kernels.status()
     without = step()
     assert calls["dot"] == matrices  # no further calls
     for got, want in zip(with_kernels, without, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    for grad in with_kernels[2:]:  # expert 1 has no rows: its weight gradients are exactly zero
+    for grad in with_kernels[1 + input_grad:]:  # expert 1 has no rows: its weight gradients are exactly zero
         assert not grad[1].any()
 
 

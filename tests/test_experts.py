@@ -58,18 +58,20 @@ EXPERTS = [  # (backend, gated, activation, bias)
 # through torch's own matmuls (what float64 and other devices take) with the weight gradients as
 # outer products (OUTER_MAX_ROWS), or the active experts in one padded batch (outer products where
 # the batch has one row per expert, [1, 0, 1, 0]), or every expert in one call of moeify's CPU
-# kernels (cpu_kernels.c), one row per expert included
+# kernels (cpu_kernels.c), one row per expert included, with each weight's backward in one pass
+# (moe_grad) or in two (moe_axpy, moe_outer)
 LOOP_MODES = {"blocks": {"PAD_MAX_ROWS": 0, "ROW_BLOCK": 2, "OUTER_MAX_ROWS": 0, "KERNEL_MAX_ROWS": 0},
               "blocks-aten": {"PAD_MAX_ROWS": 0, "ROW_BLOCK": 2, "ONEDNN": False, "KERNEL_MAX_ROWS": 0},
               "padded": {"PAD_MAX_ROWS": 32, "KERNEL_MAX_ROWS": 0},
-              "kernels": {"KERNEL_MIN_ROWS": 1}}
+              "kernels": {},
+              "kernels-unfused": {"KERNEL_FUSED_MAX_ROWS": 0}}
 # grouped_mm's modes on the CPU: per-expert oneDNN products (the default), or torch's grouped_mm
 # kernel, the one accelerators run
 GROUPED_MODES = {"onednn": {}, "kernel": {"GROUPED_ONEDNN": False}}
 
 
 def set_mode(monkeypatch, mode):
-    if mode == "kernels" and cpu_kernels.kernels() is None:
+    if mode.startswith("kernels") and cpu_kernels.kernels() is None:
         pytest.skip(cpu_kernels.status())
     for name, value in LOOP_MODES.get(mode, {}).items():
         monkeypatch.setattr(expert_loop, name, value)
@@ -191,7 +193,7 @@ def test_grouped_mm_usable_checks_alignment_and_dtype():
 
 
 # the CPU kernels are float32 only (their float64 references: tests/test_cpu_kernels.py)
-@pytest.mark.parametrize("mode", [m for m in LOOP_MODES if m != "kernels"])
+@pytest.mark.parametrize("mode", [m for m in LOOP_MODES if not m.startswith("kernels")])
 @pytest.mark.parametrize("gated,activation", [(False, "gelu"), (True, "silu"), (False, "quick_gelu"),
                                              (True, "quick_gelu"), (False, "relu2")])
 @pytest.mark.parametrize("counts", [[2, 0, 3], [1, 0, 2]])

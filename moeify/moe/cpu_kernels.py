@@ -32,7 +32,7 @@ import torch
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared")
-ABI = 1  # moe_kernels_abi() of the source this wrapper calls
+ABI = 2  # moe_kernels_abi() of the source this wrapper calls
 ENV_SWITCH = "MOEIFY_CPU_KERNELS"  # "0": never build or use the kernels
 
 _log = logging.getLogger(__name__)
@@ -97,6 +97,23 @@ class Kernels:
                            out_EOK.stride(1), int(accumulate))
         return out_EOK
 
+    def grad(self, off_E1: torch.Tensor, g_NO: torch.Tensor, x_NK: torch.Tensor, w_EOK: torch.Tensor,
+             dx_NK: torch.Tensor, dw_EOK: torch.Tensor, accumulate_dx: bool = False,
+             accumulate_dw: bool = False) -> torch.Tensor:
+        """`axpy` and `outer` in one pass over the weights: dx[r] (+)= g[r] @ w[e] and
+        dw[e] (+)= g[rows of e].T @ x[rows of e] (zeros for experts without rows); returns dx."""
+        E, n_out, n_in = w_EOK.shape
+        _check(off_E1, E, (g_NO, n_out), (x_NK, n_in), (dx_NK, n_in), w=w_EOK)
+        _check(off_E1, E, w=dw_EOK)
+        if dw_EOK.shape != w_EOK.shape:
+            raise ValueError(f"the weight gradient must have the weights' shape {tuple(w_EOK.shape)}, "
+                             f"got {tuple(dw_EOK.shape)}")
+        self.lib.moe_grad(torch.get_num_threads(), E, off_E1.data_ptr(), n_out, n_in, g_NO.data_ptr(), g_NO.stride(0),
+                          x_NK.data_ptr(), x_NK.stride(0), w_EOK.data_ptr(), w_EOK.stride(0), w_EOK.stride(1),
+                          dx_NK.data_ptr(), dx_NK.stride(0), dw_EOK.data_ptr(), dw_EOK.stride(0), dw_EOK.stride(1),
+                          int(accumulate_dx), int(accumulate_dw))
+        return dx_NK
+
 
 def _check(off_E1: torch.Tensor, E: int, *rows: tuple[torch.Tensor, int], w: torch.Tensor,
            b: torch.Tensor | None = None) -> None:
@@ -121,7 +138,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.moe_dot.argtypes = [i, i, p, i64, i64, p, i64, p, i64, i64, p, i64, p, i64]
     lib.moe_axpy.argtypes = [i, i, p, i64, i64, p, i64, p, i64, i64, p, i64, i]
     lib.moe_outer.argtypes = [i, i, p, i64, i64, p, i64, p, i64, p, i64, i64, i]
-    for name in ("moe_dot", "moe_axpy", "moe_outer"):
+    lib.moe_grad.argtypes = [i, i, p, i64, i64, p, i64, p, i64, p, i64, i64, p, i64, p, i64, i64, i, i]
+    for name in ("moe_dot", "moe_axpy", "moe_outer", "moe_grad"):
         getattr(lib, name).restype = None
 
 

@@ -184,14 +184,21 @@ ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 # 1024 rows per expert), fwd+bwd / the dense ideal: 1.18 with 256-row blocks, 1.09 with 512, 1.05
 # with 1024, 0.96 unblocked (GELU; SwiGLU 1.22 / 1.12 / 1.06 / 1.04).
 ROW_BLOCK = 4096
-# With KERNEL_MIN_ROWS to KERNEL_MAX_ROWS rows in the largest expert, all experts run in one call of
+# With at most KERNEL_MAX_ROWS rows in the largest expert, all experts run in one call of
 # each CPU kernel (cpu_kernels.c, when it can be built) instead of the padded batch or the loop over
 # experts. Layer fwd+bwd (D 512, F 2048, 8 experts, top-2, float32, 2 threads), kernels / torch's
-# matmuls, paired in one process, GELU and SwiGLU: T=1 (one row per expert) 1.05 and 1.05, so the
-# padded batch keeps it; T=2 0.97, 0.89; T=4 0.52, 0.67; T=16 0.61, 0.59; T=64 0.61, 0.63; T=256
-# 0.80, 0.87; T=1024 0.96, 0.98; T=4096 (about 1024 rows per expert) 1.39, 1.30 with the kernels.
-KERNEL_MIN_ROWS = 2
+# matmuls, paired in one process, GELU and SwiGLU: T=1 (one row per expert) 0.63 and 0.62 (with the
+# fused backward below; 1.05 without it, when T=1 took the padded batch); T=2 0.75, 0.77; T=4 0.52,
+# 0.67; T=16 0.61, 0.59; T=64 0.61, 0.63; T=256 0.80, 0.87; T=1024 0.96, 0.98; T=4096 (about 1024
+# rows per expert) 1.39, 1.30 with the kernels.
 KERNEL_MAX_ROWS = 512
+# With at most this many rows in the largest expert, a layer's input and weight gradients come from
+# one kernel pass over its weights (moe_grad) instead of two (moe_axpy, then moe_outer). Per weight,
+# eight experts with m rows each (one idle, one with 2m), fused / separate, (2048, 512) and
+# (512, 2048) weights: m=1 0.59, 0.58; m=4 0.60, 0.65; m=8 0.61, 0.82; m=16 0.78, 0.98; m=32 0.97,
+# 1.28. Layer fwd+bwd, this threshold / no fused pass (/ a threshold of 96), GELU and SwiGLU: T=16
+# 0.78 (1.05), 0.74 (1.01); T=64 0.93 (0.99), 0.89 (1.02); T=256 0.98 (0.83), 0.99 (0.88).
+KERNEL_FUSED_MAX_ROWS = 32
 
 
 def _kernels_for(x: torch.Tensor, params: tuple) -> cpu_kernels.Kernels | None:
@@ -224,6 +231,7 @@ class _KernelExperts:
 
     def __init__(self, kernels: cpu_kernels.Kernels, sizes: list[int]) -> None:
         self.kernels = kernels
+        self.fused = max(sizes) <= KERNEL_FUSED_MAX_ROWS
         self.sizes_E = torch.tensor(sizes, dtype=torch.int64)
         self.off_E1 = torch.cat([self.sizes_E.new_zeros(1), self.sizes_E.cumsum(0)])
 
@@ -245,7 +253,7 @@ class _Layout:
         self.sizes = sizes
         capacity = max(sizes, default=0)
         self.batch = None
-        if kernels is not None and KERNEL_MIN_ROWS <= capacity <= KERNEL_MAX_ROWS:  # every expert in one kernel call
+        if kernels is not None and 0 < capacity <= KERNEL_MAX_ROWS:  # every expert in one kernel call
             self.blocks = [(_KernelExperts(kernels, sizes), slice(None), True)]
             return
         batch = (_batched_experts([e for e, n in enumerate(sizes) if n], num_experts)
@@ -319,6 +327,20 @@ def _matmul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate
             out.addcmul_(col_O1, row_1I)
         else:
             torch.mul(col_O1, row_1I, out=out)
+
+
+def _backprop(g: torch.Tensor, x: torch.Tensor, w: torch.Tensor, grad_w: torch.Tensor | None, accumulate: bool,
+              experts, into: torch.Tensor | None = None) -> torch.Tensor:
+    """A linear layer's input gradient g @ w (added to `into` when given, and returned) and, when
+    `grad_w` is given, its weight gradient g.T @ x written to it (added when `accumulate`). With few rows
+    per expert the CPU kernels do both in one pass over the weights (see KERNEL_FUSED_MAX_ROWS)."""
+    if grad_w is not None and isinstance(experts, _KernelExperts) and experts.fused:
+        out = g.new_empty(g.shape[0], w.shape[-1]) if into is None else into
+        return experts.kernels.grad(experts.off_E1, g, x, w, out, grad_w, into is not None, accumulate)
+    if grad_w is not None:
+        _matmul_into(grad_w, g.mT, x, accumulate, experts)
+    dx = _matmul(g, w, experts)
+    return dx if into is None else into.add_(dx)
 
 
 def _sum_into(out: torch.Tensor, a: torch.Tensor, accumulate: bool, experts) -> None:
@@ -404,11 +426,9 @@ class ExpertFFNLoop(torch.autograd.Function):
         grad_b3 = w3_EFD.new_zeros(w3_EFD.shape[:2]) if (gated and has_b3 and need[10]) else None
         for (e, rows, first), (a1_b, a3_b, h_b, keep_b) in zip(layout.blocks, ctx.saved_blocks, strict=True):
             dy_b, x_b, acc = dy[rows], x[rows], not first
-            if grad_w2 is not None:
-                _matmul_into(_pick(grad_w2, e), dy_b.mT, h_b, acc, e)
             if grad_b2 is not None:
                 _sum_into(_pick(grad_b2, e), dy_b, acc, e)
-            dh_b = _matmul(dy_b, _pick(w2_EOF, e), e)
+            dh_b = _backprop(dy_b, h_b, _pick(w2_EOF, e), _pick(grad_w2, e), acc, e)
             if keep_b is not None:
                 dh_b.mul_(keep_b).div_(1.0 - ctx.dropout)
             if gated:
@@ -416,17 +436,20 @@ class ExpertFFNLoop(torch.autograd.Function):
                 da1_b = _act_backward(ctx.activation, dh_b.mul_(a3_b), a1_b)
             else:
                 da1_b = _act_backward(ctx.activation, dh_b, a1_b)
-            if grad_w1 is not None:
-                _matmul_into(_pick(grad_w1, e), da1_b.mT, x_b, acc, e)
             if grad_b1 is not None:
                 _sum_into(_pick(grad_b1, e), da1_b, acc, e)
-            if gated and grad_w3 is not None:
-                _matmul_into(_pick(grad_w3, e), da3_b.mT, x_b, acc, e)
             if gated and grad_b3 is not None:
                 _sum_into(_pick(grad_b3, e), da3_b, acc, e)
-            if grad_x is not None:
-                dx_b = _matmul(da1_b, _pick(w1_EFD, e), e)
-                grad_x[rows] = dx_b.add_(_matmul(da3_b, _pick(w3_EFD, e), e)) if gated else dx_b
+            if grad_x is None:  # the weight gradients alone
+                if grad_w1 is not None:
+                    _matmul_into(_pick(grad_w1, e), da1_b.mT, x_b, acc, e)
+                if gated and grad_w3 is not None:
+                    _matmul_into(_pick(grad_w3, e), da3_b.mT, x_b, acc, e)
+                continue
+            dx_b = _backprop(da1_b, x_b, _pick(w1_EFD, e), _pick(grad_w1, e), acc, e)
+            if gated:
+                _backprop(da3_b, x_b, _pick(w3_EFD, e), _pick(grad_w3, e), acc, e, into=dx_b)
+            grad_x[rows] = dx_b
         return (None if grad_x is None else layout.unpad(grad_x), None, None, None, None,
                 grad_w1, grad_b1, grad_w2, grad_b2, grad_w3, grad_b3)
 
