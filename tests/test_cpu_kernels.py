@@ -163,18 +163,19 @@ def test_wrong_operands_are_refused_before_the_kernel_reads_them(kernels):
         kernels.grad(off, torch.randn(5, 8), torch.randn(5, 4), w_EOK, torch.empty(5, 4), torch.empty(2, 4, 8))
 
 
+@pytest.mark.parametrize("backend", ["expert_loop", "grouped_mm"])
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("fused,input_grad", [(True, True), (False, True), (True, False)])
-def test_experts_take_the_kernels_and_match_the_torch_path(kernels, gated, fused, input_grad, monkeypatch):
-    """The layer's expert loop runs every expert in one kernel call per product (none of torch's
-    matmuls), the backward of each weight in one `grad` pass when few rows allow it (else `axpy` and
-    `outer`; `outer` alone without an input gradient), and its outputs and gradients equal the path with
-    the kernels turned off."""
+def test_experts_take_the_kernels_and_match_the_torch_path(kernels, backend, gated, fused, input_grad, monkeypatch):
+    """Both experts backends (the eager loop, and the custom ops torch.compile runs) take every expert
+    in one kernel call per product (none of torch's matmuls), the backward of each weight in one `grad`
+    pass when few rows allow it (else `axpy` and `outer`; `outer` alone without an input gradient), and
+    their outputs and gradients equal the path with the kernels turned off."""
     torch.manual_seed(0)
     if not fused:
         monkeypatch.setattr(expert_loop, "KERNEL_FUSED_MAX_ROWS", 8)  # below the largest expert's 9 rows
     experts = GroupedExperts(4, 64, 96, "silu" if gated else "gelu", gated=gated, bias=not gated,
-                             backend="expert_loop")
+                             backend=backend)
     counts_E = torch.tensor([5, 0, 9, 2])
     x_ND = torch.randn(16, 64, requires_grad=input_grad)
     grad_ND = torch.randn(16, 64)
@@ -214,13 +215,18 @@ def test_experts_take_the_kernels_and_match_the_torch_path(kernels, gated, fused
 
 
 def test_rows_past_the_kernel_range_take_the_loop(kernels, monkeypatch):
+    sizes, x_ND, w_EOK = [5, 1], torch.randn(6, 4), torch.randn(2, 8, 4)
     monkeypatch.setattr(expert_loop, "KERNEL_MAX_ROWS", 4)
-    sizes = [5, 1]
-    layout = expert_loop._Layout(sizes, 2, torch.device("cpu"), kernels)
+    assert expert_loop._KernelExperts.of(x_ND, (w_EOK,), sizes) is None
+    layout = expert_loop._Layout(sizes, 2, torch.device("cpu"), None)
     assert not any(isinstance(e, expert_loop._KernelExperts) for e, *_ in layout.blocks)
     monkeypatch.setattr(expert_loop, "KERNEL_MAX_ROWS", 5)
-    layout = expert_loop._Layout(sizes, 2, torch.device("cpu"), kernels)
-    assert isinstance(layout.blocks[0][0], expert_loop._KernelExperts) and layout.empty_experts() == []
+    block = expert_loop._KernelExperts.of(x_ND, (w_EOK,), sizes)
+    assert block is not None and block.off_E1.tolist() == [0, 5, 6]
+    layout = expert_loop._Layout(sizes, 2, torch.device("cpu"), block)
+    assert layout.blocks[0][0] is block and layout.empty_experts() == []
+    assert expert_loop._KernelExperts.of(x_ND.double(), (w_EOK.double(),), sizes) is None  # float32 only
+    assert expert_loop._KernelExperts.of(x_ND, (w_EOK,), [0, 0]) is None  # no rows at all
 
 
 @pytest.fixture

@@ -65,13 +65,14 @@ LOOP_MODES = {"blocks": {"PAD_MAX_ROWS": 0, "ROW_BLOCK": 2, "OUTER_MAX_ROWS": 0,
               "padded": {"PAD_MAX_ROWS": 32, "KERNEL_MAX_ROWS": 0},
               "kernels": {},
               "kernels-unfused": {"KERNEL_FUSED_MAX_ROWS": 0}}
-# grouped_mm's modes on the CPU: per-expert oneDNN products (the default), or torch's grouped_mm
-# kernel, the one accelerators run
-GROUPED_MODES = {"onednn": {}, "kernel": {"GROUPED_ONEDNN": False}}
+# grouped_mm's modes on the CPU: moeify's CPU kernels (the default with few rows in float32),
+# per-expert oneDNN products, or torch's grouped_mm kernel, the one accelerators run
+GROUPED_MODES = {"cpu-kernels": {}, "onednn": {"GROUPED_CPU_KERNELS": False},
+                 "kernel": {"GROUPED_CPU_KERNELS": False, "GROUPED_ONEDNN": False}}
 
 
 def set_mode(monkeypatch, mode):
-    if mode.startswith("kernels") and cpu_kernels.kernels() is None:
+    if mode in ("kernels", "kernels-unfused", "cpu-kernels") and cpu_kernels.kernels() is None:
         pytest.skip(cpu_kernels.status())
     for name, value in LOOP_MODES.get(mode, {}).items():
         monkeypatch.setattr(expert_loop, name, value)
@@ -111,6 +112,27 @@ def test_grouped_experts_match_per_token_loop(backend, gated, activation, bias, 
     for name in want:
         # an expert with no tokens gets an exactly zero weight gradient
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("mode", list(LOOP_MODES))
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("frozen", [("w2_EDF",), ("w1_EFD", "w3_EFD"), ("b1_EF", "b2_ED", "b3_EF"), ("x",)])
+def test_expert_loop_gives_only_the_gradients_asked_for(mode, gated, frozen, monkeypatch):
+    """Frozen weights (or an input without a gradient) get none; the rest match the per-token loop."""
+    set_mode(monkeypatch, mode)
+    torch.manual_seed(0)
+    experts = GroupedExperts(4, 16, 32, "silu" if gated else "gelu", gated=gated, bias=True, backend="expert_loop")
+    for name, p in experts.named_parameters():
+        p.requires_grad_(name not in frozen)
+    counts_E = torch.tensor([3, 0, 5, 1])
+    x_ND = torch.randn(9, 16, requires_grad="x" not in frozen)
+    grad_ND = torch.randn(9, 16)
+    inputs = {"x": x_ND, **dict(experts.named_parameters())}
+    wanted = {n: t for n, t in inputs.items() if t.requires_grad}
+    got = torch.autograd.grad(experts(x_ND, counts_E), list(wanted.values()), grad_ND)
+    want = torch.autograd.grad(reference(experts, x_ND, counts_E), list(wanted.values()), grad_ND)
+    for name, g, w in zip(wanted, got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_count_indices_match_bincount():

@@ -8,13 +8,16 @@ weight row is contiguous in).
   moe_axpy:  y[r, k]   (+)= sum_o g[r, o] w[e, o, k]             (the input gradient)
   moe_outer: dw[e, o, k] (+)= sum_r g[r, o] x[r, k]              (the weight gradient; experts
              without rows get zeros unless accumulating)
+  moe_grad:  moe_axpy and moe_outer in one pass over w         (the backward, few rows)
 
 Why not BLAS: with a few rows per expert these products stream the weights (or write the weight
 gradient) once and do little arithmetic per byte; MKL's gemm, called per expert or batched over
 padded experts, runs them at a fraction of the memory bandwidth and pays for padding rows that carry
 no token. Here each weight vector loaded from memory is used against every row of its expert held in
 registers, experts without rows cost nothing (or one write of zeros for their weight gradient), and
-one call covers all experts, split over the threads in chunks of weight rows or columns.
+one call covers all experts, split over the threads in chunks of weight rows or columns. With few
+rows the backward is bound by memory traffic, so moe_grad reads each weight once for both gradients
+and writes the weight gradient with non-temporal stores (no read of the lines it overwrites).
 
 All pointers are float32 with unit stride along k (or o for g in moe_dot's sense); ld* are row
 strides in elements, s*e the stride between experts' weights.

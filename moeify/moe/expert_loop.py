@@ -187,10 +187,10 @@ ROW_BLOCK = 4096
 # With at most KERNEL_MAX_ROWS rows in the largest expert, all experts run in one call of
 # each CPU kernel (cpu_kernels.c, when it can be built) instead of the padded batch or the loop over
 # experts. Layer fwd+bwd (D 512, F 2048, 8 experts, top-2, float32, 2 threads), kernels / torch's
-# matmuls, paired in one process, GELU and SwiGLU: T=1 (one row per expert) 0.63 and 0.62 (with the
-# fused backward below; 1.05 without it, when T=1 took the padded batch); T=2 0.75, 0.77; T=4 0.52,
-# 0.67; T=16 0.61, 0.59; T=64 0.61, 0.63; T=256 0.80, 0.87; T=1024 0.96, 0.98; T=4096 (about 1024
-# rows per expert) 1.39, 1.30 with the kernels.
+# matmuls, paired in one process, GELU and SwiGLU, with separate backward kernels: T=4 0.52, 0.67;
+# T=16 0.61, 0.59; T=64 0.61, 0.63; T=256 0.80, 0.87; T=1024 0.96, 0.98; T=4096 (about 1024 rows per
+# expert) 1.39, 1.30; T=1 (one row per expert) 1.05, 1.05, so the padded batch kept T=1 until the
+# fused backward below, with which the kernels took T=1 to 0.63, 0.62 and T=2 to 0.75, 0.77 of it.
 KERNEL_MAX_ROWS = 512
 # With at most this many rows in the largest expert, a layer's input and weight gradients come from
 # one kernel pass over its weights (moe_grad) instead of two (moe_axpy, then moe_outer). Per weight,
@@ -235,6 +235,14 @@ class _KernelExperts:
         self.sizes_E = torch.tensor(sizes, dtype=torch.int64)
         self.off_E1 = torch.cat([self.sizes_E.new_zeros(1), self.sizes_E.cumsum(0)])
 
+    @classmethod
+    def of(cls, x: torch.Tensor, params: tuple, sizes: list[int]) -> _KernelExperts | None:
+        """The block, when the kernels can run these experts (see KERNEL_MAX_ROWS and `_kernels_for`)."""
+        if not 0 < max(sizes, default=0) <= KERNEL_MAX_ROWS:
+            return None
+        kernels = _kernels_for(x, params)
+        return None if kernels is None else cls(kernels, sizes)
+
     @functools.cached_property
     def expert_N(self) -> torch.Tensor:
         """Each row's expert: only the bias gradients need it."""
@@ -249,12 +257,12 @@ class _Layout:
     """
 
     def __init__(self, sizes: list[int], num_experts: int, device: torch.device,
-                 kernels: cpu_kernels.Kernels | None = None) -> None:
+                 kernels: _KernelExperts | None = None) -> None:
         self.sizes = sizes
         capacity = max(sizes, default=0)
         self.batch = None
-        if kernels is not None and 0 < capacity <= KERNEL_MAX_ROWS:  # every expert in one kernel call
-            self.blocks = [(_KernelExperts(kernels, sizes), slice(None), True)]
+        if kernels is not None:  # every expert in one kernel call
+            self.blocks = [(kernels, slice(None), True)]
             return
         batch = (_batched_experts([e for e, n in enumerate(sizes) if n], num_experts)
                  if 0 < capacity <= PAD_MAX_ROWS else None)
@@ -382,7 +390,7 @@ def expert_ffn(x_ND: torch.Tensor, sizes: list[int], activation: str, dropout: f
     gradient will be asked for, else straight (no state kept for a backward, no autograd node)."""
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x_ND, *params)):
         return ExpertFFNLoop.apply(x_ND, sizes, activation, dropout, buffers, *params)
-    layout = _Layout(list(sizes), params[0].shape[0], x_ND.device, _kernels_for(x_ND, params))
+    layout = _Layout(list(sizes), params[0].shape[0], x_ND.device, _KernelExperts.of(x_ND, params, list(sizes)))
     return _run_blocks(layout.pad(x_ND), layout, activation, dropout, params, None)
 
 
@@ -392,7 +400,7 @@ class ExpertFFNLoop(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_ND, sizes, activation, dropout, buffers, w1_EFD, b1_EF, w2_EOF, b2_EO, w3_EFD, b3_EF):  # noqa: D102
         params = (w1_EFD, b1_EF, w2_EOF, b2_EO, w3_EFD, b3_EF)
-        layout = _Layout(list(sizes), w1_EFD.shape[0], x_ND.device, _kernels_for(x_ND, params))
+        layout = _Layout(list(sizes), w1_EFD.shape[0], x_ND.device, _KernelExperts.of(x_ND, params, list(sizes)))
         x = layout.pad(x_ND)
         saved = []  # per block: (a1, a3, h, keep)
         y = _run_blocks(x, layout, activation, dropout, params, saved)

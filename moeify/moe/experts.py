@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeify.errors import ConfigError
-from moeify.moe.expert_loop import ACTIVATIONS, _linear, _matmul, _onednn, expert_ffn, expert_ffn_dense
+from moeify.moe.expert_loop import ACTIVATIONS, _KernelExperts, _linear, _matmul, _onednn, expert_ffn, expert_ffn_dense
 from moeify.moe.grad_buffers import GradBuffers
 
 
@@ -98,6 +98,13 @@ def group_sums(a_NO: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
 #   The compiled layer's fwd+bwd, paired in one process, with ÷ without: GELU 0.81 (T=256) and
 #   0.96 (T=4096), SwiGLU 0.87 and 0.99.
 GROUPED_ONEDNN = True
+# - CPU, float32, few rows per expert: moeify's CPU kernels, with the eager expert loop's rule
+#   (expert_loop.KERNEL_MAX_ROWS, KERNEL_FUSED_MAX_ROWS), their weight gradients on pages reused
+#   from step to step (`GradBuffers.of_weight`: the ops have no module to hold a pool), so a compiled
+#   layer keeps the eager loop's speed. Compiled fwd+bwd ÷ eager, paired in one process, GELU and
+#   SwiGLU (D 512, F 2048, 8 experts, top-2): T=16 0.99 and 1.04, T=256 1.02 and 1.04; with
+#   oneDNN and grouped_mm instead, on freshly mapped gradients, 4.16 and 4.09, 1.73 and 1.63.
+GROUPED_CPU_KERNELS = True
 
 
 def _rows_of(offs_E: torch.Tensor) -> list[tuple[int, slice]]:
@@ -123,9 +130,29 @@ def _per_expert(x_NI: torch.Tensor) -> bool:
     return GROUPED_ONEDNN and _onednn(x_NI)
 
 
+def _kernel_groups(x_NI: torch.Tensor, params: tuple, offs_E: torch.Tensor) -> _KernelExperts | None:
+    """The CPU kernels' block of all groups, when they run them as they do in the eager expert loop
+    (float32, few rows per expert: see expert_loop.KERNEL_MAX_ROWS). Under torch.compile these ops are
+    what runs the experts, so without this a compiled CPU layer would lose the kernels' speed-up."""
+    if not GROUPED_CPU_KERNELS or x_NI.device.type != "cpu":
+        return None
+    return _KernelExperts.of(x_NI, params, _group_sizes(offs_E).tolist())
+
+
+def _rows_buffer(like_NI: torch.Tensor, cols: int, covered: int) -> torch.Tensor:
+    """(N, cols) for per-group results: rows past the last group (`covered`) read 0."""
+    out = like_NI.new_empty(like_NI.shape[0], cols)
+    out[covered:] = 0
+    return out
+
+
 @torch.library.custom_op("moeify::grouped_linear", mutates_args=())
 def _grouped_linear_op(x_NI: torch.Tensor, w_EOI: torch.Tensor, b_EO: torch.Tensor | None,
                        offs_E: torch.Tensor) -> torch.Tensor:
+    block = _kernel_groups(x_NI, (w_EOI, b_EO), offs_E)
+    if block is not None:
+        y_NO = _rows_buffer(x_NI, w_EOI.shape[1], int(block.off_E1[-1]))
+        return block.kernels.dot(block.off_E1, x_NI.contiguous(), w_EOI, b_EO, y_NO)
     if _per_expert(x_NI):
         return _per_expert_products(x_NI, _rows_of(offs_E), w_EOI.shape[1], lambda e, rows: _linear(
             x_NI[rows], w_EOI[e], None if b_EO is None else b_EO[e]))
@@ -149,14 +176,19 @@ def _grouped_linear_backward_op(grad_NO: torch.Tensor, x_NI: torch.Tensor, w_EOI
     grad_NO = grad_NO.contiguous()
     cpu = grad_NO.device.type == "cpu"
     rows = _rows_of(offs_E) if cpu else []
-    if not need_x:
-        grad_x_NI = grad_NO.new_empty(0)
-    elif _per_expert(grad_NO):
-        grad_x_NI = _per_expert_products(grad_NO, rows, x_NI.shape[1], lambda e, r: _matmul(grad_NO[r], w_EOI[e], e))
+    block = _kernel_groups(grad_NO, (w_EOI,), offs_E)
+    if block is not None:
+        grad_x_NI, grad_w_EOI = _kernel_grads(block, grad_NO, x_NI.contiguous(), w_EOI, need_x, need_w)
     else:
-        grad_x_NI = F.grouped_mm(grad_NO, w_EOI, offs=offs_E)
-    # grouped along the token dim: experts without tokens get an exactly zero gradient
-    grad_w_EOI = F.grouped_mm(grad_NO.transpose(0, 1), x_NI, offs=offs_E) if need_w else grad_NO.new_empty(0)
+        if not need_x:
+            grad_x_NI = grad_NO.new_empty(0)
+        elif _per_expert(grad_NO):
+            grad_x_NI = _per_expert_products(grad_NO, rows, x_NI.shape[1],
+                                             lambda e, r: _matmul(grad_NO[r], w_EOI[e], e))
+        else:
+            grad_x_NI = F.grouped_mm(grad_NO, w_EOI, offs=offs_E)
+        # grouped along the token dim: experts without tokens get an exactly zero gradient
+        grad_w_EOI = F.grouped_mm(grad_NO.transpose(0, 1), x_NI, offs=offs_E) if need_w else grad_NO.new_empty(0)
     if not need_b:
         grad_b_EO = grad_NO.new_empty(0)
     elif cpu:  # segment_reduce's CPU kernel: 62 ms against 3.5 for these sums at (8192, 2048)
@@ -166,6 +198,25 @@ def _grouped_linear_backward_op(grad_NO: torch.Tensor, x_NI: torch.Tensor, w_EOI
     else:
         grad_b_EO = group_sums(grad_NO, offs_E)
     return grad_x_NI, grad_w_EOI, grad_b_EO
+
+
+def _kernel_grads(block: _KernelExperts, grad_NO: torch.Tensor, x_NI: torch.Tensor, w_EOI: torch.Tensor,
+                  need_x: bool, need_w: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad x, grad w) through the CPU kernels: one pass over the weights for both when few rows allow
+    (expert_loop.KERNEL_FUSED_MAX_ROWS); idle experts' weight gradients are zeros."""
+    off_E1, k = block.off_E1, block.kernels
+    grad_x_NI = _rows_buffer(x_NI, x_NI.shape[1], int(off_E1[-1])) if need_x else grad_NO.new_empty(0)
+    pool = GradBuffers.of_weight(w_EOI) if need_w else None  # see grad_buffers: fresh pages cost more
+    grad_w_EOI = (torch.empty_like(w_EOI) if pool is None else pool.empty_like(w_EOI)) if need_w \
+        else grad_NO.new_empty(0)
+    if need_x and need_w and block.fused:
+        k.grad(off_E1, grad_NO, x_NI, w_EOI, grad_x_NI, grad_w_EOI)
+        return grad_x_NI, grad_w_EOI
+    if need_x:
+        k.axpy(off_E1, grad_NO, w_EOI, grad_x_NI)
+    if need_w:
+        k.outer(off_E1, grad_NO, x_NI, grad_w_EOI)
+    return grad_x_NI, grad_w_EOI
 
 
 @_grouped_linear_backward_op.register_fake
@@ -274,6 +325,8 @@ class GroupedExperts(nn.Module):
     def train(self, mode: bool = True) -> GroupedExperts:  # noqa: D102
         if not mode:
             self.grad_buffers.clear()
+            for w in self.parameters(recurse=False):
+                GradBuffers.release_weight(w)
         return super().train(mode)
 
     def backend_for(self, x_ND: torch.Tensor) -> str:

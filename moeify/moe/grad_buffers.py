@@ -27,6 +27,8 @@ MIN_BYTES = 1 << 20
 # Buffers one experts module keeps at most (w1, w2, w3 need three; the rest covers gradients the
 # user still holds when the next backward runs). Past it, buffers come from the allocator.
 MAX_SLOTS = 8
+# The attribute of a weight tensor that holds its own pool (see `GradBuffers.of_weight`).
+WEIGHT_ATTR = "_moeify_grad_buffers"
 
 
 class _Slot:
@@ -90,6 +92,25 @@ class GradBuffers:
     def nbytes(self) -> int:
         """Bytes of memory the pool holds mapped (in use or free)."""
         return sum(s.nbytes for s in self._slots)
+
+    @staticmethod
+    def of_weight(w: torch.Tensor) -> GradBuffers | None:
+        """The pool of a leaf weight's gradients, kept on the tensor itself, created on first use: for
+        the grouped custom ops, which torch.compile runs with no module at hand to hold one. It lives
+        and dies with the weight; `release_weight` empties it. None for a non-leaf (a cast copy made
+        anew every step: nothing to reuse)."""
+        if not w.is_leaf:
+            return None
+        pool = w.__dict__.get(WEIGHT_ATTR)
+        if pool is None:
+            pool = w.__dict__[WEIGHT_ATTR] = GradBuffers()
+        return pool
+
+    @staticmethod
+    def release_weight(w: torch.Tensor) -> None:
+        pool = w.__dict__.get(WEIGHT_ATTR)
+        if pool is not None:
+            pool.clear()
 
     # A copied or pickled module starts with an empty pool (mappings can be neither).
     def __deepcopy__(self, memo: dict) -> GradBuffers:
