@@ -600,7 +600,7 @@ def main() -> None:
     setup = Setup(args.device, args.dtype or ("bfloat16" if cuda else "float32"), args.scale or (4 if cuda else 1))
     tokens = ([int(t) * setup.scale for t in args.tokens.split(",")] if args.tokens else setup.tokens(args.quick))
     min_time = 0.5 if args.quick else 2.0
-    compile_tokens = [] if args.no_compile else (tokens[-1:] if args.quick else tokens[2:4])
+    compile_tokens = [] if args.no_compile else (tokens[-1:] if args.quick else tokens[1:4])
     torch.manual_seed(0)
     if args.phase:  # a child process: measure, write JSON, exit
         if args.phase == "mem":
