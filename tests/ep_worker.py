@@ -132,8 +132,11 @@ def one_step(case: str, out: Path, mesh) -> None:
     result, gpt = converted(case)
     ep = moe_dist.expert_parallel(result.model, mesh, inplace=True)
     rows = []  # rows this rank's experts computed, per layer (0 when they received no token)
+    gathers = []  # per layer: whether combine kept the gather path (the plan's inverse_N) across the all-to-all
     for layer in moeify.moe_layers(ep.model).values():
         layer.experts.register_forward_pre_hook(lambda m, args, rows=rows: rows.append(args[0].shape[0]))
+        layer.combine.register_forward_pre_hook(
+            lambda m, args, gathers=gathers: gathers.append(args[1].inverse_N is not None))
     logits, aux, loss = step_loss(ep.model, gpt, micro_batch(0, rank, world))
     loss.backward()
     ep.sync_gradients()
@@ -143,7 +146,8 @@ def one_step(case: str, out: Path, mesh) -> None:
         dist.all_gather(parts, grads[name].contiguous(), group=ep.groups.ep)
         grads[name] = torch.cat(parts)
     tensors = {"logits": logits.detach(), "aux": aux.detach(), "loss": loss.detach(),
-               "expert_rows": torch.tensor(rows), "fwd_bytes": torch.tensor(ep.meter.forward_bytes),
+               "expert_rows": torch.tensor(rows), "combine_gathers": torch.tensor(gathers),
+               "fwd_bytes": torch.tensor(ep.meter.forward_bytes),
                "remote_bytes": torch.tensor(ep.meter.forward_remote_bytes)}
     tensors.update({f"grad.{n}": g.contiguous() for n, g in grads.items()})
     save_file(tensors, str(out / f"{case}_rank{rank}.safetensors"))

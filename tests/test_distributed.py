@@ -99,6 +99,10 @@ def test_outputs_aux_and_gradients_match_one_process(ep_run, case):
     layers, t_local, k, d = 2, worker.GLOBAL_BATCH // worker.WORLD * worker.SEQ, worker.CONFIG["top_k"], 64
     assert sum(int(r["fwd_bytes"]) for r in ranks) == 2 * (worker.WORLD * t_local) * k * d * 4 * layers
 
+    # dropless top-k gives every token k rows: combine gathers them back (the plan's inverse_N survives the
+    # all-to-all) instead of scatter-adding, on every rank and layer
+    assert all(r["combine_gathers"].tolist() == [True] * layers for r in ranks)
+
     tokens_per_expert = sum(sum(r["tokens"]) for r in per_rank)  # both layers, both micro-batches
     rows = [r["expert_rows"].tolist() for r in ranks]
     if case == "rank1_empty":
