@@ -12,10 +12,31 @@ from moeify.moe.experts import GroupedExperts
 
 @pytest.fixture
 def kernels():
+    """The kernels the layer uses on this machine."""
     found = cpu_kernels.kernels()
     if found is None:
         pytest.skip(cpu_kernels.status())
     return found
+
+
+@pytest.fixture(scope="module")
+def avx2_build(tmp_path_factory):
+    """The AVX2 kernels, built with AVX-512 turned off: what a CPU without AVX-512 runs."""
+    if not {"avx2", "fma"} <= set(cpu_kernels._cpu_flags().split()):
+        pytest.skip("this CPU has no AVX2 with FMA")
+    try:
+        path = cpu_kernels.build(tmp_path_factory.mktemp("avx2"), "cc", (*cpu_kernels.FLAGS, "-mno-avx512f"))
+    except (OSError, subprocess.CalledProcessError) as e:
+        pytest.skip(f"cannot build the AVX2 kernels: {e}")
+    found = cpu_kernels.open_library(path)
+    assert not isinstance(found, str) and found.vector_width == 8
+    return found
+
+
+@pytest.fixture(params=["native", "avx2"])
+def any_kernels(request):
+    """Each build the kernels have: this machine's (AVX-512 here) and the AVX2 one."""
+    return request.getfixturevalue("kernels" if request.param == "native" else "avx2_build")
 
 
 def offsets(sizes):
@@ -43,12 +64,12 @@ def padded_rows(n, width, pad=5):
 @pytest.mark.parametrize("sizes", SIZES)
 @pytest.mark.parametrize("n_out,n_in", DIMS)
 @pytest.mark.parametrize("bias", [True, False])
-def test_dot_matches_per_expert_linear(kernels, sizes, n_out, n_in, bias):
+def test_dot_matches_per_expert_linear(any_kernels, sizes, n_out, n_in, bias):
     E, N = len(sizes), sum(sizes)
     x_NK, w_EOK = padded_rows(N, n_in), torch.randn(E, n_out, n_in)
     b_EO = torch.randn(E, n_out) if bias else None
     out_NO = torch.full((N, n_out), float("nan"))
-    kernels.dot(offsets(sizes), x_NK, w_EOK, b_EO, out_NO)
+    any_kernels.dot(offsets(sizes), x_NK, w_EOK, b_EO, out_NO)
     for e, rows in rows_of(sizes):
         want = x_NK[rows].double() @ w_EOK[e].double().T + (b_EO[e].double() if bias else 0)
         torch.testing.assert_close(out_NO[rows].double(), want, rtol=1e-5, atol=1e-4)
@@ -57,12 +78,12 @@ def test_dot_matches_per_expert_linear(kernels, sizes, n_out, n_in, bias):
 @pytest.mark.parametrize("sizes", SIZES)
 @pytest.mark.parametrize("n_out,n_in", DIMS)
 @pytest.mark.parametrize("accumulate", [False, True])
-def test_axpy_matches_per_expert_input_gradient(kernels, sizes, n_out, n_in, accumulate):
+def test_axpy_matches_per_expert_input_gradient(any_kernels, sizes, n_out, n_in, accumulate):
     E, N = len(sizes), sum(sizes)
     g_NO, w_EOK = padded_rows(N, n_out), torch.randn(E, n_out, n_in)
     before_NK = torch.randn(N, n_in)
     out_NK = before_NK.clone()
-    kernels.axpy(offsets(sizes), g_NO, w_EOK, out_NK, accumulate)
+    any_kernels.axpy(offsets(sizes), g_NO, w_EOK, out_NK, accumulate)
     for e, rows in rows_of(sizes):
         want = g_NO[rows].double() @ w_EOK[e].double() + (before_NK[rows].double() if accumulate else 0)
         torch.testing.assert_close(out_NK[rows].double(), want, rtol=1e-5, atol=1e-4)
@@ -71,12 +92,12 @@ def test_axpy_matches_per_expert_input_gradient(kernels, sizes, n_out, n_in, acc
 @pytest.mark.parametrize("sizes", SIZES)
 @pytest.mark.parametrize("n_out,n_in", DIMS)
 @pytest.mark.parametrize("accumulate", [False, True])
-def test_outer_matches_per_expert_weight_gradient(kernels, sizes, n_out, n_in, accumulate):
+def test_outer_matches_per_expert_weight_gradient(any_kernels, sizes, n_out, n_in, accumulate):
     E, N = len(sizes), sum(sizes)
     g_NO, x_NK = padded_rows(N, n_out), padded_rows(N, n_in)
     before_EOK = torch.full((E, n_out, n_in), float("nan")) if not accumulate else torch.randn(E, n_out, n_in)
     out_EOK = before_EOK.clone()
-    kernels.outer(offsets(sizes), g_NO, x_NK, out_EOK, accumulate)
+    any_kernels.outer(offsets(sizes), g_NO, x_NK, out_EOK, accumulate)
     for e, rows in rows_of(sizes):
         want = g_NO[rows].double().T @ x_NK[rows].double() + (before_EOK[e].double() if accumulate else 0)
         # an idle expert: zeros written over the NaNs, or its accumulated gradient left as it was
@@ -91,13 +112,13 @@ def misaligned(*shape):
 @pytest.mark.parametrize("sizes", SIZES)
 @pytest.mark.parametrize("n_out,n_in", DIMS)
 @pytest.mark.parametrize("acc_dx,acc_dw", [(False, False), (True, False), (False, True)])
-def test_grad_matches_per_expert_input_and_weight_gradients(kernels, sizes, n_out, n_in, acc_dx, acc_dw):
+def test_grad_matches_per_expert_input_and_weight_gradients(any_kernels, sizes, n_out, n_in, acc_dx, acc_dw):
     E, N = len(sizes), sum(sizes)
     g_NO, x_NK, w_EOK = padded_rows(N, n_out), padded_rows(N, n_in), torch.randn(E, n_out, n_in)
     dx_before_NK = torch.randn(N, n_in) if acc_dx else torch.full((N, n_in), float("nan"))
     dw_before_EOK = torch.randn(E, n_out, n_in) if acc_dw else torch.full((E, n_out, n_in), float("nan"))
     dx_NK, dw_EOK = dx_before_NK.clone(), dw_before_EOK.clone()
-    assert kernels.grad(offsets(sizes), g_NO, x_NK, w_EOK, dx_NK, dw_EOK, acc_dx, acc_dw) is dx_NK
+    assert any_kernels.grad(offsets(sizes), g_NO, x_NK, w_EOK, dx_NK, dw_EOK, acc_dx, acc_dw) is dx_NK
     for e, rows in rows_of(sizes):
         g, x = g_NO[rows].double(), x_NK[rows].double()
         want_dx = g @ w_EOK[e].double() + (dx_before_NK[rows].double() if acc_dx else 0)
@@ -107,7 +128,7 @@ def test_grad_matches_per_expert_input_and_weight_gradients(kernels, sizes, n_ou
 
 
 @pytest.mark.parametrize("kernel", ["grad", "outer"])
-def test_weight_gradients_off_the_cache_line_take_plain_stores(kernels, kernel):
+def test_weight_gradients_off_the_cache_line_take_plain_stores(any_kernels, kernel):
     """Non-temporal stores need 64-byte aligned rows; a gradient that is not gets the same values."""
     sizes, n_out, n_in = [3, 0, 8], 40, 64
     E, N = len(sizes), sum(sizes)
@@ -116,9 +137,9 @@ def test_weight_gradients_off_the_cache_line_take_plain_stores(kernels, kernel):
     for dw_EOK in (torch.empty(E, n_out, n_in), misaligned(E, n_out, n_in)):
         dw_EOK.fill_(float("nan"))
         if kernel == "grad":
-            kernels.grad(offsets(sizes), g_NO, x_NK, w_EOK, torch.empty(N, n_in), dw_EOK)
+            any_kernels.grad(offsets(sizes), g_NO, x_NK, w_EOK, torch.empty(N, n_in), dw_EOK)
         else:
-            kernels.outer(offsets(sizes), g_NO, x_NK, dw_EOK)
+            any_kernels.outer(offsets(sizes), g_NO, x_NK, dw_EOK)
         results.append(dw_EOK)
     assert results[0].data_ptr() % 64 == 0 and results[1].data_ptr() % 64 == 4
     for e, rows in rows_of(sizes):
@@ -127,7 +148,7 @@ def test_weight_gradients_off_the_cache_line_take_plain_stores(kernels, kernel):
     assert torch.equal(results[0], results[1])
 
 
-def test_results_do_not_depend_on_the_thread_count(kernels):
+def test_results_do_not_depend_on_the_thread_count(any_kernels):
     """Each output element is summed by one thread in one order: 1 and 2 threads agree bit for bit."""
     sizes = [5, 0, 9, 2]
     E, N, n_out, n_in = 4, 16, 200, 96
@@ -137,10 +158,10 @@ def test_results_do_not_depend_on_the_thread_count(kernels):
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
-            results.append((kernels.dot(offsets(sizes), x_NK, w_EOK, None, torch.empty(N, n_out)),
-                            kernels.axpy(offsets(sizes), g_NO, w_EOK, torch.empty(N, n_in)),
-                            kernels.outer(offsets(sizes), g_NO, x_NK, torch.empty(E, n_out, n_in)),
-                            kernels.grad(offsets(sizes), g_NO, x_NK, w_EOK, torch.empty(N, n_in),
+            results.append((any_kernels.dot(offsets(sizes), x_NK, w_EOK, None, torch.empty(N, n_out)),
+                            any_kernels.axpy(offsets(sizes), g_NO, w_EOK, torch.empty(N, n_in)),
+                            any_kernels.outer(offsets(sizes), g_NO, x_NK, torch.empty(E, n_out, n_in)),
+                            any_kernels.grad(offsets(sizes), g_NO, x_NK, w_EOK, torch.empty(N, n_in),
                                          dw_EOK := torch.empty(E, n_out, n_in)), dw_EOK))
     finally:
         torch.set_num_threads(threads)
@@ -148,29 +169,34 @@ def test_results_do_not_depend_on_the_thread_count(kernels):
         assert torch.equal(one, two)
 
 
-def test_wrong_operands_are_refused_before_the_kernel_reads_them(kernels):
+def test_wrong_operands_are_refused_before_the_kernel_reads_them(any_kernels):
     off = offsets([2, 3])
     w_EOK = torch.randn(2, 8, 4)
     with pytest.raises(ValueError, match="unit column stride"):
-        kernels.dot(off, torch.randn(4, 5).T, w_EOK, None, torch.empty(5, 8))  # x transposed
+        any_kernels.dot(off, torch.randn(4, 5).T, w_EOK, None, torch.empty(5, 8))  # x transposed
     with pytest.raises(ValueError, match=r">= 5, 4"):
-        kernels.dot(off, torch.randn(3, 4), w_EOK, None, torch.empty(5, 8))  # fewer rows than the offsets say
+        any_kernels.dot(off, torch.randn(3, 4), w_EOK, None, torch.empty(5, 8))  # fewer rows than the offsets say
     with pytest.raises(ValueError, match="offsets"):
-        kernels.dot(off.int(), torch.randn(5, 4), w_EOK, None, torch.empty(5, 8))
+        any_kernels.dot(off.int(), torch.randn(5, 4), w_EOK, None, torch.empty(5, 8))
     with pytest.raises(ValueError, match="float32"):
-        kernels.outer(off, torch.randn(5, 8), torch.randn(5, 4), torch.empty(2, 8, 4, dtype=torch.float64))
+        any_kernels.outer(off, torch.randn(5, 8), torch.randn(5, 4), torch.empty(2, 8, 4, dtype=torch.float64))
     with pytest.raises(ValueError, match=r"weights' shape \(2, 8, 4\), got \(2, 4, 8\)"):
-        kernels.grad(off, torch.randn(5, 8), torch.randn(5, 4), w_EOK, torch.empty(5, 4), torch.empty(2, 4, 8))
+        any_kernels.grad(off, torch.randn(5, 8), torch.randn(5, 4), w_EOK, torch.empty(5, 4), torch.empty(2, 4, 8))
 
 
+@pytest.mark.parametrize("build", ["native", "avx2"])
 @pytest.mark.parametrize("backend", ["expert_loop", "grouped_mm"])
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("fused,input_grad", [(True, True), (False, True), (True, False)])
-def test_experts_take_the_kernels_and_match_the_torch_path(kernels, backend, gated, fused, input_grad, monkeypatch):
+def test_experts_take_the_kernels_and_match_the_torch_path(build, backend, gated, fused, input_grad, monkeypatch,
+                                                           request):
     """Both experts backends (the eager loop, and the custom ops torch.compile runs) take every expert
     in one kernel call per product (none of torch's matmuls), the backward of each weight in one `grad`
     pass when few rows allow it (else `axpy` and `outer`; `outer` alone without an input gradient), and
-    their outputs and gradients equal the path with the kernels turned off."""
+    their outputs and gradients equal the path with the kernels turned off, with either build."""
+    found = request.getfixturevalue("kernels" if build == "native" else "avx2_build")
+    loader = cpu_kernels.kernels
+    monkeypatch.setattr(cpu_kernels, "kernels", lambda: found)
     torch.manual_seed(0)
     if not fused:
         monkeypatch.setattr(expert_loop, "KERNEL_FUSED_MAX_ROWS", 8)  # below the largest expert's 9 rows
@@ -204,6 +230,7 @@ def test_experts_take_the_kernels_and_match_the_torch_path(kernels, backend, gat
     else:
         expected = {"dot": matrices, "axpy": matrices, "outer": matrices, "grad": 0}
     assert calls == expected
+    monkeypatch.setattr(cpu_kernels, "kernels", loader)  # the real loader again, now turned off
     monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "0")
     assert cpu_kernels.kernels() is None and "turned off" in cpu_kernels.status()
     without = step()
@@ -227,6 +254,18 @@ def test_rows_past_the_kernel_range_take_the_loop(kernels, monkeypatch):
     assert layout.blocks[0][0] is block and layout.empty_experts() == []
     assert expert_loop._KernelExperts.of(x_ND.double(), (w_EOK.double(),), sizes) is None  # float32 only
     assert expert_loop._KernelExperts.of(x_ND, (w_EOK,), [0, 0]) is None  # no rows at all
+
+
+@pytest.mark.parametrize("build", ["native", "avx2"])
+def test_each_build_takes_the_row_range_it_was_measured_faster_in(build, monkeypatch, request):
+    found = request.getfixturevalue("kernels" if build == "native" else "avx2_build")
+    monkeypatch.setattr(cpu_kernels, "kernels", lambda: found)
+    x_ND, w_EOK = torch.randn(64, 4), torch.randn(2, 8, 4)
+    taken = {n: expert_loop._KernelExperts.of(x_ND, (w_EOK,), [n, 0]) is not None for n in (1, 2, 32, 33, 64)}
+    if found.vector_width == 8:
+        assert taken == {1: False, 2: True, 32: True, 33: False, 64: False}  # expert_loop.AVX2_KERNEL_ROWS
+    else:
+        assert taken == dict.fromkeys(taken, True)  # 1 to KERNEL_MAX_ROWS
 
 
 @pytest.fixture

@@ -4,15 +4,16 @@ Shape legend: N rows sorted by expert, E experts, O rows and K columns of one ex
 
 The expert loop (expert_loop.py) hands all experts' products to one kernel call when every expert
 has few rows (see `expert_loop.KERNEL_MAX_ROWS`); with more, oneDNN and MKL are as fast. The kernels
-are float32, CPU, AVX-512. They are built with the system C compiler ($CC, else `cc`) and
-`-march=native` into a per-user cache ($MOEIFY_CACHE_DIR, else $XDG_CACHE_HOME/moeify, else
-~/.cache/moeify), keyed by the source, the flags and the CPU's feature flags, so a home directory
-shared between machines never loads a build for another CPU. The library links OpenMP by soname,
-which torch has already loaded: the kernels share torch's thread pool and follow
-`torch.set_num_threads`.
+are float32, CPU, AVX-512 or else AVX2 with FMA (`-march=native` decides which the build holds).
+They are built with the system C compiler ($CC, else `cc`) into a per-user cache
+($MOEIFY_CACHE_DIR, else $XDG_CACHE_HOME/moeify, else ~/.cache/moeify), keyed by the source, the
+flags and the CPU's feature flags, so a home directory shared between machines never loads a build
+for another CPU. The library links OpenMP by soname, which torch has already loaded: the kernels
+share torch's thread pool and follow `torch.set_num_threads`.
 
-When no kernel can be had (no compiler, no AVX-512, MOEIFY_CPU_KERNELS=0), the loop uses torch's
-matmuls: same results to rounding, slower with few rows per expert. `status()` says which, and why.
+When no kernel can be had (no compiler, neither AVX-512 nor AVX2, MOEIFY_CPU_KERNELS=0), the loop
+uses torch's matmuls: same results to rounding, slower with few rows per expert. `status()` says
+which, and why.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import torch
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared")
-ABI = 2  # moe_kernels_abi() of the source this wrapper calls
+ABI = 3  # moe_kernels_abi() of the source this wrapper calls
 ENV_SWITCH = "MOEIFY_CPU_KERNELS"  # "0": never build or use the kernels
 
 _log = logging.getLogger(__name__)
@@ -66,6 +67,11 @@ class Kernels:
 
     lib: ctypes.CDLL
     path: Path
+
+    @property
+    def vector_width(self) -> int:
+        """float32 lanes per vector of this build: 16 (AVX-512) or 8 (AVX2)."""
+        return self.lib.moe_kernels_vector_width()
 
     def dot(self, off_E1: torch.Tensor, x_NK: torch.Tensor, w_EOK: torch.Tensor, b_EO: torch.Tensor | None,
             out_NO: torch.Tensor) -> torch.Tensor:
@@ -135,6 +141,7 @@ def _check(off_E1: torch.Tensor, E: int, *rows: tuple[torch.Tensor, int], w: tor
 def _declare(lib: ctypes.CDLL) -> None:
     i, i64, p = ctypes.c_int, ctypes.c_int64, ctypes.c_void_p
     lib.moe_kernels_abi.restype = i
+    lib.moe_kernels_vector_width.restype = i
     lib.moe_dot.argtypes = [i, i, p, i64, i64, p, i64, p, i64, i64, p, i64, p, i64]
     lib.moe_axpy.argtypes = [i, i, p, i64, i64, p, i64, p, i64, i64, p, i64, i]
     lib.moe_outer.argtypes = [i, i, p, i64, i64, p, i64, p, i64, p, i64, i64, i]
@@ -143,12 +150,13 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, name).restype = None
 
 
-def build(cache_dir: Path, compiler: str) -> Path:
-    """The compiled library's path, compiling it when the cache has no build for this source and
-    CPU. Written under a temporary name and renamed, so a concurrent build or a crash never leaves
-    a half-written library where a loader would find it. Raises OSError or CalledProcessError."""
+def build(cache_dir: Path, compiler: str, flags: tuple[str, ...] = FLAGS) -> Path:
+    """The compiled library's path, compiling it when the cache has no build for this source, these
+    flags and this CPU. Written under a temporary name and renamed, so a concurrent build or a crash
+    never leaves a half-written library where a loader would find it. Raises OSError or
+    CalledProcessError. (Other flags than FLAGS: the tests build the AVX2 kernels on an AVX-512 CPU.)"""
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), compiler.encode(),
+    key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), compiler.encode(),
                                      _cpu_flags().encode()])).hexdigest()[:16]
     path = cache_dir / f"moe_cpu_kernels-{key}.so"
     if path.exists():
@@ -157,7 +165,7 @@ def build(cache_dir: Path, compiler: str) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=cache_dir)
     os.close(fd)
     try:
-        subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE)], check=True, capture_output=True, text=True,
+        subprocess.run([compiler, *flags, "-o", tmp, str(SOURCE)], check=True, capture_output=True, text=True,
                        timeout=120)
         os.replace(tmp, path)
     finally:
@@ -172,17 +180,21 @@ def _load(cache_dir: str, compiler: str) -> Kernels | str:
     if sys.platform != "linux":
         return f"built only on Linux, not {sys.platform}"
     try:
-        path = build(Path(cache_dir), compiler)
-        lib = ctypes.CDLL(str(path))
-        _declare(lib)
-        if lib.moe_kernels_abi() != ABI:
-            return f"{path} is a build of another version (ABI {lib.moe_kernels_abi()}, expected {ABI})"
+        return open_library(build(Path(cache_dir), compiler))
     except subprocess.CalledProcessError as e:
         lines = (e.stderr or "").strip().splitlines()
         detail = next((ln for ln in lines if "error" in ln), lines[-1] if lines else "")
         return f"{compiler} failed: {detail.strip()}"
     except (OSError, subprocess.TimeoutExpired) as e:
         return f"cannot build with {compiler!r}: {e}"
+
+
+def open_library(path: Path) -> Kernels | str:
+    """A built library's kernels, or why it cannot serve them (a build of another version)."""
+    lib = ctypes.CDLL(str(path))
+    _declare(lib)
+    if lib.moe_kernels_abi() != ABI:
+        return f"{path} is a build of another version (ABI {lib.moe_kernels_abi()}, expected {ABI})"
     return Kernels(lib, path)
 
 

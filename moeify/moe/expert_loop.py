@@ -199,6 +199,13 @@ KERNEL_MAX_ROWS = 512
 # 1.28. Layer fwd+bwd, this threshold / no fused pass (/ a threshold of 96), GELU and SwiGLU: T=16
 # 0.78 (1.05), 0.74 (1.01); T=64 0.93 (0.99), 0.89 (1.02); T=256 0.98 (0.83), 0.99 (0.88).
 KERNEL_FUSED_MAX_ROWS = 32
+# The AVX2 build (CPUs without AVX-512) runs the experts only with AVX2_KERNEL_ROWS rows in the
+# largest expert (and at most KERNEL_MAX_ROWS): measured as an AVX2 build on the AVX-512 development
+# machine, layer fwd+bwd ÷ torch's matmuls, GELU and SwiGLU: T=1 (one row per expert) 1.10, 0.99;
+# T=2 0.94, 0.93; T=4 0.71, 0.77; T=16 0.89, 0.75; T=64 (16-31 rows) 0.94, 0.84; T=128 (32-47 rows)
+# 1.06, 0.96; T=256 1.11, 1.11; T=1024 1.44, 1.42. (The AVX-512 build: 0.70, 0.62 at T=1 and
+# 0.88, 0.92 at T=1024.) Not measured on a CPU that has only AVX2.
+AVX2_KERNEL_ROWS = (2, 32)
 
 
 def _kernels_for(x: torch.Tensor, params: tuple) -> cpu_kernels.Kernels | None:
@@ -237,11 +244,15 @@ class _KernelExperts:
 
     @classmethod
     def of(cls, x: torch.Tensor, params: tuple, sizes: list[int]) -> _KernelExperts | None:
-        """The block, when the kernels can run these experts (see KERNEL_MAX_ROWS and `_kernels_for`)."""
-        if not 0 < max(sizes, default=0) <= KERNEL_MAX_ROWS:
+        """The block, when the kernels can run these experts (see KERNEL_MAX_ROWS, AVX2_KERNEL_ROWS
+        and `_kernels_for`)."""
+        largest = max(sizes, default=0)
+        if not 0 < largest <= KERNEL_MAX_ROWS:
             return None
         kernels = _kernels_for(x, params)
-        return None if kernels is None else cls(kernels, sizes)
+        if kernels is None or (kernels.vector_width == 8 and not AVX2_KERNEL_ROWS[0] <= largest <= AVX2_KERNEL_ROWS[1]):
+            return None
+        return cls(kernels, sizes)
 
     @functools.cached_property
     def expert_N(self) -> torch.Tensor:
