@@ -12,29 +12,19 @@ from fractions import Fraction
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import moeify
 from moeify.errors import ConfigError
-from moeify.moe.build import DenseFFN, build_moe_layer
+from moeify.moe.build import build_moe_layer
 from moeify.moe.capacity import expert_capacity
+from tests.test_routers import D, dense_ffn, dense_out  # the same small GELU FFN and its plain F.linear output
 
-D, FF, E = 8, 16, 4
+E = 4
 
 
 def MoEConfig_(**kw):
     """A config for the layer-level tests: E experts, a router bias to force choices with."""
     return moeify.MoEConfig(num_experts=E, router_bias=True, **kw)
-
-
-def dense_ffn(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return DenseFFN("gelu", torch.randn(FF, D, generator=g) / 3, torch.randn(D, FF, generator=g) / 4,
-                    torch.randn(FF, generator=g), torch.randn(D, generator=g))
-
-
-def dense_out(dense, x):
-    return F.linear(F.gelu(F.linear(x, dense.w1, dense.b1)), dense.w2, dense.b2)
 
 
 def forced_layer(cfg, favourite, seed=0):
