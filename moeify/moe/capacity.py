@@ -61,6 +61,18 @@ def keep_within_capacity(routing: Routing, num_experts: int, capacity: int, poli
     """Boolean mask over the N assignments: True where the assignment fits in its expert's capacity.
     Assignments of padding (`counted_N` False) queue behind every counted one of their expert."""
     N = routing.expert_N.shape[0]
+    # stable sort by expert keeps the priority order inside each expert's group (padding after the rest)
+    group_N = routing.expert_N if counted_N is None else 2 * routing.expert_N + (~counted_N).long()
+    P = routing.per_token
+    if policy in ("position", "choice") and P:
+        # token-major rows, P per token (token_N = arange(T).repeat_interleave(P)): the priority order is a
+        # fixed permutation, so one stable sort by group is left of the general path's two ("position") or
+        # three ("choice"): at T=8192, top-2, 8 experts, 0.79-0.95x and 0.49-0.64x its time. One sort of the
+        # distinct keys group * N + priority measured 2.2x the general path: torch sorts small keys faster.
+        first = torch.arange(N, device=group_N.device)
+        if policy == "choice":
+            first = first.view(-1, P).T.reshape(-1)
+        return _keep_first(first[torch.argsort(group_N[first], stable=True)], routing, num_experts, capacity)
     if policy in ("position", "choice"):
         # token-major order; assignment index breaks ties inside a token
         first = torch.argsort(routing.token_N, stable=True)
@@ -74,9 +86,12 @@ def keep_within_capacity(routing: Routing, num_experts: int, capacity: int, poli
         first = torch.argsort(priority_N, descending=True, stable=True)
     else:
         raise ConfigError(f"drop_policy={policy!r} is unknown: choose one of {', '.join(DROP_POLICIES)}")
-    # stable sort by expert keeps the priority order inside each expert's group (padding after the rest)
-    group_N = routing.expert_N if counted_N is None else 2 * routing.expert_N + (~counted_N).long()
-    order_N = first[torch.argsort(group_N[first], stable=True)]
+    return _keep_first(first[torch.argsort(group_N[first], stable=True)], routing, num_experts, capacity)
+
+
+def _keep_first(order_N: torch.Tensor, routing: Routing, num_experts: int, capacity: int) -> torch.Tensor:
+    """The keep mask: the first `capacity` assignments of each expert in `order_N` (sorted by expert)."""
+    N = order_N.shape[0]
     counts_E = count_indices(routing.expert_N, num_experts)
     starts_E = torch.cumsum(counts_E, 0) - counts_E
     sorted_expert_N = routing.expert_N[order_N]
