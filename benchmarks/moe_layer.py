@@ -58,6 +58,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -397,13 +398,36 @@ def forward_fn(module: nn.Module, inputs: list, setup: Setup, reps: int = 8):
     return forward
 
 
-def profile_summary(setup: Setup, module, x_TD, grad_TD, rows: int = 12) -> str:
+@contextmanager
+def labelled_cpu_kernels():
+    """moeify's CPU kernels as labelled ranges in a profile ("moeify_kernel.grad", ...): called through
+    ctypes, their time would otherwise count as the self time of the autograd node that calls them."""
+    from torch.profiler import record_function
+
+    from moeify.moe import cpu_kernels
+    real = {name: getattr(cpu_kernels.Kernels, name) for name in ("dot", "axpy", "outer", "grad")}
+
+    def labelled(name):
+        def call(self, *args, **kwargs):
+            with record_function(f"moeify_kernel.{name}"):
+                return real[name](self, *args, **kwargs)
+        return call
+    try:
+        for name in real:
+            setattr(cpu_kernels.Kernels, name, labelled(name))
+        yield
+    finally:
+        for name, fn in real.items():
+            setattr(cpu_kernels.Kernels, name, fn)
+
+
+def profile_summary(setup: Setup, module, x_TD, grad_TD, rows: int = 14) -> str:
     from torch.profiler import ProfilerActivity, profile
 
     step = step_fn(module, x_TD, grad_TD, setup)
     step()
     activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if setup.cuda else [])]
-    with profile(activities=activities) as prof:
+    with labelled_cpu_kernels(), profile(activities=activities) as prof:
         for _ in range(3):
             step()
     sort_by = "self_device_time_total" if setup.cuda else "self_cpu_time_total"
@@ -472,7 +496,7 @@ def time_phase(setup: Setup, tokens: list[int], min_time: float, compile_tokens:
                           **{f"{n}_ratio": paired_ratio(t, times["ideal"]) for n, t in times.items()},
                           "moeify_vs_loop": paired_ratio(times["moeify"], times["loop"])})
         if with_profiles:
-            for T in sorted({tokens[0], tokens[-1]}):
+            for T in sorted({tokens[0], tokens[min(1, len(tokens) - 1)], tokens[-1]}):
                 x_TD = setup.tensor(T, setup.d_model, requires_grad=True)
                 profiles.append(f"-- profile: moeify {kind}, T={T}, 3 steps, top ops by self "
                                 f"{'device' if setup.cuda else 'CPU'} time\n"

@@ -20,7 +20,8 @@ rows the backward is bound by memory traffic, so moe_grad reads each weight once
 and writes the weight gradient with non-temporal stores (no read of the lines it overwrites).
 
 All pointers are float32 with unit stride along k (or o for g in moe_dot's sense); ld* are row
-strides in elements, s*e the stride between experts' weights.
+strides in elements, s*e the stride between experts' weights. The same tile code builds for AVX-512
+(16 lanes, 32 registers) or AVX2 with FMA (8 lanes, 16 registers, smaller tiles): the macros below.
 */
 #include <stdint.h>
 #include <string.h>
