@@ -313,3 +313,33 @@ def test_builds_once_into_the_cache_and_reuses_it(fresh_loader):
     built = found.path.stat().st_mtime_ns
     assert cpu_kernels.build(fresh_loader, "cc") == found.path  # the cached build, not a new one
     assert found.path.stat().st_mtime_ns == built
+
+
+@pytest.mark.parametrize("use_kernels", [True, False])
+def test_grouped_op_rows_past_the_last_group_read_zero(kernels, use_kernels, monkeypatch):
+    """The compiled path's op with fewer grouped rows than x has: those rows' output and input
+    gradient are zero, the others match F.linear per group, with the kernels and without."""
+    from moeify.moe import experts as experts_mod
+    monkeypatch.setattr(experts_mod, "GROUPED_CPU_KERNELS", use_kernels)
+    torch.manual_seed(0)
+    x_NI = torch.randn(7, 16, requires_grad=True)
+    w_EOI = torch.randn(2, 24, 16, requires_grad=True)
+    b_EO = torch.randn(2, 24, requires_grad=True)
+    offs_E = torch.tensor([3, 5], dtype=torch.int32)  # rows 5 and 6 belong to no group
+
+    def nan_freed(*shape):  # freed memory the next allocation of this size likely reuses: NaN, not zeros
+        del_me = torch.full(shape, float("nan"))
+        del del_me
+
+    nan_freed(7, 24)
+    y_NO = experts_mod._grouped_linear_op(x_NI, w_EOI, b_EO, offs_E)
+    grad_NO = torch.randn(7, 24)
+    nan_freed(7, 16)
+    got = torch.autograd.grad(y_NO, (x_NI, w_EOI, b_EO), grad_NO)
+    want_y = torch.cat([torch.nn.functional.linear(x_NI[:3], w_EOI[0], b_EO[0]),
+                        torch.nn.functional.linear(x_NI[3:5], w_EOI[1], b_EO[1]), torch.zeros(2, 24)])
+    want = torch.autograd.grad(want_y, (x_NI, w_EOI, b_EO), grad_NO)
+    torch.testing.assert_close(y_NO, want_y, rtol=1e-5, atol=1e-5)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    assert not got[0][5:].any()

@@ -18,7 +18,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeify.errors import ConfigError
-from moeify.moe.expert_loop import ACTIVATIONS, _KernelExperts, _linear, _matmul, _onednn, expert_ffn, expert_ffn_dense
+from moeify.moe.expert_loop import (
+    ACTIVATIONS,
+    _backprop,
+    _KernelExperts,
+    _linear,
+    _matmul,
+    _matmul_into,
+    _onednn,
+    expert_ffn,
+    expert_ffn_dense,
+)
 from moeify.moe.grad_buffers import GradBuffers
 
 
@@ -202,21 +212,19 @@ def _grouped_linear_backward_op(grad_NO: torch.Tensor, x_NI: torch.Tensor, w_EOI
 
 def _kernel_grads(block: _KernelExperts, grad_NO: torch.Tensor, x_NI: torch.Tensor, w_EOI: torch.Tensor,
                   need_x: bool, need_w: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(grad x, grad w) through the CPU kernels: one pass over the weights for both when few rows allow
-    (expert_loop.KERNEL_FUSED_MAX_ROWS); idle experts' weight gradients are zeros."""
-    off_E1, k = block.off_E1, block.kernels
-    grad_x_NI = _rows_buffer(x_NI, x_NI.shape[1], int(off_E1[-1])) if need_x else grad_NO.new_empty(0)
+    """(grad x, grad w) through the CPU kernels, by the eager loop's own helpers (one pass over the
+    weights for both when few rows allow); idle experts' weight gradients are zeros."""
     pool = GradBuffers.of_weight(w_EOI) if need_w else None  # see grad_buffers: fresh pages cost more
-    grad_w_EOI = (torch.empty_like(w_EOI) if pool is None else pool.empty_like(w_EOI)) if need_w \
-        else grad_NO.new_empty(0)
-    if need_x and need_w and block.fused:
-        k.grad(off_E1, grad_NO, x_NI, w_EOI, grad_x_NI, grad_w_EOI)
-        return grad_x_NI, grad_w_EOI
-    if need_x:
-        k.axpy(off_E1, grad_NO, w_EOI, grad_x_NI)
-    if need_w:
-        k.outer(off_E1, grad_NO, x_NI, grad_w_EOI)
-    return grad_x_NI, grad_w_EOI
+    grad_w_EOI = (torch.empty_like(w_EOI) if pool is None else pool.empty_like(w_EOI)) if need_w else None
+    if need_x:  # rows past the last group (none in the layer's own calls) get a zero gradient
+        tail = int(block.off_E1[-1]) < x_NI.shape[0]
+        grad_x_NI = _backprop(grad_NO, x_NI, w_EOI, grad_w_EOI, False, block,
+                              into=torch.zeros_like(x_NI) if tail else None)
+    else:
+        grad_x_NI = grad_NO.new_empty(0)
+        if need_w:
+            _matmul_into(grad_w_EOI, grad_NO.mT, x_NI, False, block)
+    return grad_x_NI, grad_NO.new_empty(0) if grad_w_EOI is None else grad_w_EOI
 
 
 @_grouped_linear_backward_op.register_fake
